@@ -1,0 +1,213 @@
+//! The device's side of challenge mode.
+
+use rand_core::CryptoRng;
+use subtle::{Choice, ConditionallySelectable};
+
+use super::mac::{Form, HmacKey, MacInput, tags_equal};
+use super::{ChallengeBody, ChallengeTable, CommandBody, RequestBody, ResponseBody};
+use crate::limits::CHALLENGE_LEN;
+use crate::topic::{Channel, topic};
+use crate::wire::{self, Call, Kind, Outcome};
+use crate::{Error, Header, MsgId, Policy, Result, validate_id};
+
+/// A command the device accepts in hidden form: its name and fixed arguments.
+///
+/// In hidden form the command never crosses the network, so the device can
+/// only recognise commands it knows in full, arguments included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Registered<'a> {
+    /// Command name.
+    pub name: &'a str,
+    /// Its fixed arguments.
+    pub args: &'a [&'a str],
+}
+
+/// The device's notion of time, passed in by the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Clock {
+    /// Monotonic milliseconds (uptime or a tick count) for challenge expiry.
+    pub monotonic_ms: u64,
+    /// Seconds since the Unix epoch, if the device has a real-time clock.
+    /// When present, header times are checked too; when absent, freshness
+    /// rests on the challenge alone.
+    pub unix_secs: Option<u64>,
+}
+
+/// A command that passed every check; the challenge has been used up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified<'a> {
+    /// The authenticated header.
+    pub header: Header<'a>,
+    /// The challenge it answered; responses are tagged over it.
+    pub challenge: [u8; CHALLENGE_LEN],
+    /// The form it arrived in; the response uses the same by default.
+    pub form: Form,
+    /// What to execute.
+    pub call: Call<'a>,
+    /// In hidden form, the index of the matching registered command.
+    pub registered: Option<usize>,
+}
+
+/// A device in challenge mode: its id, its key and its time policy.
+#[derive(Debug, Clone)]
+pub struct ChallengeDevice<'k> {
+    id: &'k str,
+    key: &'k HmacKey,
+    policy: Policy,
+}
+
+impl<'k> ChallengeDevice<'k> {
+    /// A device named `id` holding `key`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidId`] when `id` is not a valid device id.
+    pub fn new(id: &'k str, key: &'k HmacKey, policy: Policy) -> Result<Self> {
+        validate_id(id)?;
+        Ok(ChallengeDevice { id, key, policy })
+    }
+
+    /// The device id.
+    #[must_use]
+    pub fn id(&self) -> &'k str {
+        self.id
+    }
+
+    /// Answers a challenge request: issues a challenge into `table` and
+    /// writes the [`Kind::Challenge`] envelope into `out`, returning its length.
+    ///
+    /// # Errors
+    /// Decoding errors, [`Error::WrongDevice`], [`Error::BufferTooSmall`].
+    pub fn answer_request<const N: usize, R: CryptoRng + ?Sized>(
+        &self,
+        request: &[u8],
+        table: &mut ChallengeTable<N>,
+        rng: &mut R,
+        now_ms: u64,
+        out: &mut [u8],
+    ) -> Result<usize> {
+        let (req, rest) = wire::take::<RequestBody<'_>>(wire::body(request, Kind::ChallengeRequest)?)?;
+        wire::end(rest)?;
+        if req.device != self.id {
+            return Err(Error::WrongDevice);
+        }
+        let challenge = table.issue(rng, now_ms);
+        let body = ChallengeBody {
+            device: self.id,
+            in_reply_to: req.msg_id,
+            challenge,
+            ttl_ms: u32::try_from(table.lifetime_ms()).unwrap_or(u32::MAX),
+        };
+        wire::encode_into(Kind::Challenge, &body, out)
+    }
+
+    /// Verifies a challenge-mode command that arrived on `arrived_on`.
+    ///
+    /// Order: decode → header (device, topic, times if a clock is given) →
+    /// challenge outstanding → tag (explicit: one comparison; hidden: every
+    /// registered command is tried, in constant time per candidate and
+    /// without stopping at a match) → the challenge is used up. Only a
+    /// command that passes everything consumes its challenge, so junk
+    /// published against a challenge cannot cancel the genuine command.
+    ///
+    /// # Errors
+    /// Any decoding or header error, [`Error::UnknownChallenge`],
+    /// [`Error::BadTag`].
+    pub fn verify_command<'a, const N: usize>(
+        &self,
+        frame: &'a [u8],
+        arrived_on: &str,
+        clock: Clock,
+        table: &mut ChallengeTable<N>,
+        registry: &'a [Registered<'a>],
+    ) -> Result<Verified<'a>> {
+        let (body, rest) = wire::take::<CommandBody<'a>>(wire::body(frame, Kind::ChallengeCommand)?)?;
+        wire::end(rest)?;
+        let CommandBody { header, challenge, call, tag } = body;
+        header.validate()?;
+        if let Some(call) = &call {
+            call.validate()?;
+        }
+        header.check_address(self.id, arrived_on)?;
+        if let Some(now) = clock.unix_secs {
+            self.policy.check_times(header.issued_at, header.expires_at, now)?;
+        }
+        let slot = table.position(&challenge, clock.monotonic_ms).ok_or(Error::UnknownChallenge)?;
+
+        let form = if call.is_some() { Form::Explicit } else { Form::Hidden };
+        let prefix = MacInput::command_prefix(self.key, form, &challenge, &header)?;
+        let (call, registered) = match call {
+            Some(call) => {
+                let expected = prefix.command_tag(call.name, call.args.as_slice())?;
+                if !bool::from(tags_equal(&expected, &tag)) {
+                    return Err(Error::BadTag);
+                }
+                (call, None)
+            }
+            None => {
+                let index = find_registered(&prefix, &tag, registry)?.ok_or(Error::BadTag)?;
+                let reg = registry.get(index).ok_or(Error::BadTag)?;
+                (Call::new(reg.name, reg.args)?, Some(index))
+            }
+        };
+        table.consume(slot);
+        Ok(Verified { header, challenge, form, call, registered })
+    }
+
+    /// Writes the tagged response to `to` into `out`, returning its length.
+    ///
+    /// `form` is usually `to.form`: a hidden command gets a hidden answer.
+    /// `unix_secs` is the device's time if it has a clock; the response's
+    /// `expires_at` repeats the command's (controllers judge a response's
+    /// freshness by what it answers, not by its times).
+    ///
+    /// # Errors
+    /// [`Error::LimitExceeded`] for oversized output, [`Error::BufferTooSmall`].
+    pub fn respond(
+        &self,
+        to: &Verified<'_>,
+        form: Form,
+        outcome: &Outcome<'_>,
+        msg_id: MsgId,
+        unix_secs: Option<u64>,
+        out: &mut [u8],
+    ) -> Result<usize> {
+        outcome.validate()?;
+        let resp_topic = topic(self.id, Channel::Response)?;
+        let header = Header {
+            device: self.id,
+            topic: &resp_topic,
+            msg_id,
+            issued_at: unix_secs.unwrap_or(0),
+            expires_at: to.header.expires_at,
+        };
+        let tag = MacInput::response_tag(self.key, form, &to.challenge, &header, &to.header.msg_id, outcome)?;
+        let body = ResponseBody {
+            header,
+            in_reply_to: to.header.msg_id,
+            outcome: match form {
+                Form::Explicit => Some(*outcome),
+                Form::Hidden => None,
+            },
+            tag,
+        };
+        wire::encode_into(Kind::ChallengeResponse, &body, out)
+    }
+}
+
+/// Tries every registered command against `tag` and returns the index of the
+/// match, if any.
+///
+/// Every candidate is computed and compared, and the index is selected with
+/// constant-time operations, so the time taken does not depend on which
+/// command (if any) matched — only on the registry, which is not secret.
+fn find_registered(prefix: &MacInput, tag: &[u8; 32], registry: &[Registered<'_>]) -> Result<Option<usize>> {
+    let mut found = Choice::from(0);
+    let mut index = 0u64;
+    for (i, reg) in (0u64..).zip(registry) {
+        let candidate = prefix.command_tag(reg.name, reg.args)?;
+        let hit = tags_equal(&candidate, tag);
+        index.conditional_assign(&i, hit);
+        found |= hit;
+    }
+    Ok(if bool::from(found) { usize::try_from(index).ok() } else { None })
+}

@@ -1,0 +1,170 @@
+//! The device's table of outstanding challenges.
+
+use rand_core::CryptoRng;
+
+use crate::limits::CHALLENGE_LEN;
+
+/// A bounded set of outstanding, single-use challenges.
+///
+/// A plain struct with `N` slots and no allocation, so a microcontroller can
+/// keep it in a `static` or on its stack. Several slots let two controllers
+/// (or one controller and a retry) work at once; when all are taken, the
+/// oldest challenge is evicted, which bounds what a flood of challenge
+/// requests can cost the device — it can only make honest controllers retry.
+///
+/// Time is a caller-supplied *monotonic* millisecond count (uptime, a tick
+/// counter), not wall-clock time: challenge mode needs no real-time clock. A
+/// device with no timer at all may pass `0` every time; challenges then never
+/// expire by time and are only retired by use or eviction.
+#[derive(Debug, Clone)]
+pub struct ChallengeTable<const N: usize> {
+    slots: [Option<Slot>; N],
+    lifetime_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    value: [u8; CHALLENGE_LEN],
+    issued_ms: u64,
+}
+
+impl Slot {
+    fn live(&self, now_ms: u64, lifetime_ms: u64) -> bool {
+        now_ms.saturating_sub(self.issued_ms) < lifetime_ms
+    }
+}
+
+impl<const N: usize> ChallengeTable<N> {
+    const NOT_EMPTY: () = assert!(N > 0, "a challenge table needs at least one slot");
+
+    /// An empty table whose challenges live `lifetime_ms` milliseconds.
+    #[must_use]
+    pub const fn new(lifetime_ms: u64) -> Self {
+        let () = Self::NOT_EMPTY;
+        ChallengeTable { slots: [None; N], lifetime_ms }
+    }
+
+    /// How long a challenge stays valid, in milliseconds.
+    #[must_use]
+    pub const fn lifetime_ms(&self) -> u64 {
+        self.lifetime_ms
+    }
+
+    /// Draws a fresh challenge and remembers it, evicting an expired or else
+    /// the oldest one when the table is full.
+    pub fn issue<R: CryptoRng + ?Sized>(&mut self, rng: &mut R, now_ms: u64) -> [u8; CHALLENGE_LEN] {
+        let mut value = [0u8; CHALLENGE_LEN];
+        rng.fill_bytes(&mut value);
+        let lifetime = self.lifetime_ms;
+        let slot = Slot { value, issued_ms: now_ms };
+        // A free or expired slot if there is one, else the oldest.
+        let victim = self.slots.iter_mut().min_by_key(|s| match s {
+            None => (0, 0),
+            Some(s) if !s.live(now_ms, lifetime) => (0, 0),
+            Some(s) => (1, s.issued_ms),
+        });
+        if let Some(v) = victim {
+            *v = Some(slot);
+        }
+        value
+    }
+
+    /// Index of `challenge` if it is outstanding at `now_ms`.
+    pub(crate) fn position(&self, challenge: &[u8; CHALLENGE_LEN], now_ms: u64) -> Option<usize> {
+        // Challenges are public (they travel in clear), so a plain comparison
+        // leaks nothing.
+        self.slots
+            .iter()
+            .position(|s| matches!(s, Some(s) if &s.value == challenge && s.live(now_ms, self.lifetime_ms)))
+    }
+
+    /// Retires the challenge at `index`: single use.
+    pub(crate) fn consume(&mut self, index: usize) {
+        if let Some(s) = self.slots.get_mut(index) {
+            *s = None;
+        }
+    }
+
+    /// Whether `challenge` is outstanding at `now_ms`.
+    #[must_use]
+    pub fn is_outstanding(&self, challenge: &[u8; CHALLENGE_LEN], now_ms: u64) -> bool {
+        self.position(challenge, now_ms).is_some()
+    }
+
+    /// How many challenges are outstanding at `now_ms`.
+    #[must_use]
+    pub fn outstanding(&self, now_ms: u64) -> usize {
+        self.slots.iter().flatten().filter(|s| s.live(now_ms, self.lifetime_ms)).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counter RNG: good enough to tell challenges apart in a unit test.
+    struct Counter(u8);
+    impl rand_core::TryRng for Counter {
+        type Error = core::convert::Infallible;
+        fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+            Ok(0)
+        }
+        fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+            Ok(0)
+        }
+        fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+            self.0 += 1;
+            dst.fill(self.0);
+            Ok(())
+        }
+    }
+    impl rand_core::TryCryptoRng for Counter {}
+
+    #[test]
+    fn challenges_are_single_use_and_expire() {
+        let mut t = ChallengeTable::<2>::new(1000);
+        let mut rng = Counter(0);
+        let a = t.issue(&mut rng, 0);
+        assert!(t.is_outstanding(&a, 999));
+        assert!(!t.is_outstanding(&a, 1000), "expired at its lifetime");
+        let i = t.position(&a, 10).unwrap();
+        t.consume(i);
+        assert!(!t.is_outstanding(&a, 10), "single use");
+    }
+
+    #[test]
+    fn full_table_evicts_the_oldest() {
+        let mut t = ChallengeTable::<3>::new(10_000);
+        let mut rng = Counter(0);
+        let a = t.issue(&mut rng, 1);
+        let b = t.issue(&mut rng, 2);
+        let c = t.issue(&mut rng, 3);
+        assert_eq!(t.outstanding(3), 3);
+        let d = t.issue(&mut rng, 4);
+        assert!(!t.is_outstanding(&a, 4), "oldest evicted");
+        for x in [b, c, d] {
+            assert!(t.is_outstanding(&x, 4));
+        }
+    }
+
+    #[test]
+    fn expired_slots_are_reused_before_live_ones() {
+        let mut t = ChallengeTable::<2>::new(100);
+        let mut rng = Counter(0);
+        let _old = t.issue(&mut rng, 0);
+        let live = t.issue(&mut rng, 150);
+        let _new = t.issue(&mut rng, 160);
+        assert!(t.is_outstanding(&live, 160), "the expired slot was taken, not the live one");
+        assert_eq!(t.outstanding(160), 2);
+    }
+
+    #[test]
+    fn clockless_devices_rely_on_eviction() {
+        let mut t = ChallengeTable::<1>::new(1);
+        let mut rng = Counter(0);
+        let a = t.issue(&mut rng, 0);
+        assert!(t.is_outstanding(&a, 0), "now = 0 forever: never expires by time");
+        let _b = t.issue(&mut rng, 0);
+        assert!(!t.is_outstanding(&a, 0));
+    }
+}

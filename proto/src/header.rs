@@ -1,0 +1,148 @@
+//! The header every authenticated envelope carries, and the checks on it.
+//!
+//! The lesson of COSE and OSCORE: nothing that steers the receiver may travel
+//! unauthenticated. So the target device, the topic the sender published on,
+//! the message id and the validity window are all in the header, and the
+//! header is inside what the signature or tag covers.
+
+use serde::{Deserialize, Serialize};
+
+use crate::limits::MAX_TOPIC_LEN;
+use crate::wire::limit;
+use crate::{Error, MsgId, Result, validate_id};
+
+/// Addressing and freshness, covered by the signature or tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header<'a> {
+    /// The device the envelope is for (commands) or from (responses).
+    pub device: &'a str,
+    /// The MQTT topic the sender published the envelope on.
+    pub topic: &'a str,
+    /// Unique per sender; see [`MsgId`].
+    pub msg_id: MsgId,
+    /// Seconds since the Unix epoch when the sender built the envelope;
+    /// 0 from a device without a clock.
+    pub issued_at: u64,
+    /// Seconds since the Unix epoch after which the envelope is void;
+    /// 0 from a device without a clock.
+    pub expires_at: u64,
+}
+
+impl Header<'_> {
+    /// Checks field shapes: a valid device id, a topic within its limit.
+    ///
+    /// # Errors
+    /// [`Error::InvalidId`], [`Error::LimitExceeded`].
+    pub fn validate(&self) -> Result<()> {
+        validate_id(self.device)?;
+        limit("topic", self.topic.len(), MAX_TOPIC_LEN)
+    }
+
+    /// The receiver's addressing checks: the envelope is for `me` and names
+    /// the topic it actually arrived on.
+    ///
+    /// # Errors
+    /// [`Error::WrongDevice`], [`Error::WrongTopic`].
+    pub fn check_address(&self, me: &str, arrived_on: &str) -> Result<()> {
+        if self.device != me {
+            return Err(Error::WrongDevice);
+        }
+        if self.topic != arrived_on {
+            return Err(Error::WrongTopic);
+        }
+        Ok(())
+    }
+}
+
+/// How much clock disagreement and how long a validity window a receiver
+/// tolerates.
+///
+/// The skew applies at both ends of the window (as JWT's leeway does): a
+/// device whose clock is slightly behind still accepts a fresh command, one
+/// slightly ahead still accepts one about to expire. The lifetime cap keeps a
+/// careless or compromised controller from issuing commands that stay valid
+/// for years — and keeps the replay cache's memory bounded, since entries can
+/// be forgotten once their envelope could no longer pass the time check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// Tolerated clock difference, in seconds.
+    pub max_skew_secs: u64,
+    /// Longest accepted `expires_at - issued_at`, in seconds.
+    pub max_lifetime_secs: u64,
+}
+
+impl Default for Policy {
+    /// 60 s of skew (NTP-synchronised hosts are far closer; devices that
+    /// sync at boot drift) and a 10-minute window, which leaves room for a
+    /// controller to retry a command across a broker restart.
+    fn default() -> Self {
+        Policy { max_skew_secs: 60, max_lifetime_secs: 600 }
+    }
+}
+
+impl Policy {
+    /// Checks a validity window against `now` (seconds since the Unix epoch).
+    ///
+    /// Accepted when `issued_at <= expires_at`, the window is at most
+    /// `max_lifetime_secs`, `issued_at <= now + skew` and
+    /// `now < expires_at + skew`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidTimes`], [`Error::LifetimeTooLong`],
+    /// [`Error::NotYetValid`], [`Error::Expired`].
+    pub fn check_times(&self, issued_at: u64, expires_at: u64, now: u64) -> Result<()> {
+        let lifetime = expires_at.checked_sub(issued_at).ok_or(Error::InvalidTimes)?;
+        if lifetime > self.max_lifetime_secs {
+            return Err(Error::LifetimeTooLong);
+        }
+        if issued_at > now.saturating_add(self.max_skew_secs) {
+            return Err(Error::NotYetValid);
+        }
+        if !self.still_valid(expires_at, now) {
+            return Err(Error::Expired);
+        }
+        Ok(())
+    }
+
+    /// Whether an envelope expiring at `expires_at` can still pass
+    /// [`Policy::check_times`] at `now`. The replay cache uses the same rule
+    /// to decide what it may forget.
+    #[must_use]
+    pub fn still_valid(&self, expires_at: u64, now: u64) -> bool {
+        now < expires_at.saturating_add(self.max_skew_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: Policy = Policy { max_skew_secs: 60, max_lifetime_secs: 600 };
+
+    #[test]
+    fn window_edges() {
+        let t = 1_000_000;
+        assert_eq!(P.check_times(t, t + 600, t), Ok(()));
+        assert_eq!(P.check_times(t, t + 601, t), Err(Error::LifetimeTooLong));
+        assert_eq!(P.check_times(t + 1, t, t), Err(Error::InvalidTimes));
+        assert_eq!(P.check_times(t + 60, t + 100, t), Ok(()));
+        assert_eq!(P.check_times(t + 61, t + 100, t), Err(Error::NotYetValid));
+        assert_eq!(P.check_times(t - 100, t - 60, t), Err(Error::Expired));
+        assert_eq!(P.check_times(t - 100, t - 59, t), Ok(()));
+    }
+
+    #[test]
+    fn extreme_values_do_not_overflow() {
+        assert_eq!(P.check_times(u64::MAX, u64::MAX, 0), Err(Error::NotYetValid));
+        assert_eq!(P.check_times(0, 0, u64::MAX), Err(Error::Expired));
+        assert_eq!(P.check_times(0, u64::MAX, 0), Err(Error::LifetimeTooLong));
+    }
+
+    #[test]
+    fn address_checks() {
+        let h = Header { device: "a", topic: "t", msg_id: MsgId([0; 16]), issued_at: 0, expires_at: 0 };
+        assert_eq!(h.check_address("a", "t"), Ok(()));
+        assert_eq!(h.check_address("b", "t"), Err(Error::WrongDevice));
+        assert_eq!(h.check_address("a", "u"), Err(Error::WrongTopic));
+    }
+}

@@ -1,0 +1,229 @@
+//! The sealed-mode replay cache.
+
+use alloc::collections::{BTreeMap, BTreeSet};
+use alloc::vec::Vec;
+
+use serde::{Deserialize, Serialize};
+
+use super::KeyId;
+use crate::{Error, MsgId, Policy, Result};
+
+/// Format version of [`ReplayCache::export`].
+const STATE_VERSION: u8 = 1;
+
+/// Remembers which `(sender key, message id)` pairs a device has accepted.
+///
+/// Bounded in memory, and never wrong in the dangerous direction:
+///
+/// * An entry is kept until its envelope could no longer pass the time check
+///   (`expires_at + skew`), then forgotten.
+/// * When the cache is full, the entry expiring soonest is evicted.
+/// * Either way the cache raises a *floor* to the forgotten entry's expiry
+///   and from then on refuses every envelope expiring at or before it
+///   ([`Error::BeyondReplayWindow`]). A forgotten message id can therefore
+///   never be replayed — not even if the device's clock is later set back —
+///   and the price of a full cache is that an honest envelope with a very
+///   short lifetime may be refused, never that a replay is accepted.
+///
+/// Only fully verified envelopes are recorded, so an attacker without a
+/// trusted key cannot fill the cache. Agents persist it with
+/// [`ReplayCache::export`] (fsync'd before executing) and reload it with
+/// [`ReplayCache::restore`], so a replay is refused after a restart too.
+#[derive(Debug, Clone)]
+pub struct ReplayCache {
+    capacity: usize,
+    policy: Policy,
+    floor: u64,
+    seen: BTreeMap<(KeyId, MsgId), u64>,
+    by_expiry: BTreeSet<(u64, KeyId, MsgId)>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct State {
+    floor: u64,
+    entries: Vec<(KeyId, MsgId, u64)>,
+}
+
+impl ReplayCache {
+    /// Default capacity: at the default 10-minute lifetime, a device can
+    /// accept about 7 commands per second, sustained, before the floor starts
+    /// refusing honest envelopes.
+    pub const DEFAULT_CAPACITY: usize = 4096;
+
+    /// An empty cache holding at most `capacity` entries (at least one),
+    /// forgetting entries by the rule of `policy`.
+    #[must_use]
+    pub fn new(capacity: usize, policy: Policy) -> Self {
+        ReplayCache { capacity: capacity.max(1), policy, floor: 0, seen: BTreeMap::new(), by_expiry: BTreeSet::new() }
+    }
+
+    /// Refuses an envelope already seen, or one too old to tell.
+    ///
+    /// # Errors
+    /// [`Error::Replayed`], [`Error::BeyondReplayWindow`].
+    pub fn check(&self, sender: &KeyId, msg_id: &MsgId, expires_at: u64) -> Result<()> {
+        if self.seen.contains_key(&(*sender, *msg_id)) {
+            return Err(Error::Replayed);
+        }
+        if expires_at <= self.floor {
+            return Err(Error::BeyondReplayWindow);
+        }
+        Ok(())
+    }
+
+    /// Records an accepted envelope.
+    pub fn record(&mut self, sender: KeyId, msg_id: MsgId, expires_at: u64, now: u64) {
+        self.forget_expired(now);
+        while self.seen.len() >= self.capacity {
+            if !self.forget_first() {
+                break;
+            }
+        }
+        if self.seen.insert((sender, msg_id), expires_at).is_none() {
+            self.by_expiry.insert((expires_at, sender, msg_id));
+        }
+    }
+
+    fn forget_expired(&mut self, now: u64) {
+        while let Some(&(exp, _, _)) = self.by_expiry.first() {
+            if self.policy.still_valid(exp, now) {
+                break;
+            }
+            self.forget_first();
+        }
+    }
+
+    /// Forgets the entry expiring soonest and raises the floor to it.
+    fn forget_first(&mut self) -> bool {
+        match self.by_expiry.pop_first() {
+            Some((exp, sender, id)) => {
+                self.seen.remove(&(sender, id));
+                self.floor = self.floor.max(exp);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Envelopes expiring at or before this are refused.
+    #[must_use]
+    pub fn floor(&self) -> u64 {
+        self.floor
+    }
+
+    /// How many entries are held.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    /// Whether no entry is held.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+
+    /// The cache's state as bytes, for an agent to persist:
+    /// `0x01 ‖ postcard { floor: varint, entries: seq of (key id [32], msg id [16], expires_at varint) }`.
+    ///
+    /// # Errors
+    /// [`Error::Crypto`] never in practice; encoding into a `Vec` cannot fail
+    /// short of memory exhaustion.
+    pub fn export(&self) -> Result<Vec<u8>> {
+        let state = State { floor: self.floor, entries: self.seen.iter().map(|(&(k, m), &e)| (k, m, e)).collect() };
+        let mut out = Vec::with_capacity(1 + 8 + state.entries.len() * 58);
+        out.push(STATE_VERSION);
+        postcard::to_extend(&state, out).map_err(|_| Error::InvalidState("cannot encode"))
+    }
+
+    /// Rebuilds a cache from [`ReplayCache::export`]'s bytes.
+    ///
+    /// If the saved state holds more entries than `capacity`, the ones
+    /// expiring soonest are forgotten through the floor, as at run time.
+    ///
+    /// # Errors
+    /// [`Error::InvalidState`] naming what is wrong. An agent must treat this
+    /// as fatal (refuse to execute) rather than start with an empty cache,
+    /// which would accept replays.
+    pub fn restore(bytes: &[u8], capacity: usize, policy: Policy, now: u64) -> Result<Self> {
+        let body = match bytes {
+            [STATE_VERSION, body @ ..] => body,
+            [] => return Err(Error::InvalidState("empty")),
+            _ => return Err(Error::InvalidState("unknown format version")),
+        };
+        let state: State = postcard::from_bytes(body).map_err(|_| Error::InvalidState("undecodable"))?;
+        let mut cache = ReplayCache::new(capacity, policy);
+        cache.floor = state.floor;
+        for (k, m, e) in state.entries {
+            cache.record(k, m, e, now);
+        }
+        Ok(cache)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: Policy = Policy { max_skew_secs: 10, max_lifetime_secs: 100 };
+
+    fn id(n: u8) -> MsgId {
+        MsgId([n; 16])
+    }
+
+    #[test]
+    fn replays_are_refused_and_expired_entries_forgotten() {
+        let k = KeyId([1; 32]);
+        let mut c = ReplayCache::new(8, P);
+        c.record(k, id(1), 100, 50);
+        assert_eq!(c.check(&k, &id(1), 100), Err(Error::Replayed));
+        assert_eq!(c.check(&KeyId([2; 32]), &id(1), 100), Ok(()), "keyed by sender too");
+        // At 110 the entry can no longer pass the time check: forgotten, and
+        // the floor makes sure it stays refused.
+        c.record(k, id(2), 200, 110);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c.floor(), 100);
+        assert_eq!(c.check(&k, &id(1), 100), Err(Error::BeyondReplayWindow));
+    }
+
+    #[test]
+    fn full_cache_evicts_soonest_expiring_and_raises_floor() {
+        let k = KeyId([1; 32]);
+        let mut c = ReplayCache::new(2, P);
+        c.record(k, id(1), 105, 0);
+        c.record(k, id(2), 103, 0);
+        c.record(k, id(3), 104, 0);
+        assert_eq!(c.len(), 2);
+        assert_eq!(c.floor(), 103);
+        assert_eq!(c.check(&k, &id(2), 103), Err(Error::BeyondReplayWindow));
+        assert_eq!(c.check(&k, &id(1), 105), Err(Error::Replayed));
+        assert_eq!(c.check(&k, &id(9), 104), Ok(()), "fresh ids above the floor pass");
+    }
+
+    #[test]
+    fn export_restore_round_trip() {
+        let k = KeyId([7; 32]);
+        let mut c = ReplayCache::new(16, P);
+        for n in 0..5 {
+            c.record(k, id(n), 100 + u64::from(n), 0);
+        }
+        let bytes = c.export().unwrap();
+        let r = ReplayCache::restore(&bytes, 16, P, 0).unwrap();
+        for n in 0..5 {
+            assert_eq!(r.check(&k, &id(n), 100 + u64::from(n)), Err(Error::Replayed));
+        }
+        // Smaller capacity on restore: the soonest-expiring are forgotten
+        // through the floor, never silently.
+        let r = ReplayCache::restore(&bytes, 2, P, 0).unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!(r.check(&k, &id(0), 100), Err(Error::BeyondReplayWindow));
+        assert_eq!(r.check(&k, &id(4), 104), Err(Error::Replayed));
+    }
+
+    #[test]
+    fn corrupt_state_is_an_error() {
+        assert_eq!(ReplayCache::restore(&[], 4, P, 0).unwrap_err(), Error::InvalidState("empty"));
+        assert_eq!(ReplayCache::restore(&[9, 0], 4, P, 0).unwrap_err(), Error::InvalidState("unknown format version"));
+        assert_eq!(ReplayCache::restore(&[1, 0, 5, 1], 4, P, 0).unwrap_err(), Error::InvalidState("undecodable"));
+    }
+}

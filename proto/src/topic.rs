@@ -1,0 +1,123 @@
+//! The v1 topic layout, in one place.
+//!
+//! ```text
+//! mqseal/v1/dev/{device}/cmd        controller -> device   commands (both modes)
+//! mqseal/v1/dev/{device}/resp       device -> controller   responses / receipts
+//! mqseal/v1/dev/{device}/chal/req   controller -> device   challenge requests
+//! mqseal/v1/dev/{device}/chal       device -> controller   challenges
+//! mqseal/v1/dev/{device}/status     device (retained)      "online" / last will "offline"
+//! ```
+//!
+//! Headers carry the topic an envelope was published on, and receivers
+//! compare it with the topic it arrived on, so a broker (or anyone who can
+//! publish) cannot move an envelope from one channel or device to another.
+//! These names are released: they stay stable within `v1`.
+
+use core::fmt::Write;
+
+use crate::limits::MAX_TOPIC_LEN;
+use crate::{Error, Result, validate_id};
+
+/// The common prefix of every mqseal topic.
+pub const ROOT: &str = "mqseal/v1/dev/";
+
+/// A topic name with a fixed capacity, so building one needs no allocator.
+pub type Topic = heapless::String<MAX_TOPIC_LEN>;
+
+/// The five channels of a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Channel {
+    /// Controller to device: commands.
+    Command,
+    /// Device to controller: responses (execution receipts).
+    Response,
+    /// Device to controller: challenges.
+    Challenge,
+    /// Controller to device: requests for a challenge.
+    ChallengeRequest,
+    /// Device, retained: `online`, or the last will `offline`.
+    Status,
+}
+
+impl Channel {
+    /// All channels, in documentation order.
+    pub const ALL: [Channel; 5] =
+        [Channel::Command, Channel::Response, Channel::ChallengeRequest, Channel::Challenge, Channel::Status];
+
+    /// The topic levels after the device id.
+    #[must_use]
+    pub const fn suffix(self) -> &'static str {
+        match self {
+            Channel::Command => "cmd",
+            Channel::Response => "resp",
+            Channel::Challenge => "chal",
+            Channel::ChallengeRequest => "chal/req",
+            Channel::Status => "status",
+        }
+    }
+}
+
+/// The topic of `channel` for `device`.
+///
+/// # Errors
+/// [`Error::InvalidId`] when `device` is not a valid device id — which is also
+/// what keeps wildcards and `/` out of the topic.
+pub fn topic(device: &str, channel: Channel) -> Result<Topic> {
+    validate_id(device)?;
+    let mut t = Topic::new();
+    // Cannot overflow: ROOT (14) + id (<= 64) + "/" + suffix (<= 8) < 128.
+    write!(t, "{ROOT}{device}/{}", channel.suffix())
+        .map_err(|_| Error::LimitExceeded { field: "topic", max: MAX_TOPIC_LEN })?;
+    Ok(t)
+}
+
+/// Splits an mqseal topic into its device id and channel.
+///
+/// Returns `None` for anything that is not exactly one of the five topics of
+/// a valid device id: the broker uses this for its access rules, so it is
+/// strict rather than forgiving.
+#[must_use]
+pub fn parse(topic: &str) -> Option<(&str, Channel)> {
+    let rest = topic.strip_prefix(ROOT)?;
+    let (device, suffix) = rest.split_once('/')?;
+    validate_id(device).ok()?;
+    let channel = Channel::ALL.into_iter().find(|c| c.suffix() == suffix)?;
+    Some((device, channel))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_round_trip() {
+        for ch in Channel::ALL {
+            let t = topic("dev-1", ch).unwrap();
+            assert_eq!(parse(&t), Some(("dev-1", ch)));
+        }
+        assert_eq!(topic("dev-1", Channel::ChallengeRequest).unwrap(), "mqseal/v1/dev/dev-1/chal/req");
+    }
+
+    #[test]
+    fn longest_id_fits() {
+        let id = "x".repeat(64);
+        assert!(topic(&id, Channel::ChallengeRequest).is_ok());
+    }
+
+    #[test]
+    fn wildcards_and_strangers_are_refused() {
+        assert_eq!(topic("+", Channel::Command), Err(Error::InvalidId));
+        assert_eq!(topic("a/b", Channel::Command), Err(Error::InvalidId));
+        for t in [
+            "mqseal/v1/dev/+/cmd",
+            "mqseal/v1/dev/#",
+            "mqseal/v1/dev/a/cmd/x",
+            "mqseal/v1/dev/a/chal/req/",
+            "mqseal/v1/dev//cmd",
+            "mqseal/v2/dev/a/cmd",
+            "other",
+        ] {
+            assert_eq!(parse(t), None, "{t}");
+        }
+    }
+}
