@@ -37,6 +37,30 @@
 //!
 //! The byte-level format is specified in `docs/PROTOCOL.md`, with test
 //! vectors in `proto/tests/vectors/`.
+//!
+//! ## Example
+//!
+//! A controller building a hidden-form challenge command (the README shows
+//! the same code):
+//!
+//! ```
+//! use mqseal_proto::challenge::{ChallengeController, Form, HmacKey};
+//! use mqseal_proto::topic::{Channel, topic};
+//! use mqseal_proto::{Call, Header, MsgId};
+//!
+//! /// Builds a hidden-form command for device "valve-3" over a challenge it
+//! /// handed out; returns the envelope's length in `out`.
+//! fn open_valve(key: &HmacKey, challenge: &[u8; 16], now: u64, msg_id: MsgId, out: &mut [u8]) -> mqseal_proto::Result<usize> {
+//!     let controller = ChallengeController::new("valve-3", key)?;
+//!     let cmd_topic = topic("valve-3", Channel::Command)?;
+//!     let header = Header { device: "valve-3", topic: &cmd_topic, msg_id, issued_at: now, expires_at: now + 30 };
+//!     controller.command(&header, challenge, &Call::new("open", &["25"])?, Form::Hidden, out)
+//! }
+//!
+//! let mut out = [0u8; 256];
+//! let len = open_valve(&HmacKey::new([1; 32]), &[2; 16], 1_800_000_000, MsgId([3; 16]), &mut out).unwrap();
+//! assert_eq!(mqseal_proto::peek(&out[..len]), Ok(mqseal_proto::Kind::ChallengeCommand));
+//! ```
 #![no_std]
 #![forbid(unsafe_code)]
 

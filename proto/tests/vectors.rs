@@ -753,6 +753,18 @@ fn challenge_device(arrived_on: &str, monotonic_ms: u64, unix_secs: Option<u64>,
     }
 }
 
+/// One negative vector with an explicit frame.
+fn neg(name: &str, description: &str, receiver: Receiver, frame: Vec<u8>, expected: &str) -> NegativeVector {
+    NegativeVector {
+        name: name.into(),
+        description: description.into(),
+        receiver,
+        frame: Some(h(frame)),
+        frame_fill: None,
+        expected_error: expected.into(),
+    }
+}
+
 fn negatives(keys: &Keys, out: &mut Vec<NegativeVector>, b: &Bases<'_>) {
     let s_cmd = topic_s(SEALED_DEV, Channel::Command);
     let s_resp = topic_s(SEALED_DEV, Channel::Response);
@@ -762,16 +774,6 @@ fn negatives(keys: &Keys, out: &mut Vec<NegativeVector>, b: &Bases<'_>) {
     let dev = || sealed_device(&["controller-2048"], &s_cmd, at, 0, vec![]);
     let cdev = |unix| challenge_device(&c_cmd, 10, unix, &[b.challenge, b.hidden_challenge]);
     let call = set_interval();
-    let mut push = |name: &str, description: &str, receiver: Receiver, frame: Vec<u8>, expected: &str| {
-        out.push(NegativeVector {
-            name: name.into(),
-            description: description.into(),
-            receiver,
-            frame: Some(h(frame)),
-            frame_fill: None,
-            expected_error: expected.into(),
-        });
-    };
     let seal_with = |signer: &str, recipient: &str, hd: Header<'_>| {
         SealedController::new(keys.private(signer))
             .seal_command(&mut VectorRng::new(b"negative"), keys.public(recipient), &hd, &call)
@@ -786,8 +788,8 @@ fn negatives(keys: &Keys, out: &mut Vec<NegativeVector>, b: &Bases<'_>) {
     };
 
     // --- framing, both modes
-    push("bad-version", "first byte is not 1", dev(), flip(b.sealed, 0, 0x03), "unsupported_version");
-    push(
+    out.push(neg("bad-version", "first byte is not 1", dev(), flip(b.sealed, 0, 0x03), "unsupported_version"));
+    out.push(neg(
         "unknown-kind",
         "kind byte 9",
         dev(),
@@ -797,31 +799,37 @@ fn negatives(keys: &Keys, out: &mut Vec<NegativeVector>, b: &Bases<'_>) {
             f
         },
         "unknown_kind",
-    );
-    push("empty", "zero bytes", dev(), vec![], "truncated");
-    push(
+    ));
+    out.push(neg("empty", "zero bytes", dev(), vec![], "truncated"));
+    out.push(neg(
         "truncated-sealed",
         "last byte of the signature missing",
         dev(),
         b.sealed[..b.sealed.len() - 1].to_vec(),
         "truncated",
-    );
-    push("trailing-byte", "a byte appended after the signature", dev(), [b.sealed, &[0]].concat(), "malformed");
-    push(
+    ));
+    out.push(neg(
+        "trailing-byte",
+        "a byte appended after the signature",
+        dev(),
+        [b.sealed, &[0]].concat(),
+        "malformed",
+    ));
+    out.push(neg(
         "challenge-to-sealed-device",
         "mode confusion: a valid challenge-mode command given to a sealed-mode device",
         dev(),
         b.explicit.to_vec(),
         "wrong_kind",
-    );
-    push(
+    ));
+    out.push(neg(
         "sealed-to-challenge-device",
         "mode confusion: a valid sealed command given to a challenge-mode device",
         cdev(None),
         b.sealed.to_vec(),
         "wrong_kind",
-    );
-    push(
+    ));
+    out.push(neg(
         "challenge-body-under-sealed-kind",
         "mode confusion: a challenge command whose kind byte was changed to sealed-command",
         dev(),
@@ -831,8 +839,8 @@ fn negatives(keys: &Keys, out: &mut Vec<NegativeVector>, b: &Bases<'_>) {
             f
         },
         "truncated",
-    );
-    push(
+    ));
+    out.push(neg(
         "sealed-body-under-challenge-kind",
         "mode confusion: a sealed command whose kind byte was changed to challenge-command",
         cdev(None),
@@ -842,59 +850,59 @@ fn negatives(keys: &Keys, out: &mut Vec<NegativeVector>, b: &Bases<'_>) {
             f
         },
         "malformed",
-    );
+    ));
 
     // --- sealed device: header checks
-    push(
+    out.push(neg(
         "wrong-device",
         "sealed for dev-other, delivered to dev-sealed",
         dev(),
         seal_with("controller-2048", "device-2048", hd("dev-other", &s_cmd, NOW, NOW + 300)),
         "wrong_device",
-    );
-    push(
+    ));
+    out.push(neg(
         "wrong-topic",
         "header names the response topic",
         dev(),
         seal_with("controller-2048", "device-2048", hd(SEALED_DEV, &s_resp, NOW, NOW + 300)),
         "wrong_topic",
-    );
-    push(
+    ));
+    out.push(neg(
         "wrong-recipient",
         "content key wrapped for another device's key",
         dev(),
         seal_with("controller-2048", "device-3072", hd(SEALED_DEV, &s_cmd, NOW, NOW + 300)),
         "wrong_recipient",
-    );
-    push(
+    ));
+    out.push(neg(
         "invalid-times",
         "expires before it is issued",
         dev(),
         seal_with("controller-2048", "device-2048", hd(SEALED_DEV, &s_cmd, NOW, NOW - 1)),
         "invalid_times",
-    );
-    push(
+    ));
+    out.push(neg(
         "lifetime-too-long",
         "valid for 601 s",
         dev(),
         seal_with("controller-2048", "device-2048", hd(SEALED_DEV, &s_cmd, NOW, NOW + 601)),
         "lifetime_too_long",
-    );
-    push(
+    ));
+    out.push(neg(
         "not-yet-valid",
         "issued 66 s in the receiver's future",
         dev(),
         seal_with("controller-2048", "device-2048", hd(SEALED_DEV, &s_cmd, at + 66, at + 100)),
         "not_yet_valid",
-    );
-    push(
+    ));
+    out.push(neg(
         "expired",
         "expired 61 s before the receiver's now",
         dev(),
         seal_with("controller-2048", "device-2048", hd(SEALED_DEV, &s_cmd, at - 161, at - 61)),
         "expired",
-    );
-    push(
+    ));
+    out.push(neg(
         "replayed",
         "the receiver already accepted this sender's message id",
         sealed_device(
@@ -910,52 +918,52 @@ fn negatives(keys: &Keys, out: &mut Vec<NegativeVector>, b: &Bases<'_>) {
         ),
         b.sealed.to_vec(),
         "replayed",
-    );
-    push(
+    ));
+    out.push(neg(
         "beyond-replay-window",
         "expires at or before the replay cache's floor",
         sealed_device(&["controller-2048"], &s_cmd, at, NOW + 300, vec![]),
         b.sealed.to_vec(),
         "beyond_replay_window",
-    );
-    push(
+    ));
+    out.push(neg(
         "unknown-signer",
         "signed by a key the device does not trust",
         dev(),
         seal_with("intruder-2048", "device-2048", hd(SEALED_DEV, &s_cmd, NOW, NOW + 300)),
         "unknown_signer",
-    );
-    push(
+    ));
+    out.push(neg(
         "revoked-signer",
         "the signing controller's key was removed from the device's keyring",
         sealed_device(&["controller-3072"], &s_cmd, at, 0, vec![]),
         b.sealed.to_vec(),
         "unknown_signer",
-    );
+    ));
     // msg_id sits at a fixed offset: version, kind, 2 key ids, device, topic.
     let msg_id_at = 2 + 64 + 1 + SEALED_DEV.len() + 1 + s_cmd.len();
-    push(
+    out.push(neg(
         "tampered-header",
         "one bit of the message id flipped",
         dev(),
         flip(b.sealed, msg_id_at, 0x01),
         "bad_signature",
-    );
-    push(
+    ));
+    out.push(neg(
         "tampered-signature",
         "one bit of the signature flipped",
         dev(),
         flip(b.sealed, b.sealed.len() - 1, 0x01),
         "bad_signature",
-    );
+    ));
     let tail = b.sealed.len() - 256 - 2 - 1;
-    push(
+    out.push(neg(
         "undecryptable",
         "ciphertext changed, then re-signed by the trusted controller: signature valid, payload not",
         dev(),
         resign(&flip(b.sealed, tail, 0x01), "controller-2048"),
         "decrypt_failed",
-    );
+    ));
     out.push(NegativeVector {
         name: "oversized".into(),
         description: "one byte over the 65536-byte limit".into(),
@@ -964,16 +972,6 @@ fn negatives(keys: &Keys, out: &mut Vec<NegativeVector>, b: &Bases<'_>) {
         frame_fill: Some(Fill { byte: 1, len: 65537 }),
         expected_error: "too_large".into(),
     });
-    let mut push = |name: &str, description: &str, receiver: Receiver, frame: Vec<u8>, expected: &str| {
-        out.push(NegativeVector {
-            name: name.into(),
-            description: description.into(),
-            receiver,
-            frame: Some(h(frame)),
-            frame_fill: None,
-            expected_error: expected.into(),
-        });
-    };
 
     // --- challenge device
     let ctl = ChallengeController::new(CHAL_DEV, keys.hmac(CHAL_DEV)).unwrap();
@@ -988,14 +986,14 @@ fn negatives(keys: &Keys, out: &mut Vec<NegativeVector>, b: &Bases<'_>) {
         issued_at,
         expires_at,
     };
-    push(
+    out.push(neg(
         "challenge-wrong-device",
         "addressed to dev-other",
         cdev(None),
         cmd(&ctl, chd("dev-other", &c_cmd, NOW, NOW + 300), b.challenge, &call, Form::Explicit),
         "wrong_device",
-    );
-    push(
+    ));
+    out.push(neg(
         "challenge-invalid-device-id",
         "device id with a '/'",
         cdev(None),
@@ -1004,65 +1002,65 @@ fn negatives(keys: &Keys, out: &mut Vec<NegativeVector>, b: &Bases<'_>) {
             .map(|&x| if x == b'-' { b'/' } else { x })
             .collect(),
         "invalid_id",
-    );
-    push(
+    ));
+    out.push(neg(
         "challenge-wrong-topic",
         "names the response topic",
         cdev(None),
         cmd(&ctl, chd(CHAL_DEV, &c_resp, NOW, NOW + 300), b.challenge, &call, Form::Explicit),
         "wrong_topic",
-    );
-    push(
+    ));
+    out.push(neg(
         "challenge-unknown",
         "answers a challenge the device never issued",
         cdev(None),
         cmd(&ctl, chd(CHAL_DEV, &c_cmd, NOW, NOW + 300), seq(0x77), &call, Form::Explicit),
         "unknown_challenge",
-    );
-    push(
+    ));
+    out.push(neg(
         "challenge-expired-challenge",
         "the challenge was issued 30 s (its lifetime) ago on the device's monotonic clock",
         challenge_device(&c_cmd, CHALLENGE_LIFETIME_MS, None, &[b.challenge]),
         b.explicit.to_vec(),
         "unknown_challenge",
-    );
-    push(
+    ));
+    out.push(neg(
         "challenge-expired",
         "the device has a clock and the header expired",
         cdev(Some(NOW + 400)),
         b.explicit.to_vec(),
         "expired",
-    );
-    push(
+    ));
+    out.push(neg(
         "challenge-not-yet-valid",
         "the device has a clock and the header is from its future",
         cdev(Some(NOW - 100)),
         b.explicit.to_vec(),
         "not_yet_valid",
-    );
-    push(
+    ));
+    out.push(neg(
         "challenge-bad-tag",
         "last tag byte flipped",
         cdev(None),
         flip(b.explicit, b.explicit.len() - 1, 0x01),
         "bad_tag",
-    );
-    push(
+    ));
+    out.push(neg(
         "challenge-wrong-key",
         "tagged with another device's key",
         cdev(None),
         cmd(&other, chd(CHAL_DEV, &c_cmd, NOW, NOW + 300), b.challenge, &call, Form::Explicit),
         "bad_tag",
-    );
+    ));
     let arg_at = b.explicit.len() - 32 - 1; // last byte of the last argument
-    push(
+    out.push(neg(
         "challenge-tampered-arg",
         "last argument byte changed, tag kept",
         cdev(None),
         flip(b.explicit, arg_at, 0x01),
         "bad_tag",
-    );
-    push(
+    ));
+    out.push(neg(
         "hidden-no-match",
         "hidden tag over a command the device has not registered",
         cdev(None),
@@ -1074,22 +1072,28 @@ fn negatives(keys: &Keys, out: &mut Vec<NegativeVector>, b: &Bases<'_>) {
             Form::Hidden,
         ),
         "bad_tag",
-    );
-    push(
+    ));
+    out.push(neg(
         "hidden-tampered",
         "hidden tag with one bit flipped",
         cdev(None),
         flip(b.hidden, b.hidden.len() - 5, 0x10),
         "bad_tag",
-    );
-    push(
+    ));
+    out.push(neg(
         "challenge-response-as-command",
         "a response given to the device as a command",
         cdev(None),
         b.explicit_resp.to_vec(),
         "wrong_kind",
-    );
-    push("challenge-truncated", "tag cut short", cdev(None), b.explicit[..b.explicit.len() - 1].to_vec(), "truncated");
+    ));
+    out.push(neg(
+        "challenge-truncated",
+        "tag cut short",
+        cdev(None),
+        b.explicit[..b.explicit.len() - 1].to_vec(),
+        "truncated",
+    ));
     // Hand-built: name 'x', 17 empty arguments, then a zero tag. Limits are
     // checked before the tag, so no valid tag is needed.
     let mut too_many = b.explicit[..2].to_vec();
@@ -1099,11 +1103,11 @@ fn negatives(keys: &Keys, out: &mut Vec<NegativeVector>, b: &Bases<'_>) {
     body.extend([0u8; 17]);
     body.extend([0u8; 32]);
     too_many.extend(body);
-    push("challenge-too-many-args", "17 arguments (the limit is 16)", cdev(None), too_many, "limit_exceeded");
+    out.push(neg("challenge-too-many-args", "17 arguments (the limit is 16)", cdev(None), too_many, "limit_exceeded"));
     let mut bad_utf8 = b.explicit.to_vec();
     let name_at = b.explicit.len() - 32 - (2 + 1 + 1 + 1 + 7) - "set-interval".len();
     bad_utf8[name_at] = 0xff;
-    push("challenge-bad-utf8", "command name is not UTF-8", cdev(None), bad_utf8, "malformed");
+    out.push(neg("challenge-bad-utf8", "command name is not UTF-8", cdev(None), bad_utf8, "malformed"));
 
     // --- controllers reading responses
     let sctl = |in_reply_to: [u8; 16], arrived_on: &str| Receiver::SealedController {
@@ -1113,27 +1117,27 @@ fn negatives(keys: &Keys, out: &mut Vec<NegativeVector>, b: &Bases<'_>) {
         arrived_on: arrived_on.into(),
         in_reply_to: h(in_reply_to),
     };
-    push(
+    out.push(neg(
         "response-unexpected",
         "answers another command than the pending one",
         sctl(seq(0x61), &s_resp),
         b.response.to_vec(),
         "unexpected_reply",
-    );
-    push(
+    ));
+    out.push(neg(
         "response-wrong-topic",
         "arrived on the command topic",
         sctl(seq(0x60), &s_cmd),
         b.response.to_vec(),
         "wrong_topic",
-    );
-    push(
+    ));
+    out.push(neg(
         "response-tampered",
         "one bit of the signature flipped",
         sctl(seq(0x60), &s_resp),
         flip(b.response, b.response.len() - 1, 0x01),
         "bad_signature",
-    );
+    ));
     let cctl = |challenge: [u8; 16], in_reply_to: [u8; 16]| Receiver::ChallengeController {
         key: CHAL_DEV.into(),
         device: CHAL_DEV.into(),
@@ -1142,37 +1146,37 @@ fn negatives(keys: &Keys, out: &mut Vec<NegativeVector>, b: &Bases<'_>) {
         in_reply_to: h(in_reply_to),
         candidates: candidates_j(),
     };
-    push(
+    out.push(neg(
         "challenge-response-unexpected",
         "answers another command",
         cctl(b.challenge, seq(0x22)),
         b.explicit_resp.to_vec(),
         "unexpected_reply",
-    );
-    push(
+    ));
+    out.push(neg(
         "challenge-response-replayed",
         "an old response offered for a new exchange (other challenge)",
         cctl(seq(0x99), seq(0x20)),
         b.explicit_resp.to_vec(),
         "bad_tag",
-    );
+    ));
     // From the end: tag (32), output (12), its length (1), code (1), status.
     // Flipping the status's low bit turns Ok into Failed.
     let status_at = b.explicit_resp.len() - 32 - 12 - 1 - 1 - 1;
-    push(
+    out.push(neg(
         "challenge-response-tampered",
         "status changed from ok to failed",
         cctl(b.challenge, seq(0x20)),
         flip(b.explicit_resp, status_at, 0x01),
         "bad_tag",
-    );
-    push(
+    ));
+    out.push(neg(
         "hidden-response-unknown",
         "hidden response matching no candidate",
         cctl(b.hidden_challenge, seq(0x21)),
         flip(b.hidden_resp, b.hidden_resp.len() - 1, 0x01),
         "bad_tag",
-    );
+    ));
 }
 
 // ---------------------------------------------------------------- checking

@@ -1,1 +1,163 @@
+//! The end-to-end test harness: real servers on 127.0.0.1, started and
+//! stopped by the tests or by the test command (`scripts/test.sh`).
+//!
+//! Nothing here mocks anything. A test that needs MongoDB reads the URI of
+//! the SecantusDB instance the test command started; one that needs
+//! Mosquitto starts its own broker on a free port. When a component is
+//! missing the test *fails* and says how to get it — it never skips, because
+//! a suite that quietly skips its integration tests proves nothing.
+// Test-support code: failing loudly (a panic inside the calling test) is
+// exactly what it is for.
+#![allow(clippy::panic)]
 
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+/// Environment variable holding the MongoDB URI (set by `scripts/test.sh`).
+pub const MONGODB_ENV: &str = "MQSEAL_TEST_MONGODB_URI";
+/// Environment variable holding the Python interpreter of the test venv.
+pub const PYTHON_ENV: &str = "MQSEAL_TEST_PYTHON";
+
+/// Every wait in the harness is bounded by this.
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
+
+fn missing(what: &str) -> ! {
+    panic!(
+        "{what}\nThe end-to-end tests need real components. Run them through the README's \
+         test command (`./scripts/test.sh`), which installs and starts everything they need."
+    )
+}
+
+/// The URI of the MongoDB-protocol server (SecantusDB) for this test run.
+#[must_use]
+pub fn mongodb_uri() -> String {
+    std::env::var(MONGODB_ENV)
+        .unwrap_or_else(|_| missing(&format!("{MONGODB_ENV} is not set: no MongoDB server for this test.")))
+}
+
+/// The Python interpreter that has `paho-mqtt` (and SecantusDB) installed.
+#[must_use]
+pub fn python() -> PathBuf {
+    let p = PathBuf::from(
+        std::env::var(PYTHON_ENV)
+            .unwrap_or_else(|_| missing(&format!("{PYTHON_ENV} is not set: no Python venv for this test."))),
+    );
+    if !p.exists() {
+        missing(&format!("{PYTHON_ENV}={} does not exist.", p.display()));
+    }
+    p
+}
+
+/// The full path of `program`, which must be installed.
+#[must_use]
+pub fn require_program(program: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| missing(&format!("`{program}` is not installed.")))
+}
+
+/// A TCP port that was free a moment ago on 127.0.0.1.
+///
+/// # Panics
+/// If the OS has no free port.
+#[must_use]
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("no free port: {e}"));
+    l.local_addr().unwrap_or_else(|e| panic!("no local address: {e}")).port()
+}
+
+/// Waits until something accepts connections on `127.0.0.1:port`.
+///
+/// # Errors
+/// When nothing does within `timeout`.
+pub async fn wait_for_port(port: u16, timeout: Duration) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!("nothing listening on 127.0.0.1:{port} after {timeout:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A Mosquitto broker of our own on a free loopback port, stopped on drop.
+pub struct Mosquitto {
+    child: Child,
+    port: u16,
+    /// Holds the config (and any password/ACL files) until the broker stops.
+    pub dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    /// Starts `mosquitto` with `extra` appended to a minimal config
+    /// (one loopback listener, no persistence).
+    ///
+    /// # Panics
+    /// If mosquitto is not installed or does not come up in time; the
+    /// message includes what it printed.
+    pub async fn start(extra: &str) -> Mosquitto {
+        let binary = require_program("mosquitto");
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let port = free_port();
+        let conf = dir.path().join("mosquitto.conf");
+        let text = format!("listener {port} 127.0.0.1\npersistence false\nlog_dest stderr\n{extra}\n");
+        std::fs::write(&conf, text).unwrap_or_else(|e| panic!("write {}: {e}", conf.display()));
+        let mut child = Command::new(binary)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start mosquitto: {e}"));
+        if let Err(e) = wait_for_port(port, STARTUP_TIMEOUT).await {
+            let _ = child.start_kill();
+            let out = tokio::time::timeout(Duration::from_secs(5), child.wait_with_output()).await;
+            let stderr = match out {
+                Ok(Ok(o)) => String::from_utf8_lossy(&o.stderr).into_owned(),
+                _ => String::from("(no output)"),
+            };
+            panic!("mosquitto did not start: {e}\n{stderr}");
+        }
+        Mosquitto { child, port, dir }
+    }
+
+    /// The port it listens on.
+    #[must_use]
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Whether the broker process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+/// Runs a program to completion within `timeout`, returning its stdout.
+///
+/// # Errors
+/// When it cannot start, times out, or exits non-zero (with its stderr).
+pub async fn run(program: &str, args: &[&str], timeout: Duration) -> Result<String, String> {
+    let fut = Command::new(program).args(args).kill_on_drop(true).output();
+    let out = tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| format!("{program} {args:?} timed out after {timeout:?}"))?
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!("{program} {args:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr)))
+    }
+}
