@@ -31,9 +31,8 @@
 //! * no default features: the challenge path, `#![no_std]`, no allocator.
 //! * `alloc`: `Vec`-returning encoders.
 //! * `rsa` (implies `alloc`): sealed mode and the replay cache.
-//! * `std` (default, with `rsa`): nothing beyond `alloc` today; reserved so
-//!   that dependants can ask for std-only conveniences without a breaking
-//!   change.
+//! * `std` (default, with `rsa`): `alloc`, plus std support in the
+//!   dependencies that have it (postcard, the rsa crate's encoders).
 //!
 //! The byte-level format is specified in `docs/PROTOCOL.md`, with test
 //! vectors in `proto/tests/vectors/`.

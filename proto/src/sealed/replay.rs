@@ -79,9 +79,12 @@ impl ReplayCache {
                 break;
             }
         }
-        if self.seen.insert((sender, msg_id), expires_at).is_none() {
-            self.by_expiry.insert((expires_at, sender, msg_id));
+        if let Some(previous) = self.seen.insert((sender, msg_id), expires_at) {
+            // Recorded twice (only a caller bypassing `check` can do this):
+            // keep the two indexes in step.
+            self.by_expiry.remove(&(previous, sender, msg_id));
         }
+        self.by_expiry.insert((expires_at, sender, msg_id));
     }
 
     fn forget_expired(&mut self, now: u64) {
@@ -127,8 +130,8 @@ impl ReplayCache {
     /// `0x01 ‖ postcard { floor: varint, entries: seq of (key id [32], msg id [16], expires_at varint) }`.
     ///
     /// # Errors
-    /// [`Error::Crypto`] never in practice; encoding into a `Vec` cannot fail
-    /// short of memory exhaustion.
+    /// [`Error::InvalidState`] if encoding fails, which encoding into a `Vec`
+    /// does not short of memory exhaustion.
     pub fn export(&self) -> Result<Vec<u8>> {
         let state = State { floor: self.floor, entries: self.seen.iter().map(|(&(k, m), &e)| (k, m, e)).collect() };
         let mut out = Vec::with_capacity(1 + 8 + state.entries.len() * 58);
@@ -218,6 +221,19 @@ mod tests {
         assert_eq!(r.len(), 2);
         assert_eq!(r.check(&k, &id(0), 100), Err(Error::BeyondReplayWindow));
         assert_eq!(r.check(&k, &id(4), 104), Err(Error::Replayed));
+    }
+
+    #[test]
+    fn recording_twice_keeps_one_entry() {
+        let k = KeyId([3; 32]);
+        let mut c = ReplayCache::new(1, P);
+        c.record(k, id(1), 100, 0);
+        c.record(k, id(1), 150, 0);
+        assert_eq!(c.len(), 1);
+        // The stale expiry (100) is gone from the index: evicting now takes
+        // the real entry and raises the floor to its real expiry.
+        c.record(k, id(2), 200, 0);
+        assert_eq!((c.len(), c.floor()), (1, 150));
     }
 
     #[test]
