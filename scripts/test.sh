@@ -127,6 +127,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo test"
 cargo test --workspace --locked
 
+step "cargo doc (broken links and missing docs are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
+
 step "proto on thumbv7em-none-eabihf: challenge path without alloc, and alloc+rsa"
 cargo build -p mqseal-proto --locked --target thumbv7em-none-eabihf --no-default-features
 cargo build -p mqseal-proto --locked --target thumbv7em-none-eabihf --no-default-features --features alloc,rsa
