@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::limits::MAX_TOPIC_LEN;
+use crate::topic::{Channel, topic};
 use crate::wire::limit;
 use crate::{Error, MsgId, Result, validate_id};
 
@@ -38,16 +39,33 @@ impl Header<'_> {
         limit("topic", self.topic.len(), MAX_TOPIC_LEN)
     }
 
-    /// The receiver's addressing checks: the envelope is for `me` and names
-    /// the topic it actually arrived on.
+    /// A device's checks on a received command: the header is well formed,
+    /// the envelope is for `me`, and it names the topic it actually arrived on.
     ///
     /// # Errors
-    /// [`Error::WrongDevice`], [`Error::WrongTopic`].
-    pub fn check_address(&self, me: &str, arrived_on: &str) -> Result<()> {
+    /// [`Error::InvalidId`], [`Error::LimitExceeded`], [`Error::WrongDevice`],
+    /// [`Error::WrongTopic`].
+    pub fn check_received(&self, me: &str, arrived_on: &str) -> Result<()> {
+        self.validate()?;
         if self.device != me {
             return Err(Error::WrongDevice);
         }
         if self.topic != arrived_on {
+            return Err(Error::WrongTopic);
+        }
+        Ok(())
+    }
+
+    /// A controller's checks on a received response: well formed, from
+    /// `device`, naming the topic it arrived on, and that topic is the
+    /// device's response topic — a response published anywhere else is not
+    /// one, whatever its tag or signature says.
+    ///
+    /// # Errors
+    /// As [`Header::check_received`].
+    pub fn check_response(&self, device: &str, arrived_on: &str) -> Result<()> {
+        self.check_received(device, arrived_on)?;
+        if self.topic != topic(device, Channel::Response)?.as_str() {
             return Err(Error::WrongTopic);
         }
         Ok(())
@@ -141,8 +159,26 @@ mod tests {
     #[test]
     fn address_checks() {
         let h = Header { device: "a", topic: "t", msg_id: MsgId([0; 16]), issued_at: 0, expires_at: 0 };
-        assert_eq!(h.check_address("a", "t"), Ok(()));
-        assert_eq!(h.check_address("b", "t"), Err(Error::WrongDevice));
-        assert_eq!(h.check_address("a", "u"), Err(Error::WrongTopic));
+        assert_eq!(h.check_received("a", "t"), Ok(()));
+        assert_eq!(h.check_received("b", "t"), Err(Error::WrongDevice));
+        assert_eq!(h.check_received("a", "u"), Err(Error::WrongTopic));
+        let bad = Header { device: "a/b", ..h };
+        assert_eq!(bad.check_received("a/b", "t"), Err(Error::InvalidId));
+    }
+
+    #[test]
+    fn responses_must_be_on_the_devices_response_topic() {
+        let resp = topic("a", Channel::Response).unwrap();
+        let h = Header { device: "a", topic: &resp, msg_id: MsgId([0; 16]), issued_at: 0, expires_at: 0 };
+        assert_eq!(h.check_response("a", &resp), Ok(()));
+        let cmd = topic("a", Channel::Command).unwrap();
+        let on_cmd = Header { topic: &cmd, ..h };
+        assert_eq!(
+            on_cmd.check_response("a", &cmd),
+            Err(Error::WrongTopic),
+            "arrived where it says, but not a response topic"
+        );
+        assert_eq!(h.check_response("a", &cmd), Err(Error::WrongTopic));
+        assert_eq!(h.check_response("b", &resp), Err(Error::WrongDevice));
     }
 }

@@ -109,6 +109,13 @@ pub(crate) fn take<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<(T, &'a [u
     Ok(postcard::take_from_bytes(bytes)?)
 }
 
+/// Decodes a whole slice as one postcard value: nothing may be left over.
+pub(crate) fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T> {
+    let (value, rest) = take(bytes)?;
+    end(rest)?;
+    Ok(value)
+}
+
 /// Refuses bytes left over after the last field: they are covered by no
 /// check, so accepting them would let anyone append to a valid envelope.
 pub(crate) fn end(rest: &[u8]) -> Result<()> {

@@ -3,7 +3,6 @@
 use super::mac::{Form, HmacKey, MacInput, tags_equal};
 use super::{ChallengeBody, CommandBody, RequestBody, ResponseBody};
 use crate::limits::{CHALLENGE_LEN, TAG_LEN};
-use crate::topic::{Channel, topic};
 use crate::wire::{self, Call, Kind, Outcome};
 use crate::{Error, Header, MsgId, Result, validate_id};
 
@@ -68,8 +67,7 @@ impl<'k> ChallengeController<'k> {
     /// # Errors
     /// Decoding errors, [`Error::WrongDevice`], [`Error::UnexpectedReply`].
     pub fn read_challenge(&self, frame: &[u8], request: MsgId) -> Result<Offer> {
-        let (body, rest) = wire::take::<ChallengeBody<'_>>(wire::body(frame, Kind::Challenge)?)?;
-        wire::end(rest)?;
+        let body: ChallengeBody<'_> = wire::decode(wire::body(frame, Kind::Challenge)?)?;
         if body.device != self.device {
             return Err(Error::WrongDevice);
         }
@@ -128,17 +126,11 @@ impl<'k> ChallengeController<'k> {
         pending: &Pending,
         candidates: &[Outcome<'_>],
     ) -> Result<Answer<'a>> {
-        let (body, rest) = wire::take::<ResponseBody<'a>>(wire::body(frame, Kind::ChallengeResponse)?)?;
-        wire::end(rest)?;
-        let ResponseBody { header, in_reply_to, outcome, tag } = body;
-        header.validate()?;
+        let ResponseBody { header, in_reply_to, outcome, tag } =
+            wire::decode(wire::body(frame, Kind::ChallengeResponse)?)?;
+        header.check_response(self.device, arrived_on)?;
         if let Some(o) = &outcome {
             o.validate()?;
-        }
-        let expected_topic = topic(self.device, Channel::Response)?;
-        header.check_address(self.device, &expected_topic)?;
-        if header.topic != arrived_on {
-            return Err(Error::WrongTopic);
         }
         if in_reply_to != pending.msg_id {
             return Err(Error::UnexpectedReply);

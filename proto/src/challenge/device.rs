@@ -85,8 +85,7 @@ impl<'k> ChallengeDevice<'k> {
         now_ms: u64,
         out: &mut [u8],
     ) -> Result<usize> {
-        let (req, rest) = wire::take::<RequestBody<'_>>(wire::body(request, Kind::ChallengeRequest)?)?;
-        wire::end(rest)?;
+        let req: RequestBody<'_> = wire::decode(wire::body(request, Kind::ChallengeRequest)?)?;
         if req.device != self.id {
             return Err(Error::WrongDevice);
         }
@@ -120,14 +119,11 @@ impl<'k> ChallengeDevice<'k> {
         table: &mut ChallengeTable<N>,
         registry: &'a [Registered<'a>],
     ) -> Result<Verified<'a>> {
-        let (body, rest) = wire::take::<CommandBody<'a>>(wire::body(frame, Kind::ChallengeCommand)?)?;
-        wire::end(rest)?;
-        let CommandBody { header, challenge, call, tag } = body;
-        header.validate()?;
+        let CommandBody { header, challenge, call, tag } = wire::decode(wire::body(frame, Kind::ChallengeCommand)?)?;
+        header.check_received(self.id, arrived_on)?;
         if let Some(call) = &call {
             call.validate()?;
         }
-        header.check_address(self.id, arrived_on)?;
         if let Some(now) = clock.unix_secs {
             self.policy.check_times(header.issued_at, header.expires_at, now)?;
         }

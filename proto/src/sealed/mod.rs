@@ -305,8 +305,7 @@ impl<'a> SealedDevice<'a> {
     ) -> Result<OpenedCommand> {
         let view = parse::<CommandPrefix<'_>>(frame, Kind::SealedCommand)?;
         let p = &view.prefix;
-        p.header.validate()?;
-        p.header.check_address(self.id, arrived_on)?;
+        p.header.check_received(self.id, arrived_on)?;
         if p.recipient != self.key.id() {
             return Err(Error::WrongRecipient);
         }
@@ -315,8 +314,7 @@ impl<'a> SealedDevice<'a> {
         let signer = self.controllers.get(&p.sender).ok_or(Error::UnknownSigner)?;
 
         let plaintext = verify_then_decrypt(&view, p.wrapped_key, signer, self.key, rng)?;
-        let (call, rest) = wire::take::<Call<'_>>(&plaintext)?;
-        wire::end(rest)?;
+        let call: Call<'_> = wire::decode(&plaintext)?;
         call.validate()?;
 
         replay.record(p.sender, p.header.msg_id, p.header.expires_at, now);
@@ -433,12 +431,7 @@ impl<'a> SealedController<'a> {
     ) -> Result<OpenedResponse> {
         let view = parse::<ResponsePrefix<'_>>(frame, Kind::SealedResponse)?;
         let p = &view.prefix;
-        p.header.validate()?;
-        let expected_topic = topic(device, Channel::Response)?;
-        p.header.check_address(device, &expected_topic)?;
-        if p.header.topic != arrived_on {
-            return Err(Error::WrongTopic);
-        }
+        p.header.check_response(device, arrived_on)?;
         if p.recipient != self.key.id() {
             return Err(Error::WrongRecipient);
         }
@@ -449,8 +442,7 @@ impl<'a> SealedController<'a> {
             return Err(Error::UnexpectedReply);
         }
         let plaintext = verify_then_decrypt(&view, p.wrapped_key, device_key, self.key, rng)?;
-        let (outcome, rest) = wire::take::<Outcome<'_>>(&plaintext)?;
-        wire::end(rest)?;
+        let outcome: Outcome<'_> = wire::decode(&plaintext)?;
         outcome.validate()?;
         Ok(OpenedResponse {
             sender: p.sender,
