@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{Keys, Script, VectorRng, resign};
+use common::{Keys, Script, VectorRng, enc, resign};
 use mqseal_proto::challenge::{
     Answer, ChallengeController, ChallengeDevice, ChallengeTable, Clock, Form, Pending, Registered,
 };
@@ -30,13 +30,6 @@ fn t(ch: Channel) -> Topic {
 
 fn header(topic: &str, msg: u8) -> Header<'_> {
     Header { device: DEV, topic, msg_id: MsgId([msg; 16]), issued_at: NOW, expires_at: NOW + 60 }
-}
-
-fn enc(f: impl FnOnce(&mut [u8]) -> mqseal_proto::Result<usize>) -> Vec<u8> {
-    let mut buf = vec![0u8; 4096];
-    let n = f(&mut buf).unwrap();
-    buf.truncate(n);
-    buf
 }
 
 struct Sealed {

@@ -17,7 +17,7 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::{Keys, Script, VectorRng, keys_pem, resign, varint, vectors_dir};
+use common::{Keys, Script, VectorRng, enc, keys_pem, resign, varint, vectors_dir};
 use hmac::{KeyInit, Mac};
 use mqseal_proto::challenge::{
     Answer, ChallengeController, ChallengeDevice, ChallengeTable, Clock, Form, Pending, Registered,
@@ -414,14 +414,6 @@ struct Generated {
     challenge: File<ChallengeVector>,
     sealed: File<SealedVector>,
     negative: File<NegativeVector>,
-}
-
-/// Runs a `&mut [u8]`-writing encoder and returns what it wrote.
-fn enc(f: impl FnOnce(&mut [u8]) -> mqseal_proto::Result<usize>) -> Vec<u8> {
-    let mut buf = vec![0u8; 4096];
-    let n = f(&mut buf).unwrap();
-    buf.truncate(n);
-    buf
 }
 
 fn generate(keys: &Keys) -> Generated {

@@ -196,3 +196,12 @@ pub fn resign(frame: &[u8], signer: &str) -> Vec<u8> {
     out.extend_from_slice(&sig);
     out
 }
+
+/// Runs an encoder that writes into a `&mut [u8]` (the no-alloc API) and
+/// returns what it wrote.
+pub fn enc(f: impl FnOnce(&mut [u8]) -> mqseal_proto::Result<usize>) -> Vec<u8> {
+    let mut buf = vec![0u8; 4096];
+    let n = f(&mut buf).unwrap();
+    buf.truncate(n);
+    buf
+}
