@@ -10,7 +10,10 @@
 // exactly what it is for.
 #![allow(clippy::panic)]
 
-use std::path::PathBuf;
+pub mod broker;
+pub mod mqtt;
+
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -159,5 +162,71 @@ pub async fn run(program: &str, args: &[&str], timeout: Duration) -> Result<Stri
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(format!("{program} {args:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
+/// A SecantusDB server of a test's own, for tests that stop and restart
+/// MongoDB (the shared one of the test command must stay up for the rest).
+/// Its data lives in a directory, so a restart keeps it, as `mongod` would.
+pub struct Secantus {
+    child: Option<Child>,
+    port: u16,
+    data: PathBuf,
+}
+
+impl Secantus {
+    /// Starts one on a free port with its data in `data`.
+    ///
+    /// # Panics
+    /// When the venv's `secantusd-py` is missing or does not listen in time.
+    pub async fn start(data: &Path) -> Secantus {
+        let mut s = Secantus { child: None, port: free_port(), data: data.to_owned() };
+        s.restart().await;
+        s
+    }
+
+    /// The `mongodb://` URI, with short driver timeouts.
+    #[must_use]
+    pub fn uri(&self) -> String {
+        format!("mongodb://127.0.0.1:{}/?serverSelectionTimeoutMS=1000&connectTimeoutMS=1000", self.port)
+    }
+
+    /// Stops the server (SIGKILL: as abrupt as a crash or a cut cable).
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.start_kill();
+            let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+        }
+    }
+
+    /// Starts it again on the same port and data.
+    ///
+    /// # Panics
+    /// When it does not come up.
+    pub async fn restart(&mut self) {
+        let python = python();
+        let daemon = python.with_file_name("secantusd-py");
+        let child = Command::new(&daemon)
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &self.port.to_string(),
+                "--log-level",
+                "WARNING",
+                "--sync-on-commit",
+                "--storage-path",
+            ])
+            .arg(&self.data)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", daemon.display()));
+        self.child = Some(child);
+        // WiredTiger recovery after a kill can take a few seconds.
+        if let Err(e) = wait_for_port(self.port, Duration::from_secs(30)).await {
+            panic!("SecantusDB did not come up: {e}");
+        }
     }
 }

@@ -1,0 +1,282 @@
+//! Login decisions: store lookup with a short cache, throttling, constant
+//! work for unknown users, the legacy upgrade, and fail-closed behaviour when
+//! the store is down.
+//!
+//! The cache exists for reconnect storms (a network blip reconnects every
+//! device within seconds; each would otherwise cost a MongoDB round trip).
+//! It only ever *grants* within `cache_ttl`, and the periodic revalidation
+//! (`revalidate`) re-reads every cached and live user, so a disabled user
+//! stops being served from the cache within `revalidate_secs`. Refusals are
+//! never cached: enabling a user works at once.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mqseal_store::{Algorithm, AnyStore, CredentialStore, Role, UserRecord, hash};
+use zeroize::Zeroizing;
+
+use crate::config::{AuthConfig, ThrottleConfig};
+use crate::metrics::Metrics;
+use crate::throttle::{Policy, Throttle};
+
+/// Why a login was refused; each maps to its own CONNACK code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// No username or no password.
+    NoCredentials,
+    /// Unknown user or wrong password (indistinguishable on purpose).
+    BadCredentials,
+    /// Right password, disabled user.
+    Disabled,
+    /// The username or the address is locked out after failures.
+    Throttled,
+    /// The store cannot be reached and nothing usable is cached.
+    Unavailable,
+}
+
+impl Refusal {
+    /// For log lines.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::NoCredentials => "no credentials",
+            Refusal::BadCredentials => "bad username or password",
+            Refusal::Disabled => "user disabled",
+            Refusal::Throttled => "locked out after failed logins",
+            Refusal::Unavailable => "credential store unavailable",
+        }
+    }
+}
+
+/// Why a live session is being closed from the broker side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KickReason {
+    /// The user was disabled.
+    Disabled,
+    /// The user was deleted.
+    Deleted,
+    /// The broker is shutting down.
+    Shutdown,
+}
+
+struct Cached {
+    record: UserRecord,
+    fetched: Instant,
+}
+
+/// Decides logins.
+pub struct Authenticator {
+    store: Arc<AnyStore>,
+    config: AuthConfig,
+    cache: Mutex<HashMap<String, Cached>>,
+    users: Throttle<String>,
+    addresses: Throttle<IpAddr>,
+    metrics: Arc<Metrics>,
+    last_unavailable_log: Mutex<Option<Instant>>,
+}
+
+/// Entries kept per throttle table; beyond this the oldest are forgotten.
+const THROTTLE_CAPACITY: usize = 100_000;
+
+/// How many names one revalidation query asks for.
+const REVALIDATE_BATCH: usize = 500;
+
+impl Authenticator {
+    /// An authenticator over `store`.
+    pub fn new(store: Arc<AnyStore>, config: AuthConfig, throttle: &ThrottleConfig, metrics: Arc<Metrics>) -> Self {
+        let policy = |free| Policy {
+            free_failures: free,
+            base_delay: Duration::from_millis(throttle.base_delay_ms),
+            max_delay: Duration::from_secs(throttle.max_delay_secs),
+            forget_after: Duration::from_secs(throttle.forget_after_secs),
+        };
+        Authenticator {
+            store,
+            config,
+            cache: Mutex::new(HashMap::new()),
+            users: Throttle::new(policy(throttle.user_free_failures), THROTTLE_CAPACITY),
+            addresses: Throttle::new(policy(throttle.address_free_failures), THROTTLE_CAPACITY),
+            metrics,
+            last_unavailable_log: Mutex::new(None),
+        }
+    }
+
+    /// The store, for startup tasks.
+    pub fn store(&self) -> &AnyStore {
+        &self.store
+    }
+
+    /// Checks a login. On success returns the user's record.
+    pub async fn login(&self, username: &str, password: &[u8], peer: IpAddr) -> Result<UserRecord, Refusal> {
+        let now = Instant::now();
+        if self.users.locked(&username.to_owned(), now).is_some() || self.addresses.locked(&peer, now).is_some() {
+            return Err(Refusal::Throttled);
+        }
+        let verdict = match self.lookup(username, now).await? {
+            Some(record) => {
+                let ok = verify_off_thread(&record, password).await;
+                ok.then_some(record)
+            }
+            None => self.legacy_or_decoy(username, password).await?,
+        };
+        let Some(record) = verdict else {
+            self.users.fail(&username.to_owned(), now);
+            self.addresses.fail(&peer, now);
+            return Err(Refusal::BadCredentials);
+        };
+        if record.disabled {
+            return Err(Refusal::Disabled);
+        }
+        self.users.succeed(&username.to_owned());
+        Ok(record)
+    }
+
+    async fn lookup(&self, username: &str, now: Instant) -> Result<Option<UserRecord>, Refusal> {
+        // The file store is an in-memory map refreshed on a `stat`: asking
+        // it costs less than the cache would save, and asking it every time
+        // is what makes `user disable` refuse the very next login.
+        let ttl = match *self.store {
+            AnyStore::File(_) => Duration::ZERO,
+            AnyStore::Mongo(_) => Duration::from_secs(self.config.cache_ttl_secs),
+        };
+        if let Some(record) = self.cached(username, |age| age < ttl, now) {
+            return Ok(Some(record));
+        }
+        match self.store.get(username).await {
+            Ok(found) => {
+                if let (Some(record), Ok(mut cache)) = (&found, self.cache.lock()) {
+                    cache.insert(username.to_owned(), Cached { record: record.clone(), fetched: now });
+                }
+                Ok(found)
+            }
+            Err(e) => {
+                Metrics::inc(&self.metrics.store_errors_total);
+                self.log_unavailable(&e.to_string());
+                let stale = Duration::from_secs(self.config.stale_ttl_secs);
+                match self.cached(username, |age| age < stale, now) {
+                    Some(record) => Ok(Some(record)),
+                    None => Err(Refusal::Unavailable),
+                }
+            }
+        }
+    }
+
+    fn cached(&self, username: &str, fresh: impl Fn(Duration) -> bool, now: Instant) -> Option<UserRecord> {
+        let cache = self.cache.lock().ok()?;
+        let entry = cache.get(username)?;
+        fresh(now.saturating_duration_since(entry.fetched)).then(|| entry.record.clone())
+    }
+
+    /// One log line per `revalidate_secs` while the store is down: enough to
+    /// be seen, not enough to fill a disk during a long outage.
+    fn log_unavailable(&self, message: &str) {
+        let Ok(mut last) = self.last_unavailable_log.lock() else { return };
+        let now = Instant::now();
+        let interval = Duration::from_secs(self.config.revalidate_secs.max(10));
+        if last.is_none_or(|t| now.saturating_duration_since(t) >= interval) {
+            *last = Some(now);
+            tracing::error!(store = %self.store.describe(), error = %message, "credential store unreachable; new logins fail closed");
+        }
+    }
+
+    /// No record: try the seed's legacy layout when configured, else burn
+    /// the same CPU a real check would.
+    async fn legacy_or_decoy(&self, username: &str, password: &[u8]) -> Result<Option<UserRecord>, Refusal> {
+        let legacy = match self.store.legacy_hash(username).await {
+            Ok(found) => found,
+            Err(e) => {
+                Metrics::inc(&self.metrics.store_errors_total);
+                self.log_unavailable(&e.to_string());
+                return Err(Refusal::Unavailable);
+            }
+        };
+        let iterations = self.config.pbkdf2_iterations;
+        let Some(legacy_hex) = legacy else {
+            let password = Zeroizing::new(password.to_vec());
+            let _ = tokio::task::spawn_blocking(move || {
+                mqseal_store::verify_unknown(&password, Algorithm::Pbkdf2Sha256, iterations)
+            })
+            .await;
+            return Ok(None);
+        };
+        if !hash::hashes_equal(&hash::sha256_legacy(password), &legacy_hex) {
+            return Ok(None);
+        }
+        // The legacy users are people (the seed's operators): they move to
+        // PBKDF2 as controllers with no grants until an admin grants them.
+        let pw = Zeroizing::new(password.to_vec());
+        let name = username.to_owned();
+        let upgraded =
+            tokio::task::spawn_blocking(move || UserRecord::human(&name, &pw, Role::Controller, iterations)).await;
+        let Ok(Ok(record)) = upgraded else { return Err(Refusal::Unavailable) };
+        match self.store.upgrade_legacy(&record).await {
+            Ok(()) => {
+                Metrics::inc(&self.metrics.legacy_upgrades_total);
+                tracing::info!(user = %username, "legacy unsalted SHA-256 credential upgraded to PBKDF2-HMAC-SHA256");
+            }
+            // The login itself was valid; the upgrade is retried next time.
+            Err(e) => tracing::warn!(user = %username, error = %e, "legacy credential upgrade failed"),
+        }
+        Ok(Some(record))
+    }
+
+    /// Re-reads every live and cached user; returns the live ones to close.
+    pub async fn revalidate(&self, live: &HashSet<String>) -> Vec<(String, KickReason)> {
+        let mut names: HashSet<String> = live.clone();
+        if let Ok(cache) = self.cache.lock() {
+            names.extend(cache.keys().cloned());
+        }
+        let names: Vec<String> = names.into_iter().collect();
+        let mut kicks = Vec::new();
+        for batch in names.chunks(REVALIDATE_BATCH) {
+            let records = match self.store.get_many(batch).await {
+                Ok(records) => records,
+                Err(e) => {
+                    Metrics::inc(&self.metrics.store_errors_total);
+                    self.log_unavailable(&e.to_string());
+                    return kicks;
+                }
+            };
+            let found: HashMap<&str, &UserRecord> = records.iter().map(|r| (r.username.as_str(), r)).collect();
+            let now = Instant::now();
+            let Ok(mut cache) = self.cache.lock() else { return kicks };
+            for name in batch {
+                match found.get(name.as_str()) {
+                    Some(record) if !record.disabled => {
+                        if let Some(entry) = cache.get_mut(name) {
+                            *entry = Cached { record: (*record).clone(), fetched: now };
+                        }
+                    }
+                    Some(_) => {
+                        cache.remove(name);
+                        if live.contains(name) {
+                            kicks.push((name.clone(), KickReason::Disabled));
+                        }
+                    }
+                    None => {
+                        cache.remove(name);
+                        if live.contains(name) {
+                            kicks.push((name.clone(), KickReason::Deleted));
+                        }
+                    }
+                }
+            }
+            // Drop entries nobody will use again (bounded memory).
+            let stale = Duration::from_secs(self.config.stale_ttl_secs);
+            cache.retain(|_, c| now.saturating_duration_since(c.fetched) < stale);
+        }
+        kicks
+    }
+}
+
+/// PBKDF2 takes tens of milliseconds: off the async workers. SHA-256 takes
+/// a microsecond: inline.
+async fn verify_off_thread(record: &UserRecord, password: &[u8]) -> bool {
+    if record.algorithm == Algorithm::Sha256 {
+        return record.verify(password);
+    }
+    let record = record.clone();
+    let password = Zeroizing::new(password.to_vec());
+    tokio::task::spawn_blocking(move || record.verify(&password)).await.unwrap_or(false)
+}

@@ -1,0 +1,399 @@
+//! `broker.toml`: every setting, its default, and errors that point at the
+//! line.
+//!
+//! Unknown keys are errors (`deny_unknown_fields`): a misspelt `max_conections`
+//! silently falling back to a default is how limits end up not being limits.
+//! Flags and environment variables (see `main.rs`) override the file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::acl::RuleSpec;
+
+/// The whole file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the broker keeps its state (the file store by default).
+    pub data_dir: PathBuf,
+    /// Plain MQTT over TCP.
+    pub listener: ListenerConfig,
+    /// MQTT over TLS; off unless configured.
+    pub tls: Option<TlsConfig>,
+    /// Connection and packet limits.
+    pub limits: Limits,
+    /// Where credentials live.
+    pub store: StoreConfig,
+    /// Caching and hashing of logins.
+    pub auth: AuthConfig,
+    /// Failed-login lockouts.
+    pub throttle: ThrottleConfig,
+    /// Topic rules.
+    pub acl: AclConfig,
+    /// Prometheus endpoint.
+    pub metrics: MetricsConfig,
+    /// The embedded rumqttd router's memory bounds.
+    pub router: RouterTuning,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("data"),
+            listener: ListenerConfig::default(),
+            tls: None,
+            limits: Limits::default(),
+            store: StoreConfig::default(),
+            auth: AuthConfig::default(),
+            throttle: ThrottleConfig::default(),
+            acl: AclConfig::default(),
+            metrics: MetricsConfig::default(),
+            router: RouterTuning::default(),
+        }
+    }
+}
+
+/// `[listener]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenerConfig {
+    /// Address for plain MQTT; empty string turns it off.
+    pub bind: Option<SocketAddr>,
+    /// Accept password logins over plain TCP on a non-loopback address.
+    /// Off by default: passwords would cross the network in clear.
+    pub allow_insecure_password_logins: bool,
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        ListenerConfig { bind: Some(SocketAddr::from(([127, 0, 0, 1], 1883))), allow_insecure_password_logins: false }
+    }
+}
+
+/// `[tls]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Address for MQTT over TLS.
+    pub bind: SocketAddr,
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// `[limits]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Open connections at the front, all listeners together.
+    pub max_connections: usize,
+    /// Largest MQTT packet accepted, fixed header included.
+    pub max_packet_size: usize,
+    /// Time from TCP accept to a complete CONNECT (TLS handshake included).
+    pub connect_timeout_ms: u64,
+    /// A write to a client that takes longer than this closes the connection.
+    pub write_timeout_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 20_000,
+            max_packet_size: 256 * 1024,
+            connect_timeout_ms: 5_000,
+            write_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// Which credential store.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// `data_dir/users.json` (or `store.path`).
+    File,
+    /// `store.mongodb_uri`.
+    Mongodb,
+}
+
+/// `[store]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `file` (default) or `mongodb`.
+    pub kind: StoreKind,
+    /// File store path; default `data_dir/users.json`.
+    pub path: Option<PathBuf>,
+    /// MongoDB URI.
+    pub mongodb_uri: Option<String>,
+    /// MongoDB database.
+    pub database: String,
+    /// MongoDB collection (EMQX's default name).
+    pub collection: String,
+    /// Also accept the seed's `IOT.login_info` unsalted SHA-256 users, and
+    /// upgrade each to PBKDF2 on its next successful login.
+    pub legacy_login_info: bool,
+    /// Database of the legacy collection.
+    pub legacy_database: String,
+    /// Legacy collection.
+    pub legacy_collection: String,
+    /// Deadline for every store call.
+    pub timeout_ms: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            kind: StoreKind::File,
+            path: None,
+            mongodb_uri: None,
+            database: "mqseal".into(),
+            collection: "mqtt_user".into(),
+            legacy_login_info: false,
+            legacy_database: "IOT".into(),
+            legacy_collection: "login_info".into(),
+            timeout_ms: 2_000,
+        }
+    }
+}
+
+/// `[auth]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// How long a fetched record is reused for new logins.
+    pub cache_ttl_secs: u64,
+    /// While the store is unreachable, cached records this old still serve.
+    pub stale_ttl_secs: u64,
+    /// How often live sessions (and cached records) are re-checked against
+    /// the store; a disabled or deleted user is disconnected at the next check.
+    pub revalidate_secs: u64,
+    /// PBKDF2 rounds for new human passwords, for legacy upgrades, and for
+    /// the decoy check of unknown usernames.
+    pub pbkdf2_iterations: u32,
+    /// A refused password is answered this long after the CONNECT arrived,
+    /// never sooner. Checking a device secret (one SHA-256) takes
+    /// microseconds, a human password (PBKDF2) hundreds of milliseconds, an
+    /// unknown name whatever the decoy costs: without a common floor the
+    /// answer time would tell which names exist and what they are.
+    pub refusal_delay_ms: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            cache_ttl_secs: 5,
+            stale_ttl_secs: 600,
+            revalidate_secs: 2,
+            pbkdf2_iterations: mqseal_store::hash::DEFAULT_PBKDF2_ITERATIONS,
+            refusal_delay_ms: 1_000,
+        }
+    }
+}
+
+/// `[throttle]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ThrottleConfig {
+    /// Failures per username before the first lockout.
+    pub user_free_failures: u32,
+    /// Failures per source address before the first lockout.
+    pub address_free_failures: u32,
+    /// First lockout; doubles with each further failure.
+    pub base_delay_ms: u64,
+    /// Longest lockout.
+    pub max_delay_secs: u64,
+    /// Failure counts are forgotten after this long without failures.
+    pub forget_after_secs: u64,
+}
+
+impl Default for ThrottleConfig {
+    fn default() -> Self {
+        ThrottleConfig {
+            user_free_failures: 3,
+            address_free_failures: 20,
+            base_delay_ms: 1_000,
+            max_delay_secs: 300,
+            forget_after_secs: 900,
+        }
+    }
+}
+
+/// `[acl]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AclConfig {
+    /// Keep SPEC.md's device/controller rules (then `rules` add to them).
+    pub defaults: bool,
+    /// Extra rules.
+    pub rules: Vec<RuleSpec>,
+}
+
+impl Default for AclConfig {
+    fn default() -> Self {
+        AclConfig { defaults: true, rules: Vec::new() }
+    }
+}
+
+/// `[metrics]`
+#[derive(Clone, Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of the Prometheus endpoint (`GET /metrics`); off when absent.
+    pub bind: Option<SocketAddr>,
+}
+
+/// `[router]`: rumqttd keeps an in-memory log per subscription filter; these
+/// bound it.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouterTuning {
+    /// Bytes per log segment.
+    pub max_segment_size: usize,
+    /// Segments kept per filter.
+    pub max_segment_count: usize,
+    /// Packets queued towards one client before the router pauses it.
+    pub max_outgoing_packet_count: u64,
+}
+
+impl Default for RouterTuning {
+    fn default() -> Self {
+        RouterTuning { max_segment_size: 1024 * 1024, max_segment_count: 4, max_outgoing_packet_count: 200 }
+    }
+}
+
+/// A config file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// Which file.
+        path: String,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// Not TOML, or a key or value that does not fit.
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        /// Which file.
+        path: String,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What is wrong, naming the field.
+        message: String,
+    },
+    /// Values that parse but do not make sense together.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// Which file (or "flags").
+        path: String,
+        /// What is wrong, naming the field.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Parses `text` (read from `path`, used in messages).
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+            // toml names unknown keys but not the key of a mistyped value;
+            // quoting the line names the field either way.
+            let source = text.lines().nth(line - 1).unwrap_or("").trim();
+            let message = format!("{} (in `{source}`)", e.message().trim_end());
+            ConfigError::Parse { path: path.display().to_string(), line, column, message }
+        })?;
+        Ok(config)
+    }
+
+    /// Reads and parses the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        Config::parse(&text, path)
+    }
+
+    /// Cross-field checks, after flags are applied.
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let bad = |message: String| Err(ConfigError::Invalid { path: origin.to_owned(), message });
+        if self.limits.max_packet_size < 64 || self.limits.max_packet_size > 256 * 1024 * 1024 {
+            return bad(format!("limits.max_packet_size = {}: must be 64 B to 256 MiB", self.limits.max_packet_size));
+        }
+        if self.limits.max_connections == 0 {
+            return bad("limits.max_connections must be at least 1".into());
+        }
+        if self.store.kind == StoreKind::Mongodb && self.store.mongodb_uri.is_none() {
+            return bad("store.kind = \"mongodb\" needs store.mongodb_uri".into());
+        }
+        if self.auth.pbkdf2_iterations < mqseal_store::hash::MIN_PBKDF2_ITERATIONS {
+            return bad(format!(
+                "auth.pbkdf2_iterations = {}: at least {}",
+                self.auth.pbkdf2_iterations,
+                mqseal_store::hash::MIN_PBKDF2_ITERATIONS
+            ));
+        }
+        if self.listener.bind.is_none() && self.tls.is_none() {
+            return bad("no listener: set listener.bind or [tls]".into());
+        }
+        if self.auth.revalidate_secs == 0 {
+            return bad("auth.revalidate_secs must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The file store's path.
+    pub fn store_path(&self) -> PathBuf {
+        self.store.path.clone().unwrap_or_else(|| self.data_dir.join("users.json"))
+    }
+
+    /// `limits.connect_timeout_ms` as a duration.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.limits.connect_timeout_ms)
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_example_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/broker.toml");
+        let config = Config::load(&path).unwrap();
+        config.validate("config/broker.toml").unwrap();
+        assert_eq!(config.listener.bind, Some(SocketAddr::from(([127, 0, 0, 1], 1883))));
+    }
+
+    #[test]
+    fn errors_name_file_line_and_field() {
+        let text = "[limits]\nmax_connections = 10\nmax_conections = 5\n";
+        let err = Config::parse(text, Path::new("b.toml")).unwrap_err().to_string();
+        assert!(err.starts_with("b.toml:3:1:") && err.contains("max_conections"), "{err}");
+
+        let text = "[limits]\nmax_packet_size = \"big\"\n";
+        let err = Config::parse(text, Path::new("b.toml")).unwrap_err().to_string();
+        assert!(
+            err.starts_with("b.toml:2:") && err.contains("invalid type") && err.contains("max_packet_size"),
+            "{err}"
+        );
+
+        let text = "[store]\nkind = \"mongodb\"\n";
+        let config = Config::parse(text, Path::new("b.toml")).unwrap();
+        let err = config.validate("b.toml").unwrap_err().to_string();
+        assert!(err.contains("store.mongodb_uri"), "{err}");
+    }
+}

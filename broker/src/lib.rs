@@ -1,0 +1,230 @@
+//! `mqseal-broker`: a hardened MQTT front with rumqttd routing behind it.
+//!
+//! The front ([`listener`], [`session`]) terminates TCP and TLS, parses every
+//! packet ([`codec`]), authenticates against a credential store ([`auth`],
+//! `mqseal-store`), applies per-topic rules ([`acl`]) and limits, and counts
+//! everything ([`metrics`]). What it accepts goes into an embedded rumqttd
+//! router over in-process links ([`router`]); no client can reach rumqttd.
+
+#![forbid(unsafe_code)]
+
+pub mod acl;
+pub mod auth;
+pub mod codec;
+pub mod config;
+pub mod listener;
+pub mod metrics;
+pub mod router;
+pub mod session;
+pub mod throttle;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use mqseal_store::{AnyStore, CredentialStore, FileStore, LegacyLayout, MongoConfig, MongoStore, Role, UserRecord};
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::acl::Acl;
+use crate::auth::{Authenticator, KickReason};
+use crate::config::{Config, StoreKind};
+use crate::metrics::Metrics;
+use crate::session::{ListenerKind, Sessions, Shared};
+
+/// Why the broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data directory could not be created.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        /// Which directory.
+        path: String,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The credential store could not be opened.
+    #[error(transparent)]
+    Store(#[from] mqseal_store::StoreError),
+    /// An ACL rule in the config is unusable.
+    #[error(transparent)]
+    Acl(#[from] acl::PatternError),
+    /// The TLS certificate or key is unusable.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+}
+
+/// What the caller of [`start`] gets back: addresses actually bound (useful
+/// with port 0) and a handle to stop the broker.
+pub struct Running {
+    /// Plain MQTT address, if enabled.
+    pub tcp: Option<SocketAddr>,
+    /// MQTT over TLS address, if enabled.
+    pub tls: Option<SocketAddr>,
+    /// Prometheus endpoint, if enabled.
+    pub metrics: Option<SocketAddr>,
+    /// The admin credential created on this start, if any (shown once).
+    pub first_admin: Option<(String, zeroize::Zeroizing<String>)>,
+    shared: Arc<Shared>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops accepting, closes every session (v5 clients get DISCONNECT
+    /// 0x8B) and waits up to `grace` for them to finish.
+    pub async fn shutdown(self, grace: Duration) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        let kicked = self.shared.sessions.kick_all(KickReason::Shutdown);
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.shared.metrics.sessions_active.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        info!(sessions = kicked, "broker stopped");
+    }
+}
+
+async fn open_store(config: &Config) -> Result<AnyStore, StartError> {
+    Ok(match config.store.kind {
+        StoreKind::File => AnyStore::File(FileStore::open(config.store_path())?),
+        StoreKind::Mongodb => {
+            let mongo = MongoConfig {
+                uri: config.store.mongodb_uri.clone().unwrap_or_default(),
+                database: config.store.database.clone(),
+                collection: config.store.collection.clone(),
+                legacy: config.store.legacy_login_info.then(|| LegacyLayout {
+                    database: config.store.legacy_database.clone(),
+                    collection: config.store.legacy_collection.clone(),
+                }),
+                timeout: Duration::from_millis(config.store.timeout_ms),
+            };
+            AnyStore::Mongo(MongoStore::connect(&mongo).await?)
+        }
+    })
+}
+
+/// On the very first start (an empty store) an admin is created with a
+/// random 256-bit password, returned to the caller to show once. It is never
+/// logged: only its hash is stored.
+async fn first_admin(store: &AnyStore, iterations: u32) -> Option<(String, zeroize::Zeroizing<String>)> {
+    match store.list().await {
+        Ok(users) if users.is_empty() => {}
+        Ok(_) => return None,
+        Err(e) => {
+            warn!(error = %e, "cannot check for an admin user; none created");
+            return None;
+        }
+    }
+    let password = mqseal_store::hash::new_secret().ok()?;
+    let pw = password.clone();
+    let record =
+        tokio::task::spawn_blocking(move || UserRecord::human("admin", pw.as_bytes(), Role::Admin, iterations))
+            .await
+            .ok()?
+            .ok()?;
+    match store.put(&record, false).await {
+        Ok(()) => Some(("admin".to_owned(), password)),
+        Err(e) => {
+            warn!(error = %e, "could not create the first admin user");
+            None
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })
+}
+
+/// Starts everything on the current tokio runtime and returns once all
+/// listeners are bound.
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|source| StartError::DataDir { path: config.data_dir.display().to_string(), source })?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700));
+    }
+    // TLS material first: a bad path must fail the start, not the first client.
+    let tls = match &config.tls {
+        Some(t) => Some((t.bind, tls::server_config(&t.cert, &t.key)?)),
+        None => None,
+    };
+    let mut rules = if config.acl.defaults { acl::default_rules() } else { Vec::new() };
+    rules.extend(config.acl.rules.iter().cloned());
+    let acl = Acl::new(&rules)?;
+
+    let store = Arc::new(open_store(&config).await?);
+    let first_admin = first_admin(&store, config.auth.pbkdf2_iterations).await;
+    info!(store = %store.describe(), "credential store ready");
+
+    let metrics = Arc::new(Metrics::default());
+    let links = router::start(&config.router, config.limits.max_connections);
+    let auth = Authenticator::new(store, config.auth.clone(), &config.throttle, metrics.clone());
+    let (limit, refusals) = listener::limits(config.limits.max_connections);
+    let revalidate = Duration::from_secs(config.auth.revalidate_secs);
+
+    let mut listeners = Vec::new();
+    let mut running_tcp = None;
+    let mut running_tls = None;
+    if let Some(addr) = config.listener.bind {
+        let socket = bind(addr).await?;
+        running_tcp = socket.local_addr().ok();
+        let passwords_allowed = addr.ip().is_loopback() || config.listener.allow_insecure_password_logins;
+        if !passwords_allowed {
+            warn!(%addr, "plain-TCP listener on a non-loopback address: password logins will be refused (use TLS, or set listener.allow_insecure_password_logins)");
+        }
+        listeners.push(listener::Listener { socket, kind: ListenerKind { name: "tcp", passwords_allowed }, tls: None });
+    }
+    if let Some((addr, server_config)) = tls {
+        let socket = bind(addr).await?;
+        running_tls = socket.local_addr().ok();
+        let acceptor = tokio_rustls::TlsAcceptor::from(server_config);
+        listeners.push(listener::Listener {
+            socket,
+            kind: ListenerKind { name: "tls", passwords_allowed: true },
+            tls: Some(acceptor),
+        });
+    }
+    let metrics_socket = match config.metrics.bind {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    let running_metrics = metrics_socket.as_ref().and_then(|s| s.local_addr().ok());
+
+    let shared = Arc::new(Shared { config, auth, acl, metrics: metrics.clone(), links, sessions: Sessions::default() });
+    let mut tasks = Vec::new();
+    for l in listeners {
+        info!(addr = ?l.socket.local_addr().ok(), listener = l.kind.name, "listening");
+        tasks.push(tokio::spawn(listener::run(l, shared.clone(), limit.clone(), refusals.clone())));
+    }
+    if let Some(socket) = metrics_socket {
+        info!(addr = ?running_metrics, "metrics at /metrics");
+        tasks.push(tokio::spawn(metrics::serve(socket, metrics)));
+    }
+    let sweeper = shared.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(revalidate);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let live = sweeper.sessions.live_usernames();
+            for (user, reason) in sweeper.auth.revalidate(&live).await {
+                sweeper.sessions.kick(&user, reason);
+            }
+        }
+    }));
+    Ok(Running { tcp: running_tcp, tls: running_tls, metrics: running_metrics, first_admin, shared, tasks })
+}

@@ -1,0 +1,145 @@
+//! The front's own counters, served in Prometheus text format.
+//!
+//! rumqttd exposes three router gauges; what an operator of a secure broker
+//! needs is at the front: who was refused and why, what the ACL dropped,
+//! traffic per direction. Counters are plain atomics (one cache line each is
+//! not worth it at these rates) and the HTTP side is a few lines of tokio: a
+//! scrape is one GET, and pulling in an HTTP framework for it would double
+//! the dependency tree.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+macro_rules! counters {
+    ($($name:ident: $kind:literal, $help:literal;)*) => {
+        /// Every counter the front keeps.
+        #[derive(Default, Debug)]
+        pub struct Metrics {
+            $(#[doc = $help] pub $name: AtomicU64,)*
+        }
+
+        impl Metrics {
+            /// Prometheus text exposition (version 0.0.4).
+            pub fn render(&self) -> String {
+                let mut out = String::new();
+                $(
+                    let _ = writeln!(out, "# HELP mqseal_{} {}", stringify!($name), $help);
+                    let _ = writeln!(out, "# TYPE mqseal_{} {}", stringify!($name), $kind);
+                    let _ = writeln!(out, "mqseal_{} {}", stringify!($name), self.$name.load(Ordering::Relaxed));
+                )*
+                out
+            }
+        }
+    };
+}
+
+counters! {
+    connections_accepted_total: "counter", "TCP connections accepted by the front.";
+    connections_active: "gauge", "Connections currently open at the front (any state).";
+    sessions_active: "gauge", "Authenticated MQTT sessions currently open.";
+    connections_refused_limit_total: "counter", "Connections refused because the front's connection limit was reached.";
+    tls_handshake_failures_total: "counter", "TLS handshakes that failed or timed out.";
+    connect_timeouts_total: "counter", "Connections closed because no CONNECT arrived in time.";
+    logins_ok_total: "counter", "Successful logins.";
+    logins_refused_total: "counter", "Logins refused for bad or missing credentials, disabled users, bad client ids or protocol errors.";
+    logins_throttled_total: "counter", "Logins refused because the username or address is locked out after failures.";
+    logins_unavailable_total: "counter", "Logins refused because the credential store could not be reached.";
+    legacy_upgrades_total: "counter", "Legacy (unsalted SHA-256) credentials upgraded on login.";
+    acl_denied_publish_total: "counter", "PUBLISH packets dropped by the ACL.";
+    acl_denied_subscribe_total: "counter", "Subscription filters refused by the ACL.";
+    acl_denied_will_total: "counter", "Connections refused because the will topic is not allowed.";
+    packets_too_large_total: "counter", "Packets refused for exceeding the maximum packet size.";
+    protocol_errors_total: "counter", "Connections closed for malformed or forbidden packets.";
+    codec_panics_total: "counter", "Packets on which the embedded codec panicked (contained; connection closed).";
+    sessions_kicked_total: "counter", "Sessions closed because their user was disabled or deleted.";
+    keepalive_timeouts_total: "counter", "Sessions closed for missing keep-alive.";
+    messages_in_total: "counter", "PUBLISH packets received from clients and forwarded.";
+    messages_out_total: "counter", "PUBLISH packets sent to clients.";
+    bytes_in_total: "counter", "Bytes read from client sockets.";
+    bytes_out_total: "counter", "Bytes written to client sockets.";
+    store_errors_total: "counter", "Credential store calls that failed or timed out.";
+}
+
+impl Metrics {
+    /// Adds one.
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds `n`.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Subtracts one (gauges).
+    pub fn dec(counter: &AtomicU64) {
+        counter.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut request = Vec::with_capacity(512);
+            let mut chunk = [0u8; 512];
+            // A scrape sends a few hundred bytes; anything slower or larger
+            // than this is not Prometheus.
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(n) => request.extend_from_slice(chunk.get(..n).unwrap_or_default()),
+                    }
+                }
+                true
+            })
+            .await;
+            if read != Ok(true) {
+                return;
+            }
+            let response = if request.starts_with(b"GET /metrics ") || request.starts_with(b"GET /metrics?") {
+                let body = metrics.render();
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+            } else {
+                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_owned()
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(response.as_bytes())).await;
+        });
+    }
+}
+
+/// Binds the metrics listener (a bad address fails the start, not the first scrape).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_help_type_and_value() {
+        let m = Metrics::default();
+        Metrics::inc(&m.logins_ok_total);
+        Metrics::add(&m.bytes_in_total, 10);
+        let text = m.render();
+        assert!(text.contains("# TYPE mqseal_logins_ok_total counter\nmqseal_logins_ok_total 1\n"));
+        assert!(text.contains("mqseal_bytes_in_total 10\n"));
+        assert!(text.contains("# TYPE mqseal_sessions_active gauge"));
+    }
+}

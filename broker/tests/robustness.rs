@@ -1,0 +1,286 @@
+//! The rumqttd audit's listener-killing sequences, the idle-socket stall,
+//! oversized and malformed packets, and limits — each against the running
+//! broker, each followed by proof that everyone else is still served.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use mqseal_store::Role;
+use mqseal_tests::broker::BrokerConfig;
+use mqseal_tests::mqtt::{self, Conn, Connect, Version};
+
+/// A fresh admin-less site with an admin-role user "root" (any topic).
+async fn site_with_root(config: BrokerConfig) -> Site {
+    let site = Site::start(config).await;
+    site.human("root", "root-pw", Role::Admin, &[]).await;
+    site
+}
+
+fn root(version: Version, client_id: &str) -> Connect {
+    Connect::new(version, client_id, "root", "root-pw")
+}
+
+/// Proof of health: a brand-new publisher and subscriber round-trip.
+async fn still_serving(port: u16, tag: &str) {
+    let mut sub = Conn::connected(port, &root(Version::V4, &format!("check-sub-{tag}"))).await;
+    sub.subscribe(&[("health/#", 1)]).await.unwrap();
+    let mut publisher = Conn::connected(port, &root(Version::V5, &format!("check-pub-{tag}"))).await;
+    round_trip(&mut publisher, &mut sub, &format!("health/{tag}"), tag.as_bytes()).await;
+}
+
+/// Audit case (a): a v5 publish with properties reaching a 3.1.1
+/// subscriber panicked rumqttd's v4 writer, and the subscriber's reconnect
+/// then poisoned the listener. Here the 3.1.1 subscriber gets the message
+/// without properties, a v5 subscriber gets it with them, and the 3.1.1
+/// client reconnects as often as it likes.
+#[tokio::test]
+async fn v5_properties_reach_a_v4_subscriber_stripped() {
+    let site = site_with_root(BrokerConfig::default()).await;
+    let port = site.port();
+    let mut v4 = Conn::connected(port, &root(Version::V4, "old-client")).await;
+    v4.subscribe(&[("mixed/#", 1)]).await.unwrap();
+    let mut v5 = Conn::connected(port, &root(Version::V5, "new-client")).await;
+    v5.subscribe(&[("mixed/#", 1)]).await.unwrap();
+    let mut publisher = Conn::connected(port, &root(Version::V5, "publisher")).await;
+    // User property, response topic, content type.
+    let each =
+        [mqtt::user_property("k", "v"), vec![0x08, 0, 3, b'r', b'/', b't'], vec![0x03, 0, 4, b't', b'e', b'x', b't']];
+    let props = each.concat();
+    for round in 0..3 {
+        publisher.publish_with("mixed/t", b"with props", 1, false, &props).await.unwrap();
+        let m = v4.next_message(T).await.unwrap_or_else(|e| panic!("round {round}: {e:?}"));
+        assert_eq!(m.payload, b"with props");
+        assert!(m.properties.is_empty(), "3.1.1 has no properties");
+        let m = v5.next_message(T).await.unwrap();
+        // Intact, though re-encoded in the broker's own property order.
+        assert_eq!(m.properties.len(), props.len(), "{:?}", m.properties);
+        for p in &each {
+            assert!(m.properties.windows(p.len()).any(|w| w == p.as_slice()), "{p:?} missing from {:?}", m.properties);
+        }
+        v4.disconnect().await;
+        v4 = Conn::connected(port, &root(Version::V4, "old-client")).await;
+        v4.subscribe(&[("mixed/#", 1)]).await.unwrap();
+    }
+    still_serving(port, "a").await;
+}
+
+/// Audit case (b): the same invalid client id connecting twice panicked a
+/// listener task with a lock held. Here both attempts get CONNACK
+/// "identifier rejected" and nothing else changes.
+#[tokio::test]
+async fn the_same_bad_client_id_twice_is_refused_twice() {
+    let site = site_with_root(BrokerConfig::default()).await;
+    let port = site.port();
+    for version in [Version::V4, Version::V5, Version::V4, Version::V5] {
+        for bad in ["bad/id", "bad+id", "#", "$bad"] {
+            let code = connack(port, &root(version, bad)).await;
+            assert_eq!(code, Some(if version == Version::V4 { 2 } else { 0x85 }), "{version:?} {bad}");
+        }
+    }
+    still_serving(port, "b").await;
+}
+
+/// Audit case (c): reaching rumqttd's max_connections and retrying with the
+/// same id bricked the listener. The front's limit sits below the router's:
+/// over it, clients are told "server unavailable" (3.1.1) / "quota
+/// exceeded" (v5), retries are told again, and once a slot frees up the
+/// same ids connect normally.
+#[tokio::test]
+async fn the_connection_limit_refuses_politely_and_recovers() {
+    let site = site_with_root(BrokerConfig { max_connections: 3, ..BrokerConfig::default() }).await;
+    let port = site.port();
+    let mut holders = Vec::new();
+    for i in 0..3 {
+        holders.push(Conn::connected(port, &root(Version::V4, &format!("holder-{i}"))).await);
+    }
+    for _ in 0..3 {
+        assert_eq!(connack(port, &root(Version::V4, "client-b")).await, Some(3));
+        assert_eq!(connack(port, &root(Version::V5, "client-b")).await, Some(0x97));
+    }
+    holders.pop().unwrap().disconnect().await;
+    // The slot is released when the holder's task ends; the same id that
+    // was refused three times now gets in, and works (a round trip to itself).
+    let deadline = Instant::now() + T;
+    let mut b = loop {
+        match Conn::connect(port, &root(Version::V4, "client-b")).await {
+            Ok((conn, 0)) => break conn,
+            other => assert!(Instant::now() < deadline, "a freed slot stays unusable: {:?}", other.map(|(_, c)| c)),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    b.subscribe(&[("limit/#", 1)]).await.unwrap();
+    b.publish("limit/self", b"me", 1, false).await.unwrap();
+    assert_eq!(b.next_message(T).await.unwrap().payload, b"me");
+    assert!(site.broker.log().contains("connection limit reached"));
+}
+
+/// rumqttd's TLS and websocket listeners handshake inline: one idle TCP
+/// socket stalls every later client. Here idle sockets on the plain and the
+/// TLS listener cost nobody anything and are closed at the connect timeout.
+#[tokio::test]
+async fn idle_sockets_stall_nobody() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = mqseal_broker::tls::generate(&dir.path().join("tls"), &[]).unwrap();
+    let tls_port = mqseal_tests::free_port();
+    let config = BrokerConfig {
+        tls: Some((tls_port, certs.server_cert.clone(), certs.server_key.clone())),
+        connect_timeout_ms: 4000,
+        ..BrokerConfig::default()
+    };
+    let site = site_with_root(config).await;
+    let port = site.port();
+    let mut idle = Vec::new();
+    for p in [port, tls_port, port, tls_port] {
+        idle.push(tokio::net::TcpStream::connect(("127.0.0.1", p)).await.unwrap());
+    }
+    let started = Instant::now();
+    let (code, err) = {
+        let ca = certs.ca_cert.to_str().unwrap().to_owned();
+        let tls = tls_port.to_string();
+        let (code, _, err) = tool(
+            "mosquitto_pub",
+            &[
+                "-h",
+                "localhost",
+                "-p",
+                &tls,
+                "--cafile",
+                &ca,
+                "-u",
+                "root",
+                "-P",
+                "root-pw",
+                "-t",
+                "x",
+                "-m",
+                "y",
+                "-q",
+                "1",
+            ],
+        )
+        .await;
+        (code, err)
+    };
+    assert_eq!(code, 0, "TLS client during idle sockets: {err}");
+    still_serving(port, "idle").await;
+    // A stalled listener would hold these clients until the idle sockets
+    // are closed at the 4 s connect timeout.
+    assert!(started.elapsed() < Duration::from_secs(3), "served in {:?} despite idle sockets", started.elapsed());
+    // And the idle ones are closed once the connect timeout passes.
+    for mut s in idle {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(T, tokio::io::AsyncReadExt::read(&mut s, &mut byte)).await;
+        assert!(matches!(read, Ok(Ok(0) | Err(_))), "idle socket still open: {read:?}");
+    }
+}
+
+/// A packet over `max_packet_size` is refused from its fixed header alone:
+/// v5 clients learn the limit in CONNACK and get DISCONNECT 0x95; nobody
+/// else notices.
+#[tokio::test]
+async fn oversized_packets_are_refused_without_harming_others() {
+    let site = site_with_root(BrokerConfig { max_packet_size: 4096, ..BrokerConfig::default() }).await;
+    let port = site.port();
+    let mut sub = Conn::connected(port, &root(Version::V4, "bystander")).await;
+    sub.subscribe(&[("big/#", 1)]).await.unwrap();
+
+    // CONNACK carries Maximum Packet Size (0x27) = 4096.
+    let mut raw = Conn::open(port, Version::V5).await.unwrap();
+    raw.send(&root(Version::V5, "big-v5").encode()).await.unwrap();
+    let connack = raw.recv(T).await.unwrap();
+    assert!(connack.body.windows(5).any(|w| w == [0x27, 0, 0, 0x10, 0]), "{connack:?}");
+    raw.send(&mqtt::publish(Version::V5, "big/t", &[7u8; 8192], 1, 1, false, &[])).await.unwrap();
+    assert_eq!(raw.closed(T).await.unwrap(), Some(0x95));
+
+    let mut v4 = Conn::connected(port, &root(Version::V4, "big-v4")).await;
+    v4.send(&mqtt::publish(Version::V4, "big/t", &[7u8; 8192], 0, 0, false, &[])).await.unwrap();
+    assert_eq!(v4.closed(T).await.unwrap(), None);
+
+    // Just under the limit is fine.
+    let mut ok = Conn::connected(port, &root(Version::V5, "fits")).await;
+    ok.publish("big/t", &[1u8; 4000], 1, false).await.unwrap();
+    assert_eq!(sub.next_message(T).await.unwrap().payload.len(), 4000);
+    still_serving(port, "size").await;
+}
+
+/// Protocol violations close that one connection (v5: with a reason code):
+/// garbage instead of CONNECT, a second CONNECT, reserved flag bits, a
+/// server-only packet type, a wildcard in a PUBLISH topic, half a packet.
+#[tokio::test]
+async fn malformed_packets_close_only_their_connection() {
+    let mut site = site_with_root(BrokerConfig { connect_timeout_ms: 1500, ..BrokerConfig::default() }).await;
+    let port = site.port();
+    let mut bystander = Conn::connected(port, &root(Version::V5, "bystander")).await;
+    bystander.subscribe(&[("ok/#", 1)]).await.unwrap();
+
+    let mut garbage = Conn::open(port, Version::V4).await.unwrap();
+    garbage.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    assert_eq!(garbage.closed(T).await.unwrap(), None);
+
+    let cases: Vec<(&str, Vec<u8>, Option<u8>)> = vec![
+        ("second CONNECT", root(Version::V5, "x").encode(), Some(0x82)),
+        ("reserved flags on SUBSCRIBE", vec![0x80, 0x02, 0x00, 0x01], Some(0x81)),
+        ("CONNACK from a client", vec![0x20, 0x02, 0x00, 0x00], Some(0x81)),
+        ("wildcard topic name", mqtt::publish(Version::V5, "ok/#", b"x", 1, 1, false, &[]), Some(0x90)),
+        ("QoS 3", vec![0x36, 0x00], Some(0x81)),
+    ];
+    for (what, bytes, reason) in cases {
+        let mut c = Conn::connected(port, &root(Version::V5, "violator")).await;
+        c.send(&bytes).await.unwrap();
+        assert_eq!(c.closed(T).await.unwrap(), reason, "{what}");
+    }
+    // Half a packet, then silence: closed at the keep-alive, not a hang.
+    let mut half = root(Version::V4, "half");
+    half.keep_alive = 1;
+    let mut c = Conn::connected(port, &half).await;
+    c.send(&[0x30, 0x10, 0x00]).await.unwrap();
+    assert_eq!(c.closed(T).await.unwrap(), None);
+
+    let mut publisher = Conn::connected(port, &root(Version::V4, "publisher")).await;
+    round_trip(&mut publisher, &mut bystander, "ok/fine", b"fine").await;
+    assert!(site.broker.is_running());
+    let log = site.broker.log();
+    assert!(log.contains("protocol error") || log.contains("refused before CONNECT"), "{log}");
+}
+
+/// Keep-alive 0 is legal MQTT (rumqttd refuses it); keep-alive expiry
+/// closes the session after 1.5 × the interval and fires the will.
+#[tokio::test]
+async fn keep_alive_zero_is_accepted_and_expiry_fires_the_will() {
+    let site = site_with_root(BrokerConfig::default()).await;
+    let port = site.port();
+    let mut forever = root(Version::V4, "no-keepalive");
+    forever.keep_alive = 0;
+    let mut quiet = Conn::connected(port, &forever).await;
+
+    let mut watcher = Conn::connected(port, &root(Version::V5, "watcher")).await;
+    watcher.subscribe(&[("wills/#", 1)]).await.unwrap();
+    let mut short = root(Version::V4, "short");
+    short.keep_alive = 1;
+    short.will = Some(mqtt::Will { topic: "wills/short".into(), payload: b"expired".to_vec(), qos: 1, retain: false });
+    let _silent = Conn::connected(port, &short).await;
+    let started = Instant::now();
+    let will = watcher.next_message(T).await.unwrap();
+    assert_eq!(will.payload, b"expired");
+    assert!(started.elapsed() >= Duration::from_millis(1400), "expired after {:?}", started.elapsed());
+    // The keep-alive-0 client is still there after the other expired.
+    assert_eq!(quiet.publish("wills/quiet", b"alive", 1, false).await.unwrap(), 0);
+}
+
+/// SIGTERM: v5 clients are told "server shutting down" (0x8B), the process
+/// exits 0.
+#[tokio::test]
+async fn sigterm_shuts_down_cleanly() {
+    let site = site_with_root(BrokerConfig::default()).await;
+    let port = site.port();
+    let mut v5 = Conn::connected(port, &root(Version::V5, "listener")).await;
+    let mut v4 = Conn::connected(port, &root(Version::V4, "listener-4")).await;
+    let Site { broker, dir: _dir } = site;
+    let status = broker.terminate(T).await.unwrap();
+    assert!(status.success(), "{status}");
+    assert_eq!(v5.closed(T).await.unwrap(), Some(0x8b));
+    assert_eq!(v4.closed(T).await.unwrap(), None);
+}
