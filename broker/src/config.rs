@@ -5,6 +5,7 @@
 //! silently falling back to a default is how limits end up not being limits.
 //! Flags and environment variables (see `main.rs`) override the file.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -247,22 +248,55 @@ pub struct MetricsConfig {
     pub bind: Option<SocketAddr>,
 }
 
-/// `[router]`: rumqttd keeps an in-memory log per subscription filter; these
-/// bound it.
+/// `[router]`: rumqttd keeps an in-memory commit log per subscription
+/// filter, never removes one, and drops the oldest messages of a log once it
+/// is full (a subscriber that lags further behind than the log holds loses
+/// them, QoS 1 or not). These bound it.
+///
+/// The defaults follow mqseal's traffic. Every device subscribes to two
+/// filters of its own (`cmd`, `chal/req`) that see a few small commands: a
+/// small log each, because ten thousand devices have twenty thousand of
+/// them. Controllers subscribe to the response, challenge and status topics
+/// of many devices at once: those logs get room for bursts (a broadcast's
+/// answers). `filters` keys are MQTT filters matched against each
+/// subscription filter, so `mqseal/v1/dev/+/resp` also covers a controller
+/// subscribing to one device's responses.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RouterTuning {
-    /// Bytes per log segment.
+    /// Bytes per log segment, for filters not listed in `filters`.
     pub max_segment_size: usize,
-    /// Segments kept per filter.
+    /// Segments kept per filter (the log holds up to size × count).
     pub max_segment_count: usize,
     /// Packets queued towards one client before the router pauses it.
     pub max_outgoing_packet_count: u64,
+    /// Larger (or smaller) logs for the filters that match these patterns.
+    pub filters: BTreeMap<String, SegmentTuning>,
+}
+
+/// One `[router.filters."pattern"]` entry.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SegmentTuning {
+    /// Bytes per segment (at least 1024).
+    pub max_segment_size: usize,
+    /// Segments kept (at least 1).
+    pub max_segment_count: usize,
 }
 
 impl Default for RouterTuning {
     fn default() -> Self {
-        RouterTuning { max_segment_size: 1024 * 1024, max_segment_count: 4, max_outgoing_packet_count: 200 }
+        let wide = |count| SegmentTuning { max_segment_size: 1024 * 1024, max_segment_count: count };
+        RouterTuning {
+            max_segment_size: 8 * 1024,
+            max_segment_count: 2,
+            max_outgoing_packet_count: 200,
+            filters: BTreeMap::from([
+                ("mqseal/v1/dev/+/resp".to_owned(), wide(16)),
+                ("mqseal/v1/dev/+/chal".to_owned(), wide(4)),
+                ("mqseal/v1/dev/+/status".to_owned(), wide(4)),
+            ]),
+        }
     }
 }
 
@@ -342,6 +376,20 @@ impl Config {
         if self.listener.bind.is_none() && self.tls.is_none() {
             return bad("no listener: set listener.bind or [tls]".into());
         }
+        let segments = std::iter::once((
+            "router".to_owned(),
+            SegmentTuning {
+                max_segment_size: self.router.max_segment_size,
+                max_segment_count: self.router.max_segment_count,
+            },
+        ))
+        .chain(self.router.filters.iter().map(|(f, t)| (format!("router.filters.\"{f}\""), t.clone())));
+        for (name, t) in segments {
+            // rumqttd panics below these, in its router thread.
+            if t.max_segment_size < 1024 || t.max_segment_count == 0 {
+                return bad(format!("{name}: max_segment_size must be at least 1024 and max_segment_count at least 1"));
+            }
+        }
         if self.auth.revalidate_secs == 0 {
             return bad("auth.revalidate_secs must be at least 1".into());
         }
@@ -395,5 +443,12 @@ mod tests {
         let config = Config::parse(text, Path::new("b.toml")).unwrap();
         let err = config.validate("b.toml").unwrap_err().to_string();
         assert!(err.contains("store.mongodb_uri"), "{err}");
+
+        let text = "[router]\nmax_segment_size = 100\n";
+        let err = Config::parse(text, Path::new("b.toml")).unwrap().validate("b.toml").unwrap_err().to_string();
+        assert!(err.contains("router: max_segment_size"), "{err}");
+        let text = "[router.filters.\"a/#\"]\nmax_segment_size = 4096\nmax_segment_count = 0\n";
+        let err = Config::parse(text, Path::new("b.toml")).unwrap().validate("b.toml").unwrap_err().to_string();
+        assert!(err.contains("router.filters.\"a/#\""), "{err}");
     }
 }

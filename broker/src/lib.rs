@@ -54,6 +54,9 @@ pub enum StartError {
     /// The TLS certificate or key is unusable.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// The router's threads could not be started.
+    #[error("cannot start the router: {0}")]
+    Router(std::io::Error),
     /// A listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -171,7 +174,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     info!(store = %store.describe(), "credential store ready");
 
     let metrics = Arc::new(Metrics::default());
-    let links = router::start(&config.router, config.limits.max_connections);
+    let links = router::start(&config.router, config.limits.max_connections).map_err(StartError::Router)?;
     let auth = Authenticator::new(store, config.auth.clone(), &config.throttle, metrics.clone());
     let (limit, refusals) = listener::limits(config.limits.max_connections);
     let revalidate = Duration::from_secs(config.auth.revalidate_secs);

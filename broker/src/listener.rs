@@ -89,20 +89,23 @@ async fn handle(
     tls: Option<TlsAcceptor>,
     shared: Arc<Shared>,
 ) {
-    match tls {
-        None => session::serve(socket, peer, deadline, kind, shared).await,
-        Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(socket)).await {
-            Ok(Ok(stream)) => session::serve(stream, peer, deadline, kind, shared).await,
+    let stream: Box<dyn session::Stream> = match tls {
+        None => Box::new(socket),
+        Some(acceptor) => match tokio::time::timeout_at(deadline, Box::pin(acceptor.accept(socket))).await {
+            Ok(Ok(stream)) => Box::new(stream),
             Ok(Err(e)) => {
                 Metrics::inc(&shared.metrics.tls_handshake_failures_total);
                 info!(%peer, error = %e, "TLS handshake failed");
+                return;
             }
             Err(_) => {
                 Metrics::inc(&shared.metrics.tls_handshake_failures_total);
                 debug!(%peer, "TLS handshake timed out");
+                return;
             }
         },
-    }
+    };
+    session::serve(stream, peer, deadline, kind, shared).await;
 }
 
 async fn refuse_busy(socket: TcpStream, deadline: Instant, tls: Option<TlsAcceptor>, metrics: &Metrics) {

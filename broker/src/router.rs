@@ -18,22 +18,65 @@
 //! packet, because the router's own `Event::Disconnect` is not public).
 //!
 //! The router's event type is not nameable outside rumqttd, so the channel
-//! into it is captured in a closure rather than stored in a struct field.
+//! into it lives inside the link-opener thread rather than in a struct field.
+//!
+//! **Why one link-opener thread.** `LinkBuilder::build` blocks until the
+//! router thread has registered the connection. Run from `spawn_blocking`,
+//! a storm of 10,000 logins grew tokio's blocking pool to hundreds of
+//! threads — each with its stack and, under glibc, its own malloc arena —
+//! and the broker's memory kept growing from one storm to the next. The
+//! router registers connections one at a time anyway, so one thread that
+//! opens links in turn loses nothing and keeps the process at a fixed
+//! number of threads.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
 
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
-use rumqttd::{Notification, Router, RouterConfig};
+use rumqttd::{Notification, Router, RouterConfig, SegmentConfig};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::config::RouterTuning;
 
-/// Opens a router link for a client id and clean-session flag. Blocking:
-/// call it from `spawn_blocking`. rumqttd's `LinkError` is over 800 bytes
-/// (it embeds router events), hence the box.
-pub type LinkFactory = Arc<dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx, Notification), Box<LinkError>> + Send + Sync>;
+/// A link into the router: what the session sends, what it receives, and
+/// the router's CONNACK (which says whether a session was present).
+pub type Link = (LinkTx, LinkRx, Notification);
 
-/// Starts the router thread and returns the factory for links into it.
-pub fn start(tuning: &RouterTuning, max_connections: usize) -> LinkFactory {
+/// Why a link could not be opened. rumqttd's `LinkError` is over 800 bytes
+/// (it embeds router events), hence the box.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The router refused or failed.
+    #[error("router: {0}")]
+    Router(Box<LinkError>),
+    /// The link-opener thread is gone (the router died).
+    #[error("the router is not running")]
+    Gone,
+}
+
+struct Request {
+    client_id: String,
+    clean: bool,
+    reply: oneshot::Sender<Result<Link, OpenError>>,
+}
+
+/// Opens router links, from async code, without blocking a runtime thread.
+#[derive(Clone)]
+pub struct Links {
+    requests: mpsc::UnboundedSender<Request>,
+}
+
+impl Links {
+    /// Opens a link for `client_id` (the router id, see
+    /// `Principal::router_id`). The caller bounds the wait.
+    pub async fn open(&self, client_id: String, clean: bool) -> Result<Link, OpenError> {
+        let (reply, answer) = oneshot::channel();
+        self.requests.send(Request { client_id, clean, reply }).map_err(|_| OpenError::Gone)?;
+        answer.await.unwrap_or(Err(OpenError::Gone))
+    }
+}
+
+/// Starts the router thread and the link-opener thread.
+pub fn start(tuning: &RouterTuning, max_connections: usize) -> std::io::Result<Links> {
     let config = RouterConfig {
         // The front refuses connections well before this (it admits at most
         // `limits.max_connections`), so the router's own limit — whose
@@ -42,18 +85,43 @@ pub fn start(tuning: &RouterTuning, max_connections: usize) -> LinkFactory {
         max_outgoing_packet_count: tuning.max_outgoing_packet_count,
         max_segment_size: tuning.max_segment_size,
         max_segment_count: tuning.max_segment_count,
-        custom_segment: None,
+        custom_segment: Some(
+            tuning
+                .filters
+                .iter()
+                .map(|(filter, t)| {
+                    let segment =
+                        SegmentConfig { max_segment_size: t.max_segment_size, max_segment_count: t.max_segment_count };
+                    (filter.clone(), segment)
+                })
+                .collect(),
+        ),
         initialized_filters: None,
         shared_subscriptions_strategy: Default::default(),
     };
     let router_tx = Router::new(0, config).spawn();
-    Arc::new(move |client_id: &str, clean: bool| {
-        LinkBuilder::new(client_id, router_tx.clone())
-            .clean_session(clean)
-            // Publishes to topics nobody subscribed to yet are kept (as a
-            // retained message may be), matching rumqttd's own listeners.
-            .dynamic_filters(true)
-            .build()
-            .map_err(Box::new)
-    })
+    let (requests, mut incoming) = mpsc::unbounded_channel::<Request>();
+    std::thread::Builder::new().name("link-opener".into()).spawn(move || {
+        while let Some(Request { client_id, clean, reply }) = incoming.blocking_recv() {
+            let opened = LinkBuilder::new(&client_id, router_tx.clone())
+                .clean_session(clean)
+                // Publishes to topics nobody subscribed to yet are kept (as a
+                // retained message may be), matching rumqttd's own listeners.
+                .dynamic_filters(true)
+                .build()
+                .map(|(tx, rx, ack)| {
+                    // rumqttd gives every link an incoming queue with room
+                    // for 200 packets of 392 bytes (78 KiB) up front. The
+                    // router swaps queues with the link on every batch, so
+                    // an empty queue per idle client is enough: it grows
+                    // only when that client actually sends.
+                    *tx.buffer() = VecDeque::new();
+                    (tx, rx, ack)
+                })
+                .map_err(|e| OpenError::Router(Box::new(e)));
+            // The session may have given up waiting; its link then just drops.
+            let _ = reply.send(opened);
+        }
+    })?;
+    Ok(Links { requests })
 }

@@ -34,7 +34,7 @@ use crate::auth::{Authenticator, KickReason, Refusal};
 use crate::codec::{self, ConnAckInfo, Frame, FrameError, Version, kind};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::router::LinkFactory;
+use crate::router::Links;
 
 /// What every connection task shares.
 pub struct Shared {
@@ -47,7 +47,7 @@ pub struct Shared {
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// Opens router links.
-    pub links: LinkFactory,
+    pub links: Links,
     /// Live sessions by username, for kicking.
     pub sessions: Sessions,
 }
@@ -190,35 +190,56 @@ async fn read_frame<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut, max: u
     }
 }
 
-/// Serves one connection until it ends. `deadline` bounds everything up to
-/// and including CONNECT (the TLS handshake has already used part of it).
-pub async fn serve<S>(stream: S, peer: SocketAddr, deadline: Instant, listener: ListenerKind, shared: Arc<Shared>)
+/// What a session runs over: TCP, or TLS over TCP.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// A session that got its CONNACK.
+struct Opened {
+    state: State,
+    link_rx: LinkRx,
+    kick: oneshot::Receiver<KickReason>,
+    session_id: u64,
+    keepalive: Option<Duration>,
+    will: Option<Box<(LastWill, Option<LastWillProperties>)>>,
+}
+
+/// Reads and checks CONNECT, authenticates, opens the router link and
+/// queues the CONNACK. `None` when the connection was refused (the refusal
+/// has been written) or went away.
+async fn open<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    inbuf: &mut BytesMut,
+    peer: SocketAddr,
+    deadline: Instant,
+    listener: ListenerKind,
+    shared: &Arc<Shared>,
+) -> Option<Opened>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
 {
-    let (mut rd, mut wr) = tokio::io::split(stream);
     let metrics = shared.metrics.clone();
     let max = shared.config.limits.max_packet_size;
-    let mut inbuf = BytesMut::with_capacity(256);
-
-    let first = match tokio::time::timeout_at(deadline, read_frame(&mut rd, &mut inbuf, max, &metrics)).await {
+    let first = match tokio::time::timeout_at(deadline, read_frame(rd, inbuf, max, &metrics)).await {
         Err(_) => {
             Metrics::inc(&metrics.connect_timeouts_total);
             debug!(%peer, listener = listener.name, "closed: no CONNECT within the connect timeout");
-            return;
+            return None;
         }
-        Ok(Read::Eof) => return,
+        Ok(Read::Eof) => return None,
         Ok(Read::Bad(e)) => {
             Metrics::inc(&metrics.protocol_errors_total);
             info!(%peer, listener = listener.name, reason = %e, "refused before CONNECT");
-            return;
+            return None;
         }
         Ok(Read::Frame(f)) => f,
     };
     if first.kind() != kind::CONNECT {
         Metrics::inc(&metrics.protocol_errors_total);
         info!(%peer, listener = listener.name, "refused: first packet is not CONNECT");
-        return;
+        return None;
     }
     let version = match codec::connect_level(&first) {
         Some(4) => Version::V4,
@@ -231,7 +252,7 @@ where
                 codec::connack(Version::V4, false, UNSUPPORTED_VERSION.v4, &ConnAckInfo::default(), &mut out);
                 let _ = tokio::time::timeout_at(deadline, wr.write_all(&out)).await;
             }
-            return;
+            return None;
         }
     };
     let connect = match codec::decode(version, first) {
@@ -241,37 +262,35 @@ where
         Ok(_) | Err(_) => {
             Metrics::inc(&metrics.protocol_errors_total);
             info!(%peer, "refused: malformed CONNECT");
-            return;
+            return None;
         }
     };
     let mut out = BytesMut::new();
-    let admitted = admit(&shared, &connect, version, peer, listener).await;
+    let admitted = admit(shared, &connect, version, peer, listener).await;
     let (principal, assigned) = match admitted {
         Ok(ok) => ok,
         Err((code, reason)) => {
             let code = if version == Version::V4 { code.v4 } else { code.v5 };
             codec::connack(version, false, code, &ConnAckInfo { reason: Some(reason), ..Default::default() }, &mut out);
             let _ = tokio::time::timeout(Duration::from_secs(5), wr.write_all(&out)).await;
-            return;
+            return None;
         }
     };
 
-    // Open the router link. LinkBuilder::build blocks on the router's reply,
-    // so it runs on the blocking pool with a deadline.
-    let links = shared.links.clone();
-    let client_id = principal.router_id();
-    let clean = connect.connect.clean_session;
-    let built =
-        tokio::time::timeout(Duration::from_secs(10), tokio::task::spawn_blocking(move || links(&client_id, clean)))
-            .await;
-    let (link_tx, mut link_rx, ack) = match built {
-        Ok(Ok(Ok(link))) => link,
+    // Open the router link (on the link-opener thread: building one blocks).
+    let built = tokio::time::timeout(
+        Duration::from_secs(10),
+        shared.links.open(principal.router_id(), connect.connect.clean_session),
+    )
+    .await;
+    let (link_tx, link_rx, ack) = match built {
+        Ok(Ok(link)) => link,
         _ => {
             warn!(%peer, client_id = %principal.client_id, "refused: the router did not accept the connection");
             let code = if version == Version::V4 { UNAVAILABLE.v4 } else { UNAVAILABLE.v5 };
             codec::connack(version, false, code, &ConnAckInfo::default(), &mut out);
             let _ = tokio::time::timeout(Duration::from_secs(5), wr.write_all(&out)).await;
-            return;
+            return None;
         }
     };
     let session_present = matches!(Option::<Packet>::from(ack), Some(Packet::ConnAck(ack, _)) if ack.session_present);
@@ -282,7 +301,7 @@ where
     };
     codec::connack(version, session_present, 0, &info, &mut out);
 
-    let (session_id, mut kick) = shared.sessions.register(&principal.username);
+    let (session_id, kick) = shared.sessions.register(&principal.username);
     Metrics::inc(&metrics.logins_ok_total);
     Metrics::inc(&metrics.sessions_active);
     info!(%peer, listener = listener.name, client_id = %principal.client_id, user = %principal.username,
@@ -292,8 +311,8 @@ where
         0 => None,
         k => Some(Duration::from_millis(u64::from(k) * 1500)),
     };
-    let will = connect.will.map(|w| (w, connect.will_props));
-    let mut state = State {
+    let will = connect.will.map(|w| Box::new((w, connect.will_props)));
+    let state = State {
         version,
         peer,
         principal,
@@ -305,6 +324,32 @@ where
         denied_qos2: Vec::new(),
         unscheduled: false,
     };
+    Some(Opened { state, link_rx, kick, session_id, keepalive, will })
+}
+
+/// Serves one connection until it ends. `deadline` bounds everything up to
+/// and including CONNECT (the TLS handshake has already used part of it).
+///
+/// The CONNECT phase (authentication, store calls, opening the router link)
+/// runs in a boxed future of its own: it is the deepest stack of awaits a
+/// connection ever has, and an idle session should not carry its size for
+/// hours. What stays alive is [`State`] and the loop's few futures.
+///
+/// The stream is boxed behind a trait object: one copy of this code serves
+/// TCP and TLS, and a TLS stream (rustls keeps kilobytes of state inline)
+/// lives on the heap once instead of inside every session's future.
+pub async fn serve(
+    stream: Box<dyn Stream>,
+    peer: SocketAddr,
+    deadline: Instant,
+    listener: ListenerKind,
+    shared: Arc<Shared>,
+) {
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut inbuf = BytesMut::with_capacity(256);
+    let opened = Box::pin(open(&mut rd, &mut wr, &mut inbuf, peer, deadline, listener, &shared)).await;
+    let Some(Opened { mut state, mut link_rx, mut kick, session_id, keepalive, will }) = opened else { return };
+    let metrics = shared.metrics.clone();
     let write_timeout = Duration::from_millis(shared.config.limits.write_timeout_ms);
     let mut last_read = Instant::now();
 
@@ -316,7 +361,7 @@ where
                 _ => break End::Lost,
             }
             state.out.clear();
-            if std::mem::take(&mut state.unscheduled) && link_rx.wake().await.is_err() {
+            if std::mem::take(&mut state.unscheduled) && Box::pin(link_rx.wake()).await.is_err() {
                 break End::TakenOver;
             }
         }
@@ -355,7 +400,7 @@ where
     };
 
     let username = state.principal.username.clone();
-    state.finish(end, will, &mut wr).await;
+    Box::pin(state.finish(end, will.map(|w| *w), &mut wr)).await;
     shared.sessions.unregister(&username, session_id);
     Metrics::dec(&metrics.sessions_active);
 }

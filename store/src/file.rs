@@ -177,6 +177,23 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     file.sync_all()
 }
 
+impl FileStore {
+    /// Writes many records in one read-modify-write (replacing same-named
+    /// ones): provisioning a fleet one `put` at a time would rewrite the
+    /// whole file once per device.
+    pub async fn put_many(&self, records: &[UserRecord]) -> Result<(), StoreError> {
+        for r in records {
+            r.validate()?;
+        }
+        self.modify(|users| {
+            for r in records {
+                users.insert(r.username.clone(), r.clone());
+            }
+            Ok(())
+        })
+    }
+}
+
 impl CredentialStore for FileStore {
     async fn get(&self, username: &str) -> Result<Option<UserRecord>, StoreError> {
         self.with_users(|users| users.get(username).cloned())

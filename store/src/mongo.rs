@@ -132,6 +132,17 @@ impl MongoStore {
         }
     }
 
+    /// Writes many records at once, replacing same-named ones: one delete
+    /// and one bulk insert instead of a round trip per device.
+    pub async fn put_many(&self, records: &[UserRecord]) -> Result<(), StoreError> {
+        for r in records {
+            r.validate()?;
+        }
+        let names: Vec<&str> = records.iter().map(|r| r.username.as_str()).collect();
+        self.deadline(self.users.delete_many(doc! { "username": { "$in": names } })).await?;
+        self.deadline(self.users.insert_many(records)).await.map(|_| ())
+    }
+
     fn error(&self, e: mongodb::error::Error) -> StoreError {
         StoreError::Mongo { address: self.address.clone(), message: e.to_string() }
     }

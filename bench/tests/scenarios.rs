@@ -1,0 +1,96 @@
+//! Every scenario of `mqseal-bench`, small, against a real mqseal-broker
+//! (auth and ACL on): the tool must keep working, and at these sizes
+//! nothing may be lost — a lost message here is a broker bug, not noise.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+const BENCH: &str = env!("CARGO_BIN_EXE_mqseal-bench");
+
+async fn bench(args: &[&str]) -> Value {
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new(BENCH)
+            .args(args)
+            .env("MQSEAL_BENCH_SECRET", "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef")
+            .env("MQSEAL_BENCH_CONTROLLER_PASSWORD", "controller-pw")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("mqseal-bench {args:?} hung"))
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "mqseal-bench {args:?}: {stderr}");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_scenario_runs_lossless_against_mqseal_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users.json");
+    let v = bench(&["provision", "--devices", "60", "--users-file", users.to_str().unwrap()]).await;
+    assert_eq!(v["devices"], 60);
+
+    let mut config = mqseal_broker::config::Config { data_dir: dir.path().to_owned(), ..Default::default() };
+    config.listener.bind = Some("127.0.0.1:0".parse().unwrap());
+    config.auth.pbkdf2_iterations = 1000;
+    let running = mqseal_broker::start(config).await.unwrap();
+    let port = running.tcp.unwrap().port().to_string();
+    let pid = std::process::id().to_string();
+
+    for qos in ["0", "1"] {
+        let v = bench(&[
+            "throughput",
+            "--port",
+            &port,
+            "--messages",
+            "4000",
+            "--publishers",
+            "2",
+            "--subscribers",
+            "2",
+            "--qos",
+            qos,
+        ])
+        .await;
+        assert_eq!(v["received"], v["expected"], "{v}");
+        assert_eq!(v["expected"], 8000);
+        assert!(v["received_per_sec"].as_f64().unwrap() > 0.0);
+    }
+    let v = bench(&["fanout", "--port", &port, "--subscribers", "20", "--messages", "50", "--qos", "1"]).await;
+    assert_eq!((v["scenario"].as_str(), v["received"].as_u64()), (Some("fanout"), Some(1000)), "{v}");
+    let v = bench(&["latency", "--port", &port, "--round-trips", "200"]).await;
+    assert_eq!((v["round_trips"].as_u64(), v["lost"].as_u64()), (Some(200), Some(0)), "{v}");
+    assert!(v["p50_us"].as_u64().unwrap() <= v["p99_us"].as_u64().unwrap());
+    let v = bench(&[
+        "connections",
+        "--port",
+        &port,
+        "--count",
+        "50",
+        "--rate",
+        "500",
+        "--hold-secs",
+        "0",
+        "--settle-secs",
+        "0",
+        "--broker-pid",
+        &pid,
+    ])
+    .await;
+    assert_eq!((v["ok"].as_u64(), v["failed"].as_u64()), (Some(50), Some(0)), "{v}");
+    assert!(v["rss_during_kib"].as_u64().unwrap() > 0);
+
+    // A wrong password is a failed connection, reported as such.
+    let out = tokio::process::Command::new(BENCH)
+        .args(["latency", "--port", &port, "--round-trips", "1", "--secret", "wrong", "--controller-password", "x"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refused"), "{}", String::from_utf8_lossy(&out.stderr));
+    running.shutdown(Duration::from_secs(2)).await;
+}
