@@ -46,6 +46,15 @@ enum Command {
     Latency(Latency),
     /// N concurrent authenticated device connections opened at a given rate.
     Connections(Connections),
+    /// Ping-pong between two in-process rumqttd links: what two trips
+    /// through the router (and four thread hand-offs) cost, with no socket.
+    RouterHops(RouterHops),
+}
+
+#[derive(Args)]
+struct RouterHops {
+    #[arg(long, default_value_t = 5000)]
+    round_trips: usize,
 }
 
 #[derive(Args, Clone)]
@@ -514,6 +523,69 @@ async fn connections(a: Connections) -> Result<serde_json::Value, Failure> {
         "errors": errors}))
 }
 
+fn router_hops(a: RouterHops) -> Result<serde_json::Value, Failure> {
+    use rumqttd::local::LinkBuilder;
+    use rumqttd::{Notification, Router, RouterConfig};
+    let config = RouterConfig {
+        max_connections: 16,
+        max_outgoing_packet_count: 200,
+        max_segment_size: 1 << 20,
+        max_segment_count: 4,
+        ..RouterConfig::default()
+    };
+    let router = Router::new(0, config).spawn();
+    let link = |id: &str| LinkBuilder::new(id, router.clone()).build().map_err(|e| e.to_string());
+    let (mut a_tx, mut a_rx, _) = link("hop-a")?;
+    let (mut b_tx, mut b_rx, _) = link("hop-b")?;
+    a_tx.subscribe("hop/pong").map_err(|e| e.to_string())?;
+    b_tx.subscribe("hop/ping").map_err(|e| e.to_string())?;
+    // Wait for both SUBACKs.
+    for rx in [&mut a_rx, &mut b_rx] {
+        loop {
+            match rx.recv_deadline(Instant::now() + Duration::from_secs(5)) {
+                Ok(Some(Notification::DeviceAck(_))) => break,
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+    let echo = std::thread::spawn(move || {
+        while let Ok(n) = b_rx.recv() {
+            if let Some(Notification::Forward(f)) = n
+                && b_tx.publish("hop/pong", f.publish.payload).is_err()
+            {
+                break;
+            }
+        }
+    });
+    let warmup = 200;
+    let mut samples = Vec::with_capacity(a.round_trips);
+    for i in 0..warmup + a.round_trips {
+        let t0 = Instant::now();
+        a_tx.publish("hop/ping", vec![0u8; 64]).map_err(|e| e.to_string())?;
+        loop {
+            match a_rx.recv_deadline(Instant::now() + Duration::from_secs(5)) {
+                Ok(Some(Notification::Forward(_))) => break,
+                Ok(_) => {}
+                Err(e) => return Err(format!("round trip {i}: {e}")),
+            }
+        }
+        if i >= warmup {
+            samples.push(t0.elapsed().as_micros() as u64);
+        }
+    }
+    drop(echo);
+    samples.sort_unstable();
+    let (p50, p99) = (percentile(&samples, 50.0), percentile(&samples, 99.0));
+    eprintln!(
+        "[rumqttd router alone] {} round trips (two router passes each): p50 {p50} µs, p99 {p99} µs",
+        samples.len()
+    );
+    Ok(
+        json!({"scenario": "router_hops", "label": "rumqttd-router", "round_trips": samples.len(), "p50_us": p50, "p99_us": p99}),
+    )
+}
+
 async fn provision(a: Provision) -> Result<serde_json::Value, Failure> {
     use mqseal_store::{Role, UserRecord};
     let mut records = Vec::with_capacity(a.devices + 1);
@@ -585,6 +657,9 @@ fn main() -> ExitCode {
             Command::Fanout(a) => fanout(a).await,
             Command::Latency(a) => latency(a).await,
             Command::Connections(a) => connections(a).await,
+            Command::RouterHops(a) => {
+                tokio::task::spawn_blocking(move || router_hops(a)).await.unwrap_or_else(|e| Err(e.to_string()))
+            }
         }
     });
     match result {

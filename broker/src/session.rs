@@ -333,7 +333,7 @@ where
 /// The CONNECT phase (authentication, store calls, opening the router link)
 /// runs in a boxed future of its own: it is the deepest stack of awaits a
 /// connection ever has, and an idle session should not carry its size for
-/// hours. What stays alive is [`State`] and the loop's few futures.
+/// hours. What stays alive is the session state and the loop's few futures.
 ///
 /// The stream is boxed behind a trait object: one copy of this code serves
 /// TCP and TLS, and a TLS stream (rustls keeps kilobytes of state inline)
