@@ -12,7 +12,9 @@
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
+
 use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
 
 use mqseal_store::{Algorithm, AnyStore, CredentialStore, Role, UserRecord, hash};
 use zeroize::Zeroizing;
@@ -74,6 +76,7 @@ pub struct Authenticator {
     addresses: Throttle<IpAddr>,
     metrics: Arc<Metrics>,
     last_unavailable_log: Mutex<Option<Instant>>,
+    hashing: Arc<Semaphore>,
 }
 
 /// Entries kept per throttle table; beyond this the oldest are forgotten.
@@ -99,6 +102,15 @@ impl Authenticator {
             addresses: Throttle::new(policy(throttle.address_free_failures), THROTTLE_CAPACITY),
             metrics,
             last_unavailable_log: Mutex::new(None),
+            // PBKDF2 is hundreds of milliseconds of CPU per login. Without a
+            // bound, a flood of password attempts from many addresses (each
+            // under its throttle) would queue one blocking thread per attempt
+            // — up to tokio's 512 — and starve routing. Hashing gets all
+            // cores but one; the rest wait their turn (and give up at
+            // `limits.login_timeout_ms`).
+            hashing: Arc::new(Semaphore::new(
+                std::thread::available_parallelism().map(|n| n.get().saturating_sub(1).max(1)).unwrap_or(1),
+            )),
         }
     }
 
@@ -115,7 +127,7 @@ impl Authenticator {
         }
         let verdict = match self.lookup(username, now).await? {
             Some(record) => {
-                let ok = verify_off_thread(&record, password).await;
+                let ok = self.verify(&record, password).await;
                 ok.then_some(record)
             }
             None => self.legacy_or_decoy(username, password).await?,
@@ -194,10 +206,8 @@ impl Authenticator {
         let iterations = self.config.pbkdf2_iterations;
         let Some(legacy_hex) = legacy else {
             let password = Zeroizing::new(password.to_vec());
-            let _ = tokio::task::spawn_blocking(move || {
-                mqseal_store::verify_unknown(&password, Algorithm::Pbkdf2Sha256, iterations)
-            })
-            .await;
+            let _ =
+                self.hash(move || mqseal_store::verify_unknown(&password, Algorithm::Pbkdf2Sha256, iterations)).await;
             return Ok(None);
         };
         if !hash::hashes_equal(&hash::sha256_legacy(password), &legacy_hex) {
@@ -207,9 +217,8 @@ impl Authenticator {
         // PBKDF2 as controllers with no grants until an admin grants them.
         let pw = Zeroizing::new(password.to_vec());
         let name = username.to_owned();
-        let upgraded =
-            tokio::task::spawn_blocking(move || UserRecord::human(&name, &pw, Role::Controller, iterations)).await;
-        let Ok(Ok(record)) = upgraded else { return Err(Refusal::Unavailable) };
+        let upgraded = self.hash(move || UserRecord::human(&name, &pw, Role::Controller, iterations)).await;
+        let Some(Ok(record)) = upgraded else { return Err(Refusal::Unavailable) };
         match self.store.upgrade_legacy(&record).await {
             Ok(()) => {
                 Metrics::inc(&self.metrics.legacy_upgrades_total);
@@ -270,13 +279,23 @@ impl Authenticator {
     }
 }
 
-/// PBKDF2 takes tens of milliseconds: off the async workers. SHA-256 takes
-/// a microsecond: inline.
-async fn verify_off_thread(record: &UserRecord, password: &[u8]) -> bool {
-    if record.algorithm == Algorithm::Sha256 {
-        return record.verify(password);
+impl Authenticator {
+    /// Runs password hashing on the blocking pool, at most one job per core
+    /// at a time. `None` if the job could not run (the pool is shutting
+    /// down), which callers treat as a failed check.
+    async fn hash<T: Send + 'static>(&self, job: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        let _permit = self.hashing.clone().acquire_owned().await.ok()?;
+        tokio::task::spawn_blocking(job).await.ok()
     }
-    let record = record.clone();
-    let password = Zeroizing::new(password.to_vec());
-    tokio::task::spawn_blocking(move || record.verify(&password)).await.unwrap_or(false)
+
+    /// PBKDF2 takes hundreds of milliseconds: off the async workers, under
+    /// the hashing bound. SHA-256 takes a microsecond: inline.
+    async fn verify(&self, record: &UserRecord, password: &[u8]) -> bool {
+        if record.algorithm == Algorithm::Sha256 {
+            return record.verify(password);
+        }
+        let record = record.clone();
+        let password = Zeroizing::new(password.to_vec());
+        self.hash(move || record.verify(&password)).await.unwrap_or(false)
+    }
 }

@@ -98,6 +98,10 @@ pub struct Limits {
     pub connect_timeout_ms: u64,
     /// A write to a client that takes longer than this closes the connection.
     pub write_timeout_ms: u64,
+    /// Longest a login may take once CONNECT is in (store lookups, password
+    /// hashing, opening the router link); past it the client is told
+    /// "server unavailable".
+    pub login_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -107,6 +111,7 @@ impl Default for Limits {
             max_packet_size: 256 * 1024,
             connect_timeout_ms: 5_000,
             write_timeout_ms: 30_000,
+            login_timeout_ms: 10_000,
         }
     }
 }

@@ -266,7 +266,17 @@ where
         }
     };
     let mut out = BytesMut::new();
-    let admitted = admit(shared, &connect, version, peer, listener).await;
+    // Every step inside has its own deadline (store calls, the hashing
+    // queue); this one bounds their sum, so no CONNECT waits without end.
+    let login_timeout = Duration::from_millis(shared.config.limits.login_timeout_ms);
+    let admitted = match tokio::time::timeout(login_timeout, admit(shared, &connect, version, peer, listener)).await {
+        Ok(admitted) => admitted,
+        Err(_) => {
+            Metrics::inc(&metrics.logins_unavailable_total);
+            info!(%peer, listener = listener.name, "login refused: authentication took longer than limits.login_timeout_ms");
+            Err((UNAVAILABLE, "authentication timed out"))
+        }
+    };
     let (principal, assigned) = match admitted {
         Ok(ok) => ok,
         Err((code, reason)) => {

@@ -284,3 +284,41 @@ async fn sigterm_shuts_down_cleanly() {
     assert_eq!(v5.closed(T).await.unwrap(), Some(0x8b));
     assert_eq!(v4.closed(T).await.unwrap(), None);
 }
+
+/// A flood of password guesses for names that do not exist (each one costs
+/// a decoy PBKDF2) from many connections at once: hashing leaves a core to
+/// routing, which goes on meanwhile for connected devices, every guess is
+/// refused, and a login that cannot be decided within
+/// `limits.login_timeout_ms` is told "server unavailable" instead of waiting.
+#[tokio::test]
+async fn a_login_flood_does_not_starve_routing() {
+    let config = BrokerConfig { pbkdf2_iterations: 200_000, login_timeout_ms: 1000, ..BrokerConfig::default() };
+    let site = site_with_root(config).await;
+    let port = site.port();
+    let mut sub = Conn::connected(port, &root(Version::V4, "during-flood-sub")).await;
+    sub.subscribe(&[("flood/#", 1)]).await.unwrap();
+    let mut publisher = Conn::connected(port, &root(Version::V5, "during-flood-pub")).await;
+
+    let flood: Vec<_> = (0..60)
+        .map(|i| {
+            tokio::spawn(async move {
+                connack(port, &Connect::new(Version::V4, &format!("g{i}"), &format!("ghost-{i}"), "guess")).await
+            })
+        })
+        .collect();
+    let mut worst = Duration::ZERO;
+    for i in 0..10 {
+        let started = Instant::now();
+        round_trip(&mut publisher, &mut sub, "flood/t", format!("m{i}").as_bytes()).await;
+        worst = worst.max(started.elapsed());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut codes = Vec::new();
+    for f in flood {
+        codes.push(f.await.unwrap());
+    }
+    assert!(worst < Duration::from_millis(500), "a round trip took {worst:?} during the flood");
+    assert!(codes.iter().all(|c| matches!(c, Some(4) | Some(3))), "{codes:?}");
+    assert!(codes.contains(&Some(3)), "the hashing queue outlasted login_timeout_ms for some: {codes:?}");
+    assert!(codes.contains(&Some(4)), "{codes:?}");
+}

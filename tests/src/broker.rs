@@ -46,6 +46,8 @@ pub struct BrokerConfig {
     pub max_packet_size: usize,
     /// `limits.connect_timeout_ms`.
     pub connect_timeout_ms: u64,
+    /// `limits.login_timeout_ms`.
+    pub login_timeout_ms: u64,
     /// Credential store.
     pub store: Store,
     /// `auth.refusal_delay_ms` (short in tests unless a test is about it).
@@ -77,6 +79,7 @@ impl Default for BrokerConfig {
             max_connections: 1000,
             max_packet_size: 64 * 1024,
             connect_timeout_ms: 3000,
+            login_timeout_ms: 10_000,
             store: Store::File,
             refusal_delay_ms: 50,
             revalidate_secs: 1,
@@ -107,8 +110,8 @@ impl BrokerConfig {
             ));
         }
         t.push_str(&format!(
-            "[limits]\nmax_connections = {}\nmax_packet_size = {}\nconnect_timeout_ms = {}\n\n",
-            self.max_connections, self.max_packet_size, self.connect_timeout_ms
+            "[limits]\nmax_connections = {}\nmax_packet_size = {}\nconnect_timeout_ms = {}\nlogin_timeout_ms = {}\n\n",
+            self.max_connections, self.max_packet_size, self.connect_timeout_ms, self.login_timeout_ms
         ));
         match &self.store {
             Store::File => t.push_str("[store]\nkind = \"file\"\ntimeout_ms = 1000\n\n"),
