@@ -24,6 +24,8 @@ pub struct Config {
     pub listener: ListenerConfig,
     /// MQTT over TLS; off unless configured.
     pub tls: Option<TlsConfig>,
+    /// MQTT over WebSockets; off unless configured.
+    pub websocket: Option<WebSocketConfig>,
     /// Connection and packet limits.
     pub limits: Limits,
     /// Where credentials live.
@@ -46,6 +48,7 @@ impl Default for Config {
             data_dir: PathBuf::from("data"),
             listener: ListenerConfig::default(),
             tls: None,
+            websocket: None,
             limits: Limits::default(),
             store: StoreConfig::default(),
             auth: AuthConfig::default(),
@@ -84,6 +87,20 @@ pub struct TlsConfig {
     pub cert: PathBuf,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1).
     pub key: PathBuf,
+}
+
+/// `[websocket]`: MQTT over WebSockets (browsers, MQTT Explorer), any
+/// path, subprotocol `mqtt`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebSocketConfig {
+    /// Address for MQTT over WebSockets.
+    pub bind: SocketAddr,
+    /// `wss://` with the `[tls]` certificate (required for browsers on
+    /// https pages). Without it, password logins follow the plain
+    /// listener's rule: loopback only unless explicitly allowed.
+    #[serde(default)]
+    pub tls: bool,
 }
 
 /// `[limits]`
@@ -378,8 +395,11 @@ impl Config {
                 mqseal_store::hash::MIN_PBKDF2_ITERATIONS
             ));
         }
-        if self.listener.bind.is_none() && self.tls.is_none() {
-            return bad("no listener: set listener.bind or [tls]".into());
+        if self.listener.bind.is_none() && self.tls.is_none() && self.websocket.is_none() {
+            return bad("no listener: set listener.bind, [tls] or [websocket]".into());
+        }
+        if self.websocket.as_ref().is_some_and(|w| w.tls) && self.tls.is_none() {
+            return bad("websocket.tls = true needs the [tls] certificate (cert, key)".into());
         }
         let segments = std::iter::once((
             "router".to_owned(),

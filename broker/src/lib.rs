@@ -18,6 +18,7 @@ pub mod router;
 pub mod session;
 pub mod throttle;
 pub mod tls;
+pub mod ws;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -74,6 +75,8 @@ pub struct Running {
     pub tcp: Option<SocketAddr>,
     /// MQTT over TLS address, if enabled.
     pub tls: Option<SocketAddr>,
+    /// MQTT over WebSockets address, if enabled.
+    pub websocket: Option<SocketAddr>,
     /// Prometheus endpoint, if enabled.
     pub metrics: Option<SocketAddr>,
     /// The admin credential created on this start, if any (shown once).
@@ -189,16 +192,37 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         if !passwords_allowed {
             warn!(%addr, "plain-TCP listener on a non-loopback address: password logins will be refused (use TLS, or set listener.allow_insecure_password_logins)");
         }
-        listeners.push(listener::Listener { socket, kind: ListenerKind { name: "tcp", passwords_allowed }, tls: None });
+        listeners.push(listener::Listener {
+            socket,
+            kind: ListenerKind { name: "tcp", passwords_allowed },
+            tls: None,
+            websocket: false,
+        });
     }
-    if let Some((addr, server_config)) = tls {
-        let socket = bind(addr).await?;
+    let acceptor = tls.as_ref().map(|(_, server_config)| tokio_rustls::TlsAcceptor::from(server_config.clone()));
+    if let (Some((addr, _)), Some(acceptor)) = (&tls, &acceptor) {
+        let socket = bind(*addr).await?;
         running_tls = socket.local_addr().ok();
-        let acceptor = tokio_rustls::TlsAcceptor::from(server_config);
         listeners.push(listener::Listener {
             socket,
             kind: ListenerKind { name: "tls", passwords_allowed: true },
-            tls: Some(acceptor),
+            tls: Some(acceptor.clone()),
+            websocket: false,
+        });
+    }
+    let mut running_ws = None;
+    if let Some(ws) = &config.websocket {
+        let socket = bind(ws.bind).await?;
+        running_ws = socket.local_addr().ok();
+        let tls = if ws.tls { acceptor.clone() } else { None };
+        let passwords_allowed =
+            tls.is_some() || ws.bind.ip().is_loopback() || config.listener.allow_insecure_password_logins;
+        let name = if tls.is_some() { "wss" } else { "ws" };
+        listeners.push(listener::Listener {
+            socket,
+            kind: ListenerKind { name, passwords_allowed },
+            tls,
+            websocket: true,
         });
     }
     let metrics_socket = match config.metrics.bind {
@@ -229,5 +253,13 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             }
         }
     }));
-    Ok(Running { tcp: running_tcp, tls: running_tls, metrics: running_metrics, first_admin, shared, tasks })
+    Ok(Running {
+        tcp: running_tcp,
+        tls: running_tls,
+        websocket: running_ws,
+        metrics: running_metrics,
+        first_admin,
+        shared,
+        tasks,
+    })
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 use crate::codec::{self, ConnAckInfo, Version};
 use crate::metrics::Metrics;
 use crate::session::{self, ListenerKind, Shared};
+use crate::ws;
 
 /// Connections past the limit that still get a CONNACK.
 const REFUSAL_TASKS: usize = 64;
@@ -35,6 +36,8 @@ pub struct Listener {
     pub kind: ListenerKind,
     /// Present for TLS listeners.
     pub tls: Option<TlsAcceptor>,
+    /// MQTT over WebSockets (after TLS, when both).
+    pub websocket: bool,
 }
 
 /// Accepts until the task is dropped.
@@ -55,13 +58,14 @@ pub async fn run(listener: Listener, shared: Arc<Shared>, limit: Arc<Semaphore>,
         let _ = socket.set_nodelay(true);
         let deadline = Instant::now() + shared.config.connect_timeout();
         let tls = listener.tls.clone();
+        let websocket = listener.websocket;
         let kind = listener.kind;
         match limit.clone().try_acquire_owned() {
             Ok(permit) => {
                 let shared = shared.clone();
                 tokio::spawn(async move {
                     Metrics::inc(&shared.metrics.connections_active);
-                    handle(socket, peer, deadline, kind, tls, shared.clone()).await;
+                    handle(socket, peer, deadline, kind, tls, websocket, shared.clone()).await;
                     Metrics::dec(&shared.metrics.connections_active);
                     drop(permit);
                 });
@@ -70,14 +74,51 @@ pub async fn run(listener: Listener, shared: Arc<Shared>, limit: Arc<Semaphore>,
                 Metrics::inc(&metrics.connections_refused_limit_total);
                 info!(%peer, listener = kind.name, "refused: connection limit reached");
                 if let Ok(permit) = refusals.clone().try_acquire_owned() {
-                    let metrics = metrics.clone();
                     tokio::spawn(async move {
-                        refuse_busy(socket, deadline, tls, &metrics).await;
+                        refuse_busy(socket, deadline, tls, websocket).await;
                         drop(permit);
                     });
                 }
             }
         }
+    }
+}
+
+/// Why a connection never got as far as MQTT.
+#[derive(Debug, thiserror::Error)]
+enum Handshake {
+    #[error("TLS: {0}")]
+    Tls(std::io::Error),
+    #[error("WebSocket: {0}")]
+    WebSocket(tokio_tungstenite::tungstenite::Error),
+    #[error("timed out")]
+    TimedOut,
+}
+
+/// TLS and/or WebSocket handshakes, within the connection's deadline. The
+/// futures are boxed: they are large and done with before the session runs.
+async fn establish(
+    socket: TcpStream,
+    deadline: Instant,
+    tls: Option<TlsAcceptor>,
+    websocket: bool,
+) -> Result<Box<dyn session::Stream>, Handshake> {
+    let within = |f| tokio::time::timeout_at(deadline, f);
+    let stream: Box<dyn session::Stream> = match tls {
+        None => Box::new(socket),
+        Some(acceptor) => match within(Box::pin(acceptor.accept(socket))).await {
+            Ok(Ok(stream)) => Box::new(stream),
+            Ok(Err(e)) => return Err(Handshake::Tls(e)),
+            Err(_) => return Err(Handshake::TimedOut),
+        },
+    };
+    if !websocket {
+        return Ok(stream);
+    }
+    match tokio::time::timeout_at(deadline, Box::pin(ws::accept(stream))).await {
+        Ok(Ok(ws)) => Ok(Box::new(ws)),
+        Ok(Err(e)) => Err(Handshake::WebSocket(e)),
+        Err(_) => Err(Handshake::TimedOut),
     }
 }
 
@@ -87,41 +128,31 @@ async fn handle(
     deadline: Instant,
     kind: ListenerKind,
     tls: Option<TlsAcceptor>,
+    websocket: bool,
     shared: Arc<Shared>,
 ) {
-    let stream: Box<dyn session::Stream> = match tls {
-        None => Box::new(socket),
-        Some(acceptor) => match tokio::time::timeout_at(deadline, Box::pin(acceptor.accept(socket))).await {
-            Ok(Ok(stream)) => Box::new(stream),
-            Ok(Err(e)) => {
-                Metrics::inc(&shared.metrics.tls_handshake_failures_total);
-                info!(%peer, error = %e, "TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                Metrics::inc(&shared.metrics.tls_handshake_failures_total);
-                debug!(%peer, "TLS handshake timed out");
-                return;
-            }
-        },
-    };
-    session::serve(stream, peer, deadline, kind, shared).await;
-}
-
-async fn refuse_busy(socket: TcpStream, deadline: Instant, tls: Option<TlsAcceptor>, metrics: &Metrics) {
-    // Refusals get a shorter leash than real connections.
-    let deadline = deadline.min(Instant::now() + Duration::from_secs(2));
-    match tls {
-        None => refuse_stream(socket, deadline, metrics).await,
-        Some(acceptor) => {
-            if let Ok(Ok(stream)) = tokio::time::timeout_at(deadline, acceptor.accept(socket)).await {
-                refuse_stream(stream, deadline, metrics).await;
-            }
+    match establish(socket, deadline, tls, websocket).await {
+        Ok(stream) => session::serve(stream, peer, deadline, kind, shared).await,
+        Err(Handshake::TimedOut) => {
+            Metrics::inc(&shared.metrics.handshake_failures_total);
+            debug!(%peer, listener = kind.name, "handshake timed out");
+        }
+        Err(e) => {
+            Metrics::inc(&shared.metrics.handshake_failures_total);
+            info!(%peer, listener = kind.name, error = %e, "handshake failed");
         }
     }
 }
 
-async fn refuse_stream<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, deadline: Instant, _metrics: &Metrics) {
+async fn refuse_busy(socket: TcpStream, deadline: Instant, tls: Option<TlsAcceptor>, websocket: bool) {
+    // Refusals get a shorter leash than real connections.
+    let deadline = deadline.min(Instant::now() + Duration::from_secs(2));
+    if let Ok(stream) = establish(socket, deadline, tls, websocket).await {
+        refuse_stream(stream, deadline).await;
+    }
+}
+
+async fn refuse_stream(mut stream: Box<dyn session::Stream>, deadline: Instant) {
     let mut buf = BytesMut::with_capacity(256);
     let frame = tokio::time::timeout_at(deadline, async {
         loop {
@@ -146,7 +177,11 @@ async fn refuse_stream<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, deadlin
     let mut out = BytesMut::new();
     let info = ConnAckInfo { reason: Some("connection limit reached"), ..Default::default() };
     codec::connack(version, false, code, &info, &mut out);
-    let _ = tokio::time::timeout_at(deadline, stream.write_all(&out)).await;
+    let _ = tokio::time::timeout_at(deadline, async {
+        stream.write_all(&out).await?;
+        stream.flush().await
+    })
+    .await;
 }
 
 /// A permit pool for the connection limit, and one for refusals.

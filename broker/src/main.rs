@@ -185,6 +185,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let config_ws_tls = config.websocket.as_ref().is_some_and(|w| w.tls);
     runtime.block_on(async move {
         tracing::info!(config = %origin, "starting");
         let running = match mqseal_broker::start(config).await {
@@ -209,6 +210,8 @@ fn main() -> ExitCode {
         let mut endpoints: Vec<String> = Vec::new();
         endpoints.extend(running.tcp.map(|a| format!("mqtt://{a}")));
         endpoints.extend(running.tls.map(|a| format!("mqtts://{a}")));
+        let ws_scheme = if config_ws_tls { "wss" } else { "ws" };
+        endpoints.extend(running.websocket.map(|a| format!("{ws_scheme}://{a}")));
         endpoints.extend(running.metrics.map(|a| format!("metrics http://{a}/metrics")));
         println!("mqseal-broker ready: {}", endpoints.join(", "));
         wait_for_signal().await;

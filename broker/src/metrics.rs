@@ -44,7 +44,7 @@ counters! {
     connections_active: "gauge", "Connections currently open at the front (any state).";
     sessions_active: "gauge", "Authenticated MQTT sessions currently open.";
     connections_refused_limit_total: "counter", "Connections refused because the front's connection limit was reached.";
-    tls_handshake_failures_total: "counter", "TLS handshakes that failed or timed out.";
+    handshake_failures_total: "counter", "TLS or WebSocket handshakes that failed or timed out.";
     connect_timeouts_total: "counter", "Connections closed because no CONNECT arrived in time.";
     logins_ok_total: "counter", "Successful logins.";
     logins_refused_total: "counter", "Logins refused for bad or missing credentials, disabled users, bad client ids or protocol errors.";

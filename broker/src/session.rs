@@ -190,7 +190,14 @@ async fn read_frame<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut, max: u
     }
 }
 
-/// What a session runs over: TCP, or TLS over TCP.
+/// Writes `bytes` and flushes: TCP ignores the flush, but a WebSocket
+/// message only leaves on it.
+async fn send<W: AsyncWrite + Unpin + ?Sized>(wr: &mut W, bytes: &[u8]) -> std::io::Result<()> {
+    wr.write_all(bytes).await?;
+    wr.flush().await
+}
+
+/// What a session runs over: TCP, TLS, WebSocket, or WebSocket over TLS.
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
@@ -250,7 +257,7 @@ where
             if level.is_some() {
                 let mut out = BytesMut::new();
                 codec::connack(Version::V4, false, UNSUPPORTED_VERSION.v4, &ConnAckInfo::default(), &mut out);
-                let _ = tokio::time::timeout_at(deadline, wr.write_all(&out)).await;
+                let _ = tokio::time::timeout_at(deadline, send(wr, &out)).await;
             }
             return None;
         }
@@ -282,7 +289,7 @@ where
         Err((code, reason)) => {
             let code = if version == Version::V4 { code.v4 } else { code.v5 };
             codec::connack(version, false, code, &ConnAckInfo { reason: Some(reason), ..Default::default() }, &mut out);
-            let _ = tokio::time::timeout(Duration::from_secs(5), wr.write_all(&out)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), send(wr, &out)).await;
             return None;
         }
     };
@@ -299,7 +306,7 @@ where
             warn!(%peer, client_id = %principal.client_id, "refused: the router did not accept the connection");
             let code = if version == Version::V4 { UNAVAILABLE.v4 } else { UNAVAILABLE.v5 };
             codec::connack(version, false, code, &ConnAckInfo::default(), &mut out);
-            let _ = tokio::time::timeout(Duration::from_secs(5), wr.write_all(&out)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), send(wr, &out)).await;
             return None;
         }
     };
@@ -366,7 +373,7 @@ pub async fn serve(
     let end = loop {
         if !state.out.is_empty() {
             let n = state.out.len();
-            match tokio::time::timeout(write_timeout, wr.write_all(&state.out)).await {
+            match tokio::time::timeout(write_timeout, send(&mut wr, &state.out)).await {
                 Ok(Ok(())) => Metrics::add(&metrics.bytes_out_total, n as u64),
                 _ => break End::Lost,
             }
@@ -829,7 +836,7 @@ impl State {
             debug!(peer = %self.peer, client_id = %self.principal.client_id, ?end, "session ended");
         }
         if !self.out.is_empty() {
-            let _ = tokio::time::timeout(Duration::from_secs(2), wr.write_all(&self.out)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), send(wr, &self.out)).await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), wr.shutdown()).await;
         if end == End::TakenOver {

@@ -118,22 +118,25 @@ async fn the_connection_limit_refuses_politely_and_recovers() {
 }
 
 /// rumqttd's TLS and websocket listeners handshake inline: one idle TCP
-/// socket stalls every later client. Here idle sockets on the plain and the
-/// TLS listener cost nobody anything and are closed at the connect timeout.
+/// socket stalls every later client. Here idle sockets on the plain, TLS
+/// and WebSocket listeners cost nobody anything and are closed at the
+/// connect timeout.
 #[tokio::test]
 async fn idle_sockets_stall_nobody() {
     let dir = tempfile::tempdir().unwrap();
     let certs = mqseal_broker::tls::generate(&dir.path().join("tls"), &[]).unwrap();
     let tls_port = mqseal_tests::free_port();
+    let ws_port = mqseal_tests::free_port();
     let config = BrokerConfig {
         tls: Some((tls_port, certs.server_cert.clone(), certs.server_key.clone())),
+        websocket: Some((ws_port, false)),
         connect_timeout_ms: 4000,
         ..BrokerConfig::default()
     };
     let site = site_with_root(config).await;
     let port = site.port();
     let mut idle = Vec::new();
-    for p in [port, tls_port, port, tls_port] {
+    for p in [port, tls_port, ws_port, port, tls_port, ws_port] {
         idle.push(tokio::net::TcpStream::connect(("127.0.0.1", p)).await.unwrap());
     }
     let started = Instant::now();

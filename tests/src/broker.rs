@@ -38,6 +38,8 @@ pub struct BrokerConfig {
     pub bind: String,
     /// TLS listener: (port, certificate, key).
     pub tls: Option<(u16, PathBuf, PathBuf)>,
+    /// WebSocket listener: (port, over TLS).
+    pub websocket: Option<(u16, bool)>,
     /// Prometheus endpoint port.
     pub metrics_port: Option<u16>,
     /// `limits.max_connections`.
@@ -75,6 +77,7 @@ impl Default for BrokerConfig {
         BrokerConfig {
             bind: format!("127.0.0.1:{}", free_port()),
             tls: None,
+            websocket: None,
             metrics_port: None,
             max_connections: 1000,
             max_packet_size: 64 * 1024,
@@ -108,6 +111,9 @@ impl BrokerConfig {
                 cert.display(),
                 key.display()
             ));
+        }
+        if let Some((port, tls)) = self.websocket {
+            t.push_str(&format!("[websocket]\nbind = \"127.0.0.1:{port}\"\ntls = {tls}\n\n"));
         }
         t.push_str(&format!(
             "[limits]\nmax_connections = {}\nmax_packet_size = {}\nconnect_timeout_ms = {}\nlogin_timeout_ms = {}\n\n",
