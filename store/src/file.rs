@@ -131,12 +131,15 @@ impl FileStore {
         };
         fs::create_dir_all(&dir).map_err(|e| self.io_error(e))?;
         let lock_path = self.path.with_extension("lock");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| self.io_error(e))?;
+        let mut options = OpenOptions::new();
+        options.create(true).truncate(false).write(true);
+        #[cfg(unix)]
+        {
+            // Empty, but it sits beside the credentials: nobody else's business.
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        let lock = options.open(&lock_path).map_err(|e| self.io_error(e))?;
         lock.lock().map_err(|e| self.io_error(e))?;
 
         let mut users = self.read_file()?;
@@ -263,6 +266,7 @@ mod tests {
         {
             use std::os::unix::fs::PermissionsExt;
             assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+            assert_eq!(fs::metadata(path.with_extension("lock")).unwrap().permissions().mode() & 0o777, 0o600);
         }
         assert!(!path.with_extension("tmp").exists());
         assert!(a.delete("dev-1").await.unwrap());
