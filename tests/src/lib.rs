@@ -67,14 +67,29 @@ pub fn require_program(program: &str) -> PathBuf {
         .unwrap_or_else(|| missing(&format!("`{program}` is not installed.")))
 }
 
-/// A TCP port that was free a moment ago on 127.0.0.1.
+/// A TCP port that was free a moment ago on 127.0.0.1, and that no other
+/// test in this process has been given.
+///
+/// The port is released before the caller binds it, so two tests running in
+/// parallel could otherwise be handed the same one: the second server then
+/// fails to bind while `wait_for_port` happily finds the first, and the test
+/// talks to someone else's broker until that one goes away.
 ///
 /// # Panics
 /// If the OS has no free port.
 #[must_use]
 pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("no free port: {e}"));
-    l.local_addr().unwrap_or_else(|e| panic!("no local address: {e}")).port()
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("no free port: {e}"));
+        let port = l.local_addr().unwrap_or_else(|e| panic!("no local address: {e}")).port();
+        let mut given = GIVEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if given.get_or_insert_with(HashSet::new).insert(port) {
+            return port;
+        }
+    }
 }
 
 /// Waits until something accepts connections on `127.0.0.1:port`.
