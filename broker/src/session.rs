@@ -370,49 +370,58 @@ pub async fn serve(
     let write_timeout = Duration::from_millis(shared.config.limits.write_timeout_ms);
     let mut last_read = Instant::now();
 
-    let end = loop {
-        if !state.out.is_empty() {
-            let n = state.out.len();
-            match tokio::time::timeout(write_timeout, send(&mut wr, &state.out)).await {
-                Ok(Ok(())) => Metrics::add(&metrics.bytes_out_total, n as u64),
-                _ => break End::Lost,
-            }
-            state.out.clear();
-            if std::mem::take(&mut state.unscheduled) && Box::pin(link_rx.wake()).await.is_err() {
-                break End::TakenOver;
-            }
-        }
-        let ka_deadline = keepalive.map(|k| last_read + k);
-        tokio::select! {
-            reason = &mut kick => break End::Kicked(reason.unwrap_or(KickReason::Shutdown)),
-            _ = sleep_until_opt(ka_deadline) => {
-                Metrics::inc(&metrics.keepalive_timeouts_total);
-                break End::KeepAlive;
-            }
-            read = rd.read_buf(&mut inbuf) => match read {
-                Ok(0) | Err(_) => break End::Lost,
-                Ok(n) => {
-                    Metrics::add(&metrics.bytes_in_total, n as u64);
-                    last_read = Instant::now();
-                    if let Some(end) = state.on_bytes(&mut inbuf).await {
-                        break end;
-                    }
-                    shrink(&mut inbuf);
+    // A client may send its first packets right behind CONNECT without
+    // waiting for the CONNACK (paho does, over TLS often in one record):
+    // they are already in the buffer, and no further read would bring them.
+    let pipelined = if inbuf.is_empty() { None } else { state.on_bytes(&mut inbuf).await };
+
+    let end = if let Some(end) = pipelined {
+        end
+    } else {
+        loop {
+            if !state.out.is_empty() {
+                let n = state.out.len();
+                match tokio::time::timeout(write_timeout, send(&mut wr, &state.out)).await {
+                    Ok(Ok(())) => Metrics::add(&metrics.bytes_out_total, n as u64),
+                    _ => break End::Lost,
                 }
-            },
-            notification = link_rx.next() => match notification {
-                Ok(Some(n)) => {
-                    if let Some(end) = state.on_notification(n) {
-                        break end;
-                    }
-                    // Drain what the router already queued, without waiting.
-                    if let Some(end) = state.drain(&mut link_rx) {
-                        break end;
-                    }
+                state.out.clear();
+                if std::mem::take(&mut state.unscheduled) && Box::pin(link_rx.wake()).await.is_err() {
+                    break End::TakenOver;
                 }
-                Ok(None) => {}
-                Err(_) => break End::TakenOver,
-            },
+            }
+            let ka_deadline = keepalive.map(|k| last_read + k);
+            tokio::select! {
+                reason = &mut kick => break End::Kicked(reason.unwrap_or(KickReason::Shutdown)),
+                _ = sleep_until_opt(ka_deadline) => {
+                    Metrics::inc(&metrics.keepalive_timeouts_total);
+                    break End::KeepAlive;
+                }
+                read = rd.read_buf(&mut inbuf) => match read {
+                    Ok(0) | Err(_) => break End::Lost,
+                    Ok(n) => {
+                        Metrics::add(&metrics.bytes_in_total, n as u64);
+                        last_read = Instant::now();
+                        if let Some(end) = state.on_bytes(&mut inbuf).await {
+                            break end;
+                        }
+                        shrink(&mut inbuf);
+                    }
+                },
+                notification = link_rx.next() => match notification {
+                    Ok(Some(n)) => {
+                        if let Some(end) = state.on_notification(n) {
+                            break end;
+                        }
+                        // Drain what the router already queued, without waiting.
+                        if let Some(end) = state.drain(&mut link_rx) {
+                            break end;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(_) => break End::TakenOver,
+                },
+            }
         }
     };
 

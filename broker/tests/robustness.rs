@@ -325,3 +325,32 @@ async fn a_login_flood_does_not_starve_routing() {
     assert!(codes.contains(&Some(3)), "the hashing queue outlasted login_timeout_ms for some: {codes:?}");
     assert!(codes.contains(&Some(4)), "{codes:?}");
 }
+
+/// A client may send SUBSCRIBE and PUBLISH right behind CONNECT, in the
+/// same segment, without waiting for the CONNACK (paho over TLS often
+/// does). Everything in that first read is served, not left waiting for a
+/// next read that never comes.
+#[tokio::test]
+async fn packets_pipelined_behind_connect_are_served() {
+    let site = site_with_root(BrokerConfig::default()).await;
+    let mut c = Conn::open(site.port(), Version::V5).await.unwrap();
+    let burst = [
+        root(Version::V5, "eager").encode(),
+        mqtt::subscribe(Version::V5, 1, &[("eager/#", 1)]),
+        mqtt::publish(Version::V5, "eager/t", b"right away", 1, 2, false, &[]),
+    ]
+    .concat();
+    c.send(&burst).await.unwrap();
+    let mut kinds = Vec::new();
+    let mut payload = None;
+    while kinds.len() < 4 {
+        let p = c.recv(T).await.unwrap_or_else(|e| panic!("after {kinds:?}: {e:?}"));
+        if p.kind() == 3 {
+            payload = Some(p.body.clone());
+        }
+        kinds.push(p.kind());
+    }
+    kinds.sort_unstable();
+    assert_eq!(kinds, vec![2, 3, 4, 9], "CONNACK, PUBLISH, PUBACK, SUBACK");
+    assert!(payload.unwrap().ends_with(b"right away"));
+}
