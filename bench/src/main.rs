@@ -337,7 +337,7 @@ async fn throughput(a: Throughput) -> Result<serde_json::Value, Failure> {
 }
 
 async fn fanout(a: Fanout) -> Result<serde_json::Value, Failure> {
-    let throughput = Throughput {
+    let args = Throughput {
         target: a.target,
         publishers: 1,
         subscribers: a.subscribers,
@@ -345,7 +345,7 @@ async fn fanout(a: Fanout) -> Result<serde_json::Value, Failure> {
         payload: a.payload,
         qos: a.qos,
     };
-    let mut v = self::throughput(throughput).await?;
+    let mut v = throughput(args).await?;
     if let Some(o) = v.as_object_mut() {
         o.insert("scenario".into(), json!("fanout"));
     }

@@ -154,9 +154,11 @@ impl Acl {
         Ok(Acl { rules })
     }
 
-    /// Whether `who` may publish to `topic` (a valid topic name: no wildcards).
+    /// Whether `who` may publish to `topic` (a valid topic name: no
+    /// wildcards). A topic name is the narrowest filter there is, so the
+    /// same test as for subscriptions decides it.
     pub fn can_publish(&self, who: &Principal, topic: &str) -> bool {
-        who.role == Role::Admin || self.any_rule(who, true, |pattern| topic_matches(topic, pattern))
+        who.role == Role::Admin || self.any_rule(who, true, |pattern| covers(pattern, topic))
     }
 
     /// Whether `who` may subscribe to `filter` (a valid filter; a shared
@@ -169,25 +171,16 @@ impl Acl {
     fn any_rule(&self, who: &Principal, publish: bool, mut test: impl FnMut(&[Concrete<'_>]) -> bool) -> bool {
         let mut buf: Vec<Concrete<'_>> = Vec::new();
         for rule in self.rules.iter().filter(|r| r.role == who.role && r.publish == publish) {
-            let uses_grant = rule.levels.contains(&Level::Grant);
-            let grants: Vec<Option<&str>> =
-                if uses_grant { who.grants.iter().map(|g| Some(g.as_str())).collect() } else { vec![None] };
-            for grant in grants {
-                buf.clear();
-                for level in &rule.levels {
-                    buf.push(match level {
-                        Level::Literal(s) => Concrete::Literal(s),
-                        Level::Plus => Concrete::Plus,
-                        Level::Hash => Concrete::Hash,
-                        Level::Username => Concrete::Literal(&who.username),
-                        Level::ClientId => Concrete::Literal(&who.client_id),
-                        Level::Grant => match grant {
-                            Some("*") => Concrete::Plus,
-                            Some(g) => Concrete::Literal(g),
-                            None => Concrete::Literal(""),
-                        },
-                    });
+            // A rule with `{grant}` stands for one pattern per granted device.
+            if rule.levels.contains(&Level::Grant) {
+                for grant in &who.grants {
+                    fill(&mut buf, rule, who, grant);
+                    if test(&buf) {
+                        return true;
+                    }
                 }
+            } else {
+                fill(&mut buf, rule, who, "");
                 if test(&buf) {
                     return true;
                 }
@@ -197,29 +190,28 @@ impl Acl {
     }
 }
 
+/// `rule`'s pattern with the placeholders of `who` (and `grant`) filled in.
+fn fill<'a>(buf: &mut Vec<Concrete<'a>>, rule: &'a Rule, who: &'a Principal, grant: &'a str) {
+    buf.clear();
+    buf.extend(rule.levels.iter().map(|level| match level {
+        Level::Literal(s) => Concrete::Literal(s),
+        Level::Plus => Concrete::Plus,
+        Level::Hash => Concrete::Hash,
+        Level::Username => Concrete::Literal(&who.username),
+        Level::ClientId => Concrete::Literal(&who.client_id),
+        Level::Grant if grant == "*" => Concrete::Plus,
+        Level::Grant => Concrete::Literal(grant),
+    }));
+}
+
 /// `$share/group/filter` → `filter`.
 pub fn shared_inner(filter: &str) -> Option<&str> {
     filter.strip_prefix("$share/").and_then(|rest| rest.split_once('/')).map(|(_, f)| f)
 }
 
-/// MQTT topic matching: a wildcard in the first level never matches a topic
-/// that starts with `$` (MQTT-4.7.2-1).
-fn topic_matches(topic: &str, pattern: &[Concrete<'_>]) -> bool {
-    let mut levels = topic.split('/');
-    for (i, p) in pattern.iter().enumerate() {
-        let level = levels.next();
-        let dollar = i == 0 && topic.starts_with('$');
-        match (p, level) {
-            (Concrete::Hash, _) => return !dollar,
-            (Concrete::Plus, Some(_)) if !dollar => {}
-            (Concrete::Literal(l), Some(t)) if *l == t => {}
-            _ => return false,
-        }
-    }
-    levels.next().is_none()
-}
-
-/// Whether every topic `filter` can match is also matched by `pattern`.
+/// Whether every topic `filter` can match is also matched by `pattern`; for
+/// a topic name (no wildcards) that is plain MQTT matching. A wildcard in
+/// the first level never matches a topic that starts with `$` (MQTT-4.7.2-1).
 fn covers(pattern: &[Concrete<'_>], filter: &str) -> bool {
     let mut levels = filter.split('/');
     for (i, p) in pattern.iter().enumerate() {

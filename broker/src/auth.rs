@@ -114,11 +114,6 @@ impl Authenticator {
         }
     }
 
-    /// The store, for startup tasks.
-    pub fn store(&self) -> &AnyStore {
-        &self.store
-    }
-
     /// Checks a login. On success returns the user's record.
     pub async fn login(&self, username: &str, password: &[u8], peer: IpAddr) -> Result<UserRecord, Refusal> {
         let now = Instant::now();
@@ -163,8 +158,7 @@ impl Authenticator {
                 Ok(found)
             }
             Err(e) => {
-                Metrics::inc(&self.metrics.store_errors_total);
-                self.log_unavailable(&e.to_string());
+                self.store_failed(&e);
                 let stale = Duration::from_secs(self.config.stale_ttl_secs);
                 match self.cached(username, |age| age < stale, now) {
                     Some(record) => Ok(Some(record)),
@@ -180,15 +174,17 @@ impl Authenticator {
         fresh(now.saturating_duration_since(entry.fetched)).then(|| entry.record.clone())
     }
 
-    /// One log line per `revalidate_secs` while the store is down: enough to
-    /// be seen, not enough to fill a disk during a long outage.
-    fn log_unavailable(&self, message: &str) {
+    /// Counts a failed store call and logs it, once per `revalidate_secs`
+    /// (at least 10 s) while the store is down: enough to be seen, not
+    /// enough to fill a disk during a long outage.
+    fn store_failed(&self, error: &mqseal_store::StoreError) {
+        Metrics::inc(&self.metrics.store_errors_total);
         let Ok(mut last) = self.last_unavailable_log.lock() else { return };
         let now = Instant::now();
         let interval = Duration::from_secs(self.config.revalidate_secs.max(10));
         if last.is_none_or(|t| now.saturating_duration_since(t) >= interval) {
             *last = Some(now);
-            tracing::error!(store = %self.store.describe(), error = %message, "credential store unreachable; new logins fail closed");
+            tracing::error!(store = %self.store.describe(), %error, "credential store unreachable; new logins fail closed");
         }
     }
 
@@ -198,8 +194,7 @@ impl Authenticator {
         let legacy = match self.store.legacy_hash(username).await {
             Ok(found) => found,
             Err(e) => {
-                Metrics::inc(&self.metrics.store_errors_total);
-                self.log_unavailable(&e.to_string());
+                self.store_failed(&e);
                 return Err(Refusal::Unavailable);
             }
         };
@@ -242,8 +237,7 @@ impl Authenticator {
             let records = match self.store.get_many(batch).await {
                 Ok(records) => records,
                 Err(e) => {
-                    Metrics::inc(&self.metrics.store_errors_total);
-                    self.log_unavailable(&e.to_string());
+                    self.store_failed(&e);
                     return kicks;
                 }
             };

@@ -13,14 +13,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use crate::codec::{self, ConnAckInfo, Version};
+use crate::codec::{self, Version};
 use crate::metrics::Metrics;
 use crate::session::{self, ListenerKind, Shared};
 use crate::ws;
@@ -74,8 +73,9 @@ pub async fn run(listener: Listener, shared: Arc<Shared>, limit: Arc<Semaphore>,
                 Metrics::inc(&metrics.connections_refused_limit_total);
                 info!(%peer, listener = kind.name, "refused: connection limit reached");
                 if let Ok(permit) = refusals.clone().try_acquire_owned() {
+                    let metrics = metrics.clone();
                     tokio::spawn(async move {
-                        refuse_busy(socket, deadline, tls, websocket).await;
+                        refuse_busy(socket, deadline, tls, websocket, &metrics).await;
                         drop(permit);
                     });
                 }
@@ -144,44 +144,30 @@ async fn handle(
     }
 }
 
-async fn refuse_busy(socket: TcpStream, deadline: Instant, tls: Option<TlsAcceptor>, websocket: bool) {
+async fn refuse_busy(
+    socket: TcpStream,
+    deadline: Instant,
+    tls: Option<TlsAcceptor>,
+    websocket: bool,
+    metrics: &Metrics,
+) {
     // Refusals get a shorter leash than real connections.
     let deadline = deadline.min(Instant::now() + Duration::from_secs(2));
     if let Ok(stream) = establish(socket, deadline, tls, websocket).await {
-        refuse_stream(stream, deadline).await;
+        refuse_stream(stream, deadline, metrics).await;
     }
 }
 
-async fn refuse_stream(mut stream: Box<dyn session::Stream>, deadline: Instant) {
+async fn refuse_stream(mut stream: Box<dyn session::Stream>, deadline: Instant, metrics: &Metrics) {
     let mut buf = BytesMut::with_capacity(256);
-    let frame = tokio::time::timeout_at(deadline, async {
-        loop {
-            match codec::next_frame(&mut buf, 4096) {
-                Ok(Some(frame)) => return Some(frame),
-                Ok(None) => {}
-                Err(_) => return None,
-            }
-            match stream.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => return None,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
-    let Ok(Some(frame)) = frame else { return };
-    let (version, code) = match codec::connect_level(&frame) {
-        Some(5) => (Version::V5, 0x97),
-        Some(_) => (Version::V4, 0x03),
+    let read = session::read_frame(&mut stream, &mut buf, 4096, metrics);
+    let Ok(session::Read::Frame(frame)) = tokio::time::timeout_at(deadline, read).await else { return };
+    let version = match codec::connect_level(&frame) {
+        Some(5) => Version::V5,
+        Some(_) => Version::V4,
         None => return,
     };
-    let mut out = BytesMut::new();
-    let info = ConnAckInfo { reason: Some("connection limit reached"), ..Default::default() };
-    codec::connack(version, false, code, &info, &mut out);
-    let _ = tokio::time::timeout_at(deadline, async {
-        stream.write_all(&out).await?;
-        stream.flush().await
-    })
-    .await;
+    session::refuse(&mut stream, version, session::OVER_LIMIT, Some("connection limit reached"), deadline).await;
 }
 
 /// A permit pool for the connection limit, and one for refusals.

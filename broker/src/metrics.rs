@@ -8,7 +8,6 @@
 //! the dependency tree.
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -121,11 +120,6 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
             let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(response.as_bytes())).await;
         });
     }
-}
-
-/// Binds the metrics listener (a bad address fails the start, not the first scrape).
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }
 
 #[cfg(test)]

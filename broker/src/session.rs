@@ -140,14 +140,36 @@ impl End {
 
 /// Refusal codes for CONNACK, per version.
 #[derive(Clone, Copy)]
-struct Code {
+pub(crate) struct Code {
     v4: u8,
     v5: u8,
 }
 
+impl Code {
+    fn for_version(self, version: Version) -> u8 {
+        if version == Version::V4 { self.v4 } else { self.v5 }
+    }
+}
+
+/// Answers a CONNECT with a refusal, waiting at most until `until` for the
+/// client to take it.
+pub(crate) async fn refuse<W>(wr: &mut W, version: Version, code: Code, reason: Option<&'static str>, until: Instant)
+where
+    W: AsyncWrite + Unpin,
+{
+    let mut out = BytesMut::new();
+    codec::connack(version, false, code.for_version(version), &ConnAckInfo { reason, ..Default::default() }, &mut out);
+    let _ = tokio::time::timeout_at(until, send(wr, &out)).await;
+}
+
+/// How long a refused client gets to read its CONNACK.
+const REFUSAL_WRITE: Duration = Duration::from_secs(5);
+
 const UNSUPPORTED_VERSION: Code = Code { v4: 0x01, v5: 0x84 };
 const BAD_CLIENT_ID: Code = Code { v4: 0x02, v5: 0x85 };
 const UNAVAILABLE: Code = Code { v4: 0x03, v5: 0x88 };
+/// The front's connection limit: 3.1.1 has only "server unavailable".
+pub(crate) const OVER_LIMIT: Code = Code { v4: 0x03, v5: 0x97 };
 const BAD_CREDENTIALS: Code = Code { v4: 0x04, v5: 0x86 };
 const NOT_AUTHORIZED: Code = Code { v4: 0x05, v5: 0x87 };
 const BAD_AUTH_METHOD: Code = Code { v4: 0x05, v5: 0x8c };
@@ -170,13 +192,18 @@ fn valid_client_id(id: &str) -> bool {
 }
 
 /// A complete frame, or why there is none.
-enum Read {
+pub(crate) enum Read {
     Frame(Frame),
     Eof,
     Bad(FrameError),
 }
 
-async fn read_frame<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut, max: usize, metrics: &Metrics) -> Read {
+pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+    metrics: &Metrics,
+) -> Read {
     loop {
         match codec::next_frame(buf, max) {
             Ok(Some(frame)) => return Read::Frame(frame),
@@ -255,9 +282,7 @@ where
             Metrics::inc(&metrics.logins_refused_total);
             info!(%peer, ?level, "refused: unsupported MQTT protocol level");
             if level.is_some() {
-                let mut out = BytesMut::new();
-                codec::connack(Version::V4, false, UNSUPPORTED_VERSION.v4, &ConnAckInfo::default(), &mut out);
-                let _ = tokio::time::timeout_at(deadline, send(wr, &out)).await;
+                refuse(wr, Version::V4, UNSUPPORTED_VERSION, None, deadline).await;
             }
             return None;
         }
@@ -272,7 +297,6 @@ where
             return None;
         }
     };
-    let mut out = BytesMut::new();
     // Every step inside has its own deadline (store calls, the hashing
     // queue); this one bounds their sum, so no CONNECT waits without end.
     let login_timeout = Duration::from_millis(shared.config.limits.login_timeout_ms);
@@ -287,9 +311,7 @@ where
     let (principal, assigned) = match admitted {
         Ok(ok) => ok,
         Err((code, reason)) => {
-            let code = if version == Version::V4 { code.v4 } else { code.v5 };
-            codec::connack(version, false, code, &ConnAckInfo { reason: Some(reason), ..Default::default() }, &mut out);
-            let _ = tokio::time::timeout(Duration::from_secs(5), send(wr, &out)).await;
+            refuse(wr, version, code, Some(reason), Instant::now() + REFUSAL_WRITE).await;
             return None;
         }
     };
@@ -304,9 +326,7 @@ where
         Ok(Ok(link)) => link,
         _ => {
             warn!(%peer, client_id = %principal.client_id, "refused: the router did not accept the connection");
-            let code = if version == Version::V4 { UNAVAILABLE.v4 } else { UNAVAILABLE.v5 };
-            codec::connack(version, false, code, &ConnAckInfo::default(), &mut out);
-            let _ = tokio::time::timeout(Duration::from_secs(5), send(wr, &out)).await;
+            refuse(wr, version, UNAVAILABLE, None, Instant::now() + REFUSAL_WRITE).await;
             return None;
         }
     };
@@ -316,6 +336,7 @@ where
         assigned_client_id: assigned,
         reason: None,
     };
+    let mut out = BytesMut::new();
     codec::connack(version, session_present, 0, &info, &mut out);
 
     let (session_id, kick) = shared.sessions.register(&principal.username);
@@ -368,60 +389,66 @@ pub async fn serve(
     let Some(Opened { mut state, mut link_rx, mut kick, session_id, keepalive, will }) = opened else { return };
     let metrics = shared.metrics.clone();
     let write_timeout = Duration::from_millis(shared.config.limits.write_timeout_ms);
-    let mut last_read = Instant::now();
+    // One keep-alive timer for the whole session, pushed back on each read
+    // (not a new timer per loop turn: the loop turns for every batch the
+    // router delivers too). Without keep-alive it never fires.
+    let keepalive_timer = tokio::time::sleep(keepalive.unwrap_or(Duration::MAX / 4));
+    tokio::pin!(keepalive_timer);
 
     // A client may send its first packets right behind CONNECT without
     // waiting for the CONNACK (paho does, over TLS often in one record):
     // they are already in the buffer, and no further read would bring them.
-    let pipelined = if inbuf.is_empty() { None } else { state.on_bytes(&mut inbuf).await };
+    let mut unread = !inbuf.is_empty();
 
-    let end = if let Some(end) = pipelined {
-        end
-    } else {
-        loop {
-            if !state.out.is_empty() {
-                let n = state.out.len();
-                match tokio::time::timeout(write_timeout, send(&mut wr, &state.out)).await {
-                    Ok(Ok(())) => Metrics::add(&metrics.bytes_out_total, n as u64),
-                    _ => break End::Lost,
-                }
-                state.out.clear();
-                if std::mem::take(&mut state.unscheduled) && Box::pin(link_rx.wake()).await.is_err() {
-                    break End::TakenOver;
-                }
+    let end = loop {
+        if std::mem::take(&mut unread)
+            && let Some(end) = state.on_bytes(&mut inbuf).await
+        {
+            break end;
+        }
+        if !state.out.is_empty() {
+            let n = state.out.len();
+            match tokio::time::timeout(write_timeout, send(&mut wr, &state.out)).await {
+                Ok(Ok(())) => Metrics::add(&metrics.bytes_out_total, n as u64),
+                _ => break End::Lost,
             }
-            let ka_deadline = keepalive.map(|k| last_read + k);
-            tokio::select! {
-                reason = &mut kick => break End::Kicked(reason.unwrap_or(KickReason::Shutdown)),
-                _ = sleep_until_opt(ka_deadline) => {
-                    Metrics::inc(&metrics.keepalive_timeouts_total);
-                    break End::KeepAlive;
-                }
-                read = rd.read_buf(&mut inbuf) => match read {
-                    Ok(0) | Err(_) => break End::Lost,
-                    Ok(n) => {
-                        Metrics::add(&metrics.bytes_in_total, n as u64);
-                        last_read = Instant::now();
-                        if let Some(end) = state.on_bytes(&mut inbuf).await {
-                            break end;
-                        }
-                        shrink(&mut inbuf);
-                    }
-                },
-                notification = link_rx.next() => match notification {
-                    Ok(Some(n)) => {
-                        if let Some(end) = state.on_notification(n) {
-                            break end;
-                        }
-                        // Drain what the router already queued, without waiting.
-                        if let Some(end) = state.drain(&mut link_rx) {
-                            break end;
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(_) => break End::TakenOver,
-                },
+            state.out.clear();
+            if std::mem::take(&mut state.unscheduled) && Box::pin(link_rx.wake()).await.is_err() {
+                break End::TakenOver;
             }
+        }
+        tokio::select! {
+            reason = &mut kick => break End::Kicked(reason.unwrap_or(KickReason::Shutdown)),
+            _ = &mut keepalive_timer => {
+                Metrics::inc(&metrics.keepalive_timeouts_total);
+                break End::KeepAlive;
+            }
+            read = rd.read_buf(&mut inbuf) => match read {
+                Ok(0) | Err(_) => break End::Lost,
+                Ok(n) => {
+                    Metrics::add(&metrics.bytes_in_total, n as u64);
+                    if let Some(k) = keepalive {
+                        keepalive_timer.as_mut().reset(Instant::now() + k);
+                    }
+                    if let Some(end) = state.on_bytes(&mut inbuf).await {
+                        break end;
+                    }
+                    shrink(&mut inbuf);
+                }
+            },
+            notification = link_rx.next() => match notification {
+                Ok(Some(n)) => {
+                    if let Some(end) = state.on_notification(n) {
+                        break end;
+                    }
+                    // Drain what the router already queued, without waiting.
+                    if let Some(end) = state.drain(&mut link_rx) {
+                        break end;
+                    }
+                }
+                Ok(None) => {}
+                Err(_) => break End::TakenOver,
+            },
         }
     };
 
@@ -429,13 +456,6 @@ pub async fn serve(
     Box::pin(state.finish(end, will.map(|w| *w), &mut wr)).await;
     shared.sessions.unregister(&username, session_id);
     Metrics::dec(&metrics.sessions_active);
-}
-
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// An idle connection should not keep a large buffer from one big packet.

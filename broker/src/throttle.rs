@@ -100,14 +100,10 @@ impl<K: Eq + Hash + Clone> Throttle<K> {
         }
     }
 
-    /// Number of keys tracked (for tests and metrics).
-    pub fn len(&self) -> usize {
+    /// Number of keys tracked.
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.entries.lock().map(|e| e.len()).unwrap_or(0)
-    }
-
-    /// Whether no key is tracked.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

@@ -255,14 +255,6 @@ pub enum StoreError {
     Random(getrandom::Error),
 }
 
-impl StoreError {
-    /// Whether the store itself is unreachable or failing (as opposed to the
-    /// request being wrong): the broker fails closed on these and retries.
-    pub fn is_unavailable(&self) -> bool {
-        matches!(self, StoreError::Mongo { .. } | StoreError::Timeout { .. } | StoreError::File { .. })
-    }
-}
-
 /// The operations the broker and the CLI need from a credential store.
 ///
 /// Futures are `Send` so the broker can call the store from any task.

@@ -58,7 +58,6 @@ struct LegacyDoc {
 pub struct MongoStore {
     users: Collection<UserRecord>,
     legacy: Option<Collection<LegacyDoc>>,
-    legacy_raw: Option<Collection<mongodb::bson::Document>>,
     address: String,
     timeout: Duration,
 }
@@ -77,14 +76,8 @@ impl MongoStore {
         let client = Client::with_options(options)
             .map_err(|e| StoreError::Mongo { address: address.clone(), message: e.to_string() })?;
         let users: Collection<UserRecord> = client.database(&config.database).collection(&config.collection);
-        let (legacy, legacy_raw) = match &config.legacy {
-            Some(l) => {
-                let db = client.database(&l.database);
-                (Some(db.collection(&l.collection)), Some(db.collection(&l.collection)))
-            }
-            None => (None, None),
-        };
-        let store = MongoStore { users, legacy, legacy_raw, address, timeout: config.timeout };
+        let legacy = config.legacy.as_ref().map(|l| client.database(&l.database).collection(&l.collection));
+        let store = MongoStore { users, legacy, address, timeout: config.timeout };
         store.spawn_index_task();
         Ok(store)
     }
@@ -92,11 +85,7 @@ impl MongoStore {
     /// Creates the unique index now, failing if MongoDB cannot be reached:
     /// for tools (the CLI) that want to know at once.
     pub async fn ensure_index(&self) -> Result<(), StoreError> {
-        let index = IndexModel::builder()
-            .keys(doc! { "username": 1 })
-            .options(IndexOptions::builder().unique(true).name("username_unique".to_owned()).build())
-            .build();
-        self.deadline(async { self.users.create_index(index).await.map(|_| ()) }).await
+        self.deadline(async { self.users.create_index(username_index()).await.map(|_| ()) }).await
     }
 
     fn spawn_index_task(&self) {
@@ -106,11 +95,7 @@ impl MongoStore {
         tokio::spawn(async move {
             let mut delay = Duration::from_millis(500);
             loop {
-                let index = IndexModel::builder()
-                    .keys(doc! { "username": 1 })
-                    .options(IndexOptions::builder().unique(true).name("username_unique".to_owned()).build())
-                    .build();
-                match tokio::time::timeout(timeout, users.create_index(index)).await {
+                match tokio::time::timeout(timeout, users.create_index(username_index())).await {
                     Ok(Ok(_)) => return,
                     Ok(Err(e)) => tracing_warn(&address, &e.to_string()),
                     Err(_) => tracing_warn(&address, "timed out creating the username index"),
@@ -146,6 +131,15 @@ impl MongoStore {
     fn error(&self, e: mongodb::error::Error) -> StoreError {
         StoreError::Mongo { address: self.address.clone(), message: e.to_string() }
     }
+}
+
+/// Usernames are unique: the CLI's `add` relies on the refusal, and EMQX
+/// reads at most one document per name.
+fn username_index() -> IndexModel {
+    IndexModel::builder()
+        .keys(doc! { "username": 1 })
+        .options(IndexOptions::builder().unique(true).name("username_unique".to_owned()).build())
+        .build()
 }
 
 /// The store crate does not depend on `tracing`; index-creation failures go
@@ -221,8 +215,9 @@ impl CredentialStore for MongoStore {
 
     async fn upgrade_legacy(&self, upgraded: &UserRecord) -> Result<(), StoreError> {
         self.put(upgraded, true).await?;
-        if let Some(raw) = &self.legacy_raw {
-            self.deadline(raw.delete_many(doc! { "username": &upgraded.username })).await?;
+        // A delete never decodes documents, so the typed handle serves.
+        if let Some(legacy) = &self.legacy {
+            self.deadline(legacy.delete_many(doc! { "username": &upgraded.username })).await?;
         }
         Ok(())
     }

@@ -263,12 +263,6 @@ impl BrokerProc {
         matches!(self.child.try_wait(), Ok(None))
     }
 
-    /// The process id.
-    #[must_use]
-    pub fn pid(&self) -> Option<u32> {
-        self.child.id()
-    }
-
     /// Sends SIGTERM and waits for the exit.
     ///
     /// # Errors
