@@ -58,6 +58,9 @@ pub enum KickReason {
     Disabled,
     /// The user was deleted.
     Deleted,
+    /// The user's password changed (`mqseal device rotate`, `user passwd`):
+    /// sessions opened with the old one must not outlive it.
+    CredentialsChanged,
     /// The broker is shutting down.
     Shutdown,
 }
@@ -248,7 +251,11 @@ impl Authenticator {
                 match found.get(name.as_str()) {
                     Some(record) if !record.disabled => {
                         if let Some(entry) = cache.get_mut(name) {
+                            let changed = entry.record.password_hash != record.password_hash;
                             *entry = Cached { record: (*record).clone(), fetched: now };
+                            if changed && live.contains(name) {
+                                kicks.push((name.clone(), KickReason::CredentialsChanged));
+                            }
                         }
                     }
                     Some(_) => {

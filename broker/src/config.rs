@@ -133,56 +133,7 @@ impl Default for Limits {
     }
 }
 
-/// Which credential store.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum StoreKind {
-    /// `data_dir/users.json` (or `store.path`).
-    File,
-    /// `store.mongodb_uri`.
-    Mongodb,
-}
-
-/// `[store]`
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct StoreConfig {
-    /// `file` (default) or `mongodb`.
-    pub kind: StoreKind,
-    /// File store path; default `data_dir/users.json`.
-    pub path: Option<PathBuf>,
-    /// MongoDB URI.
-    pub mongodb_uri: Option<String>,
-    /// MongoDB database.
-    pub database: String,
-    /// MongoDB collection (EMQX's default name).
-    pub collection: String,
-    /// Also accept the seed's `IOT.login_info` unsalted SHA-256 users, and
-    /// upgrade each to PBKDF2 on its next successful login.
-    pub legacy_login_info: bool,
-    /// Database of the legacy collection.
-    pub legacy_database: String,
-    /// Legacy collection.
-    pub legacy_collection: String,
-    /// Deadline for every store call.
-    pub timeout_ms: u64,
-}
-
-impl Default for StoreConfig {
-    fn default() -> Self {
-        StoreConfig {
-            kind: StoreKind::File,
-            path: None,
-            mongodb_uri: None,
-            database: "mqseal".into(),
-            collection: "mqtt_user".into(),
-            legacy_login_info: false,
-            legacy_database: "IOT".into(),
-            legacy_collection: "login_info".into(),
-            timeout_ms: 2_000,
-        }
-    }
-}
+pub use mqseal_store::{StoreConfig, StoreKind};
 
 /// `[auth]`
 #[derive(Clone, Debug, Deserialize)]
@@ -322,58 +273,17 @@ impl Default for RouterTuning {
     }
 }
 
-/// A config file that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("{path}: {source}")]
-    Read {
-        /// Which file.
-        path: String,
-        /// What the OS said.
-        source: std::io::Error,
-    },
-    /// Not TOML, or a key or value that does not fit.
-    #[error("{path}:{line}:{column}: {message}")]
-    Parse {
-        /// Which file.
-        path: String,
-        /// 1-based line.
-        line: usize,
-        /// 1-based column.
-        column: usize,
-        /// What is wrong, naming the field.
-        message: String,
-    },
-    /// Values that parse but do not make sense together.
-    #[error("{path}: {message}")]
-    Invalid {
-        /// Which file (or "flags").
-        path: String,
-        /// What is wrong, naming the field.
-        message: String,
-    },
-}
+pub use mqseal_tomlfile::ConfigError;
 
 impl Config {
     /// Parses `text` (read from `path`, used in messages).
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| {
-            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
-            // toml names unknown keys but not the key of a mistyped value;
-            // quoting the line names the field either way.
-            let source = text.lines().nth(line - 1).unwrap_or("").trim();
-            let message = format!("{} (in `{source}`)", e.message().trim_end());
-            ConfigError::Parse { path: path.display().to_string(), line, column, message }
-        })?;
-        Ok(config)
+        mqseal_tomlfile::parse(text, path)
     }
 
     /// Reads and parses the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-        Config::parse(&text, path)
+        mqseal_tomlfile::load(path)
     }
 
     /// Cross-field checks, after flags are applied.
@@ -423,20 +333,13 @@ impl Config {
 
     /// The file store's path.
     pub fn store_path(&self) -> PathBuf {
-        self.store.path.clone().unwrap_or_else(|| self.data_dir.join("users.json"))
+        self.store.file_path(&self.data_dir)
     }
 
     /// `limits.connect_timeout_ms` as a duration.
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.limits.connect_timeout_ms)
     }
-}
-
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = text.get(..offset).unwrap_or(text);
-    let line = before.matches('\n').count() + 1;
-    let column = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
-    (line, column)
 }
 
 #[cfg(test)]

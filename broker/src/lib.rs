@@ -25,13 +25,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use mqseal_store::{AnyStore, CredentialStore, FileStore, LegacyLayout, MongoConfig, MongoStore, Role, UserRecord};
+use mqseal_store::{AnyStore, CredentialStore, Role, UserRecord};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use crate::acl::Acl;
 use crate::auth::{Authenticator, KickReason};
-use crate::config::{Config, StoreKind};
+use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::session::{ListenerKind, Sessions, Shared};
 
@@ -102,25 +102,6 @@ impl Running {
     }
 }
 
-async fn open_store(config: &Config) -> Result<AnyStore, StartError> {
-    Ok(match config.store.kind {
-        StoreKind::File => AnyStore::File(FileStore::open(config.store_path())?),
-        StoreKind::Mongodb => {
-            let mongo = MongoConfig {
-                uri: config.store.mongodb_uri.clone().unwrap_or_default(),
-                database: config.store.database.clone(),
-                collection: config.store.collection.clone(),
-                legacy: config.store.legacy_login_info.then(|| LegacyLayout {
-                    database: config.store.legacy_database.clone(),
-                    collection: config.store.legacy_collection.clone(),
-                }),
-                timeout: Duration::from_millis(config.store.timeout_ms),
-            };
-            AnyStore::Mongo(MongoStore::connect(&mongo).await?)
-        }
-    })
-}
-
 /// On the very first start (an empty store) an admin is created with a
 /// random 256-bit password, returned to the caller to show once. It is never
 /// logged: only its hash is stored.
@@ -172,7 +153,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     rules.extend(config.acl.rules.iter().cloned());
     let acl = Acl::new(&rules)?;
 
-    let store = Arc::new(open_store(&config).await?);
+    let store = Arc::new(config.store.open(&config.data_dir).await?);
     let first_admin = first_admin(&store, config.auth.pbkdf2_iterations).await;
     info!(store = %store.describe(), "credential store ready");
 

@@ -13,6 +13,7 @@
 
 #![forbid(unsafe_code)]
 
+mod config;
 mod file;
 pub mod hash;
 mod mongo;
@@ -23,6 +24,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+pub use config::{StoreConfig, StoreKind};
 pub use file::{FileStore, write_private};
 pub use hash::Algorithm;
 pub use mongo::{LegacyLayout, MongoConfig, MongoStore};
