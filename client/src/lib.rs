@@ -1,0 +1,270 @@
+//! What the agent and the controller share to reach a broker.
+//!
+//! Both are MQTT clients of the same broker with the same needs: a
+//! `[broker]` section naming the endpoint, TLS and credentials (read from a
+//! file, never from a command line), reconnecting without hammering a broker
+//! that is down, and — because `proto` is sans-IO — a clock and a random
+//! number generator to hand to it. Keeping these here means one answer to
+//! "how does mqseal connect" for every binary.
+
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rand_core::{Rng, UnwrapErr};
+use rumqttc::{MqttOptions, TlsConfiguration, Transport};
+use rustls_pki_types::pem::PemObject;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+pub use rumqttc;
+
+/// Largest MQTT packet either side sends or accepts: a 64 KiB envelope plus
+/// the topic and packet header, with room to spare.
+pub const MAX_PACKET: usize = 80 * 1024;
+
+/// Why a client cannot be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// A file named in the configuration could not be read.
+    #[error("{what} {path}: {source}")]
+    Read {
+        /// What the file was for.
+        what: &'static str,
+        /// Its path.
+        path: String,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The `[broker]` section is unusable.
+    #[error("broker config: {0}")]
+    Invalid(String),
+}
+
+/// `[broker]`: where the broker is and how to log in to it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerEndpoint {
+    /// Host name or address.
+    #[serde(default = "default_host")]
+    pub host: String,
+    /// Port (1883 plain, 8883 TLS by convention).
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// CA certificate (PEM) to verify the broker with; TLS is on when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
+    /// Name the broker's certificate must carry, if not `host`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_server_name: Option<String>,
+    /// Login name.
+    pub username: String,
+    /// The password itself. Only for files that are themselves secrets
+    /// (an agent bundle, written 0600); otherwise use `password_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<Zeroizing<String>>,
+    /// A file whose first line is the password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// MQTT keep-alive in seconds (at least 5).
+    #[serde(default = "default_keepalive")]
+    pub keepalive_secs: u64,
+    /// TCP connect plus TLS handshake deadline.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: u64,
+}
+
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_port() -> u16 {
+    1883
+}
+fn default_keepalive() -> u64 {
+    30
+}
+fn default_connect_timeout() -> u64 {
+    10
+}
+
+impl BrokerEndpoint {
+    /// An endpoint on `host:port` logging in as `username`.
+    pub fn new(host: &str, port: u16, username: &str) -> Self {
+        BrokerEndpoint {
+            host: host.into(),
+            port,
+            tls_ca: None,
+            tls_server_name: None,
+            username: username.into(),
+            password: None,
+            password_file: None,
+            keepalive_secs: default_keepalive(),
+            connect_timeout_secs: default_connect_timeout(),
+        }
+    }
+
+    /// `host:port`, for messages.
+    pub fn address(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+
+    /// The password: inline, or the first line of `password_file`
+    /// (relative paths resolve against `base`, the config file's folder).
+    ///
+    /// # Errors
+    /// [`ClientError`] when neither is set or the file cannot be read.
+    pub fn password(&self, base: &Path) -> Result<Zeroizing<String>, ClientError> {
+        if let Some(p) = &self.password {
+            return Ok(p.clone());
+        }
+        let Some(file) = &self.password_file else {
+            return Err(ClientError::Invalid("set broker.password_file (or broker.password in a 0600 bundle)".into()));
+        };
+        let path = base.join(file);
+        let text = Zeroizing::new(std::fs::read_to_string(&path).map_err(|source| ClientError::Read {
+            what: "password file",
+            path: path.display().to_string(),
+            source,
+        })?);
+        Ok(Zeroizing::new(text.lines().next().unwrap_or("").to_owned()))
+    }
+
+    /// rumqttc options for this endpoint, as `client_id`.
+    ///
+    /// # Errors
+    /// [`ClientError`] for an unreadable password or CA file, or bad values.
+    pub fn mqtt_options(&self, client_id: &str, base: &Path) -> Result<MqttOptions, ClientError> {
+        if client_id.is_empty() || client_id.starts_with(' ') {
+            return Err(ClientError::Invalid(format!("client id {client_id:?} is not usable")));
+        }
+        if self.keepalive_secs < 5 || self.keepalive_secs > 65_535 {
+            return Err(ClientError::Invalid(format!(
+                "broker.keepalive_secs = {}: must be 5 to 65535",
+                self.keepalive_secs
+            )));
+        }
+        let mut options = MqttOptions::new(client_id, self.host.clone(), self.port);
+        options
+            .set_credentials(self.username.clone(), self.password(base)?.as_str())
+            .set_keep_alive(Duration::from_secs(self.keepalive_secs))
+            .set_max_packet_size(MAX_PACKET, MAX_PACKET);
+        if let Some(ca) = &self.tls_ca {
+            options.set_transport(Transport::tls_with_config(self.tls(&base.join(ca))?));
+        }
+        Ok(options)
+    }
+
+    fn tls(&self, ca_path: &Path) -> Result<TlsConfiguration, ClientError> {
+        let pem = std::fs::read(ca_path).map_err(|source| ClientError::Read {
+            what: "CA certificate",
+            path: ca_path.display().to_string(),
+            source,
+        })?;
+        let mut roots = rustls::RootCertStore::empty();
+        let mut found = 0;
+        for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.map_err(|e| ClientError::Invalid(format!("CA certificate {}: {e}", ca_path.display())))?;
+            roots.add(cert).map_err(|e| ClientError::Invalid(format!("CA certificate {}: {e}", ca_path.display())))?;
+            found += 1;
+        }
+        if found == 0 {
+            return Err(ClientError::Invalid(format!("CA certificate {}: no certificate in it", ca_path.display())));
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ClientError::Invalid(format!("TLS: {e}")))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(TlsConfiguration::Rustls(Arc::new(config)))
+    }
+
+    /// The network options carrying the connect deadline.
+    pub fn network_options(&self) -> rumqttc::NetworkOptions {
+        let mut n = rumqttc::NetworkOptions::new();
+        n.set_connection_timeout(self.connect_timeout_secs.max(1));
+        n
+    }
+}
+
+/// Reconnect delays: exponential with full jitter (AWS's "full jitter"), so
+/// that a fleet cut off by a broker restart does not come back in lockstep.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    base: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    /// Starting at `base`, doubling up to `max`.
+    pub fn new(base: Duration, max: Duration) -> Self {
+        Backoff { base, max, attempt: 0 }
+    }
+
+    /// The delay before the next attempt: uniform in `[0, min(max, base·2^n)]`,
+    /// but never under a tenth of `base`.
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = self.base.saturating_mul(1u32 << self.attempt.min(16)).min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        let ms = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX).max(1);
+        let jittered = rng().next_u64() % ms;
+        Duration::from_millis(jittered.max(u64::try_from(self.base.as_millis() / 10).unwrap_or(0)))
+    }
+
+    /// Back to `base` after a connection that worked.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// The operating system's RNG in the shape `proto` takes.
+///
+/// `UnwrapErr` turns a failing OS RNG into a panic: there is no secure way to
+/// go on without randomness, and on Linux `getrandom` does not fail once the
+/// pool is initialised.
+pub fn rng() -> UnwrapErr<getrandom::SysRng> {
+    UnwrapErr(getrandom::SysRng)
+}
+
+/// Seconds since the Unix epoch (0 if the clock is before 1970).
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        for _ in 0..50 {
+            let d = b.next_delay();
+            assert!(d >= Duration::from_millis(10) && d <= Duration::from_secs(2), "{d:?}");
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn passwords_come_from_a_file_or_the_bundle_and_errors_name_the_file() {
+        let dir = std::env::temp_dir().join(format!("mqseal-client-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("pw"), "s3cret\nignored\n").unwrap();
+        let mut e = BrokerEndpoint::new("127.0.0.1", 1883, "alice");
+        assert!(e.password(&dir).unwrap_err().to_string().contains("password_file"));
+        e.password_file = Some("pw".into());
+        assert_eq!(e.password(&dir).unwrap().as_str(), "s3cret");
+        e.password_file = Some("missing".into());
+        assert!(e.password(&dir).unwrap_err().to_string().contains("missing"));
+        e.tls_ca = Some("pw".into());
+        e.password = Some(Zeroizing::new("x".into()));
+        let err = e.mqtt_options("c", &dir).unwrap_err().to_string();
+        assert!(err.contains("no certificate"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
