@@ -1,0 +1,407 @@
+//! The agent's decisions, without the network.
+//!
+//! [`Agent::handle`] takes one publish (topic and bytes) plus the time and
+//! an RNG, and says what to do: answer a challenge request, re-send a stored
+//! response, execute a verified command, or nothing. [`Agent::finish`] turns
+//! an execution result into the authenticated response. All verification is
+//! `proto`'s; this module only decides the order and what to remember, so
+//! the same code drives the real agent (`main.rs`) and the benchmark's
+//! simulated fleet.
+
+use std::collections::BTreeMap;
+
+use mqseal_proto::challenge::{ChallengeDevice, ChallengeTable, Clock, Form, Registered, Verified};
+use mqseal_proto::sealed::{KeyId, OpenedCommand, ReplayCache, SealedDevice};
+use mqseal_proto::topic::{Channel, Topic, topic};
+use mqseal_proto::{Call, Error, Header, Kind, MsgId, Outcome, Policy, Status, peek};
+use rand_core::CryptoRng;
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+use crate::commands::CommandSpec;
+use crate::config::Keys;
+use crate::exec::Ran;
+use crate::state::{Journal, StateError, StateFile, Stored};
+
+/// Outstanding challenges a device keeps: enough for several controllers
+/// (and their retries) at once; a flood only evicts the oldest.
+pub const CHALLENGE_SLOTS: usize = 16;
+
+/// The caller's clock.
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    /// Seconds since the Unix epoch.
+    pub unix: u64,
+    /// Monotonic milliseconds, for challenge lifetimes.
+    pub mono_ms: u64,
+}
+
+/// A message to publish (QoS 1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    /// Topic.
+    pub topic: String,
+    /// Envelope.
+    pub payload: Vec<u8>,
+}
+
+/// What to do with a publish.
+#[derive(Debug)]
+pub enum Action {
+    /// Publish this (a challenge, or a stored response for a redelivery).
+    Publish(Outgoing),
+    /// Run this command, then pass the result to [`Agent::finish`].
+    Execute(Job),
+}
+
+/// A publish that was not acted on, with the reason for the one local log
+/// line. Nothing about it goes back over the network.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Rejected(pub String);
+
+impl From<Error> for Rejected {
+    fn from(e: Error) -> Self {
+        Rejected(e.to_string())
+    }
+}
+
+/// A verified command waiting to run.
+#[derive(Debug)]
+pub struct Job {
+    /// Command name.
+    pub name: String,
+    /// Its arguments (wiped on drop).
+    pub args: Zeroizing<Vec<String>>,
+    /// The journal key (SHA-256 of the envelope).
+    key: [u8; 32],
+    reply: Reply,
+    /// Set when the state could not be saved: do not run, answer this.
+    pub refuse: Option<String>,
+}
+
+#[derive(Debug)]
+enum Reply {
+    Sealed(Box<OpenedCommand>),
+    Challenge(Box<ChallengeReply>),
+}
+
+/// What a challenge-mode response must name, owned so it outlives the frame.
+#[derive(Debug)]
+struct ChallengeReply {
+    device: String,
+    topic: String,
+    msg_id: MsgId,
+    issued_at: u64,
+    expires_at: u64,
+    challenge: [u8; 16],
+    form: Form,
+}
+
+/// One device's verification state.
+pub struct Agent {
+    id: String,
+    keys: Keys,
+    policy: Policy,
+    replay: ReplayCache,
+    challenges: ChallengeTable<CHALLENGE_SLOTS>,
+    journal: Journal,
+    commands: BTreeMap<String, CommandSpec>,
+    /// Hidden-form candidates: (name, args).
+    hidden: Vec<(String, Vec<String>)>,
+    state: Option<StateFile>,
+    topics: Topics,
+}
+
+struct Topics {
+    cmd: Topic,
+    chal_req: Topic,
+    chal: Topic,
+    resp: Topic,
+}
+
+/// How to start from saved state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Restore {
+    /// Load it; a damaged file is an error.
+    Load,
+    /// Discard it and refuse every envelope that could have been accepted
+    /// before (a floor at `now + lifetime + skew`): the operator's way out
+    /// of a damaged state file that never reopens a replay window.
+    Reset,
+}
+
+impl Agent {
+    /// An agent for `id`, remembering its state in `state` (or only in
+    /// memory when `None`, as the simulated fleet does).
+    ///
+    /// # Errors
+    /// [`StateError`] when saved state is damaged or the folder unusable.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: &str,
+        keys: Keys,
+        policy: Policy,
+        challenge_lifetime_ms: u64,
+        replay_capacity: usize,
+        commands: BTreeMap<String, CommandSpec>,
+        state: Option<StateFile>,
+        restore: Restore,
+        now: Now,
+    ) -> Result<Agent, AgentError> {
+        let t = |c| topic(id, c).map_err(|e| AgentError::Id(e.to_string()));
+        let topics = Topics {
+            cmd: t(Channel::Command)?,
+            chal_req: t(Channel::ChallengeRequest)?,
+            chal: t(Channel::Challenge)?,
+            resp: t(Channel::Response)?,
+        };
+        let mut replay = ReplayCache::new(replay_capacity, policy);
+        let mut journal = Journal::default();
+        if let Some(sf) = &state {
+            match restore {
+                Restore::Load => {
+                    if let Some((bytes, j)) = sf.load()? {
+                        replay = ReplayCache::restore(&bytes, replay_capacity, policy, now.unix).map_err(|e| {
+                            AgentError::State(StateError::Corrupt { path: "state.bin".into(), what: e.to_string() })
+                        })?;
+                        journal = j;
+                    }
+                }
+                Restore::Reset => {
+                    let floor = now.unix.saturating_add(policy.max_lifetime_secs).saturating_add(policy.max_skew_secs);
+                    // Record-and-evict raises the floor: a capacity-1 cache
+                    // holding one synthetic entry expiring at `floor`, then
+                    // restored into the real capacity.
+                    let mut c = ReplayCache::new(1, policy);
+                    c.record(KeyId([0; 32]), MsgId([0; 16]), floor, now.unix);
+                    c.record(KeyId([0; 32]), MsgId([1; 16]), floor, now.unix);
+                    replay = ReplayCache::restore(&c.export()?, replay_capacity, policy, now.unix)?;
+                    sf.save(&replay.export()?, &journal)?;
+                }
+            }
+        }
+        let hidden = commands
+            .iter()
+            .flat_map(|(name, spec)| spec.hidden_forms().into_iter().map(move |args| (name.clone(), args)))
+            .collect();
+        Ok(Agent {
+            id: id.to_owned(),
+            keys,
+            policy,
+            replay,
+            challenges: ChallengeTable::new(challenge_lifetime_ms),
+            journal,
+            commands,
+            hidden,
+            state,
+            topics,
+        })
+    }
+
+    /// The device id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The topics to subscribe to.
+    pub fn subscriptions(&self) -> [&str; 2] {
+        [&self.topics.cmd, &self.topics.chal_req]
+    }
+
+    /// The allow-list entry for `name`.
+    pub fn command(&self, name: &str) -> Option<&CommandSpec> {
+        self.commands.get(name)
+    }
+
+    /// Decides what to do with a publish that arrived on `topic`.
+    ///
+    /// # Errors
+    /// [`Rejected`] with the reason, for the caller's log line.
+    pub fn handle<R: CryptoRng + ?Sized>(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        now: Now,
+        rng: &mut R,
+    ) -> Result<Action, Rejected> {
+        let kind = peek(payload)?;
+        if topic == self.topics.chal_req.as_str() {
+            return self.answer_challenge_request(payload, now, rng);
+        }
+        if topic != self.topics.cmd.as_str() {
+            return Err(Rejected(format!("publish on unexpected topic {topic}")));
+        }
+        let key: [u8; 32] = Sha256::digest(payload).into();
+        if let Some(entry) = self.journal.get(&key) {
+            return match &entry.response {
+                Some(stored) => {
+                    Ok(Action::Publish(Outgoing { topic: stored.topic.clone(), payload: stored.payload.clone() }))
+                }
+                None => Err(Rejected("duplicate of a command still running or interrupted by a restart".into())),
+            };
+        }
+        let job = match kind {
+            Kind::SealedCommand => self.open_sealed(payload, topic, now, rng, key)?,
+            Kind::ChallengeCommand => self.verify_challenge(payload, topic, now, key)?,
+            other => return Err(Rejected(format!("a {other} envelope on the command topic"))),
+        };
+        Ok(Action::Execute(self.commit(job, now)))
+    }
+
+    fn answer_challenge_request<R: CryptoRng + ?Sized>(
+        &mut self,
+        payload: &[u8],
+        now: Now,
+        rng: &mut R,
+    ) -> Result<Action, Rejected> {
+        let device = ChallengeDevice::new(&self.id, &self.keys.hmac, self.policy)?;
+        let mut out = [0u8; 256];
+        let n = device.answer_request(payload, &mut self.challenges, rng, now.mono_ms, &mut out)?;
+        let payload = out.get(..n).ok_or(Error::BufferTooSmall)?.to_vec();
+        Ok(Action::Publish(Outgoing { topic: self.topics.chal.to_string(), payload }))
+    }
+
+    fn open_sealed<R: CryptoRng + ?Sized>(
+        &mut self,
+        frame: &[u8],
+        topic: &str,
+        now: Now,
+        rng: &mut R,
+        key: [u8; 32],
+    ) -> Result<Job, Rejected> {
+        let device = SealedDevice::new(&self.id, &self.keys.private, &self.keys.controllers, self.policy)?;
+        let opened = device.open_command(rng, frame, topic, now.unix, &mut self.replay)?;
+        Ok(Job {
+            name: opened.name.clone(),
+            args: Zeroizing::new(opened.args.clone()),
+            key,
+            reply: Reply::Sealed(Box::new(opened)),
+            refuse: None,
+        })
+    }
+
+    fn verify_challenge(&mut self, frame: &[u8], topic: &str, now: Now, key: [u8; 32]) -> Result<Job, Rejected> {
+        let device = ChallengeDevice::new(&self.id, &self.keys.hmac, self.policy)?;
+        let args: Vec<Vec<&str>> = self.hidden.iter().map(|(_, a)| a.iter().map(String::as_str).collect()).collect();
+        let registry: Vec<Registered<'_>> =
+            self.hidden.iter().zip(&args).map(|((name, _), args)| Registered { name, args }).collect();
+        let clock = Clock { monotonic_ms: now.mono_ms, unix_secs: Some(now.unix) };
+        let v = device.verify_command(frame, topic, clock, &mut self.challenges, &registry)?;
+        let h = v.header;
+        Ok(Job {
+            name: v.call.name.to_owned(),
+            args: Zeroizing::new(v.call.args.as_slice().iter().map(|a| (*a).to_owned()).collect()),
+            key,
+            reply: Reply::Challenge(Box::new(ChallengeReply {
+                device: h.device.to_owned(),
+                topic: h.topic.to_owned(),
+                msg_id: h.msg_id,
+                issued_at: h.issued_at,
+                expires_at: h.expires_at,
+                challenge: v.challenge,
+                form: v.form,
+            })),
+            refuse: None,
+        })
+    }
+
+    /// Journals the accepted command and saves state before anything runs.
+    fn commit(&mut self, mut job: Job, now: Now) -> Job {
+        let expires_at = match &job.reply {
+            Reply::Sealed(o) => o.header.expires_at,
+            Reply::Challenge(c) => c.expires_at,
+        };
+        self.journal.prune(now.unix, self.policy.max_skew_secs);
+        self.journal.begin(job.key, expires_at);
+        if let Err(e) = self.save() {
+            job.refuse = Some(format!("refused to execute: replay state cannot be saved ({e})"));
+        }
+        job
+    }
+
+    fn save(&self) -> Result<(), AgentError> {
+        if let Some(sf) = &self.state {
+            sf.save(&self.replay.export()?, &self.journal)?;
+        }
+        Ok(())
+    }
+
+    /// Builds, journals and returns the response to `job`.
+    ///
+    /// # Errors
+    /// [`AgentError`] if no response can be built (the controller that sent
+    /// the command was removed from the keyring meanwhile). A failure to
+    /// *save* the response is not an error: it is returned anyway, because
+    /// the command has run and its sender should learn so.
+    pub fn finish<R: CryptoRng + ?Sized>(
+        &mut self,
+        job: Job,
+        ran: &Ran,
+        now: Now,
+        rng: &mut R,
+    ) -> Result<(Outgoing, Option<AgentError>), AgentError> {
+        let msg_id = MsgId::random(rng);
+        let payload = match &job.reply {
+            Reply::Sealed(opened) => {
+                let outcome = Outcome { status: ran.status, code: ran.code, output: &ran.output };
+                let device = SealedDevice::new(&self.id, &self.keys.private, &self.keys.controllers, self.policy)?;
+                device.seal_response(rng, opened, &outcome, msg_id, now.unix)?
+            }
+            Reply::Challenge(c) => {
+                // A hidden response cannot carry output the controller would
+                // have to guess: it confirms the status alone.
+                let outcome = match c.form {
+                    Form::Explicit => Outcome { status: ran.status, code: ran.code, output: &ran.output },
+                    Form::Hidden => Outcome { status: ran.status, code: 0, output: &[] },
+                };
+                let device = ChallengeDevice::new(&self.id, &self.keys.hmac, self.policy)?;
+                let header = Header {
+                    device: &c.device,
+                    topic: &c.topic,
+                    msg_id: c.msg_id,
+                    issued_at: c.issued_at,
+                    expires_at: c.expires_at,
+                };
+                let to = Verified {
+                    header,
+                    challenge: c.challenge,
+                    form: c.form,
+                    call: Call::new(&job.name, &[])?,
+                    registered: None,
+                };
+                let mut out = vec![0u8; mqseal_proto::limits::MAX_FRAME];
+                let n = device.respond(&to, c.form, &outcome, msg_id, Some(now.unix), &mut out)?;
+                out.truncate(n);
+                out
+            }
+        };
+        let out = Outgoing { topic: self.topics.resp.to_string(), payload };
+        self.journal.complete(job.key, Stored { topic: out.topic.clone(), payload: out.payload.clone() });
+        Ok((out.clone(), self.save().err()))
+    }
+
+    /// The outcome to report for a refused job.
+    pub fn refusal(reason: &str) -> Ran {
+        Ran { status: Status::Failed, code: 0, output: Zeroizing::new(reason.as_bytes().to_vec()) }
+    }
+
+    /// Sealed commands remembered by the replay cache.
+    pub fn replay_len(&self) -> usize {
+        self.replay.len()
+    }
+}
+
+/// Errors of the agent core.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The device id cannot name topics.
+    #[error("device id: {0}")]
+    Id(String),
+    /// Saved state.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// A `proto` error while building a response.
+    #[error("{0}")]
+    Proto(#[from] Error),
+}

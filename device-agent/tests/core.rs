@@ -1,0 +1,145 @@
+//! The agent core against real envelopes from `proto`'s controller side:
+//! exactly-once across redelivery and restarts, replay-cache persistence,
+//! and the reset path for a damaged state file.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::collections::BTreeMap;
+
+use mqseal_agent::agent::{Action, Agent, Now, Restore};
+use mqseal_agent::config::{AgentConfig, Keys};
+use mqseal_agent::exec::Ran;
+use mqseal_agent::state::StateFile;
+use mqseal_client::rng;
+use mqseal_proto::challenge::HmacKey;
+use mqseal_proto::sealed::{Keyring, PrivateKey, SealedController};
+use mqseal_proto::topic::{Channel, topic};
+use mqseal_proto::{Call, Header, MsgId, Policy, Status};
+use zeroize::Zeroizing;
+
+struct World {
+    controller: PrivateKey,
+    device_pem: Zeroizing<String>,
+    hmac: [u8; 32],
+}
+
+impl World {
+    fn new() -> World {
+        let controller = PrivateKey::generate(&mut rng(), 2048).unwrap();
+        let device = PrivateKey::generate(&mut rng(), 2048).unwrap();
+        World { controller, device_pem: device.to_pkcs8_pem().unwrap(), hmac: [7; 32] }
+    }
+
+    fn keys(&self) -> Keys {
+        let controllers: Keyring = [self.controller.public().clone()].into_iter().collect();
+        Keys {
+            hmac: HmacKey::new(self.hmac),
+            private: PrivateKey::from_pkcs8_pem(&self.device_pem).unwrap(),
+            controllers,
+        }
+    }
+
+    fn agent(&self, state: &std::path::Path, restore: Restore, now: u64) -> Agent {
+        Agent::new(
+            "dev-1",
+            self.keys(),
+            Policy::default(),
+            30_000,
+            64,
+            AgentConfig::default_commands().into_iter().collect::<BTreeMap<_, _>>(),
+            Some(StateFile::open(state).unwrap()),
+            restore,
+            Now { unix: now, mono_ms: 0 },
+        )
+        .unwrap()
+    }
+
+    fn command(&self, now: u64) -> Vec<u8> {
+        let device_key = PrivateKey::from_pkcs8_pem(&self.device_pem).unwrap();
+        let t = topic("dev-1", Channel::Command).unwrap();
+        let header = Header {
+            device: "dev-1",
+            topic: &t,
+            msg_id: MsgId::random(&mut rng()),
+            issued_at: now,
+            expires_at: now + 60,
+        };
+        SealedController::new(&self.controller)
+            .seal_command(&mut rng(), device_key.public(), &header, &Call::new("ping", &[]).unwrap())
+            .unwrap()
+    }
+}
+
+const CMD: &str = "mqseal/v1/dev/dev-1/cmd";
+const T0: u64 = 1_800_000_000;
+
+fn ok() -> Ran {
+    Ran { status: Status::Ok, code: 0, output: Zeroizing::new(b"pong".to_vec()) }
+}
+
+#[test]
+fn each_command_runs_once_across_redelivery_and_restart() {
+    let w = World::new();
+    let dir = tempfile::tempdir().unwrap();
+    let now = Now { unix: T0, mono_ms: 0 };
+    let frame = w.command(T0);
+
+    let mut agent = w.agent(dir.path(), Restore::Load, T0);
+    let Ok(Action::Execute(job)) = agent.handle(CMD, &frame, now, &mut rng()) else { panic!("not executed") };
+    let (response, save_error) = agent.finish(job, &ok(), now, &mut rng()).unwrap();
+    assert!(save_error.is_none());
+    // QoS 1 redelivery: the stored response, byte for byte, and no execution.
+    match agent.handle(CMD, &frame, now, &mut rng()) {
+        Ok(Action::Publish(again)) => assert_eq!(again, response),
+        other => panic!("redelivery: {other:?}"),
+    }
+    drop(agent);
+
+    // Restart: still answered from the journal, not executed.
+    let mut agent = w.agent(dir.path(), Restore::Load, T0 + 1);
+    assert!(matches!(agent.handle(CMD, &frame, now, &mut rng()), Ok(Action::Publish(p)) if p == response));
+    assert_eq!(agent.replay_len(), 1, "the replay cache came back from disk");
+
+    // A tampered copy is rejected with a reason, and nothing is journaled.
+    let mut t = frame.clone();
+    let last = t.len() - 1;
+    t[last] ^= 1;
+    let err = agent.handle(CMD, &t, now, &mut rng()).unwrap_err();
+    assert!(err.0.contains("signature") || err.0.contains("replay"), "{err}");
+}
+
+#[test]
+fn a_damaged_state_file_stops_the_agent_and_reset_closes_the_window() {
+    let w = World::new();
+    let dir = tempfile::tempdir().unwrap();
+    let frame = w.command(T0);
+    {
+        let mut agent = w.agent(dir.path(), Restore::Load, T0);
+        assert!(matches!(agent.handle(CMD, &frame, Now { unix: T0, mono_ms: 0 }, &mut rng()), Ok(Action::Execute(_))));
+    }
+    std::fs::write(dir.path().join("state.bin"), b"\x01\xff\xff").unwrap();
+    let err = Agent::new(
+        "dev-1",
+        w.keys(),
+        Policy::default(),
+        30_000,
+        64,
+        BTreeMap::new(),
+        Some(StateFile::open(dir.path()).unwrap()),
+        Restore::Load,
+        Now { unix: T0, mono_ms: 0 },
+    )
+    .err()
+    .expect("a damaged state file must not be ignored");
+    assert!(err.to_string().contains("--reset-state"), "{err}");
+
+    // --reset-state: the old command (and anything issued before the reset)
+    // is refused, even though its record is gone.
+    let mut agent = w.agent(dir.path(), Restore::Reset, T0 + 1);
+    let err = agent.handle(CMD, &frame, Now { unix: T0 + 1, mono_ms: 0 }, &mut rng()).unwrap_err();
+    assert!(err.0.contains("replay window"), "{err}");
+    let fresh = w.command(T0 + 1);
+    assert!(agent.handle(CMD, &fresh, Now { unix: T0 + 1, mono_ms: 0 }, &mut rng()).is_err(), "quarantine holds");
+    let later = T0 + 1 + 661;
+    let fresh = w.command(later);
+    assert!(matches!(agent.handle(CMD, &fresh, Now { unix: later, mono_ms: 0 }, &mut rng()), Ok(Action::Execute(_))));
+}
