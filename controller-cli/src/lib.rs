@@ -1,0 +1,18 @@
+//! # mqseal-controller: the controller side
+//!
+//! The `mqseal` binary is a thin command line over these modules:
+//!
+//! * [`config`] — `mqseal.toml`, with environment overrides.
+//! * [`registry`] — what the controller knows of each device (public key,
+//!   HMAC key), 0600.
+//! * [`provision`] — creating, rotating and removing device credentials,
+//!   and writing agent bundles.
+//! * [`session`] — sending commands to one or many devices over one MQTT
+//!   connection and verifying their answers with `mqseal-proto`.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod provision;
+pub mod registry;
+pub mod session;

@@ -1,0 +1,554 @@
+//! Sending commands and waiting for their authenticated answers.
+//!
+//! One [`Session`] is one MQTT connection. [`Session::run`] takes a command
+//! and any number of target devices and drives every target's exchange at
+//! once, on that connection, in one task: no lock, no thread per device.
+//! That is what makes a broadcast to ten thousand devices a matter of
+//! seconds — the controller's work per device is one HMAC to build the
+//! command and one to check the answer (challenge mode), and the publishes
+//! are pipelined.
+//!
+//! Sealed mode costs one RSA signature per device (and one RSA decryption
+//! per answer); those are spread over the machine's cores, but remain the
+//! bill for confidentiality and non-repudiation. docs/BENCHMARKS.md has the
+//! numbers for both.
+//!
+//! A 3.1.1 broker acknowledges even publishes it drops, so nothing the
+//! broker says counts as an answer: a target is done only when its device's
+//! response verifies, and otherwise times out.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::time::Duration;
+
+use mqseal_client::rumqttc::{
+    self, AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, Outgoing, Packet, QoS, SubscribeFilter,
+    SubscribeReasonCode,
+};
+use mqseal_client::{BrokerEndpoint, rng, unix_now};
+use mqseal_proto::challenge::{Answer, ChallengeController, Form, Pending};
+use mqseal_proto::sealed::{PrivateKey, SealedController};
+use mqseal_proto::topic::{Channel, parse, topic};
+use mqseal_proto::{Call, Header, MsgId, Outcome, Status};
+use tokio::time::Instant;
+
+use crate::registry::DeviceKeys;
+
+/// Which envelope mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// RSA: encrypted, signed both ways (the paper's design).
+    Sealed,
+    /// HMAC challenge-response (the Arduino design).
+    Challenge,
+}
+
+/// What to send.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Command name.
+    pub name: String,
+    /// Arguments.
+    pub args: Vec<String>,
+    /// Envelope mode.
+    pub mode: Mode,
+    /// Challenge mode only: send the tag alone; the device recognises the
+    /// command among those it knows.
+    pub hidden: bool,
+    /// How long the command stays valid.
+    pub ttl: Duration,
+}
+
+/// A device's authenticated answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// How the command ended.
+    pub status: Status,
+    /// Exit code (0 in hidden form).
+    pub code: i32,
+    /// Output (empty in hidden form).
+    pub output: Vec<u8>,
+}
+
+/// How one target ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceResult {
+    /// The device answered, authenticated.
+    Answered(Reply),
+    /// No authenticated answer in time.
+    TimedOut,
+    /// Could not be sent (not granted, bad keys).
+    Error(String),
+}
+
+/// Why a session cannot go on.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The broker refused the login.
+    #[error("broker {address} refused the connection: {code}")]
+    Refused {
+        /// Where.
+        address: String,
+        /// Its reason.
+        code: String,
+    },
+    /// The broker could not be reached or dropped the connection.
+    #[error("broker {address}: {error}")]
+    Unreachable {
+        /// Where.
+        address: String,
+        /// What happened.
+        error: String,
+    },
+    /// Local setup (credentials, TLS files).
+    #[error(transparent)]
+    Client(#[from] mqseal_client::ClientError),
+}
+
+impl SessionError {
+    /// Whether the broker refused the credentials (vs. being unreachable).
+    pub fn is_auth(&self) -> bool {
+        matches!(self, SessionError::Refused { .. })
+    }
+}
+
+/// Targets above this are subscribed to with one wildcard filter, if the
+/// broker allows it (a controller granted `*`).
+const WILDCARD_ABOVE: usize = 16;
+/// Filters per SUBSCRIBE packet.
+const FILTERS_PER_SUBSCRIBE: usize = 100;
+
+/// One connection to the broker.
+pub struct Session {
+    client: AsyncClient,
+    events: EventLoop,
+    key: PrivateKey,
+    address: String,
+}
+
+enum State {
+    WantChallenge(MsgId),
+    AwaitSealed(MsgId),
+    AwaitTagged(Pending),
+    Done(DeviceResult),
+}
+
+struct Target<'k> {
+    device: String,
+    keys: &'k DeviceKeys,
+    state: State,
+}
+
+impl Session {
+    /// Connects as `client_id` and waits for the broker's CONNACK.
+    ///
+    /// # Errors
+    /// [`SessionError`] saying whether the broker refused or was unreachable.
+    pub async fn connect(
+        endpoint: &BrokerEndpoint,
+        base: &Path,
+        client_id: &str,
+        key: PrivateKey,
+    ) -> Result<Session, SessionError> {
+        let mut options = endpoint.mqtt_options(client_id, base)?;
+        options.set_clean_session(true).set_request_channel_capacity(4096).set_inflight(1000);
+        let (client, mut events) = AsyncClient::new(options, 4096);
+        events.set_network_options(endpoint.network_options());
+        let address = endpoint.address();
+        let deadline = Instant::now() + Duration::from_secs(endpoint.connect_timeout_secs.max(1) + 5);
+        loop {
+            match tokio::time::timeout_at(deadline, events.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => return Ok(Session { client, events, key, address }),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(connection_error(&address, e)),
+                Err(_) => {
+                    return Err(SessionError::Unreachable { address, error: "no CONNACK in time".into() });
+                }
+            }
+        }
+    }
+
+    /// Sends `request` to every target and waits until each has answered or
+    /// `timeout` has passed. `progress(done, total)` is called as targets
+    /// finish. Results are in the order of `targets`.
+    ///
+    /// # Errors
+    /// [`SessionError`] if the connection is lost.
+    pub async fn run(
+        &mut self,
+        targets: &[(String, &DeviceKeys)],
+        request: &Request,
+        timeout: Duration,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Vec<DeviceResult>, SessionError> {
+        let deadline = Instant::now() + timeout;
+        let mut ts: Vec<Target<'_>> = targets
+            .iter()
+            .map(|(d, k)| Target { device: d.clone(), keys: k, state: State::Done(DeviceResult::TimedOut) })
+            .collect();
+        let index: HashMap<String, usize> = ts.iter().enumerate().map(|(i, t)| (t.device.clone(), i)).collect();
+        self.subscribe(&mut ts, request.mode, deadline).await?;
+
+        let mut queue = VecDeque::new();
+        match request.mode {
+            Mode::Challenge => {
+                for t in ts.iter_mut().filter(|t| !matches!(t.state, State::Done(DeviceResult::Error(_)))) {
+                    match challenge_request(&t.device, t.keys) {
+                        Ok((msg_id, topic, frame)) => {
+                            t.state = State::WantChallenge(msg_id);
+                            queue.push_back((topic, frame));
+                        }
+                        Err(e) => t.state = State::Done(DeviceResult::Error(e)),
+                    }
+                }
+            }
+            Mode::Sealed => {
+                for (i, sealed) in self.seal_all(&ts, request) {
+                    if let Some(t) = ts.get_mut(i) {
+                        match sealed {
+                            Ok((msg_id, topic, frame)) => {
+                                t.state = State::AwaitSealed(msg_id);
+                                queue.push_back((topic, frame));
+                            }
+                            Err(e) => t.state = State::Done(DeviceResult::Error(e)),
+                        }
+                    }
+                }
+            }
+        }
+        let total = ts.len();
+        let mut done = ts.iter().filter(|t| matches!(t.state, State::Done(_))).count();
+        progress(done, total);
+        let call_args: Vec<&str> = request.args.iter().map(String::as_str).collect();
+        let call = Call::new(&request.name, &call_args)
+            .map_err(|e| SessionError::Unreachable { address: self.address.clone(), error: format!("command: {e}") })?;
+
+        while done < total {
+            self.drain(&mut queue);
+            let event = match tokio::time::timeout_at(deadline, self.events.poll()).await {
+                Err(_) => break,
+                Ok(Err(e)) => return Err(connection_error(&self.address, e)),
+                Ok(Ok(ev)) => ev,
+            };
+            let Event::Incoming(Packet::Publish(p)) = event else { continue };
+            let Some((device, channel)) = parse(&p.topic) else { continue };
+            let Some(t) = index.get(device).and_then(|&i| ts.get_mut(i)) else { continue };
+            if let Some(out) = self.advance(t, channel, &p.topic, &p.payload, request, &call) {
+                queue.push_back(out);
+            }
+            if matches!(t.state, State::Done(_)) {
+                done += 1;
+                progress(done, total);
+            }
+        }
+        Ok(ts
+            .into_iter()
+            .map(|t| match t.state {
+                State::Done(r) => r,
+                _ => DeviceResult::TimedOut,
+            })
+            .collect())
+    }
+
+    /// Moves one target on with a message from its device; returns what to
+    /// publish next, if anything. Messages that do not verify are ignored:
+    /// they may be another controller's, or forged, and neither ends the
+    /// wait for the genuine answer.
+    fn advance(
+        &self,
+        t: &mut Target<'_>,
+        channel: Channel,
+        arrived_on: &str,
+        payload: &[u8],
+        request: &Request,
+        call: &Call<'_>,
+    ) -> Option<(String, Vec<u8>)> {
+        match (&t.state, channel) {
+            (State::WantChallenge(req), Channel::Challenge) => {
+                let controller = ChallengeController::new(&t.device, &t.keys.hmac).ok()?;
+                let offer = controller.read_challenge(payload, *req).ok()?;
+                let msg_id = MsgId::random(&mut rng());
+                let now = unix_now();
+                let cmd_topic = topic(&t.device, Channel::Command).ok()?;
+                let header = Header {
+                    device: &t.device,
+                    topic: &cmd_topic,
+                    msg_id,
+                    issued_at: now,
+                    expires_at: now.saturating_add(request.ttl.as_secs()),
+                };
+                let form = if request.hidden { Form::Hidden } else { Form::Explicit };
+                // Name, arguments and header fit in 8 KiB by the protocol's limits.
+                let mut out = vec![0u8; 8192];
+                match controller.command(&header, &offer.challenge, call, form, &mut out) {
+                    Ok(n) => {
+                        out.truncate(n);
+                        t.state = State::AwaitTagged(Pending { challenge: offer.challenge, msg_id });
+                        Some((cmd_topic.to_string(), out))
+                    }
+                    Err(e) => {
+                        t.state = State::Done(DeviceResult::Error(format!("building the command: {e}")));
+                        None
+                    }
+                }
+            }
+            (State::AwaitTagged(pending), Channel::Response) => {
+                let controller = ChallengeController::new(&t.device, &t.keys.hmac).ok()?;
+                let candidates = hidden_candidates();
+                let reply = match controller.read_response(payload, arrived_on, pending, &candidates).ok()? {
+                    Answer::Explicit(o) => Reply { status: o.status, code: o.code, output: o.output.to_vec() },
+                    Answer::Hidden(i) => Reply { status: candidates.get(i)?.status, code: 0, output: vec![] },
+                };
+                t.state = State::Done(DeviceResult::Answered(reply));
+                None
+            }
+            (State::AwaitSealed(msg_id), Channel::Response) => {
+                let opened = SealedController::new(&self.key)
+                    .open_response(&mut rng(), payload, arrived_on, &t.device, &t.keys.public, *msg_id)
+                    .ok()?;
+                t.state = State::Done(DeviceResult::Answered(Reply {
+                    status: opened.status,
+                    code: opened.code,
+                    output: opened.output.clone(),
+                }));
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// Seals the command for every pending target, spread over the cores
+    /// (one RSA signature each).
+    #[allow(clippy::type_complexity)]
+    fn seal_all(&self, ts: &[Target<'_>], request: &Request) -> Vec<(usize, Result<(MsgId, String, Vec<u8>), String>)> {
+        let pending: Vec<(usize, &Target<'_>)> =
+            ts.iter().enumerate().filter(|(_, t)| !matches!(t.state, State::Done(DeviceResult::Error(_)))).collect();
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(pending.len().max(1));
+        let chunk = pending.len().div_ceil(workers).max(1);
+        let key = &self.key;
+        std::thread::scope(|s| {
+            let handles: Vec<_> = pending
+                .chunks(chunk)
+                .map(|part| {
+                    s.spawn(move || {
+                        part.iter().map(|(i, t)| (*i, seal_one(key, &t.device, t.keys, request))).collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
+        })
+    }
+
+    /// Subscribes to the response (and challenge) topics of every target,
+    /// and marks the ones the broker refuses.
+    async fn subscribe(&mut self, ts: &mut [Target<'_>], mode: Mode, deadline: Instant) -> Result<(), SessionError> {
+        let channels: &[Channel] = match mode {
+            Mode::Sealed => &[Channel::Response],
+            Mode::Challenge => &[Channel::Response, Channel::Challenge],
+        };
+        if ts.len() > WILDCARD_ABOVE {
+            let filters: Vec<SubscribeFilter> = channels
+                .iter()
+                .map(|c| {
+                    SubscribeFilter::new(format!("{}+/{}", mqseal_proto::topic::ROOT, c.suffix()), QoS::AtLeastOnce)
+                })
+                .collect();
+            if self.subscribe_batches(vec![filters], deadline).await?.first().is_some_and(|ok| *ok) {
+                return Ok(());
+            }
+        }
+        let mut batches = Vec::new();
+        let mut owners = Vec::new();
+        for group in ts.chunks(FILTERS_PER_SUBSCRIBE / channels.len()) {
+            let mut filters = Vec::new();
+            let mut who = Vec::new();
+            for t in group {
+                for c in channels {
+                    match topic(&t.device, *c) {
+                        Ok(f) => filters.push(SubscribeFilter::new(f.to_string(), QoS::AtLeastOnce)),
+                        Err(_) => continue,
+                    }
+                    who.push(t.device.clone());
+                }
+            }
+            batches.push(filters);
+            owners.push(who);
+        }
+        let results = self.subscribe_batches(batches, deadline).await?;
+        // A refused filter means the controller is not granted that device.
+        let refused: std::collections::HashSet<String> =
+            owners.into_iter().zip(results).filter(|(_, ok)| !ok).flat_map(|(who, _)| who).collect();
+        for t in ts.iter_mut().filter(|t| refused.contains(&t.device)) {
+            t.state = State::Done(DeviceResult::Error("the broker refused the subscription: not granted".into()));
+        }
+        Ok(())
+    }
+
+    /// Sends each batch as one SUBSCRIBE; returns per batch whether every
+    /// filter in it was granted.
+    async fn subscribe_batches(
+        &mut self,
+        batches: Vec<Vec<SubscribeFilter>>,
+        deadline: Instant,
+    ) -> Result<Vec<bool>, SessionError> {
+        let n = batches.len();
+        let mut results = vec![false; n];
+        let mut pkids: VecDeque<usize> = VecDeque::new();
+        let mut by_pkid: HashMap<u16, usize> = HashMap::new();
+        let mut queue: VecDeque<(usize, Vec<SubscribeFilter>)> = batches.into_iter().enumerate().collect();
+        let mut acked = 0;
+        while acked < n {
+            while let Some((i, filters)) = queue.pop_front() {
+                match self.client.try_subscribe_many(filters.clone()) {
+                    Ok(()) => pkids.push_back(i),
+                    Err(_) => {
+                        queue.push_front((i, filters));
+                        break;
+                    }
+                }
+            }
+            let event = match tokio::time::timeout_at(deadline, self.events.poll()).await {
+                Err(_) => {
+                    return Err(SessionError::Unreachable {
+                        address: self.address.clone(),
+                        error: "no SUBACK in time".into(),
+                    });
+                }
+                Ok(Err(e)) => return Err(connection_error(&self.address, e)),
+                Ok(Ok(ev)) => ev,
+            };
+            match event {
+                Event::Outgoing(Outgoing::Subscribe(pkid)) => {
+                    if let Some(i) = pkids.pop_front() {
+                        by_pkid.insert(pkid, i);
+                    }
+                }
+                Event::Incoming(Packet::SubAck(ack)) => {
+                    if let Some(i) = by_pkid.remove(&ack.pkid)
+                        && let Some(r) = results.get_mut(i)
+                    {
+                        *r = ack.return_codes.iter().all(|c| matches!(c, SubscribeReasonCode::Success(_)));
+                        acked += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(results)
+    }
+
+    /// Hands queued publishes to the client until its channel is full.
+    fn drain(&self, queue: &mut VecDeque<(String, Vec<u8>)>) {
+        while let Some((topic, payload)) = queue.pop_front() {
+            if let Err(rumqttc::ClientError::TryRequest(rumqttc::Request::Publish(p))) =
+                self.client.try_publish(&topic, QoS::AtLeastOnce, false, payload)
+            {
+                queue.push_front((topic, p.payload.to_vec()));
+                return;
+            }
+        }
+    }
+
+    /// Subscribes to `filters` and collects retained messages for up to
+    /// `wait` or until `expected` have arrived (for `device list`).
+    ///
+    /// # Errors
+    /// [`SessionError`] if the connection is lost.
+    pub async fn collect_retained(
+        &mut self,
+        filters: Vec<String>,
+        expected: usize,
+        wait: Duration,
+    ) -> Result<HashMap<String, Vec<u8>>, SessionError> {
+        let deadline = Instant::now() + wait;
+        let batches: Vec<Vec<SubscribeFilter>> = filters
+            .chunks(FILTERS_PER_SUBSCRIBE)
+            .map(|c| c.iter().map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)).collect())
+            .collect();
+        self.subscribe_batches(batches, deadline).await?;
+        let mut seen = HashMap::new();
+        while seen.len() < expected {
+            match tokio::time::timeout_at(deadline, self.events.poll()).await {
+                Err(_) => break,
+                Ok(Err(e)) => return Err(connection_error(&self.address, e)),
+                Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                    seen.insert(p.topic.clone(), p.payload.to_vec());
+                }
+                Ok(Ok(_)) => {}
+            }
+        }
+        Ok(seen)
+    }
+
+    /// Disconnects cleanly (best effort, bounded).
+    pub async fn close(mut self) {
+        let _ = self.client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Ok(ev) = self.events.poll().await {
+                if matches!(ev, Event::Outgoing(Outgoing::Disconnect)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+}
+
+/// The outcomes a hidden-form answer can confirm: a status, nothing else.
+fn hidden_candidates() -> [Outcome<'static>; 5] {
+    [Status::Ok, Status::Failed, Status::TimedOut, Status::UnknownCommand, Status::BadArguments].map(|status| Outcome {
+        status,
+        code: 0,
+        output: &[],
+    })
+}
+
+fn challenge_request(device: &str, keys: &DeviceKeys) -> Result<(MsgId, String, Vec<u8>), String> {
+    let controller = ChallengeController::new(device, &keys.hmac).map_err(|e| e.to_string())?;
+    let msg_id = MsgId::random(&mut rng());
+    let mut out = [0u8; 128];
+    let n = controller.request(msg_id, &mut out).map_err(|e| e.to_string())?;
+    let frame = out.get(..n).ok_or("challenge request too long")?.to_vec();
+    let t = topic(device, Channel::ChallengeRequest).map_err(|e| e.to_string())?;
+    Ok((msg_id, t.to_string(), frame))
+}
+
+fn seal_one(
+    key: &PrivateKey,
+    device: &str,
+    keys: &DeviceKeys,
+    request: &Request,
+) -> Result<(MsgId, String, Vec<u8>), String> {
+    let args: Vec<&str> = request.args.iter().map(String::as_str).collect();
+    let call = Call::new(&request.name, &args).map_err(|e| e.to_string())?;
+    let cmd_topic = topic(device, Channel::Command).map_err(|e| e.to_string())?;
+    let msg_id = MsgId::random(&mut rng());
+    let now = unix_now();
+    let header = Header {
+        device,
+        topic: &cmd_topic,
+        msg_id,
+        issued_at: now,
+        expires_at: now.saturating_add(request.ttl.as_secs()),
+    };
+    let frame = SealedController::new(key)
+        .seal_command(&mut rng(), &keys.public, &header, &call)
+        .map_err(|e| format!("sealing: {e}"))?;
+    Ok((msg_id, cmd_topic.to_string(), frame))
+}
+
+fn connection_error(address: &str, e: ConnectionError) -> SessionError {
+    match e {
+        ConnectionError::ConnectionRefused(code) => SessionError::Refused {
+            address: address.to_owned(),
+            code: match code {
+                ConnectReturnCode::BadUserNamePassword => "bad user name or password".into(),
+                ConnectReturnCode::NotAuthorized => "not authorized".into(),
+                ConnectReturnCode::ServiceUnavailable => "server unavailable".into(),
+                other => format!("{other:?}"),
+            },
+        },
+        other => SessionError::Unreachable { address: address.to_owned(), error: other.to_string() },
+    }
+}
