@@ -12,6 +12,7 @@
 
 pub mod broker;
 pub mod mqtt;
+pub mod site;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

@@ -1,0 +1,331 @@
+//! A whole mqseal site for end-to-end tests: the broker, the `mqseal`
+//! controller CLI with its own key and user, and device agents — all the
+//! compiled binaries, run as processes exactly as an operator runs them.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+use crate::STARTUP_TIMEOUT;
+use crate::broker::{BrokerConfig, BrokerProc, Store};
+
+/// A workspace binary (`mqseal`, `mqseal-agent`, `mqseal-broker`), from the
+/// target directory this test was built into.
+///
+/// # Panics
+/// When it has not been built (`cargo build --workspace --bins`, which the
+/// test command runs first).
+#[must_use]
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).unwrap_or_else(|| panic!("no target dir above {}", exe.display()));
+    let bin = dir.join(name);
+    if !bin.exists() {
+        panic!(
+            "{} is missing: build it first with `cargo build --workspace --bins` (scripts/test.sh does)",
+            bin.display()
+        );
+    }
+    bin
+}
+
+/// What a CLI run produced.
+#[derive(Debug)]
+pub struct Output {
+    /// Exit code (-1 when killed by a signal).
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+/// Broker + controller configuration + helpers.
+pub struct Site {
+    /// Everything of this test lives here.
+    pub dir: PathBuf,
+    /// The broker process.
+    pub broker: BrokerProc,
+    /// The admin password the broker printed on first start.
+    pub admin_password: String,
+    _tmp: tempfile::TempDir,
+}
+
+impl Site {
+    /// Starts a broker on `store`, writes `mqseal.toml` for an `operator`
+    /// controller using the same store, creates its key (2048-bit, for
+    /// speed) and its user.
+    ///
+    /// # Panics
+    /// When any step fails.
+    pub async fn start(store: Store) -> Site {
+        let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let dir = tmp.path().to_owned();
+        let config = BrokerConfig { store: store.clone(), ..BrokerConfig::default() };
+        let broker = BrokerProc::start(&workspace_bin("mqseal-broker"), &dir, config)
+            .await
+            .unwrap_or_else(|e| panic!("broker did not start: {e:?}"));
+        let admin_password = broker.first_admin_password().unwrap_or_else(|| panic!("no admin password printed"));
+        let store_section = match &store {
+            Store::File => format!("[store]\nkind = \"file\"\npath = \"{}\"\n", dir.join("data/users.json").display()),
+            Store::Mongo { uri, database, .. } => {
+                format!("[store]\nkind = \"mongodb\"\nmongodb_uri = \"{uri}\"\ndatabase = \"{database}\"\n")
+            }
+        };
+        std::fs::write(dir.join("operator.pw"), "operator-password-1\n").unwrap_or_else(|e| panic!("pw: {e}"));
+        let toml = format!(
+            "data_dir = \"ctl\"\nkey = \"controller.key.pem\"\npbkdf2_iterations = 1000\n\n\
+             [broker]\nhost = \"127.0.0.1\"\nport = {port}\nusername = \"operator\"\npassword_file = \"operator.pw\"\n\n\
+             {store_section}",
+            port = broker.port()
+        );
+        std::fs::write(dir.join("mqseal.toml"), toml).unwrap_or_else(|e| panic!("mqseal.toml: {e}"));
+        let site = Site { dir, broker, admin_password, _tmp: tmp };
+        site.ok(&["keygen", "--bits", "2048"]).await;
+        site.ok(&["user", "add", "operator", "--password-file", "operator.pw"]).await;
+        site
+    }
+
+    /// Runs `mqseal --config mqseal.toml ARGS` (in the site folder) within
+    /// a minute.
+    ///
+    /// # Panics
+    /// When it cannot run or hangs.
+    pub async fn mqseal(&self, args: &[&str]) -> Output {
+        self.mqseal_with(&self.dir.join("mqseal.toml"), args).await
+    }
+
+    /// Like [`Site::mqseal`] with another config file.
+    ///
+    /// # Panics
+    /// When it cannot run or hangs.
+    pub async fn mqseal_with(&self, config: &Path, args: &[&str]) -> Output {
+        let fut = Command::new(workspace_bin("mqseal"))
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(60), fut)
+            .await
+            .unwrap_or_else(|_| panic!("mqseal {args:?} hung"))
+            .unwrap_or_else(|e| panic!("mqseal {args:?}: {e}"));
+        Output {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Runs `mqseal ARGS` and requires exit 0; returns stdout.
+    ///
+    /// # Panics
+    /// When it fails.
+    pub async fn ok(&self, args: &[&str]) -> String {
+        let out = self.mqseal(args).await;
+        assert_eq!(out.code, 0, "mqseal {args:?} failed: {out:?}");
+        out.stdout
+    }
+
+    /// `mqseal device add ID --bits 2048`; returns the bundle path.
+    ///
+    /// # Panics
+    /// When it fails.
+    pub async fn add_device(&self, id: &str, extra: &[&str]) -> PathBuf {
+        let mut args = vec!["device", "add", id, "--bits", "2048"];
+        args.extend_from_slice(extra);
+        self.ok(&args).await;
+        self.bundle(id)
+    }
+
+    /// Where `device add` wrote `id`'s bundle.
+    #[must_use]
+    pub fn bundle(&self, id: &str) -> PathBuf {
+        self.dir.join("ctl/agents").join(format!("{id}.toml"))
+    }
+
+    /// Appends TOML to a device's bundle (extra `[commands.*]` tables).
+    ///
+    /// # Panics
+    /// When the file cannot be written.
+    pub fn append_to_bundle(&self, id: &str, text: &str) {
+        let path = self.bundle(id);
+        let mut s = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        s.push('\n');
+        s.push_str(text);
+        std::fs::write(&path, s).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+
+    /// Adds a `mark` command to `id`'s allow-list that appends a line to
+    /// `marks-ID` each time it runs: the tests' execution counter.
+    pub fn add_mark_command(&self, id: &str) {
+        let marks = self.dir.join(format!("marks-{id}"));
+        self.append_to_bundle(
+            id,
+            &format!("[commands.mark]\nprogram = [\"/bin/sh\", \"-c\", \"echo x >> '{}'\"]\n", marks.display()),
+        );
+    }
+
+    /// How many times `mark` ran on `id`.
+    #[must_use]
+    pub fn marks(&self, id: &str) -> usize {
+        std::fs::read_to_string(self.dir.join(format!("marks-{id}"))).map(|s| s.lines().count()).unwrap_or(0)
+    }
+
+    /// Starts `id`'s agent and waits until it is connected.
+    ///
+    /// # Panics
+    /// When it exits or does not connect in time.
+    pub async fn agent(&self, id: &str) -> AgentProc {
+        let log = self.dir.join(format!("agent-{id}.log"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap_or_else(|e| panic!("{}: {e}", log.display()));
+        let child = Command::new(workspace_bin("mqseal-agent"))
+            .arg("--config")
+            .arg(self.bundle(id))
+            .env("MQSEAL_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(file))
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("mqseal-agent: {e}"));
+        let agent = AgentProc { child, log };
+        let before = agent.count("connected");
+        assert!(
+            agent.wait_for("connected", before + 1, STARTUP_TIMEOUT).await,
+            "agent {id} did not connect:\n{}",
+            agent.text()
+        );
+        agent
+    }
+
+    /// Publishes `payload` to `topic` as the admin, with mosquitto_pub
+    /// (a third-party client: what an attacker replaying traffic would use).
+    ///
+    /// # Panics
+    /// When mosquitto_pub fails.
+    pub async fn publish_raw(&self, topic: &str, payload: &[u8]) {
+        let file = self.dir.join(format!("raw-{}.bin", crate::free_port()));
+        std::fs::write(&file, payload).unwrap_or_else(|e| panic!("{e}"));
+        let port = self.broker.port().to_string();
+        let file_s = file.display().to_string();
+        let args = [
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-u",
+            "admin",
+            "-P",
+            &self.admin_password,
+            "-q",
+            "1",
+            "-t",
+            topic,
+            "-f",
+            &file_s,
+        ];
+        crate::run(&crate::require_program("mosquitto_pub").display().to_string(), &args, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// Starts capturing the next message on `topic` (as the admin, with
+    /// mosquitto_sub); [`Capture::bytes`] returns it.
+    ///
+    /// # Panics
+    /// When mosquitto_sub cannot start.
+    pub async fn capture(&self, topic: &str) -> Capture {
+        let out = self.dir.join(format!("capture-{}.bin", crate::free_port()));
+        let file = std::fs::File::create(&out).unwrap_or_else(|e| panic!("{e}"));
+        let child = Command::new(crate::require_program("mosquitto_sub"))
+            .args(["-h", "127.0.0.1", "-p", &self.broker.port().to_string(), "-u", "admin", "-P"])
+            .arg(&self.admin_password)
+            .args(["-t", topic, "-C", "1", "-N", "-W", "30", "-q", "1"])
+            .stdout(Stdio::from(file))
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("mosquitto_sub: {e}"));
+        // SUBACK before the caller publishes: give the subscription a moment.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Capture { child, out }
+    }
+}
+
+/// A mosquitto_sub waiting for one message.
+pub struct Capture {
+    child: Child,
+    out: PathBuf,
+}
+
+impl Capture {
+    /// The captured payload (waits up to 30 s for it).
+    ///
+    /// # Panics
+    /// When nothing arrives.
+    pub async fn bytes(mut self) -> Vec<u8> {
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
+        assert!(matches!(status, Ok(Ok(s)) if s.success()), "mosquitto_sub captured nothing: {status:?}");
+        std::fs::read(&self.out).unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+/// A running `mqseal-agent`.
+pub struct AgentProc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl AgentProc {
+    /// Its log so far.
+    #[must_use]
+    pub fn text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// How many log lines contain `needle`.
+    #[must_use]
+    pub fn count(&self, needle: &str) -> usize {
+        self.text().lines().filter(|l| l.contains(needle)).count()
+    }
+
+    /// Waits until at least `n` log lines contain `needle`.
+    pub async fn wait_for(&self, needle: &str, n: usize, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < deadline {
+            if self.count(needle) >= n {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    /// Stops it with SIGTERM and waits for it to exit.
+    ///
+    /// # Panics
+    /// When it does not exit within 10 s.
+    pub async fn stop(mut self) -> std::process::ExitStatus {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        }
+        tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("agent did not stop on SIGTERM"))
+            .unwrap_or_else(|e| panic!("wait: {e}"))
+    }
+
+    /// Whether it is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
