@@ -181,10 +181,13 @@ impl BrokerEndpoint {
         Ok(TlsConfiguration::Rustls(Arc::new(config)))
     }
 
-    /// The network options carrying the connect deadline.
+    /// The network options: the connect deadline, and Nagle off — every
+    /// mqseal exchange is a small request waiting for a small answer, which
+    /// Nagle's algorithm would hold back for up to a delayed-ACK timeout.
     pub fn network_options(&self) -> rumqttc::NetworkOptions {
         let mut n = rumqttc::NetworkOptions::new();
         n.set_connection_timeout(self.connect_timeout_secs.max(1));
+        n.set_tcp_nodelay(true);
         n
     }
 }

@@ -17,7 +17,7 @@
 //! broker says counts as an answer: a target is done only when its device's
 //! response verifies, and otherwise times out.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::time::Duration;
 
@@ -26,7 +26,7 @@ use mqseal_client::rumqttc::{
     SubscribeReasonCode,
 };
 use mqseal_client::{BrokerEndpoint, rng, unix_now};
-use mqseal_proto::challenge::{Answer, ChallengeController, Form, Pending};
+use mqseal_proto::challenge::{Answer, ChallengeController, Form, HmacKey, Offer, Pending};
 use mqseal_proto::sealed::{PrivateKey, SealedController};
 use mqseal_proto::topic::{Channel, parse, topic};
 use mqseal_proto::{Call, Header, MsgId, Outcome, Status};
@@ -125,6 +125,14 @@ pub struct Session {
     events: EventLoop,
     key: PrivateKey,
     address: String,
+    /// Filters already granted on this connection.
+    subscribed: HashSet<String>,
+    /// Challenge mode: keep one challenge per device in hand.
+    prefetch: bool,
+    /// Challenge requests sent ahead of need: device → (request id, key).
+    prefetching: HashMap<String, (MsgId, HmacKey)>,
+    /// Challenges in hand: device → (offer, when it arrived).
+    offers: HashMap<String, (Offer, Instant)>,
 }
 
 enum State {
@@ -159,7 +167,18 @@ impl Session {
         let deadline = Instant::now() + Duration::from_secs(endpoint.connect_timeout_secs.max(1) + 5);
         loop {
             match tokio::time::timeout_at(deadline, events.poll()).await {
-                Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => return Ok(Session { client, events, key, address }),
+                Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
+                    return Ok(Session {
+                        client,
+                        events,
+                        key,
+                        address,
+                        subscribed: HashSet::new(),
+                        prefetch: false,
+                        prefetching: HashMap::new(),
+                        offers: HashMap::new(),
+                    });
+                }
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => return Err(connection_error(&address, e)),
                 Err(_) => {
@@ -167,6 +186,54 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Keeps a challenge per device in hand after each challenge-mode
+    /// command, so the next command to that device costs one round trip
+    /// instead of two. For controllers that stay connected (a service, the
+    /// benchmark); `mqseal send` is one-shot and does not.
+    pub fn set_prefetch(&mut self, on: bool) {
+        self.prefetch = on;
+    }
+
+    /// Services the connection for `wait` (keep-alives, prefetched
+    /// challenges arriving) while the caller has nothing to send.
+    ///
+    /// # Errors
+    /// [`SessionError`] if the connection is lost.
+    pub async fn idle(&mut self, wait: Duration) -> Result<(), SessionError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.poll()).await {
+                Err(_) => return Ok(()),
+                Ok(Err(e)) => return Err(connection_error(&self.address, e)),
+                Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                    if let Some((device, Channel::Challenge)) = parse(&p.topic) {
+                        let device = device.to_owned();
+                        self.take_prefetched(&device, &p.payload);
+                    }
+                }
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    /// Stores a challenge that answers a prefetch request.
+    fn take_prefetched(&mut self, device: &str, payload: &[u8]) {
+        let Some((req, key)) = self.prefetching.get(device) else { return };
+        let Ok(controller) = ChallengeController::new(device, key) else { return };
+        if let Ok(offer) = controller.read_challenge(payload, *req) {
+            self.prefetching.remove(device);
+            self.offers.insert(device.to_owned(), (offer, Instant::now()));
+        }
+    }
+
+    /// A prefetched challenge for `device` that is still safely usable.
+    fn take_offer(&mut self, device: &str) -> Option<Offer> {
+        let (offer, at) = self.offers.remove(device)?;
+        // Leave a second of margin for the command's trip to the device.
+        let usable = Duration::from_millis(u64::from(offer.ttl_ms)).saturating_sub(Duration::from_secs(1));
+        (at.elapsed() < usable).then_some(offer)
     }
 
     /// Sends `request` to every target and waits until each has answered or
@@ -190,10 +257,22 @@ impl Session {
         let index: HashMap<String, usize> = ts.iter().enumerate().map(|(i, t)| (t.device.clone(), i)).collect();
         self.subscribe(&mut ts, request.mode, deadline).await?;
 
+        let call_args: Vec<&str> = request.args.iter().map(String::as_str).collect();
+        let call = Call::new(&request.name, &call_args)
+            .map_err(|e| SessionError::Unreachable { address: self.address.clone(), error: format!("command: {e}") })?;
         let mut queue = VecDeque::new();
         match request.mode {
             Mode::Challenge => {
                 for t in ts.iter_mut().filter(|t| !matches!(t.state, State::Done(DeviceResult::Error(_)))) {
+                    if let Some(offer) = self.take_offer(&t.device) {
+                        queue.extend(command_over(t, &offer, request, &call));
+                        continue;
+                    }
+                    if let Some((req, _)) = self.prefetching.remove(&t.device) {
+                        // Requested ahead and still on its way: wait for it.
+                        t.state = State::WantChallenge(req);
+                        continue;
+                    }
                     match challenge_request(&t.device, t.keys) {
                         Ok((msg_id, topic, frame)) => {
                             t.state = State::WantChallenge(msg_id);
@@ -220,9 +299,6 @@ impl Session {
         let total = ts.len();
         let mut done = ts.iter().filter(|t| matches!(t.state, State::Done(_))).count();
         progress(done, total);
-        let call_args: Vec<&str> = request.args.iter().map(String::as_str).collect();
-        let call = Call::new(&request.name, &call_args)
-            .map_err(|e| SessionError::Unreachable { address: self.address.clone(), error: format!("command: {e}") })?;
 
         while done < total {
             self.drain(&mut queue);
@@ -234,14 +310,26 @@ impl Session {
             let Event::Incoming(Packet::Publish(p)) = event else { continue };
             let Some((device, channel)) = parse(&p.topic) else { continue };
             let Some(t) = index.get(device).and_then(|&i| ts.get_mut(i)) else { continue };
+            let was_done = matches!(t.state, State::Done(_));
             if let Some(out) = self.advance(t, channel, &p.topic, &p.payload, request, &call) {
                 queue.push_back(out);
             }
-            if matches!(t.state, State::Done(_)) {
+            if !was_done && matches!(t.state, State::Done(_)) {
                 done += 1;
                 progress(done, total);
+                if self.prefetch
+                    && request.mode == Mode::Challenge
+                    && let Ok((req, topic, frame)) = challenge_request(&t.device, t.keys)
+                {
+                    self.prefetching.insert(t.device.clone(), (req, t.keys.hmac.clone()));
+                    queue.push_back((topic, frame));
+                }
+            } else if was_done && channel == Channel::Challenge {
+                let device = t.device.clone();
+                self.take_prefetched(&device, &p.payload);
             }
         }
+        self.drain(&mut queue);
         Ok(ts
             .into_iter()
             .map(|t| match t.state {
@@ -268,30 +356,7 @@ impl Session {
             (State::WantChallenge(req), Channel::Challenge) => {
                 let controller = ChallengeController::new(&t.device, &t.keys.hmac).ok()?;
                 let offer = controller.read_challenge(payload, *req).ok()?;
-                let msg_id = MsgId::random(&mut rng());
-                let now = unix_now();
-                let cmd_topic = topic(&t.device, Channel::Command).ok()?;
-                let header = Header {
-                    device: &t.device,
-                    topic: &cmd_topic,
-                    msg_id,
-                    issued_at: now,
-                    expires_at: now.saturating_add(request.ttl.as_secs()),
-                };
-                let form = if request.hidden { Form::Hidden } else { Form::Explicit };
-                // Name, arguments and header fit in 8 KiB by the protocol's limits.
-                let mut out = vec![0u8; 8192];
-                match controller.command(&header, &offer.challenge, call, form, &mut out) {
-                    Ok(n) => {
-                        out.truncate(n);
-                        t.state = State::AwaitTagged(Pending { challenge: offer.challenge, msg_id });
-                        Some((cmd_topic.to_string(), out))
-                    }
-                    Err(e) => {
-                        t.state = State::Done(DeviceResult::Error(format!("building the command: {e}")));
-                        None
-                    }
-                }
+                command_over(t, &offer, request, call)
             }
             (State::AwaitTagged(pending), Channel::Response) => {
                 let controller = ChallengeController::new(&t.device, &t.keys.hmac).ok()?;
@@ -340,45 +405,56 @@ impl Session {
         })
     }
 
-    /// Subscribes to the response (and challenge) topics of every target,
-    /// and marks the ones the broker refuses.
+    /// Subscribes to the response (and challenge) topics of every target
+    /// not yet covered on this connection, and marks the ones the broker
+    /// refuses.
     async fn subscribe(&mut self, ts: &mut [Target<'_>], mode: Mode, deadline: Instant) -> Result<(), SessionError> {
         let channels: &[Channel] = match mode {
             Mode::Sealed => &[Channel::Response],
             Mode::Challenge => &[Channel::Response, Channel::Challenge],
         };
+        let wildcard = |c: &Channel| format!("{}+/{}", mqseal_proto::topic::ROOT, c.suffix());
+        if channels.iter().all(|c| self.subscribed.contains(&wildcard(c))) {
+            return Ok(());
+        }
         if ts.len() > WILDCARD_ABOVE {
-            let filters: Vec<SubscribeFilter> = channels
-                .iter()
-                .map(|c| {
-                    SubscribeFilter::new(format!("{}+/{}", mqseal_proto::topic::ROOT, c.suffix()), QoS::AtLeastOnce)
-                })
-                .collect();
+            let filters: Vec<SubscribeFilter> =
+                channels.iter().map(|c| SubscribeFilter::new(wildcard(c), QoS::AtLeastOnce)).collect();
             if self.subscribe_batches(vec![filters], deadline).await?.first().is_some_and(|ok| *ok) {
+                self.subscribed.extend(channels.iter().map(wildcard));
                 return Ok(());
             }
         }
-        let mut batches = Vec::new();
-        let mut owners = Vec::new();
-        for group in ts.chunks(FILTERS_PER_SUBSCRIBE / channels.len()) {
-            let mut filters = Vec::new();
-            let mut who = Vec::new();
-            for t in group {
-                for c in channels {
-                    match topic(&t.device, *c) {
-                        Ok(f) => filters.push(SubscribeFilter::new(f.to_string(), QoS::AtLeastOnce)),
-                        Err(_) => continue,
-                    }
-                    who.push(t.device.clone());
+        let mut wanted: Vec<(String, String)> = Vec::new();
+        for t in ts.iter() {
+            for c in channels {
+                if let Ok(f) = topic(&t.device, *c)
+                    && !self.subscribed.contains(f.as_str())
+                {
+                    wanted.push((t.device.clone(), f.to_string()));
                 }
             }
-            batches.push(filters);
-            owners.push(who);
         }
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let groups: Vec<Vec<(String, String)>> = wanted.chunks(FILTERS_PER_SUBSCRIBE).map(<[_]>::to_vec).collect();
+        let batches = groups
+            .iter()
+            .map(|g| g.iter().map(|(_, f)| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)).collect())
+            .collect();
         let results = self.subscribe_batches(batches, deadline).await?;
         // A refused filter means the controller is not granted that device.
-        let refused: std::collections::HashSet<String> =
-            owners.into_iter().zip(results).filter(|(_, ok)| !ok).flat_map(|(who, _)| who).collect();
+        let mut refused = HashSet::new();
+        for (group, ok) in groups.into_iter().zip(results) {
+            for (device, filter) in group {
+                if ok {
+                    self.subscribed.insert(filter);
+                } else {
+                    refused.insert(device);
+                }
+            }
+        }
         for t in ts.iter_mut().filter(|t| refused.contains(&t.device)) {
             t.state = State::Done(DeviceResult::Error("the broker refused the subscription: not granted".into()));
         }
@@ -492,6 +568,36 @@ impl Session {
             }
         })
         .await;
+    }
+}
+
+/// Tags the command over a challenge the device offered and moves the
+/// target on to waiting for its answer.
+fn command_over(t: &mut Target<'_>, offer: &Offer, request: &Request, call: &Call<'_>) -> Option<(String, Vec<u8>)> {
+    let controller = ChallengeController::new(&t.device, &t.keys.hmac).ok()?;
+    let msg_id = MsgId::random(&mut rng());
+    let now = unix_now();
+    let cmd_topic = topic(&t.device, Channel::Command).ok()?;
+    let header = Header {
+        device: &t.device,
+        topic: &cmd_topic,
+        msg_id,
+        issued_at: now,
+        expires_at: now.saturating_add(request.ttl.as_secs()),
+    };
+    let form = if request.hidden { Form::Hidden } else { Form::Explicit };
+    // Name, arguments and header fit in 8 KiB by the protocol's limits.
+    let mut out = vec![0u8; 8192];
+    match controller.command(&header, &offer.challenge, call, form, &mut out) {
+        Ok(n) => {
+            out.truncate(n);
+            t.state = State::AwaitTagged(Pending { challenge: offer.challenge, msg_id });
+            Some((cmd_topic.to_string(), out))
+        }
+        Err(e) => {
+            t.state = State::Done(DeviceResult::Error(format!("building the command: {e}")));
+            None
+        }
     }
 }
 

@@ -118,8 +118,9 @@ impl Default for LimitsConfig {
 pub struct Keys {
     /// HMAC key.
     pub hmac: HmacKey,
-    /// RSA private key.
-    pub private: PrivateKey,
+    /// RSA private key (shared, so a simulated fleet need not hold ten
+    /// thousand copies of one test key).
+    pub private: std::sync::Arc<PrivateKey>,
     /// Trusted controllers.
     pub controllers: Keyring,
 }
@@ -192,7 +193,7 @@ impl AgentConfig {
         if controllers.is_empty() {
             return Err(bad("keys.controllers is empty: the agent would trust no one"));
         }
-        Ok(Keys { hmac, private, controllers })
+        Ok(Keys { hmac, private: std::sync::Arc::new(private), controllers })
     }
 
     /// The state directory, resolved against the config file's folder.

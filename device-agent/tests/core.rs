@@ -33,7 +33,7 @@ impl World {
         let controllers: Keyring = [self.controller.public().clone()].into_iter().collect();
         Keys {
             hmac: HmacKey::new(self.hmac),
-            private: PrivateKey::from_pkcs8_pem(&self.device_pem).unwrap(),
+            private: std::sync::Arc::new(PrivateKey::from_pkcs8_pem(&self.device_pem).unwrap()),
             controllers,
         }
     }
