@@ -15,6 +15,8 @@
 
 #![forbid(unsafe_code)]
 
+mod commands;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -49,6 +51,10 @@ enum Command {
     /// Ping-pong between two in-process rumqttd links: what two trips
     /// through the router (and four thread hand-offs) cost, with no socket.
     RouterHops(RouterHops),
+    /// mqseal command round trips (plain, challenge, sealed) through a broker.
+    CommandRtt(commands::CommandRtt),
+    /// One broadcast to N simulated devices by the real `mqseal` CLI.
+    Fleet(commands::Fleet),
 }
 
 #[derive(Args)]
@@ -640,7 +646,9 @@ fn main() -> ExitCode {
     // so the figure is the broker's, not the load generator's scheduling.
     // The load scenarios want both cores.
     let runtime = match &cli.command {
-        Command::Latency(_) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        Command::Latency(_) | Command::CommandRtt(_) => {
+            tokio::runtime::Builder::new_current_thread().enable_all().build()
+        }
         _ => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
     };
     let runtime = match runtime {
@@ -657,6 +665,8 @@ fn main() -> ExitCode {
             Command::Fanout(a) => fanout(a).await,
             Command::Latency(a) => latency(a).await,
             Command::Connections(a) => connections(a).await,
+            Command::CommandRtt(a) => commands::command_rtt(a).await,
+            Command::Fleet(a) => commands::fleet(a).await,
             Command::RouterHops(a) => {
                 tokio::task::spawn_blocking(move || router_hops(a)).await.unwrap_or_else(|e| Err(e.to_string()))
             }

@@ -43,13 +43,13 @@ struct Cli {
     /// Machine-readable output: one JSON document on stdout.
     #[arg(long, global = true)]
     json: bool,
-    /// Broker as host:port (overrides [broker]).
+    /// Broker as host:port (overrides the config's broker section).
     #[arg(long, global = true, env = "MQSEAL_BROKER")]
     broker: Option<String>,
-    /// Broker username (overrides [broker]).
+    /// Broker username (overrides the config's broker section).
     #[arg(long, global = true, env = "MQSEAL_USERNAME")]
     username: Option<String>,
-    /// File holding the broker password (overrides [broker]).
+    /// File holding the broker password (overrides the config's broker section).
     #[arg(long, global = true, env = "MQSEAL_PASSWORD_FILE")]
     password_file: Option<PathBuf>,
     /// This controller's private key.
@@ -58,7 +58,7 @@ struct Cli {
     /// Device registry folder.
     #[arg(long, global = true, env = "MQSEAL_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Broker config whose [store] to use for user/device commands.
+    /// Broker config whose store section user and device commands use.
     #[arg(long, global = true, env = "MQSEAL_BROKER_CONFIG")]
     broker_config: Option<PathBuf>,
     #[command(subcommand)]
@@ -619,6 +619,7 @@ async fn send(
     mqseal_proto::Call::new(&request.name, &request.args.iter().map(String::as_str).collect::<Vec<_>>())
         .map_err(|e| Failure::usage(format!("command: {e}")))?;
 
+    let started = std::time::Instant::now();
     let mut session = Session::connect(endpoint, &c.base, &client_id(&endpoint.username), key).await?;
     let bar = (broadcast && !json && std::io::stderr().is_terminal()).then(|| {
         let b = ProgressBar::new(targets.len() as u64);
@@ -637,7 +638,26 @@ async fn send(
         b.finish_and_clear();
     }
     session.close().await;
-    report(&devices, &results, mode, json, broadcast)
+    let timing = Timing { wall_ms: started.elapsed().as_millis(), cpu_ms: process_cpu_ms() };
+    report(&devices, &results, mode, json, broadcast, &timing)
+}
+
+/// How long a send or broadcast took, from connecting to the last answer.
+struct Timing {
+    wall_ms: u128,
+    /// This process's CPU time (user + system), if /proc tells.
+    cpu_ms: Option<u64>,
+}
+
+/// User + system CPU time of this process, from /proc/self/stat (fields 14
+/// and 15, in USER_HZ ticks, which Linux fixes at 100 per second).
+fn process_cpu_ms() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) may contain spaces; fields after it are plain.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+    Some((ticks(11)? + ticks(12)?) * 10)
 }
 
 /// Prints the results and picks the exit code: the worst outcome wins
@@ -648,6 +668,7 @@ fn report(
     mode: Mode,
     json: bool,
     broadcast: bool,
+    timing: &Timing,
 ) -> Result<u8, Failure> {
     let mut code = 0u8;
     let mut rows = Vec::new();
@@ -703,13 +724,14 @@ fn report(
     if json {
         let doc = if broadcast {
             json!({ "mode": mode, "results": rows,
-                    "summary": { "ok": ok, "failed": failed, "timed_out": timed_out } })
+                    "summary": { "ok": ok, "failed": failed, "timed_out": timed_out },
+                    "timing": { "wall_ms": timing.wall_ms, "cpu_ms": timing.cpu_ms } })
         } else {
             rows.into_iter().next().unwrap_or(serde_json::Value::Null)
         };
         println!("{doc}");
     } else if broadcast {
-        println!("{ok} ok, {failed} failed, {timed_out} timed out");
+        println!("{ok} ok, {failed} failed, {timed_out} timed out ({} ms)", timing.wall_ms);
     }
     Ok(code)
 }

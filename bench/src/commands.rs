@@ -1,0 +1,402 @@
+//! Benchmarks of mqseal commands end to end, through a running broker.
+//!
+//! * `command-rtt`: one device, one controller; the time from "send" to "the
+//!   device's response has verified", for a plain MQTT request/response
+//!   (the yardstick: same broker, same QoS, same think time) and for each
+//!   envelope mode. The device side is the real agent core
+//!   (`mqseal_agent::agent`), executing the built-in `noop`.
+//! * `fleet`: N simulated devices in this process (the same agent core per
+//!   device, in memory, on rumqttc connections), and the real `mqseal
+//!   broadcast --all` as a separate process, whose own wall and CPU time are
+//!   the controller's part.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::{Args, ValueEnum};
+use mqseal_agent::agent::{Action, Agent, Now, Restore};
+use mqseal_agent::config::{AgentConfig, Keys};
+use mqseal_agent::exec::Ran;
+use mqseal_agent::state::StateFile;
+use mqseal_client::{BrokerEndpoint, rng};
+use mqseal_controller::registry::DeviceKeys;
+use mqseal_controller::session::{DeviceResult, Mode, Request, Session};
+use mqseal_proto::challenge::HmacKey;
+use mqseal_proto::sealed::{Keyring, PrivateKey};
+use mqseal_proto::{Policy, Status};
+use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS, SubscribeFilter};
+use serde_json::json;
+use tokio::sync::{mpsc, watch};
+use zeroize::Zeroizing;
+
+use crate::{CONTROLLER, Failure, Target, client, device, percentile, until};
+
+/// `command-rtt`
+#[derive(Args)]
+pub struct CommandRtt {
+    #[command(flatten)]
+    target: Target,
+    /// What to measure.
+    #[arg(long, value_enum)]
+    mode: RttMode,
+    #[arg(long, default_value_t = 500)]
+    round_trips: usize,
+    /// RSA modulus of both keys (sealed mode).
+    #[arg(long, default_value_t = 3072)]
+    bits: usize,
+    /// Pause between round trips (same for every mode).
+    #[arg(long, default_value_t = 5)]
+    think_ms: u64,
+    /// Keep the agent's replay state on disk here (fsync per command, as
+    /// the real agent does); in memory when absent.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+}
+
+/// What `command-rtt` measures.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum RttMode {
+    /// Plain MQTT: the device echoes the request.
+    Plain,
+    /// Challenge mode, a fresh challenge per command (two round trips).
+    Challenge,
+    /// Challenge mode with the next challenge fetched ahead (one round trip).
+    ChallengePrefetch,
+    /// Sealed mode.
+    Sealed,
+}
+
+/// Keys of the simulated side.
+struct Material {
+    controller: PrivateKey,
+    device: Arc<PrivateKey>,
+}
+
+impl Material {
+    fn new(bits: usize) -> Result<Material, Failure> {
+        let g = |b| PrivateKey::generate(&mut rng(), b).map_err(|e| e.to_string());
+        Ok(Material { controller: g(bits)?, device: Arc::new(g(bits)?) })
+    }
+
+    fn agent(&self, id: &str, hmac: &HmacKey, state: Option<StateFile>) -> Result<Agent, Failure> {
+        let controllers: Keyring = [self.controller.public().clone()].into_iter().collect();
+        let keys = Keys { hmac: hmac.clone(), private: self.device.clone(), controllers };
+        let commands: BTreeMap<_, _> = AgentConfig::default_commands();
+        Agent::new(id, keys, Policy::default(), 30_000, 4096, commands, state, Restore::Load, now(Instant::now()))
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn now(started: Instant) -> Now {
+    Now { unix: mqseal_client::unix_now(), mono_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX) }
+}
+
+/// Drives one simulated device until `stop`: every publish goes through the
+/// agent core, and `noop`-like built-ins run inline.
+async fn run_device(
+    client: AsyncClient,
+    mut el: EventLoop,
+    mut agent: Agent,
+    mut stop: watch::Receiver<bool>,
+    rejected: Arc<AtomicUsize>,
+) {
+    let started = Instant::now();
+    loop {
+        tokio::select! {
+            ev = el.poll() => match ev {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    match agent.handle(&p.topic, &p.payload, now(started), &mut rng()) {
+                        Ok(Action::Publish(out)) => {
+                            let _ = client.try_publish(out.topic, QoS::AtLeastOnce, false, out.payload);
+                        }
+                        Ok(Action::Execute(job)) => {
+                            let ran = Ran { status: Status::Ok, code: 0, output: Zeroizing::new(Vec::new()) };
+                            if let Ok((out, _)) = agent.finish(job, &ran, now(started), &mut rng()) {
+                                let _ = client.try_publish(out.topic, QoS::AtLeastOnce, false, out.payload);
+                            }
+                        }
+                        Err(reason) => {
+                            if rejected.fetch_add(1, Ordering::Relaxed) < 3 {
+                                eprintln!("{}: rejected: {reason}", agent.id());
+                            }
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            },
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Connects a simulated device and subscribes it to its two topics.
+async fn connect_device(t: &Target, id: &str) -> Result<(AsyncClient, EventLoop), Failure> {
+    let (c, mut el) = client(t, id, id, &t.secret, 64);
+    let filters = [format!("mqseal/v1/dev/{id}/cmd"), format!("mqseal/v1/dev/{id}/chal/req")]
+        .map(|f| SubscribeFilter::new(f, QoS::AtLeastOnce));
+    c.try_subscribe_many(filters).map_err(|e| e.to_string())?;
+    until(&mut el, true, Duration::from_secs(60)).await.map_err(|e| format!("{id}: {e}"))?;
+    Ok((c, el))
+}
+
+fn controller_endpoint(t: &Target) -> BrokerEndpoint {
+    let mut e = BrokerEndpoint::new(&t.host, t.port, CONTROLLER);
+    e.password = Some(Zeroizing::new(t.controller_password.clone()));
+    e
+}
+
+/// `command-rtt`
+///
+/// # Errors
+/// When the broker refuses or a round trip is lost.
+pub async fn command_rtt(a: CommandRtt) -> Result<serde_json::Value, Failure> {
+    let t = &a.target;
+    let dev = device(0);
+    let material = Material::new(a.bits)?;
+    let hmac = HmacKey::generate(&mut rng());
+    let state = match &a.state_dir {
+        Some(d) => Some(StateFile::open(d).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let agent = material.agent(&dev, &hmac, state)?;
+    let (dc, del) = connect_device(t, &dev).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let rejected = Arc::new(AtomicUsize::new(0));
+    let plain = a.mode == RttMode::Plain;
+    let device_task = if plain {
+        tokio::spawn(echo_device(dc, del, dev.clone(), stop_rx))
+    } else {
+        tokio::spawn(run_device(dc, del, agent, stop_rx, rejected.clone()))
+    };
+    let think = Duration::from_millis(a.think_ms);
+    let warmup = 20.min(a.round_trips / 10 + 1);
+    let mut samples = Vec::with_capacity(a.round_trips);
+    let mut lost = 0usize;
+    if plain {
+        let (cc, mut cel) = client(t, "bench-rtt-ctl", CONTROLLER, &t.controller_password, 100);
+        cc.subscribe(format!("mqseal/v1/dev/{dev}/resp"), QoS::AtLeastOnce).await.map_err(|e| e.to_string())?;
+        until(&mut cel, true, Duration::from_secs(30)).await?;
+        let payload = Bytes::from(vec![b'c'; 64]);
+        for i in 0..warmup + a.round_trips {
+            let t0 = Instant::now();
+            cc.try_publish(format!("mqseal/v1/dev/{dev}/cmd"), QoS::AtLeastOnce, false, payload.clone())
+                .map_err(|e| e.to_string())?;
+            let got = tokio::time::timeout(Duration::from_secs(5), async {
+                loop {
+                    match cel.poll().await {
+                        Ok(Event::Incoming(Packet::Publish(_))) => return true,
+                        Ok(_) => {}
+                        Err(_) => return false,
+                    }
+                }
+            })
+            .await;
+            match got {
+                Ok(true) if i >= warmup => samples.push(t0.elapsed().as_micros() as u64),
+                Ok(true) => {}
+                _ => lost += 1,
+            }
+            let _ = tokio::time::timeout(think, async { while cel.poll().await.is_ok() {} }).await;
+        }
+    } else {
+        let mut session =
+            Session::connect(&controller_endpoint(t), std::path::Path::new("."), "bench-rtt", material.controller)
+                .await
+                .map_err(|e| e.to_string())?;
+        session.set_prefetch(a.mode == RttMode::ChallengePrefetch);
+        let keys = DeviceKeys { public: material.device.public().clone(), hmac: hmac.clone() };
+        let targets = [(dev.clone(), &keys)];
+        let request = Request {
+            name: "noop".into(),
+            args: vec![],
+            mode: if a.mode == RttMode::Sealed { Mode::Sealed } else { Mode::Challenge },
+            hidden: false,
+            ttl: Duration::from_secs(60),
+        };
+        for i in 0..warmup + a.round_trips {
+            let t0 = Instant::now();
+            let r = session.run(&targets, &request, Duration::from_secs(5), &mut |_, _| {}).await;
+            let elapsed = t0.elapsed();
+            match r.as_deref() {
+                Ok([DeviceResult::Answered(reply)]) if reply.status == Status::Ok => {
+                    if i >= warmup {
+                        samples.push(elapsed.as_micros() as u64);
+                    }
+                }
+                _ => lost += 1,
+            }
+            session.idle(think).await.map_err(|e| e.to_string())?;
+        }
+    }
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), device_task).await;
+    samples.sort_unstable();
+    let (p50, p99) = (percentile(&samples, 50.0), percentile(&samples, 99.0));
+    let mode = format!("{:?}", a.mode).to_lowercase();
+    eprintln!(
+        "[{}] command-rtt {mode}: {} round trips, p50 {p50} µs, p99 {p99} µs, lost {lost}, rejected {}",
+        t.label,
+        samples.len(),
+        rejected.load(Ordering::Relaxed)
+    );
+    Ok(json!({"scenario": "command_rtt", "label": t.label, "mode": mode, "bits": a.bits,
+        "state": if a.state_dir.is_some() { "disk" } else { "memory" },
+        "round_trips": samples.len(), "p50_us": p50, "p99_us": p99, "lost": lost}))
+}
+
+/// The plain yardstick: answers every request on the response topic.
+async fn echo_device(c: AsyncClient, mut el: EventLoop, dev: String, mut stop: watch::Receiver<bool>) {
+    let resp = format!("mqseal/v1/dev/{dev}/resp");
+    loop {
+        tokio::select! {
+            ev = el.poll() => match ev {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let _ = c.try_publish(resp.clone(), QoS::AtLeastOnce, false, p.payload);
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            },
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// `fleet`
+#[derive(Args)]
+pub struct Fleet {
+    #[command(flatten)]
+    target: Target,
+    /// Simulated devices `bench-dev-0..N` (provisioned with the bench secret).
+    #[arg(long, default_value_t = 10_000)]
+    devices: usize,
+    /// Device connections opened per second.
+    #[arg(long, default_value_t = 2000)]
+    rate: u32,
+    /// Envelope mode of the broadcast.
+    #[arg(long, value_enum, default_value = "challenge")]
+    mode: Mode,
+    /// RSA modulus of the controller and (shared) device key.
+    #[arg(long, default_value_t = 3072)]
+    bits: usize,
+    /// The `mqseal` binary to run as the controller.
+    #[arg(long)]
+    mqseal: PathBuf,
+    /// Broadcast timeout.
+    #[arg(long, default_value_t = 120)]
+    timeout_secs: u64,
+}
+
+/// `fleet`
+///
+/// # Errors
+/// When devices cannot connect or the controller cannot run.
+pub async fn fleet(a: Fleet) -> Result<serde_json::Value, Failure> {
+    let t = a.target.clone();
+    let material = Arc::new(Material::new(a.bits)?);
+    let work = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let rejected = Arc::new(AtomicUsize::new(0));
+    let (ready_tx, mut ready_rx) = mpsc::channel::<Result<(String, HmacKey), Failure>>(a.devices.max(1));
+    let gap = Duration::from_secs_f64(1.0 / f64::from(a.rate.max(1)));
+    let mut tick = tokio::time::interval(gap);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let connect_started = Instant::now();
+    for i in 0..a.devices {
+        tick.tick().await;
+        let (t, material, stop_rx, rejected, ready_tx) =
+            (t.clone(), material.clone(), stop_rx.clone(), rejected.clone(), ready_tx.clone());
+        tokio::spawn(async move {
+            let id = device(i);
+            let hmac = HmacKey::generate(&mut rng());
+            let agent = match material.agent(&id, &hmac, None) {
+                Ok(a) => a,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e)).await;
+                    return;
+                }
+            };
+            match connect_device(&t, &id).await {
+                Ok((c, el)) => {
+                    let _ = ready_tx.send(Ok((id, hmac))).await;
+                    run_device(c, el, agent, stop_rx, rejected).await;
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e)).await;
+                }
+            }
+        });
+    }
+    drop(ready_tx);
+    let mut registry = serde_json::Map::new();
+    let public_pem = material.device.public().to_pem().map_err(|e| e.to_string())?;
+    let mut failed = Vec::new();
+    while let Some(r) = ready_rx.recv().await {
+        match r {
+            Ok((id, hmac)) => {
+                registry.insert(
+                    id,
+                    json!({ "public_key": public_pem, "hmac_key": hex::encode(hmac.as_bytes()), "since": 0 }),
+                );
+            }
+            Err(e) => failed.push(e),
+        }
+        if registry.len() + failed.len() >= a.devices {
+            break;
+        }
+    }
+    let connect_secs = connect_started.elapsed().as_secs_f64();
+    if !failed.is_empty() {
+        return Err(format!("{} devices failed to connect, first: {}", failed.len(), failed.join("; ")));
+    }
+
+    // The controller: a real `mqseal` process with a registry of the fleet.
+    let dir = work.path();
+    let ctl = dir.join("ctl");
+    std::fs::create_dir_all(&ctl).map_err(|e| e.to_string())?;
+    mqseal_store::write_private(
+        &ctl.join("devices.json"),
+        serde_json::to_string(&registry).map_err(|e| e.to_string())?.as_bytes(),
+    )
+    .map_err(|e| e.to_string())?;
+    let key_pem = material.controller.to_pkcs8_pem().map_err(|e| e.to_string())?;
+    mqseal_store::write_private(&dir.join("ctl.key.pem"), key_pem.as_bytes()).map_err(|e| e.to_string())?;
+    mqseal_store::write_private(&dir.join("ctl.pw"), t.controller_password.as_bytes()).map_err(|e| e.to_string())?;
+    let config = format!(
+        "data_dir = \"ctl\"\nkey = \"ctl.key.pem\"\n[broker]\nhost = \"{}\"\nport = {}\nusername = \"{CONTROLLER}\"\npassword_file = \"ctl.pw\"\n",
+        t.host, t.port
+    );
+    std::fs::write(dir.join("mqseal.toml"), config).map_err(|e| e.to_string())?;
+    let mode = format!("{:?}", a.mode).to_lowercase();
+    let out = tokio::process::Command::new(&a.mqseal)
+        .arg("--config")
+        .arg(dir.join("mqseal.toml"))
+        .args(["broadcast", "noop", "--all", "--json", "--mode", &mode, "--timeout"])
+        .arg(format!("{}s", a.timeout_secs))
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| format!("{}: {e}", a.mqseal.display()))?;
+    let _ = stop_tx.send(true);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("mqseal output: {e}: {}", String::from_utf8_lossy(&out.stderr)))?;
+    let summary = doc.get("summary").cloned().unwrap_or_default();
+    let timing = doc.get("timing").cloned().unwrap_or_default();
+    let (wall_ms, cpu_ms) = (timing.get("wall_ms").cloned(), timing.get("cpu_ms").cloned());
+    eprintln!(
+        "[{}] fleet {mode}: {} devices connected in {connect_secs:.1}s; broadcast {summary}, controller wall {} ms, cpu {} ms, rejected {}",
+        t.label,
+        a.devices,
+        wall_ms.clone().unwrap_or_default(),
+        cpu_ms.clone().unwrap_or_default(),
+        rejected.load(Ordering::Relaxed)
+    );
+    Ok(json!({"scenario": "fleet", "label": t.label, "mode": mode, "devices": a.devices, "bits": a.bits,
+        "connect_secs": connect_secs, "summary": summary, "wall_ms": wall_ms, "cpu_ms": cpu_ms,
+        "rejected": rejected.load(Ordering::Relaxed)}))
+}
