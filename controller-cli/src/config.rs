@@ -147,3 +147,27 @@ impl ControllerConfig {
         Ok((parsed.store, parsed.data_dir))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_documented_example_parses_and_reads_the_brokers_store() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/mqseal.toml");
+        let c = ControllerConfig::load(Some(&path)).unwrap();
+        assert_eq!(c.broker().unwrap().username, "operator");
+        let (store, data_dir) = c.store().unwrap();
+        assert_eq!((store.kind, data_dir), (mqseal_store::StoreKind::File, PathBuf::from("data")));
+    }
+
+    #[test]
+    fn errors_name_the_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.toml");
+        std::fs::write(&p, "data_dir = \"x\"\n[broker]\nusername = 5\n").unwrap();
+        let err = ControllerConfig::load(Some(&p)).unwrap_err().to_string();
+        assert!(err.contains("m.toml:3:"), "{err}");
+    }
+}
