@@ -343,3 +343,37 @@ async fn bad_input_gets_clear_errors_and_distinct_exit_codes() {
     assert_eq!(out.code, 5, "{out:?}");
     assert!(out.stderr.contains("127.0.0.1:1"), "{}", out.stderr);
 }
+
+/// Agent and controller over TLS, verifying the broker with the CA file.
+#[tokio::test]
+async fn agent_and_controller_over_tls() {
+    let (site, tls_port, ca) = Site::start_tls().await;
+    site.add_device("tls-1", &[]).await;
+    let plain = format!("port = {}\n", site.broker.port());
+    let tls = format!("port = {tls_port}\ntls_ca = \"{}\"\n", ca.display());
+    let bundle = site.bundle("tls-1");
+    let text = std::fs::read_to_string(&bundle).unwrap();
+    assert!(text.contains(&plain), "{text}");
+    std::fs::write(&bundle, text.replacen(&plain, &tls, 1)).unwrap();
+    let controller = site.dir.join("tls.toml");
+    let text = std::fs::read_to_string(site.dir.join("mqseal.toml")).unwrap();
+    std::fs::write(&controller, text.replacen(&plain, &tls, 1)).unwrap();
+
+    let agent = site.agent("tls-1").await;
+    let out = site.mqseal_with(&controller, &["send", "tls-1", "echo", "over-tls"]).await;
+    assert_eq!((out.code, out.stdout.trim()), (0, "over-tls"), "{out:?}\n{}", agent.text());
+    // Another CA (a second gen-cert) does not vouch for this broker: exit 5.
+    let other = site.dir.join("other-ca");
+    let made = std::process::Command::new(mqseal_tests::site::workspace_bin("mqseal-broker"))
+        .args(["gen-cert", "--dir"])
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(made.status.success());
+    let text = std::fs::read_to_string(&controller)
+        .unwrap()
+        .replace(&ca.display().to_string(), &other.join("ca.pem").display().to_string());
+    std::fs::write(&controller, text).unwrap();
+    let out = site.mqseal_with(&controller, &["send", "tls-1", "ping"]).await;
+    assert_eq!(out.code, 5, "{out:?}");
+}

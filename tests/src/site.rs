@@ -62,9 +62,40 @@ impl Site {
     /// # Panics
     /// When any step fails.
     pub async fn start(store: Store) -> Site {
+        Site::start_with(BrokerConfig { store, ..BrokerConfig::default() }, None).await
+    }
+
+    /// Like [`Site::start`], with a TLS listener too (certificates from the
+    /// broker's own `gen-cert`, in `tls/`): returns the site, the TLS port
+    /// and the CA file.
+    ///
+    /// # Panics
+    /// When any step fails.
+    pub async fn start_tls() -> (Site, u16, PathBuf) {
         let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let tls = tmp.path().join("tls");
+        let out = std::process::Command::new(workspace_bin("mqseal-broker"))
+            .args(["gen-cert", "--dir"])
+            .arg(&tls)
+            .args(["--name", "broker.example"])
+            .output()
+            .unwrap_or_else(|e| panic!("gen-cert: {e}"));
+        assert!(out.status.success(), "gen-cert: {}", String::from_utf8_lossy(&out.stderr));
+        let port = crate::free_port();
+        let config = BrokerConfig {
+            tls: Some((port, tls.join("server.pem"), tls.join("server.key"))),
+            ..BrokerConfig::default()
+        };
+        (Site::start_with(config, Some(tmp)).await, port, tls.join("ca.pem"))
+    }
+
+    async fn start_with(config: BrokerConfig, tmp: Option<tempfile::TempDir>) -> Site {
+        let tmp = match tmp {
+            Some(t) => t,
+            None => tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}")),
+        };
         let dir = tmp.path().to_owned();
-        let config = BrokerConfig { store: store.clone(), ..BrokerConfig::default() };
+        let store = config.store.clone();
         let broker = BrokerProc::start(&workspace_bin("mqseal-broker"), &dir, config)
             .await
             .unwrap_or_else(|e| panic!("broker did not start: {e:?}"));
@@ -183,6 +214,10 @@ impl Site {
     /// When it exits or does not connect in time.
     pub async fn agent(&self, id: &str) -> AgentProc {
         let log = self.dir.join(format!("agent-{id}.log"));
+        // Counted before the start: a fast agent logs "connected" before
+        // this function could look.
+        let before =
+            std::fs::read_to_string(&log).map(|t| t.lines().filter(|l| l.contains("connected")).count()).unwrap_or(0);
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -199,7 +234,6 @@ impl Site {
             .spawn()
             .unwrap_or_else(|e| panic!("mqseal-agent: {e}"));
         let agent = AgentProc { child, log };
-        let before = agent.count("connected");
         assert!(
             agent.wait_for("connected", before + 1, STARTUP_TIMEOUT).await,
             "agent {id} did not connect:\n{}",
@@ -256,7 +290,7 @@ impl Site {
             .spawn()
             .unwrap_or_else(|e| panic!("mosquitto_sub: {e}"));
         // SUBACK before the caller publishes: give the subscription a moment.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
         Capture { child, out }
     }
 }
