@@ -293,6 +293,10 @@ async fn device_lifecycle_status_rotation_removal_and_broadcast() {
     assert!(a1.wait_for("connection:", 1, 10 * SECOND).await, "old session closed:\n{}", a1.text());
     assert!(a1.is_running(), "the old agent keeps retrying, it does not crash");
     a1.stop().await;
+    let list = site.ok(&["device", "list", "--json", "--wait", "2s"]).await;
+    let v: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let gw1 = v["devices"].as_array().unwrap().iter().find(|d| d["device"] == "gw-1").unwrap().clone();
+    assert_eq!(gw1["status"], "offline", "a stopped agent leaves a retained offline status");
     let a1 = site.agent("gw-1").await;
     assert_eq!(site.mqseal(&["send", "gw-1", "ping"]).await.code, 0, "{}", a1.text());
 
@@ -376,4 +380,44 @@ async fn agent_and_controller_over_tls() {
     std::fs::write(&controller, text).unwrap();
     let out = site.mqseal_with(&controller, &["send", "tls-1", "ping"]).await;
     assert_eq!(out.code, 5, "{out:?}");
+}
+
+/// `mqseal user add|disable|enable|passwd|del|list` against the store the
+/// broker reads, observed by logging in through the broker.
+#[tokio::test]
+async fn user_management_takes_effect_at_the_broker() {
+    let site = Site::start(Store::File).await;
+    site.add_device("u-dev", &[]).await;
+    let _agent = site.agent("u-dev").await;
+    std::fs::write(site.dir.join("second.pw"), "second-password-1\n").unwrap();
+    std::fs::write(site.dir.join("second-new.pw"), "second-password-2\n").unwrap();
+    site.ok(&["user", "add", "second", "--grant", "u-dev", "--password-file", "second.pw"]).await;
+    let config = site.dir.join("second.toml");
+    let text = std::fs::read_to_string(site.dir.join("mqseal.toml"))
+        .unwrap()
+        .replace("\"operator\"", "\"second\"")
+        .replace("operator.pw", "second.pw");
+    std::fs::write(&config, &text).unwrap();
+    let send = || site.mqseal_with(&config, &["send", "u-dev", "ping", "--timeout", "5s"]);
+    assert_eq!(send().await.code, 0);
+
+    site.ok(&["user", "disable", "second"]).await;
+    assert_eq!(send().await.code, 5, "disabled");
+    site.ok(&["user", "enable", "second"]).await;
+    assert_eq!(send().await.code, 0, "enabled again");
+
+    site.ok(&["user", "passwd", "second", "--password-file", "second-new.pw"]).await;
+    assert_eq!(send().await.code, 5, "the old password no longer works");
+    std::fs::write(&config, text.replace("second.pw", "second-new.pw")).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await; // past the one failure's lockout
+    assert_eq!(send().await.code, 0, "the new one does");
+
+    let list: serde_json::Value = serde_json::from_str(&site.ok(&["user", "list", "--json"]).await).unwrap();
+    let second = list["users"].as_array().unwrap().iter().find(|u| u["username"] == "second").unwrap().clone();
+    assert_eq!((second["role"].as_str(), second["algorithm"].as_str()), (Some("controller"), Some("pbkdf2_sha256")));
+    assert_eq!(second["grants"], serde_json::json!(["u-dev"]));
+
+    site.ok(&["user", "del", "second"]).await;
+    assert_eq!(send().await.code, 5, "deleted");
+    assert_eq!(site.mqseal(&["user", "del", "second"]).await.code, 1, "deleting twice names the missing user");
 }
