@@ -229,6 +229,7 @@ impl From<SessionError> for Failure {
     fn from(e: SessionError) -> Failure {
         match e {
             SessionError::Client(c) => Failure::local(c),
+            e @ SessionError::InvalidCommand(_) => Failure::usage(e),
             other => Failure { code: 5, message: other.to_string() },
         }
     }
@@ -616,8 +617,7 @@ async fn send(
     let endpoint = c.broker().map_err(Failure::local)?;
     let key = load_key(c)?;
     let request = Request { name: cmd.command.clone(), args: cmd.args.clone(), mode, hidden: cmd.hidden, ttl: cmd.ttl };
-    mqseal_proto::Call::new(&request.name, &request.args.iter().map(String::as_str).collect::<Vec<_>>())
-        .map_err(|e| Failure::usage(format!("command: {e}")))?;
+    request.validate().map_err(|e| Failure::usage(format!("command: {e}")))?;
 
     let started = std::time::Instant::now();
     let mut session = Session::connect(endpoint, &c.base, &client_id(&endpoint.username), key).await?;

@@ -143,11 +143,7 @@ pub async fn add_or_rotate(
         commands: AgentConfig::default_commands(),
     };
     write_bundle(&spec.bundle, &config)?;
-    Ok(Provisioned { device: spec.id.to_owned(), bundle: spec.bundle, key_id: config_key_id(&key), granted_to })
-}
-
-fn config_key_id(key: &PrivateKey) -> String {
-    hex::encode(key.id().0)
+    Ok(Provisioned { device: spec.id.to_owned(), bundle: spec.bundle, key_id: hex::encode(key.id().0), granted_to })
 }
 
 /// Writes an agent bundle, 0600 (it holds the device's secrets).

@@ -28,7 +28,7 @@ use mqseal_client::rumqttc::{
 use mqseal_client::{BrokerEndpoint, rng, unix_now};
 use mqseal_proto::challenge::{Answer, ChallengeController, Form, HmacKey, Offer, Pending};
 use mqseal_proto::sealed::{PrivateKey, SealedController};
-use mqseal_proto::topic::{Channel, parse, topic};
+use mqseal_proto::topic::{Channel, Topic, parse, topic};
 use mqseal_proto::{Call, Header, MsgId, Outcome, Status};
 use tokio::time::Instant;
 
@@ -58,6 +58,18 @@ pub struct Request {
     pub hidden: bool,
     /// How long the command stays valid.
     pub ttl: Duration,
+}
+
+impl Request {
+    /// Checks the command against the protocol's limits, so a caller can
+    /// refuse it before connecting ([`Session::run`] refuses it too).
+    ///
+    /// # Errors
+    /// The limit it breaks.
+    pub fn validate(&self) -> Result<(), mqseal_proto::Error> {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        Call::new(&self.name, &args).map(|_| ())
+    }
 }
 
 /// A device's authenticated answer.
@@ -104,6 +116,10 @@ pub enum SessionError {
     /// Local setup (credentials, TLS files).
     #[error(transparent)]
     Client(#[from] mqseal_client::ClientError),
+    /// The command itself breaks a protocol limit (name or argument length,
+    /// argument count): nothing was sent.
+    #[error("command: {0}")]
+    InvalidCommand(mqseal_proto::Error),
 }
 
 impl SessionError {
@@ -136,6 +152,8 @@ pub struct Session {
 }
 
 enum State {
+    /// Nothing sent yet.
+    Pending,
     WantChallenge(MsgId),
     AwaitSealed(MsgId),
     AwaitTagged(Pending),
@@ -209,8 +227,7 @@ impl Session {
                 Ok(Err(e)) => return Err(connection_error(&self.address, e)),
                 Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
                     if let Some((device, Channel::Challenge)) = parse(&p.topic) {
-                        let device = device.to_owned();
-                        self.take_prefetched(&device, &p.payload);
+                        self.take_prefetched(device, &p.payload);
                     }
                 }
                 Ok(Ok(_)) => {}
@@ -218,14 +235,14 @@ impl Session {
         }
     }
 
-    /// Stores a challenge that answers a prefetch request.
-    fn take_prefetched(&mut self, device: &str, payload: &[u8]) {
-        let Some((req, key)) = self.prefetching.get(device) else { return };
-        let Ok(controller) = ChallengeController::new(device, key) else { return };
-        if let Ok(offer) = controller.read_challenge(payload, *req) {
-            self.prefetching.remove(device);
-            self.offers.insert(device.to_owned(), (offer, Instant::now()));
-        }
+    /// Stores a challenge that answers a prefetch request; whether it did.
+    fn take_prefetched(&mut self, device: &str, payload: &[u8]) -> bool {
+        let Some((req, key)) = self.prefetching.get(device) else { return false };
+        let Ok(controller) = ChallengeController::new(device, key) else { return false };
+        let Ok(offer) = controller.read_challenge(payload, *req) else { return false };
+        self.prefetching.remove(device);
+        self.offers.insert(device.to_owned(), (offer, Instant::now()));
+        true
     }
 
     /// A prefetched challenge for `device` that is still safely usable.
@@ -250,20 +267,17 @@ impl Session {
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Vec<DeviceResult>, SessionError> {
         let deadline = Instant::now() + timeout;
-        let mut ts: Vec<Target<'_>> = targets
-            .iter()
-            .map(|(d, k)| Target { device: d.clone(), keys: k, state: State::Done(DeviceResult::TimedOut) })
-            .collect();
+        let mut ts: Vec<Target<'_>> =
+            targets.iter().map(|(d, k)| Target { device: d.clone(), keys: k, state: State::Pending }).collect();
+        let call_args: Vec<&str> = request.args.iter().map(String::as_str).collect();
+        let call = Call::new(&request.name, &call_args).map_err(SessionError::InvalidCommand)?;
         let index: HashMap<String, usize> = ts.iter().enumerate().map(|(i, t)| (t.device.clone(), i)).collect();
         self.subscribe(&mut ts, request.mode, deadline).await?;
 
-        let call_args: Vec<&str> = request.args.iter().map(String::as_str).collect();
-        let call = Call::new(&request.name, &call_args)
-            .map_err(|e| SessionError::Unreachable { address: self.address.clone(), error: format!("command: {e}") })?;
         let mut queue = VecDeque::new();
         match request.mode {
             Mode::Challenge => {
-                for t in ts.iter_mut().filter(|t| !matches!(t.state, State::Done(DeviceResult::Error(_)))) {
+                for t in ts.iter_mut().filter(|t| matches!(t.state, State::Pending)) {
                     if let Some(offer) = self.take_offer(&t.device) {
                         queue.extend(command_over(t, &offer, request, &call));
                         continue;
@@ -283,7 +297,7 @@ impl Session {
                 }
             }
             Mode::Sealed => {
-                for (i, sealed) in self.seal_all(&ts, request) {
+                for (i, sealed) in self.seal_all(&ts, request, &call) {
                     if let Some(t) = ts.get_mut(i) {
                         match sealed {
                             Ok((msg_id, topic, frame)) => {
@@ -293,6 +307,10 @@ impl Session {
                             Err(e) => t.state = State::Done(DeviceResult::Error(e)),
                         }
                     }
+                }
+                // A sealing worker that died leaves its targets unsent.
+                for t in ts.iter_mut().filter(|t| matches!(t.state, State::Pending)) {
+                    t.state = State::Done(DeviceResult::Error("sealing did not complete".into()));
                 }
             }
         }
@@ -309,6 +327,11 @@ impl Session {
             };
             let Event::Incoming(Packet::Publish(p)) = event else { continue };
             let Some((device, channel)) = parse(&p.topic) else { continue };
+            // A challenge answering a prefetch is kept for the next command
+            // to that device, whether or not it is a target of this run.
+            if channel == Channel::Challenge && self.take_prefetched(device, &p.payload) {
+                continue;
+            }
             let Some(t) = index.get(device).and_then(|&i| ts.get_mut(i)) else { continue };
             let was_done = matches!(t.state, State::Done(_));
             if let Some(out) = self.advance(t, channel, &p.topic, &p.payload, request, &call) {
@@ -324,9 +347,6 @@ impl Session {
                     self.prefetching.insert(t.device.clone(), (req, t.keys.hmac.clone()));
                     queue.push_back((topic, frame));
                 }
-            } else if was_done && channel == Channel::Challenge {
-                let device = t.device.clone();
-                self.take_prefetched(&device, &p.payload);
             }
         }
         self.drain(&mut queue);
@@ -386,9 +406,14 @@ impl Session {
     /// Seals the command for every pending target, spread over the cores
     /// (one RSA signature each).
     #[allow(clippy::type_complexity)]
-    fn seal_all(&self, ts: &[Target<'_>], request: &Request) -> Vec<(usize, Result<(MsgId, String, Vec<u8>), String>)> {
+    fn seal_all(
+        &self,
+        ts: &[Target<'_>],
+        request: &Request,
+        call: &Call<'_>,
+    ) -> Vec<(usize, Result<(MsgId, String, Vec<u8>), String>)> {
         let pending: Vec<(usize, &Target<'_>)> =
-            ts.iter().enumerate().filter(|(_, t)| !matches!(t.state, State::Done(DeviceResult::Error(_)))).collect();
+            ts.iter().enumerate().filter(|(_, t)| matches!(t.state, State::Pending)).collect();
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(pending.len().max(1));
         let chunk = pending.len().div_ceil(workers).max(1);
         let key = &self.key;
@@ -397,7 +422,9 @@ impl Session {
                 .chunks(chunk)
                 .map(|part| {
                     s.spawn(move || {
-                        part.iter().map(|(i, t)| (*i, seal_one(key, &t.device, t.keys, request))).collect::<Vec<_>>()
+                        part.iter()
+                            .map(|(i, t)| (*i, seal_one(key, &t.device, t.keys, request, call)))
+                            .collect::<Vec<_>>()
                     })
                 })
                 .collect();
@@ -575,24 +602,15 @@ impl Session {
 /// target on to waiting for its answer.
 fn command_over(t: &mut Target<'_>, offer: &Offer, request: &Request, call: &Call<'_>) -> Option<(String, Vec<u8>)> {
     let controller = ChallengeController::new(&t.device, &t.keys.hmac).ok()?;
-    let msg_id = MsgId::random(&mut rng());
-    let now = unix_now();
-    let cmd_topic = topic(&t.device, Channel::Command).ok()?;
-    let header = Header {
-        device: &t.device,
-        topic: &cmd_topic,
-        msg_id,
-        issued_at: now,
-        expires_at: now.saturating_add(request.ttl.as_secs()),
-    };
+    let fresh = Fresh::new(&t.device, request.ttl).ok()?;
     let form = if request.hidden { Form::Hidden } else { Form::Explicit };
     // Name, arguments and header fit in 8 KiB by the protocol's limits.
     let mut out = vec![0u8; 8192];
-    match controller.command(&header, &offer.challenge, call, form, &mut out) {
+    match controller.command(&fresh.header(&t.device), &offer.challenge, call, form, &mut out) {
         Ok(n) => {
             out.truncate(n);
-            t.state = State::AwaitTagged(Pending { challenge: offer.challenge, msg_id });
-            Some((cmd_topic.to_string(), out))
+            t.state = State::AwaitTagged(Pending { challenge: offer.challenge, msg_id: fresh.msg_id });
+            Some((fresh.topic.to_string(), out))
         }
         Err(e) => {
             t.state = State::Done(DeviceResult::Error(format!("building the command: {e}")));
@@ -625,23 +643,44 @@ fn seal_one(
     device: &str,
     keys: &DeviceKeys,
     request: &Request,
+    call: &Call<'_>,
 ) -> Result<(MsgId, String, Vec<u8>), String> {
-    let args: Vec<&str> = request.args.iter().map(String::as_str).collect();
-    let call = Call::new(&request.name, &args).map_err(|e| e.to_string())?;
-    let cmd_topic = topic(device, Channel::Command).map_err(|e| e.to_string())?;
-    let msg_id = MsgId::random(&mut rng());
-    let now = unix_now();
-    let header = Header {
-        device,
-        topic: &cmd_topic,
-        msg_id,
-        issued_at: now,
-        expires_at: now.saturating_add(request.ttl.as_secs()),
-    };
+    let fresh = Fresh::new(device, request.ttl).map_err(|e| e.to_string())?;
     let frame = SealedController::new(key)
-        .seal_command(&mut rng(), &keys.public, &header, &call)
+        .seal_command(&mut rng(), &keys.public, &fresh.header(device), call)
         .map_err(|e| format!("sealing: {e}"))?;
-    Ok((msg_id, cmd_topic.to_string(), frame))
+    Ok((fresh.msg_id, fresh.topic.to_string(), frame))
+}
+
+/// What every new command carries: a fresh message id, a validity window
+/// starting now, and the device's command topic.
+struct Fresh {
+    topic: Topic,
+    msg_id: MsgId,
+    issued_at: u64,
+    expires_at: u64,
+}
+
+impl Fresh {
+    fn new(device: &str, ttl: Duration) -> mqseal_proto::Result<Fresh> {
+        let now = unix_now();
+        Ok(Fresh {
+            topic: topic(device, Channel::Command)?,
+            msg_id: MsgId::random(&mut rng()),
+            issued_at: now,
+            expires_at: now.saturating_add(ttl.as_secs()),
+        })
+    }
+
+    fn header<'a>(&'a self, device: &'a str) -> Header<'a> {
+        Header {
+            device,
+            topic: &self.topic,
+            msg_id: self.msg_id,
+            issued_at: self.issued_at,
+            expires_at: self.expires_at,
+        }
+    }
 }
 
 fn connection_error(address: &str, e: ConnectionError) -> SessionError {
