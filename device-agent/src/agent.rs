@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 
 use mqseal_proto::challenge::{ChallengeDevice, ChallengeTable, Clock, Form, Registered, Verified};
-use mqseal_proto::sealed::{KeyId, OpenedCommand, ReplayCache, SealedDevice};
+use mqseal_proto::sealed::{OpenedCommand, ReplayCache, SealedDevice};
 use mqseal_proto::topic::{Channel, Topic, topic};
 use mqseal_proto::{Call, Error, Header, Kind, MsgId, Outcome, Policy, Status, peek};
 use rand_core::CryptoRng;
@@ -36,6 +36,16 @@ pub struct Now {
     pub mono_ms: u64,
 }
 
+impl Now {
+    /// The system clock, with monotonic time counted from `started`.
+    pub fn since(started: std::time::Instant) -> Now {
+        Now {
+            unix: mqseal_client::unix_now(),
+            mono_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+}
+
 /// A message to publish (QoS 1).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outgoing {
@@ -48,8 +58,11 @@ pub struct Outgoing {
 /// What to do with a publish.
 #[derive(Debug)]
 pub enum Action {
-    /// Publish this (a challenge, or a stored response for a redelivery).
-    Publish(Outgoing),
+    /// Publish this challenge, answering a challenge request.
+    Challenge(Outgoing),
+    /// Publish this stored response again: the command duplicates (a QoS 1
+    /// redelivery, or a replay of the same bytes) one that already ran.
+    Resend(Outgoing),
     /// Run this command, then pass the result to [`Agent::finish`].
     Execute(Job),
 }
@@ -169,14 +182,10 @@ impl Agent {
                     }
                 }
                 Restore::Reset => {
-                    let floor = now.unix.saturating_add(policy.max_lifetime_secs).saturating_add(policy.max_skew_secs);
-                    // Record-and-evict raises the floor: a capacity-1 cache
-                    // holding one synthetic entry expiring at `floor`, then
-                    // restored into the real capacity.
-                    let mut c = ReplayCache::new(1, policy);
-                    c.record(KeyId([0; 32]), MsgId([0; 16]), floor, now.unix);
-                    c.record(KeyId([0; 32]), MsgId([1; 16]), floor, now.unix);
-                    replay = ReplayCache::restore(&c.export()?, replay_capacity, policy, now.unix)?;
+                    // Anything accepted before expires by now + lifetime + skew.
+                    replay.raise_floor(
+                        now.unix.saturating_add(policy.max_lifetime_secs).saturating_add(policy.max_skew_secs),
+                    );
                     sf.save(&replay.export()?, &journal)?;
                 }
             }
@@ -236,7 +245,7 @@ impl Agent {
         if let Some(entry) = self.journal.get(&key) {
             return match &entry.response {
                 Some(stored) => {
-                    Ok(Action::Publish(Outgoing { topic: stored.topic.clone(), payload: stored.payload.clone() }))
+                    Ok(Action::Resend(Outgoing { topic: stored.topic.clone(), payload: stored.payload.clone() }))
                 }
                 None => Err(Rejected("duplicate of a command still running or interrupted by a restart".into())),
             };
@@ -259,7 +268,7 @@ impl Agent {
         let mut out = [0u8; 256];
         let n = device.answer_request(payload, &mut self.challenges, rng, now.mono_ms, &mut out)?;
         let payload = out.get(..n).ok_or(Error::BufferTooSmall)?.to_vec();
-        Ok(Action::Publish(Outgoing { topic: self.topics.chal.to_string(), payload }))
+        Ok(Action::Challenge(Outgoing { topic: self.topics.chal.to_string(), payload }))
     }
 
     fn open_sealed<R: CryptoRng + ?Sized>(

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mqseal_client::rumqttc::{AsyncClient, Event, LastWill, Packet, QoS};
-use mqseal_client::{Backoff, rng, unix_now};
+use mqseal_client::{Backoff, rng};
 use tokio::sync::{Semaphore, mpsc};
 use tracing::{error, info, warn};
 
@@ -55,7 +55,7 @@ pub async fn run(config_path: &Path, restore: Restore) -> Result<(), StartError>
     let base = config_path.parent().unwrap_or(Path::new("."));
     let keys = config.keys(config_path)?;
     let started = Instant::now();
-    let now = || Now { unix: unix_now(), mono_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX) };
+    let now = || Now::since(started);
     let state = StateFile::open(&config.state_path(config_path))?;
     let mut agent = Agent::new(
         &config.device_id,
@@ -112,10 +112,9 @@ pub async fn run(config_path: &Path, restore: Restore) -> Result<(), StartError>
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     match agent.handle(&p.topic, &p.payload, now(), &mut rng()) {
-                        Ok(Action::Publish(out)) => {
-                            if out.topic.ends_with("/resp") {
-                                info!("duplicate delivery of an executed command: re-sent its stored response");
-                            }
+                        Ok(Action::Challenge(out)) => publish(&client, out),
+                        Ok(Action::Resend(out)) => {
+                            info!("duplicate delivery of an executed command: re-sent its stored response");
                             publish(&client, out);
                         }
                         Ok(Action::Execute(job)) => {

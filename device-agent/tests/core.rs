@@ -89,14 +89,14 @@ fn each_command_runs_once_across_redelivery_and_restart() {
     assert!(save_error.is_none());
     // QoS 1 redelivery: the stored response, byte for byte, and no execution.
     match agent.handle(CMD, &frame, now, &mut rng()) {
-        Ok(Action::Publish(again)) => assert_eq!(again, response),
+        Ok(Action::Resend(again)) => assert_eq!(again, response),
         other => panic!("redelivery: {other:?}"),
     }
     drop(agent);
 
     // Restart: still answered from the journal, not executed.
     let mut agent = w.agent(dir.path(), Restore::Load, T0 + 1);
-    assert!(matches!(agent.handle(CMD, &frame, now, &mut rng()), Ok(Action::Publish(p)) if p == response));
+    assert!(matches!(agent.handle(CMD, &frame, now, &mut rng()), Ok(Action::Resend(p)) if p == response));
     assert_eq!(agent.replay_len(), 1, "the replay cache came back from disk");
 
     // A tampered copy is rejected with a reason, and nothing is journaled.

@@ -108,6 +108,14 @@ impl ReplayCache {
         }
     }
 
+    /// Refuses, from now on, every envelope expiring at or before `floor`
+    /// (the floor never goes down). An agent whose saved state is lost sets
+    /// it past the expiry of anything it could have accepted before, so
+    /// starting over never reopens a replay window.
+    pub fn raise_floor(&mut self, floor: u64) {
+        self.floor = self.floor.max(floor);
+    }
+
     /// Envelopes expiring at or before this are refused.
     #[must_use]
     pub fn floor(&self) -> u64 {
@@ -234,6 +242,19 @@ mod tests {
         // the real entry and raises the floor to its real expiry.
         c.record(k, id(2), 200, 0);
         assert_eq!((c.len(), c.floor()), (1, 150));
+    }
+
+    #[test]
+    fn the_floor_only_rises_and_survives_export() {
+        let k = KeyId([4; 32]);
+        let mut c = ReplayCache::new(4, P);
+        c.raise_floor(500);
+        c.raise_floor(100);
+        assert_eq!(c.floor(), 500);
+        assert_eq!(c.check(&k, &id(1), 500), Err(Error::BeyondReplayWindow));
+        assert_eq!(c.check(&k, &id(1), 501), Ok(()));
+        let r = ReplayCache::restore(&c.export().unwrap(), 4, P, 0).unwrap();
+        assert_eq!(r.floor(), 500);
     }
 
     #[test]
