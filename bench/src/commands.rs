@@ -33,7 +33,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, watch};
 use zeroize::Zeroizing;
 
-use crate::{CONTROLLER, Failure, Target, client, device, percentile, until};
+use crate::{CONTROLLER, Failure, Target, client, device, echo_device, percentile, until};
 
 /// `command-rtt`
 #[derive(Args)]
@@ -86,13 +86,19 @@ impl Material {
         let controllers: Keyring = [self.controller.public().clone()].into_iter().collect();
         let keys = Keys { hmac: hmac.clone(), private: self.device.clone(), controllers };
         let commands: BTreeMap<_, _> = AgentConfig::default_commands();
-        Agent::new(id, keys, Policy::default(), 30_000, 4096, commands, state, Restore::Load, now(Instant::now()))
-            .map_err(|e| e.to_string())
+        Agent::new(
+            id,
+            keys,
+            Policy::default(),
+            30_000,
+            4096,
+            commands,
+            state,
+            Restore::Load,
+            Now::since(Instant::now()),
+        )
+        .map_err(|e| e.to_string())
     }
-}
-
-fn now(started: Instant) -> Now {
-    Now { unix: mqseal_client::unix_now(), mono_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX) }
 }
 
 /// Drives one simulated device until `stop`: every publish goes through the
@@ -109,13 +115,13 @@ async fn run_device(
         tokio::select! {
             ev = el.poll() => match ev {
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    match agent.handle(&p.topic, &p.payload, now(started), &mut rng()) {
-                        Ok(Action::Publish(out)) => {
+                    match agent.handle(&p.topic, &p.payload, Now::since(started), &mut rng()) {
+                        Ok(Action::Challenge(out) | Action::Resend(out)) => {
                             let _ = client.try_publish(out.topic, QoS::AtLeastOnce, false, out.payload);
                         }
                         Ok(Action::Execute(job)) => {
                             let ran = Ran { status: Status::Ok, code: 0, output: Zeroizing::new(Vec::new()) };
-                            if let Ok((out, _)) = agent.finish(job, &ran, now(started), &mut rng()) {
+                            if let Ok((out, _)) = agent.finish(job, &ran, Now::since(started), &mut rng()) {
                                 let _ = client.try_publish(out.topic, QoS::AtLeastOnce, false, out.payload);
                             }
                         }
@@ -169,7 +175,7 @@ pub async fn command_rtt(a: CommandRtt) -> Result<serde_json::Value, Failure> {
     let rejected = Arc::new(AtomicUsize::new(0));
     let plain = a.mode == RttMode::Plain;
     let device_task = if plain {
-        tokio::spawn(echo_device(dc, del, dev.clone(), stop_rx))
+        tokio::spawn(echo_device(dc, del, format!("mqseal/v1/dev/{dev}/resp"), QoS::AtLeastOnce))
     } else {
         tokio::spawn(run_device(dc, del, agent, stop_rx, rejected.clone()))
     };
@@ -234,7 +240,7 @@ pub async fn command_rtt(a: CommandRtt) -> Result<serde_json::Value, Failure> {
         }
     }
     let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(5), device_task).await;
+    device_task.abort();
     samples.sort_unstable();
     let (p50, p99) = (percentile(&samples, 50.0), percentile(&samples, 99.0));
     let mode = format!("{:?}", a.mode).to_lowercase();
@@ -247,23 +253,6 @@ pub async fn command_rtt(a: CommandRtt) -> Result<serde_json::Value, Failure> {
     Ok(json!({"scenario": "command_rtt", "label": t.label, "mode": mode, "bits": a.bits,
         "state": if a.state_dir.is_some() { "disk" } else { "memory" },
         "round_trips": samples.len(), "p50_us": p50, "p99_us": p99, "lost": lost}))
-}
-
-/// The plain yardstick: answers every request on the response topic.
-async fn echo_device(c: AsyncClient, mut el: EventLoop, dev: String, mut stop: watch::Receiver<bool>) {
-    let resp = format!("mqseal/v1/dev/{dev}/resp");
-    loop {
-        tokio::select! {
-            ev = el.poll() => match ev {
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let _ = c.try_publish(resp.clone(), QoS::AtLeastOnce, false, p.payload);
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            },
-            _ = stop.changed() => return,
-        }
-    }
 }
 
 /// `fleet`

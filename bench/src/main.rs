@@ -368,20 +368,7 @@ async fn latency(a: Latency) -> Result<serde_json::Value, Failure> {
     let (dc, mut del) = client(t, &dev, &dev, &t.secret, 100);
     dc.subscribe(cmd.clone(), q).await.map_err(|e| e.to_string())?;
     until(&mut del, true, Duration::from_secs(30)).await.map_err(|e| format!("device: {e}"))?;
-    let resp_topic = resp.clone();
-    let device_task = tokio::spawn(async move {
-        loop {
-            match del.poll().await {
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    if dc.try_publish(resp_topic.clone(), q, false, p.payload).is_err() {
-                        break;
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => break,
-            }
-        }
-    });
+    let device_task = tokio::spawn(echo_device(dc, del, resp.clone(), q));
     let (cc, mut cel) = client(t, "bench-requester", CONTROLLER, &t.controller_password, 100);
     cc.subscribe(resp.clone(), q).await.map_err(|e| e.to_string())?;
     until(&mut cel, true, Duration::from_secs(30)).await.map_err(|e| format!("controller: {e}"))?;
@@ -427,6 +414,22 @@ async fn latency(a: Latency) -> Result<serde_json::Value, Failure> {
     );
     Ok(json!({"scenario": "latency", "label": t.label, "qos": a.qos, "round_trips": samples.len(),
         "p50_us": p50, "p90_us": p90, "p99_us": p99, "max_us": samples.last().copied().unwrap_or(0), "lost": lost}))
+}
+
+/// The plain request/response yardstick's device: answers every request on
+/// `resp` with the request itself, until its connection ends.
+async fn echo_device(c: AsyncClient, mut el: EventLoop, resp: String, q: QoS) {
+    loop {
+        match el.poll().await {
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                if c.try_publish(resp.clone(), q, false, p.payload).is_err() {
+                    break;
+                }
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
 }
 
 fn rss_kib(pid: Option<u32>) -> Option<u64> {

@@ -84,6 +84,46 @@ async fn every_scenario_runs_lossless_against_mqseal_broker() {
     assert_eq!((v["ok"].as_u64(), v["failed"].as_u64()), (Some(50), Some(0)), "{v}");
     assert!(v["rss_during_kib"].as_u64().unwrap() > 0);
 
+    // Command round trips through the real agent core and controller
+    // session: every one verified, in every mode (prefetch included).
+    for mode in ["plain", "challenge", "challenge-prefetch", "sealed"] {
+        let v = bench(&[
+            "command-rtt",
+            "--port",
+            &port,
+            "--mode",
+            mode,
+            "--round-trips",
+            "20",
+            "--bits",
+            "2048",
+            "--think-ms",
+            "2",
+        ])
+        .await;
+        assert_eq!((v["round_trips"].as_u64(), v["lost"].as_u64()), (Some(20), Some(0)), "{mode}: {v}");
+    }
+    // A broadcast by the real `mqseal` binary (built next to this one by
+    // `cargo build --workspace --bins`) to a simulated fleet.
+    let mqseal = std::path::Path::new(BENCH).with_file_name("mqseal");
+    assert!(mqseal.exists(), "{} missing: run `cargo build --workspace --bins` first", mqseal.display());
+    let v = bench(&[
+        "fleet",
+        "--port",
+        &port,
+        "--devices",
+        "40",
+        "--bits",
+        "2048",
+        "--timeout-secs",
+        "20",
+        "--mqseal",
+        mqseal.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(v["summary"], serde_json::json!({ "ok": 40, "failed": 0, "timed_out": 0 }), "{v}");
+    assert_eq!(v["rejected"], 0, "{v}");
+
     // A wrong password is a failed connection, reported as such.
     let out = tokio::process::Command::new(BENCH)
         .args(["latency", "--port", &port, "--round-trips", "1", "--secret", "wrong", "--controller-password", "x"])
