@@ -10,10 +10,10 @@
 
 use std::collections::BTreeMap;
 
-use mqseal_proto::challenge::{ChallengeDevice, ChallengeTable, Clock, Form, Registered, Verified};
+use mqseal_proto::challenge::{ChallengeDevice, ChallengeTable, Clock, Form, Registered, ReplyTo};
 use mqseal_proto::sealed::{OpenedCommand, ReplayCache, SealedDevice};
 use mqseal_proto::topic::{Channel, Topic, topic};
-use mqseal_proto::{Call, Error, Header, Kind, MsgId, Outcome, Policy, Status, peek};
+use mqseal_proto::{Error, Kind, MsgId, Outcome, Policy, Status, peek};
 use rand_core::CryptoRng;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
@@ -96,19 +96,7 @@ pub struct Job {
 #[derive(Debug)]
 enum Reply {
     Sealed(Box<OpenedCommand>),
-    Challenge(Box<ChallengeReply>),
-}
-
-/// What a challenge-mode response must name, owned so it outlives the frame.
-#[derive(Debug)]
-struct ChallengeReply {
-    device: String,
-    topic: String,
-    msg_id: MsgId,
-    issued_at: u64,
-    expires_at: u64,
-    challenge: [u8; 16],
-    form: Form,
+    Challenge(ReplyTo),
 }
 
 /// One device's verification state.
@@ -297,20 +285,11 @@ impl Agent {
             self.hidden.iter().zip(&args).map(|((name, _), args)| Registered { name, args }).collect();
         let clock = Clock { monotonic_ms: now.mono_ms, unix_secs: Some(now.unix) };
         let v = device.verify_command(frame, topic, clock, &mut self.challenges, &registry)?;
-        let h = v.header;
         Ok(Job {
             name: v.call.name.to_owned(),
             args: Zeroizing::new(v.call.args.as_slice().iter().map(|a| (*a).to_owned()).collect()),
             key,
-            reply: Reply::Challenge(Box::new(ChallengeReply {
-                device: h.device.to_owned(),
-                topic: h.topic.to_owned(),
-                msg_id: h.msg_id,
-                issued_at: h.issued_at,
-                expires_at: h.expires_at,
-                challenge: v.challenge,
-                form: v.form,
-            })),
+            reply: Reply::Challenge(v.reply_to()),
             refuse: None,
         })
     }
@@ -365,22 +344,8 @@ impl Agent {
                     Form::Hidden => Outcome { status: ran.status, code: 0, output: &[] },
                 };
                 let device = ChallengeDevice::new(&self.id, &self.keys.hmac, self.policy)?;
-                let header = Header {
-                    device: &c.device,
-                    topic: &c.topic,
-                    msg_id: c.msg_id,
-                    issued_at: c.issued_at,
-                    expires_at: c.expires_at,
-                };
-                let to = Verified {
-                    header,
-                    challenge: c.challenge,
-                    form: c.form,
-                    call: Call::new(&job.name, &[])?,
-                    registered: None,
-                };
                 let mut out = vec![0u8; mqseal_proto::limits::MAX_FRAME];
-                let n = device.respond(&to, c.form, &outcome, msg_id, Some(now.unix), &mut out)?;
+                let n = device.respond(c, c.form, &outcome, msg_id, Some(now.unix), &mut out)?;
                 out.truncate(n);
                 out
             }

@@ -248,7 +248,7 @@ fn every_single_byte_change_of_a_challenge_response_is_refused() {
         let mut table = Chal::table(&challenge);
         let dev = c.device();
         let v = dev.verify_command(&frame, &t(Channel::Command), Clock::default(), &mut table, REGISTRY).unwrap();
-        let resp = enc(|b| dev.respond(&v, form, &candidates[1], MsgId([8; 16]), None, b));
+        let resp = enc(|b| dev.respond(&v.reply_to(), form, &candidates[1], MsgId([8; 16]), None, b));
         let pending = Pending { challenge, msg_id: MsgId([7; 16]) };
         let ctl = c.controller();
         let read = |f: &[u8]| {

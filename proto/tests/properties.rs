@@ -58,7 +58,7 @@ static WORLD: LazyLock<World> = LazyLock::new(|| {
     let response = {
         let v = dev.verify_command(&explicit, &cmd, Clock::default(), &mut table, REGISTRY).unwrap();
         let outcome = Outcome { status: Status::Ok, code: 0, output: b"x" };
-        let n = dev.respond(&v, Form::Explicit, &outcome, MsgId([2; 16]), None, &mut buf).unwrap();
+        let n = dev.respond(&v.reply_to(), Form::Explicit, &outcome, MsgId([2; 16]), None, &mut buf).unwrap();
         buf[..n].to_vec()
     };
     World { keys, ring, hmac, sealed, explicit, hidden, response }

@@ -513,11 +513,11 @@ fn generate(keys: &Keys) -> Generated {
         let v = dev.verify_command(&explicit, &cmd_topic, clock, &mut t, reg).unwrap();
         assert_eq!(v.call, call);
         let outcome = Outcome { status: Status::Ok, code: 0, output: b"interval=30\n" };
-        let e = enc(|b| dev.respond(&v, Form::Explicit, &outcome, MsgId(seq(0x30)), Some(NOW + 1), b));
+        let e = enc(|b| dev.respond(&v.reply_to(), Form::Explicit, &outcome, MsgId(seq(0x30)), Some(NOW + 1), b));
         let v =
             dev.verify_command(&hidden, &cmd_topic, Clock { monotonic_ms: 6, unix_secs: None }, &mut t, reg).unwrap();
         assert_eq!(v.registered, Some(HIDDEN_INDEX));
-        let hd = enc(|b| dev.respond(&v, Form::Hidden, &cands[1], MsgId(seq(0x31)), None, b));
+        let hd = enc(|b| dev.respond(&v.reply_to(), Form::Hidden, &cands[1], MsgId(seq(0x31)), None, b));
         (e, hd)
     });
     let explicit_outcome = OutcomeJ { status: 0, code: 0, output: h(b"interval=30\n") };

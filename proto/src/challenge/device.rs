@@ -48,6 +48,37 @@ pub struct Verified<'a> {
     pub registered: Option<usize>,
 }
 
+impl Verified<'_> {
+    /// What the response must repeat, owned: a device can let go of the
+    /// frame (and its receive buffer) before it answers.
+    #[must_use]
+    pub fn reply_to(&self) -> ReplyTo {
+        ReplyTo {
+            msg_id: self.header.msg_id,
+            challenge: self.challenge,
+            expires_at: self.header.expires_at,
+            form: self.form,
+        }
+    }
+}
+
+/// The parts of a verified command its response is bound to.
+///
+/// Small and `Copy`, so an agent that has to free its receive buffer (a
+/// microcontroller's MQTT client has one) or run the command elsewhere (the
+/// Linux agent's task) can keep it without keeping the frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplyTo {
+    /// The command's message id: the response's `in_reply_to`.
+    pub msg_id: MsgId,
+    /// The challenge the command answered; the response is tagged over it.
+    pub challenge: [u8; CHALLENGE_LEN],
+    /// The command's expiry, repeated in the response header.
+    pub expires_at: u64,
+    /// The form the command arrived in.
+    pub form: Form,
+}
+
 /// A device in challenge mode: its id, its key and its time policy.
 #[derive(Debug, Clone)]
 pub struct ChallengeDevice<'k> {
@@ -151,7 +182,8 @@ impl<'k> ChallengeDevice<'k> {
 
     /// Writes the tagged response to `to` into `out`, returning its length.
     ///
-    /// `form` is usually `to.form`: a hidden command gets a hidden answer.
+    /// `to` is [`Verified::reply_to`] of the command. `form` is usually
+    /// `to.form`: a hidden command gets a hidden answer.
     /// `unix_secs` is the device's time if it has a clock; the response's
     /// `expires_at` repeats the command's (controllers judge a response's
     /// freshness by what it answers, not by its times).
@@ -160,7 +192,7 @@ impl<'k> ChallengeDevice<'k> {
     /// [`Error::LimitExceeded`] for oversized output, [`Error::BufferTooSmall`].
     pub fn respond(
         &self,
-        to: &Verified<'_>,
+        to: &ReplyTo,
         form: Form,
         outcome: &Outcome<'_>,
         msg_id: MsgId,
@@ -174,12 +206,12 @@ impl<'k> ChallengeDevice<'k> {
             topic: &resp_topic,
             msg_id,
             issued_at: unix_secs.unwrap_or(0),
-            expires_at: to.header.expires_at,
+            expires_at: to.expires_at,
         };
-        let tag = MacInput::response_tag(self.key, form, &to.challenge, &header, &to.header.msg_id, outcome)?;
+        let tag = MacInput::response_tag(self.key, form, &to.challenge, &header, &to.msg_id, outcome)?;
         let body = ResponseBody {
             header,
-            in_reply_to: to.header.msg_id,
+            in_reply_to: to.msg_id,
             outcome: match form {
                 Form::Explicit => Some(*outcome),
                 Form::Hidden => None,

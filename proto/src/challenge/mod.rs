@@ -36,7 +36,7 @@ mod table;
 use serde::{Deserialize, Serialize};
 
 pub use controller::{Answer, ChallengeController, Offer, Pending};
-pub use device::{ChallengeDevice, Clock, Registered, Verified};
+pub use device::{ChallengeDevice, Clock, Registered, ReplyTo, Verified};
 pub use mac::{Form, HmacKey};
 pub use table::ChallengeTable;
 
