@@ -13,8 +13,6 @@
 //! publish) cannot move an envelope from one channel or device to another.
 //! These names are released: they stay stable within `v1`.
 
-use core::fmt::Write;
-
 use crate::limits::MAX_TOPIC_LEN;
 use crate::{Error, Result, validate_id};
 
@@ -66,7 +64,11 @@ pub fn topic(device: &str, channel: Channel) -> Result<Topic> {
     validate_id(device)?;
     let mut t = Topic::new();
     // Cannot overflow: ROOT (14) + id (<= 64) + "/" + suffix (<= 8) < 128.
-    write!(t, "{ROOT}{device}/{}", channel.suffix())
+    // Pushed piece by piece rather than with `write!`, which would link
+    // core::fmt (about 1 KiB) into a microcontroller's image.
+    [ROOT, device, "/", channel.suffix()]
+        .iter()
+        .try_for_each(|part| t.push_str(part))
         .map_err(|_| Error::LimitExceeded { field: "topic", max: MAX_TOPIC_LEN })?;
     Ok(t)
 }

@@ -5,7 +5,7 @@ use subtle::{Choice, ConditionallySelectable};
 
 use super::mac::{Form, HmacKey, MacInput, tags_equal};
 use super::{ChallengeBody, ChallengeTable, CommandBody, RequestBody, ResponseBody};
-use crate::limits::CHALLENGE_LEN;
+use crate::limits::{CHALLENGE_LEN, TAG_LEN};
 use crate::topic::{Channel, topic};
 use crate::wire::{self, Call, Kind, Outcome};
 use crate::{Error, Header, MsgId, Policy, Result, validate_id};
@@ -150,7 +150,7 @@ impl<'k> ChallengeDevice<'k> {
         table: &mut ChallengeTable<N>,
         registry: &'a [Registered<'a>],
     ) -> Result<Verified<'a>> {
-        let CommandBody { header, challenge, call, tag } = wire::decode(wire::body(frame, Kind::ChallengeCommand)?)?;
+        let CommandBody { header, challenge, call, tag } = decode_command(frame)?;
         header.check_received(self.id, arrived_on)?;
         if let Some(call) = &call {
             call.validate()?;
@@ -159,25 +159,42 @@ impl<'k> ChallengeDevice<'k> {
             self.policy.check_times(header.issued_at, header.expires_at, now)?;
         }
         let slot = table.position(&challenge, clock.monotonic_ms).ok_or(Error::UnknownChallenge)?;
-
-        let form = if call.is_some() { Form::Explicit } else { Form::Hidden };
-        let prefix = MacInput::command_prefix(self.key, form, &challenge, &header)?;
-        let (call, registered) = match call {
-            Some(call) => {
-                let expected = prefix.command_tag(call.name, call.args.as_slice())?;
-                if !bool::from(tags_equal(&expected, &tag)) {
-                    return Err(Error::BadTag);
-                }
-                (call, None)
-            }
-            None => {
-                let index = find_registered(&prefix, &tag, registry)?.ok_or(Error::BadTag)?;
-                let reg = registry.get(index).ok_or(Error::BadTag)?;
-                (Call::new(reg.name, reg.args)?, Some(index))
-            }
+        let (form, registered) = self.check_tag(&header, &challenge, call.as_ref(), &tag, registry)?;
+        let call = match (call, registered.and_then(|i| registry.get(i))) {
+            (Some(call), _) => call,
+            (None, Some(reg)) => Call::new(reg.name, reg.args)?,
+            (None, None) => return Err(Error::BadTag),
         };
         table.consume(slot);
         Ok(Verified { header, challenge, form, call, registered })
+    }
+
+    /// The tag check: explicit form compares one tag, hidden form finds the
+    /// registered command it matches. Returns the form and, in hidden form,
+    /// the index.
+    ///
+    /// Kept out of line (like [`decode_command`]) so that a
+    /// microcontroller's stack holds the HMAC states or the decoded body,
+    /// not both at once: this is what keeps the verification within the
+    /// stack budget docs/BENCHMARKS.md records.
+    #[inline(never)]
+    fn check_tag(
+        &self,
+        header: &Header<'_>,
+        challenge: &[u8; CHALLENGE_LEN],
+        call: Option<&Call<'_>>,
+        tag: &[u8; TAG_LEN],
+        registry: &[Registered<'_>],
+    ) -> Result<(Form, Option<usize>)> {
+        let form = if call.is_some() { Form::Explicit } else { Form::Hidden };
+        let prefix = MacInput::command_prefix(self.key, form, challenge, header)?;
+        match call {
+            Some(call) => {
+                let expected = prefix.command_tag(call.name, call.args.as_slice())?;
+                if bool::from(tags_equal(&expected, tag)) { Ok((form, None)) } else { Err(Error::BadTag) }
+            }
+            None => Ok((form, Some(find_registered(&prefix, tag, registry)?.ok_or(Error::BadTag)?))),
+        }
     }
 
     /// Writes the tagged response to `to` into `out`, returning its length.
@@ -220,6 +237,30 @@ impl<'k> ChallengeDevice<'k> {
         };
         wire::encode_into(Kind::ChallengeResponse, &body, out)
     }
+}
+
+/// Decodes a challenge-mode command, out of line: see `check_tag`.
+///
+/// Field by field rather than through `CommandBody`'s derived visitor:
+/// postcard lays a struct out as its fields one after another, so the bytes
+/// read are the same, but serde's visitor would move the 140-byte argument
+/// list through several temporaries, which on a Cortex-M costs more stack
+/// than all the hashing.
+#[inline(never)]
+fn decode_command(frame: &[u8]) -> Result<CommandBody<'_>> {
+    let rest = wire::body(frame, Kind::ChallengeCommand)?;
+    let (header, rest) = wire::take::<Header<'_>>(rest)?;
+    let (challenge, rest) = wire::take::<[u8; CHALLENGE_LEN]>(rest)?;
+    let (call, rest) = take_call(rest)?;
+    let (tag, rest) = wire::take::<[u8; TAG_LEN]>(rest)?;
+    wire::end(rest)?;
+    Ok(CommandBody { header, challenge, call, tag })
+}
+
+/// The optional call of a command body, in its own frame.
+#[inline(never)]
+fn take_call(bytes: &[u8]) -> Result<(Option<Call<'_>>, &[u8])> {
+    wire::take::<Option<Call<'_>>>(bytes)
 }
 
 /// Tries every registered command against `tag` and returns the index of the
