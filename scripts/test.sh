@@ -42,6 +42,16 @@ if [ ${#missing[@]} -gt 0 ]; then
     as_root systemctl disable --now mosquitto || true
   fi
 fi
+# QEMU for the microcontroller images (no GUI or audio extras).
+if ! dpkg-query -W -f='${Status}' qemu-system-arm 2>/dev/null | grep -q "install ok installed"; then
+  echo "installing qemu-system-arm"
+  export DEBIAN_FRONTEND=noninteractive
+  as_root apt-get install -y -q --no-install-recommends qemu-system-arm >>"$run_dir/apt.log" 2>&1 \
+    || { as_root apt-get update -q >>"$run_dir/apt.log" 2>&1 && as_root apt-get install -y -q --no-install-recommends qemu-system-arm >>"$run_dir/apt.log" 2>&1; } \
+    || { tail -n 20 "$run_dir/apt.log" >&2; die "apt-get could not install qemu-system-arm (log: $run_dir/apt.log)"; }
+fi
+command -v qemu-system-arm >/dev/null 2>&1 || die "qemu-system-arm is still missing after installation"
+echo "qemu: $(qemu-system-arm --version | head -n 1)"
 for prog in mosquitto mosquitto_pub mosquitto_sub; do
   command -v "$prog" >/dev/null 2>&1 || [ -x "/usr/sbin/$prog" ] || die "$prog is still missing after installation"
 done
@@ -50,10 +60,17 @@ echo "mosquitto: $( (/usr/sbin/mosquitto -h 2>/dev/null || true) | head -n 1)"
 # --- Rust targets -------------------------------------------------------------
 step "Rust targets"
 command -v cargo >/dev/null 2>&1 || die "cargo is not installed (https://rustup.rs)"
-if ! rustup target list --installed | grep -qx thumbv7em-none-eabihf; then
-  rustup target add thumbv7em-none-eabihf || die "rustup could not add thumbv7em-none-eabihf"
+for target in thumbv7em-none-eabihf thumbv6m-none-eabi; do
+  if ! rustup target list --installed | grep -qx "$target"; then
+    rustup target add "$target" || die "rustup could not add $target"
+  fi
+  echo "$target: installed"
+done
+# llvm-size, for the firmware footprint.
+if ! rustup component list --installed | grep -q '^llvm-tools'; then
+  rustup component add llvm-tools || die "rustup could not add llvm-tools"
 fi
-echo "thumbv7em-none-eabihf: installed"
+echo "llvm-tools: installed"
 
 # --- Python venv: SecantusDB and paho-mqtt ------------------------------------
 step "Python venv ($venv)"
@@ -133,8 +150,14 @@ cargo test --workspace --locked
 step "cargo doc (broken links and missing docs are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 
-step "proto on thumbv7em-none-eabihf: challenge path without alloc, and alloc+rsa"
+step "proto and the mcu agent on thumbv7em-none-eabihf: challenge path without alloc, and alloc+rsa"
 cargo build -p mqseal-proto --locked --target thumbv7em-none-eabihf --no-default-features
 cargo build -p mqseal-proto --locked --target thumbv7em-none-eabihf --no-default-features --features alloc,rsa
+cargo build -p mqseal-mcu-agent --locked --target thumbv7em-none-eabihf
+cargo build -p mqseal-mcu-agent --locked --target thumbv7em-none-eabihf --features sealed
+cargo build -p mqseal-mcu-agent --locked --target thumbv6m-none-eabi
+
+step "firmware under QEMU (test vectors, the agent) and its footprint"
+./scripts/firmware.sh
 
 step "all checks passed"

@@ -1,0 +1,39 @@
+//! Footprint image (a): the verification core alone — `Agent::handle`
+//! answering challenge requests, verifying commands in both forms and
+//! tagging responses — with no MQTT client, no semihosting and panic-halt,
+//! as a product build would link it. Inputs come through `black_box` so the
+//! optimiser cannot fold them away; the result goes to a sink.
+#![no_std]
+#![no_main]
+
+use core::hint::black_box;
+
+use cortex_m_rt::entry;
+use mqseal_mcu_agent::{Agent, Call, Clock, Done, ENVELOPE_LEN, HmacKey, Policy, Registered};
+use mqseal_mcu_firmware::VectorRng;
+use panic_halt as _;
+
+static HIDDEN: [Registered<'static>; 2] =
+    [Registered { name: "open", args: &["25"] }, Registered { name: "close", args: &[] }];
+
+#[entry]
+fn main() -> ! {
+    let key = HmacKey::new(black_box([0x5a; 32]));
+    let Ok(mut agent) = Agent::<'_, 4>::new(black_box("valve-3"), &key, Policy::default(), 30_000, &HIDDEN) else {
+        mqseal_mcu_firmware::halt()
+    };
+    let mut rng = VectorRng::new(b"stand-in for the hardware RNG");
+    let mut out = [0u8; ENVELOPE_LEN];
+    let mut ran = 0u32;
+    let mut handler = |call: &Call<'_>, _: &mut [u8]| {
+        ran += call.args.as_slice().len() as u32 + 1;
+        Done::ok(0)
+    };
+    loop {
+        let frame: &[u8] = black_box(&[]);
+        let topic: &str = black_box("");
+        let clock = Clock { monotonic_ms: black_box(0), unix_secs: black_box(None) };
+        let reply = agent.handle(topic, frame, clock, &mut rng, &mut handler, &mut out);
+        let _ = black_box((reply.map(|r| r.bytes(&out).len()), &out));
+    }
+}
