@@ -65,10 +65,11 @@ echo "footprint (release: opt-level z, LTO, 1 codegen unit, panic=abort; bytes)"
 printf '%-22s %-34s %8s %6s %6s %14s %11s\n' target image text data bss "text - empty" "peak stack"
 for t in "${targets[@]}"; do
   read -r et _ _ < <(size_of "$t" size-empty)
-  for image in size-empty size-core size-agent; do
+  for image in size-empty size-minimq size-core size-agent; do
     read -r text data bss < <(size_of "$t" "$image")
     case "$image" in
       size-empty) what="empty (cortex-m-rt + panic-halt)"; stack="-" ;;
+      size-minimq) what="reference: minimq alone"; stack="-" ;;
       size-core) what="(a) verification core"; stack="$(stack_of "$t" core) + $(( 176 + 320 ))" ;;
       size-agent) what="(b) agent with minimq"; stack=$(stack_of "$t" "agent with minimq") ;;
     esac

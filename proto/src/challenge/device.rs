@@ -108,6 +108,10 @@ impl<'k> ChallengeDevice<'k> {
     ///
     /// # Errors
     /// Decoding errors, [`Error::WrongDevice`], [`Error::BufferTooSmall`].
+    // Out of line, like `respond` and the steps of `verify_command`: on a
+    // microcontroller a caller's frame then holds one of these paths at a
+    // time, not the sum of all three.
+    #[inline(never)]
     pub fn answer_request<const N: usize, R: CryptoRng + ?Sized>(
         &self,
         request: &[u8],
@@ -207,6 +211,7 @@ impl<'k> ChallengeDevice<'k> {
     ///
     /// # Errors
     /// [`Error::LimitExceeded`] for oversized output, [`Error::BufferTooSmall`].
+    #[inline(never)]
     pub fn respond(
         &self,
         to: &ReplyTo,
