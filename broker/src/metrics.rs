@@ -54,6 +54,7 @@ counters! {
     acl_denied_subscribe_total: "counter", "Subscription filters refused by the ACL.";
     acl_denied_will_total: "counter", "Connections refused because the will topic is not allowed.";
     packets_too_large_total: "counter", "Packets refused for exceeding the maximum packet size.";
+    messages_discarded_too_large_total: "counter", "PUBLISH packets not sent because they exceed the receiving client's Maximum Packet Size.";
     protocol_errors_total: "counter", "Connections closed for malformed or forbidden packets.";
     codec_panics_total: "counter", "Packets on which the embedded codec panicked (contained; connection closed).";
     sessions_kicked_total: "counter", "Sessions closed because their user was disabled or deleted.";

@@ -21,8 +21,8 @@ use bytes::BytesMut;
 use rumqttd::Notification;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
-    Connect, Disconnect, DisconnectReasonCode, LastWill, LastWillProperties, Login, Packet, PublishProperties,
-    Subscribe,
+    Connect, Disconnect, DisconnectReasonCode, LastWill, LastWillProperties, Login, Packet, PubAck, PubAckReason,
+    PubRec, PubRecReason, PublishProperties, Subscribe,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
@@ -361,6 +361,12 @@ where
         pending_subs: Vec::new(),
         denied_qos2: Vec::new(),
         unscheduled: false,
+        client_max_packet: connect
+            .props
+            .as_ref()
+            .and_then(|p| p.max_packet_size)
+            .filter(|_| version == Version::V5)
+            .and_then(|n| usize::try_from(n).ok()),
     };
     Some(Opened { state, link_rx, kick, session_id, keepalive, will })
 }
@@ -443,6 +449,10 @@ pub async fn serve(
                     }
                     // Drain what the router already queued, without waiting.
                     if let Some(end) = state.drain(&mut link_rx) {
+                        break end;
+                    }
+                    // Acknowledgements for discarded oversized messages.
+                    if let Err(end) = state.flush_to_router().await {
                         break end;
                     }
                 }
@@ -582,6 +592,10 @@ struct State {
     denied_qos2: Vec<u16>,
     /// The router paused us (queue full) and wants a wake-up after a flush.
     unscheduled: bool,
+    /// The client's MQTT 5 Maximum Packet Size: a larger packet is discarded
+    /// instead of sent, as if it had been delivered (MQTT 5 §3.1.2.11.4).
+    /// A microcontroller announces its receive buffer this way.
+    client_max_packet: Option<usize>,
 }
 
 impl State {
@@ -801,11 +815,14 @@ impl State {
                 Some(End::TakenOver)
             }
             packet => {
-                if matches!(packet, Packet::Publish(..)) {
-                    Metrics::inc(&self.shared.metrics.messages_out_total);
-                }
+                let publish = matches!(packet, Packet::Publish(..));
                 let packet = codec::for_version(self.version, packet)?;
+                let start = self.out.len();
                 match codec::encode(self.version, packet, &mut self.out) {
+                    Ok(_) if publish => {
+                        self.discard_if_too_large(start);
+                        None
+                    }
                     Ok(_) => None,
                     Err(e) => {
                         if matches!(e, codec::DecodeError::Panicked) {
@@ -816,6 +833,33 @@ impl State {
                     }
                 }
             }
+        }
+    }
+
+    /// Counts the PUBLISH just encoded at `start` of the output, or takes it
+    /// back out if it exceeds the client's Maximum Packet Size. A discarded
+    /// QoS 1/2 message is acknowledged to the router on the client's behalf,
+    /// which is what "behave as if it had completed sending" means: the
+    /// router must not keep redelivering what the client cannot take.
+    fn discard_if_too_large(&mut self, start: usize) {
+        let size = self.out.len().saturating_sub(start);
+        let Some(max) = self.client_max_packet.filter(|max| size > *max) else {
+            Metrics::inc(&self.shared.metrics.messages_out_total);
+            return;
+        };
+        let mut tail = self.out.split_off(start);
+        let ack = codec::next_frame(&mut tail, usize::MAX).ok().flatten().and_then(|f| codec::publish_qos_pkid(&f));
+        Metrics::inc(&self.shared.metrics.messages_discarded_too_large_total);
+        info!(peer = %self.peer, client_id = %self.principal.client_id, user = %self.principal.username, size, max,
+              "publish discarded: larger than the client's maximum packet size");
+        match ack {
+            Some((1, pkid)) => {
+                self.to_router.push(Packet::PubAck(PubAck { pkid, reason: PubAckReason::Success }, None));
+            }
+            Some((2, pkid)) => {
+                self.to_router.push(Packet::PubRec(PubRec { pkid, reason: PubRecReason::Success }, None));
+            }
+            _ => {}
         }
     }
 

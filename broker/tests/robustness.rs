@@ -209,6 +209,40 @@ async fn oversized_packets_are_refused_without_harming_others() {
     still_serving(port, "size").await;
 }
 
+/// A v5 client's own Maximum Packet Size (a microcontroller's receive
+/// buffer) is honoured: a larger message is discarded for that client, at
+/// QoS 0 and 1 alike, without closing its connection; the router treats a
+/// discarded QoS 1 message as delivered (nothing is redelivered), smaller
+/// messages keep flowing, and other subscribers get everything.
+#[tokio::test]
+async fn a_clients_maximum_packet_size_is_honoured() {
+    let metrics = mqseal_tests::free_port();
+    let site = site_with_root(BrokerConfig { metrics_port: Some(metrics), ..BrokerConfig::default() }).await;
+    let port = site.port();
+    let mut small = root(Version::V5, "small-buffer");
+    small.properties = vec![0x27, 0, 0, 0x01, 0x00]; // Maximum Packet Size 256
+    let mut small = Conn::connected(port, &small).await;
+    small.subscribe(&[("mps/#", 1)]).await.unwrap();
+    let mut big = Conn::connected(port, &root(Version::V5, "big-buffer")).await;
+    big.subscribe(&[("mps/#", 1)]).await.unwrap();
+    let mut publisher = Conn::connected(port, &root(Version::V5, "publisher")).await;
+
+    for qos in [0u8, 1] {
+        publisher.publish("mps/t", &[9u8; 300], qos, false).await.unwrap();
+        publisher.publish("mps/t", &[qos; 100], qos, false).await.unwrap();
+        assert_eq!(big.next_message(T).await.unwrap().payload.len(), 300, "qos {qos}");
+        assert_eq!(big.next_message(T).await.unwrap().payload, vec![qos; 100]);
+        // The small client skips the 300-byte message and gets the next one.
+        let m = small.next_message(T).await.unwrap();
+        assert_eq!(m.payload, vec![qos; 100], "qos {qos}: only the message that fits arrives");
+    }
+    // Nothing was held back for redelivery, and the connection is alive.
+    assert!(small.next_message(Duration::from_millis(500)).await.is_err(), "no late redelivery");
+    publisher.publish("mps/t", b"still here", 1, false).await.unwrap();
+    assert_eq!(small.next_message(T).await.unwrap().payload, b"still here");
+    assert_eq!(metric(metrics, "mqseal_messages_discarded_too_large_total").await, 2);
+}
+
 /// Protocol violations close that one connection (v5: with a reason code):
 /// garbage instead of CONNECT, a second CONNECT, reserved flag bits, a
 /// server-only packet type, a wildcard in a PUBLISH topic, half a packet.
