@@ -192,6 +192,14 @@ async fn no_std_agent_against_the_real_broker_and_cli() {
     assert!(why.contains("device") || why.contains("topic"), "{why}");
     assert_eq!(seen(&shared).ran, ran_before);
 
+    // A publish larger than the device's receive buffer (4 KiB here,
+    // announced as MQTT 5's Maximum Packet Size) never reaches it: the
+    // broker discards it for this client instead of breaking its connection.
+    let before = seen(&shared).rejected.len();
+    site.publish_raw(&cmd_topic("mcu-1"), &vec![0x01; 6000]).await;
+    tokio::time::sleep(SECOND).await;
+    assert_eq!(seen(&shared).rejected.len(), before, "the oversized publish reached the agent");
+
     // After all that the device still serves genuine commands.
     let out = site.mqseal(&["send", "mcu-1", "level", "9", "--mode", "challenge"]).await;
     assert_eq!((out.code, out.stdout.trim()), (0, "level=9"), "{out:?}");

@@ -22,11 +22,12 @@
 //! The firmware owns two buffers (minimq's `Buffers`):
 //!
 //! * receive: the largest inbound packet. minimq tells the broker this size
-//!   as MQTT 5's Maximum Packet Size; a larger packet is refused (minimq
-//!   drops the connection, with [`minimq::ResourceError::PacketTooLarge`] or
-//!   [`minimq::PeerError::InvalidPacket`]), never truncated. [`RX_LEN`] holds
-//!   any challenge-mode command with [`COMMAND_LEN`] bytes of name and
-//!   arguments for the longest device ids.
+//!   as MQTT 5's Maximum Packet Size, and a broker that honours it (as
+//!   `mqseal-broker` does) discards larger messages for this client. If one
+//!   arrives anyway, minimq drops the connection
+//!   ([`minimq::PeerError::InvalidPacket`]); a message is never truncated.
+//!   [`RX_LEN`] holds any challenge-mode command with [`COMMAND_LEN`] bytes
+//!   of name and arguments for the longest device ids.
 //! * transmit: CONNECT (client id, user name, password, will) and one
 //!   outbound publish. [`TX_LEN`] is enough for the longest ids.
 //!
