@@ -287,7 +287,7 @@ impl Agent {
         let v = device.verify_command(frame, topic, clock, &mut self.challenges, &registry)?;
         Ok(Job {
             name: v.call.name.to_owned(),
-            args: Zeroizing::new(v.call.args.as_slice().iter().map(|a| (*a).to_owned()).collect()),
+            args: Zeroizing::new(v.call.args.iter().map(str::to_owned).collect()),
             key,
             reply: Reply::Challenge(v.reply_to()),
             refuse: None,

@@ -5,7 +5,7 @@
 //! the message id and the validity window are all in the header, and the
 //! header is inside what the signature or tag covers.
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::limits::MAX_TOPIC_LEN;
 use crate::topic::{Channel, topic};
@@ -13,7 +13,7 @@ use crate::wire::limit;
 use crate::{Error, MsgId, Result, validate_id};
 
 /// Addressing and freshness, covered by the signature or tag.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Header<'a> {
     /// The device the envelope is for (commands) or from (responses).
     pub device: &'a str,
@@ -27,6 +27,18 @@ pub struct Header<'a> {
     /// Seconds since the Unix epoch after which the envelope is void;
     /// 0 from a device without a clock.
     pub expires_at: u64,
+}
+
+impl<'a> crate::wire::Decode<'a> for Header<'a> {
+    fn read(r: &mut crate::wire::Reader<'a>) -> Result<Self> {
+        Ok(Header {
+            device: r.str()?,
+            topic: r.str()?,
+            msg_id: MsgId(r.array()?),
+            issued_at: r.u64()?,
+            expires_at: r.u64()?,
+        })
+    }
 }
 
 impl Header<'_> {

@@ -5,17 +5,19 @@
 //! bytes rather than part of the postcard value so that a receiver can
 //! dispatch on them (and reject a future version) before decoding anything.
 //!
-//! Decoding borrows from the input (`&str`, `&[u8]`) and collects arguments
-//! into a fixed-capacity list, so it allocates nothing: the same decoder runs
-//! on a microcontroller without a heap.
+//! Encoding goes through serde's derives. Decoding reads postcard directly
+//! with [`Reader`] — the handful of postcard types the envelopes use — and
+//! borrows everything from the input, arguments included, so it allocates
+//! nothing and copies nothing: the same decoder runs on a microcontroller
+//! without a heap, where serde's visitors cost about 2 KiB of flash and
+//! 0.5 KiB of stack (docs/BENCHMARKS.md, "Microcontroller agent").
 //!
 //! [postcard]: https://postcard.jamesmunns.com/wire-format
 
 use core::fmt;
 
-use serde::de::{SeqAccess, Visitor};
 use serde::ser::SerializeSeq;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Serialize, Serializer};
 
 use crate::limits::{MAX_ARG_LEN, MAX_ARGS, MAX_FRAME, MAX_NAME_LEN, MAX_OUTPUT_LEN};
 use crate::{Error, Result};
@@ -104,16 +106,137 @@ pub(crate) fn body(frame: &[u8], expected: Kind) -> Result<&[u8]> {
     frame.get(2..).ok_or(Error::Truncated)
 }
 
-/// Decodes one postcard value from the front of `bytes`, returning the rest.
-pub(crate) fn take<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<(T, &'a [u8])> {
-    Ok(postcard::take_from_bytes(bytes)?)
+/// A value read from postcard bytes by hand (see [`Reader`]).
+pub(crate) trait Decode<'a>: Sized {
+    /// Reads one value from the front of `r`.
+    fn read(r: &mut Reader<'a>) -> Result<Self>;
 }
 
-/// Decodes a whole slice as one postcard value: nothing may be left over.
-pub(crate) fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T> {
+/// Decodes one value from the front of `bytes`, returning the rest.
+pub(crate) fn take<'a, T: Decode<'a>>(bytes: &'a [u8]) -> Result<(T, &'a [u8])> {
+    let mut r = Reader::new(bytes);
+    let value = T::read(&mut r)?;
+    Ok((value, r.rest()))
+}
+
+/// Decodes a whole slice as one value: nothing may be left over.
+pub(crate) fn decode<'a, T: Decode<'a>>(bytes: &'a [u8]) -> Result<T> {
     let (value, rest) = take(bytes)?;
     end(rest)?;
     Ok(value)
+}
+
+/// A cursor over postcard-encoded bytes.
+///
+/// It reads exactly what postcard's own deserializer accepts for the types
+/// mqseal uses — fixed byte arrays as raw bytes, LEB128 varints (with
+/// postcard's bound on the last byte), zigzag for signed integers, lengths
+/// as varints followed by the bytes, an option as a 0/1 tag — and reports
+/// the same errors (`truncated`, `malformed`). Lengths are read as 64-bit
+/// varints on every target, so a 32-bit device and a 64-bit controller
+/// agree on every input.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Reader<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    /// A reader at the start of `bytes`.
+    pub(crate) fn new(bytes: &'a [u8]) -> Self {
+        Reader { rest: bytes }
+    }
+
+    /// What has not been read yet.
+    pub(crate) fn rest(&self) -> &'a [u8] {
+        self.rest
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        let (head, rest) = self.rest.split_at_checked(n).ok_or(Error::Truncated)?;
+        self.rest = rest;
+        Ok(head)
+    }
+
+    /// One byte.
+    pub(crate) fn byte(&mut self) -> Result<u8> {
+        let (&b, rest) = self.rest.split_first().ok_or(Error::Truncated)?;
+        self.rest = rest;
+        Ok(b)
+    }
+
+    /// `N` raw bytes (postcard's encoding of `[u8; N]`).
+    pub(crate) fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
+        self.take(N)?.try_into().map_err(|_| Error::Truncated)
+    }
+
+    /// A varint of at most `max_bytes` bytes whose last byte is at most
+    /// `last_max`: postcard's rule for a `bits`-bit integer.
+    fn varint(&mut self, max_bytes: u32, last_max: u8) -> Result<u64> {
+        let mut out = 0u64;
+        for i in 0..max_bytes {
+            let b = self.byte()?;
+            out |= u64::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                return if i == max_bytes - 1 && b > last_max { Err(BAD_VARINT) } else { Ok(out) };
+            }
+        }
+        Err(BAD_VARINT)
+    }
+
+    /// A `u64` varint.
+    pub(crate) fn u64(&mut self) -> Result<u64> {
+        self.varint(10, 0x01)
+    }
+
+    /// A `u32` varint.
+    pub(crate) fn u32(&mut self) -> Result<u32> {
+        u32::try_from(self.varint(5, 0x0f)?).map_err(|_| BAD_VARINT)
+    }
+
+    /// An `i32`: zigzag, then a `u32` varint.
+    pub(crate) fn i32(&mut self) -> Result<i32> {
+        let z = self.u32()?;
+        #[allow(clippy::cast_possible_wrap)] // zigzag: the bit pattern is the value
+        Ok(((z >> 1) as i32) ^ -((z & 1) as i32))
+    }
+
+    /// A length: a varint, at most what is left to read of a 64 KiB frame.
+    fn len(&mut self) -> Result<usize> {
+        usize::try_from(self.u64()?).map_err(|_| Error::Truncated)
+    }
+
+    /// Length-prefixed bytes.
+    pub(crate) fn bytes(&mut self) -> Result<&'a [u8]> {
+        let n = self.len()?;
+        self.take(n)
+    }
+
+    /// A length-prefixed UTF-8 string.
+    pub(crate) fn str(&mut self) -> Result<&'a str> {
+        core::str::from_utf8(self.bytes()?).map_err(|_| Error::Malformed("invalid UTF-8 in a string"))
+    }
+
+    /// An option's tag: `false` for `None`, `true` for `Some`.
+    pub(crate) fn option(&mut self) -> Result<bool> {
+        match self.byte()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(Error::Malformed("bad option tag")),
+        }
+    }
+
+    /// A value that implements [`Decode`], if the option tag says so.
+    pub(crate) fn maybe<T: Decode<'a>>(&mut self) -> Result<Option<T>> {
+        if self.option()? { T::read(self).map(Some) } else { Ok(None) }
+    }
+}
+
+const BAD_VARINT: Error = Error::Malformed("bad varint");
+
+impl<'a> Decode<'a> for &'a [u8] {
+    fn read(r: &mut Reader<'a>) -> Result<Self> {
+        r.bytes()
+    }
 }
 
 /// Refuses bytes left over after the last field: they are covered by no
@@ -148,64 +271,144 @@ pub(crate) fn limit(field: &'static str, len: usize, max: usize) -> Result<()> {
 
 /// The arguments of a command: at most [`MAX_ARGS`] strings.
 ///
-/// On the wire this is a postcard sequence of strings. Decoding collects into
-/// a fixed-capacity list; a longer sequence is not an error *during*
-/// decoding (postcard would lose the reason) but sets a flag that
-/// [`Call::validate`] turns into [`Error::LimitExceeded`], so an oversized
-/// command is reported as exactly that.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Args<'a> {
-    items: heapless::Vec<&'a str, MAX_ARGS>,
-    overflow: bool,
+/// On the wire this is a postcard sequence of strings. A list built here
+/// borrows the caller's slice; a decoded list borrows the encoded bytes and
+/// is read again on each iteration, so neither holds a copy (this is what
+/// keeps a microcontroller's verification frame small). A decoded list
+/// longer than [`MAX_ARGS`] is kept as such, and [`Call::validate`] reports
+/// it as exactly that.
+#[derive(Clone, Copy)]
+pub struct Args<'a>(ArgsRepr<'a>);
+
+#[derive(Clone, Copy)]
+enum ArgsRepr<'a> {
+    List(&'a [&'a str]),
+    /// `items` holds exactly `count` length-prefixed, valid UTF-8 strings.
+    Encoded {
+        items: &'a [u8],
+        count: usize,
+    },
 }
 
 impl<'a> Args<'a> {
-    /// Builds an argument list.
+    /// An argument list over `items`.
     ///
     /// # Errors
     /// [`Error::LimitExceeded`] with more than [`MAX_ARGS`] items.
-    pub fn new(items: &[&'a str]) -> Result<Self> {
-        let items =
-            heapless::Vec::from_slice(items).map_err(|_| Error::LimitExceeded { field: "args", max: MAX_ARGS })?;
-        Ok(Args { items, overflow: false })
+    pub fn new(items: &'a [&'a str]) -> Result<Self> {
+        limit("args", items.len(), MAX_ARGS)?;
+        Ok(Args(ArgsRepr::List(items)))
     }
 
-    /// The arguments.
+    /// How many arguments there are.
     #[must_use]
-    pub fn as_slice(&self) -> &[&'a str] {
-        &self.items
+    pub fn len(&self) -> usize {
+        match self.0 {
+            ArgsRepr::List(items) => items.len(),
+            ArgsRepr::Encoded { count, .. } => count,
+        }
+    }
+
+    /// Whether there are none.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The arguments, in order.
+    #[must_use]
+    pub fn iter(&self) -> ArgsIter<'a> {
+        ArgsIter(match self.0 {
+            ArgsRepr::List(items) => IterRepr::List(items.iter()),
+            ArgsRepr::Encoded { items, count } => IterRepr::Encoded { reader: Reader::new(items), left: count },
+        })
     }
 }
 
+impl Default for Args<'_> {
+    fn default() -> Self {
+        Args(ArgsRepr::List(&[]))
+    }
+}
+
+impl PartialEq for Args<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for Args<'_> {}
+
+impl fmt::Debug for Args<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+impl<'a> IntoIterator for &Args<'a> {
+    type Item = &'a str;
+    type IntoIter = ArgsIter<'a>;
+    fn into_iter(self) -> ArgsIter<'a> {
+        self.iter()
+    }
+}
+
+/// Iterator over [`Args`].
+#[derive(Debug, Clone)]
+pub struct ArgsIter<'a>(IterRepr<'a>);
+
+#[derive(Debug, Clone)]
+enum IterRepr<'a> {
+    List(core::slice::Iter<'a, &'a str>),
+    Encoded { reader: Reader<'a>, left: usize },
+}
+
+impl<'a> Iterator for ArgsIter<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        match &mut self.0 {
+            IterRepr::List(items) => items.next().copied(),
+            IterRepr::Encoded { reader, left } => {
+                *left = left.checked_sub(1)?;
+                // Validated when decoded; a failure here cannot happen and
+                // ends the iteration rather than panicking.
+                reader.str().ok()
+            }
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = match &self.0 {
+            IterRepr::List(items) => items.len(),
+            IterRepr::Encoded { left, .. } => *left,
+        };
+        (n, Some(n))
+    }
+}
+
+impl ExactSizeIterator for ArgsIter<'_> {}
+
 impl Serialize for Args<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> core::result::Result<S::Ok, S::Error> {
-        let mut seq = s.serialize_seq(Some(self.items.len()))?;
-        self.items.iter().try_for_each(|a| seq.serialize_element(a))?;
+        let mut seq = s.serialize_seq(Some(self.len()))?;
+        self.iter().try_for_each(|a| seq.serialize_element(a))?;
         seq.end()
     }
 }
 
-impl<'de: 'a, 'a> Deserialize<'de> for Args<'a> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> core::result::Result<Self, D::Error> {
-        struct V<'a>(core::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-            type Value = Args<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a sequence of strings")
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> core::result::Result<Args<'a>, A::Error> {
-                let mut args = Args::default();
-                // Each element consumes at least one input byte, so this loop
-                // is bounded by the envelope length even for a huge count.
-                while let Some(item) = seq.next_element::<&'de str>()? {
-                    if args.items.push(item).is_err() {
-                        args.overflow = true;
-                    }
-                }
-                Ok(args)
-            }
+impl<'a> Decode<'a> for Args<'a> {
+    fn read(r: &mut Reader<'a>) -> Result<Self> {
+        let count = r.len()?;
+        let start = r.rest();
+        // Each string takes at least one byte, so this loop is bounded by
+        // the input even for a huge count (which then ends in `truncated`).
+        for _ in 0..count {
+            r.str()?;
         }
-        d.deserialize_seq(V(core::marker::PhantomData))
+        let used = start.len() - r.rest().len();
+        let items = start.get(..used).ok_or(Error::Truncated)?;
+        Ok(Args(ArgsRepr::Encoded { items, count }))
     }
 }
 
@@ -213,12 +416,11 @@ impl<'de: 'a, 'a> Deserialize<'de> for Args<'a> {
 ///
 /// Arguments are strings; the device parses and validates them against the
 /// types its allow-list declares. Nothing here is ever handed to a shell.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Call<'a> {
     /// Command name, at most [`MAX_NAME_LEN`] bytes.
     pub name: &'a str,
     /// Arguments.
-    #[serde(borrow)]
     pub args: Args<'a>,
 }
 
@@ -227,7 +429,7 @@ impl<'a> Call<'a> {
     ///
     /// # Errors
     /// [`Error::LimitExceeded`] when any limit is broken.
-    pub fn new(name: &'a str, args: &[&'a str]) -> Result<Self> {
+    pub fn new(name: &'a str, args: &'a [&'a str]) -> Result<Self> {
         let call = Call { name, args: Args::new(args)? };
         call.validate()?;
         Ok(call)
@@ -242,10 +444,14 @@ impl<'a> Call<'a> {
             return Err(Error::Malformed("empty command name"));
         }
         limit("name", self.name.len(), MAX_NAME_LEN)?;
-        if self.args.overflow {
-            return Err(Error::LimitExceeded { field: "args", max: MAX_ARGS });
-        }
-        self.args.items.iter().try_for_each(|a| limit("arg", a.len(), MAX_ARG_LEN))
+        limit("args", self.args.len(), MAX_ARGS)?;
+        self.args.iter().try_for_each(|a| limit("arg", a.len(), MAX_ARG_LEN))
+    }
+}
+
+impl<'a> Decode<'a> for Call<'a> {
+    fn read(r: &mut Reader<'a>) -> Result<Self> {
+        Ok(Call { name: r.str()?, args: Args::read(r)? })
     }
 }
 
@@ -254,7 +460,7 @@ impl<'a> Call<'a> {
 /// Only *verified* commands get a response; an envelope that fails any check
 /// gets none, so an attacker learns nothing from the network. These statuses
 /// are for the controller that sent a genuine command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[repr(u8)]
 pub enum Status {
     /// Ran and succeeded.
@@ -285,7 +491,7 @@ impl Status {
 }
 
 /// What a device reports back about one command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Outcome<'a> {
     /// How it ended.
     pub status: Status,
@@ -293,6 +499,15 @@ pub struct Outcome<'a> {
     pub code: i32,
     /// Captured output, at most [`MAX_OUTPUT_LEN`] bytes.
     pub output: &'a [u8],
+}
+
+impl<'a> Decode<'a> for Outcome<'a> {
+    fn read(r: &mut Reader<'a>) -> Result<Self> {
+        // An enum is its variant index as a u32 varint.
+        let status =
+            u8::try_from(r.u32()?).ok().and_then(Status::from_byte).ok_or(Error::Malformed("unknown variant"))?;
+        Ok(Outcome { status, code: r.i32()?, output: r.bytes()? })
+    }
 }
 
 impl Outcome<'_> {

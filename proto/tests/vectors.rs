@@ -460,7 +460,7 @@ fn generate(keys: &Keys) -> Generated {
         Header { device: CHAL_DEV, topic: &cmd_topic, msg_id: MsgId(seq(0x20)), issued_at: NOW, expires_at: NOW + 300 };
     let call = set_interval();
     let explicit = enc(|b| ctl.command(&explicit_hd, &challenge, &call, Form::Explicit, b));
-    let call_json = call_j(call.name, call.args.as_slice());
+    let call_json = call_j(call.name, &call.args.iter().collect::<Vec<_>>());
     let mac_in = command_mac_input(1, &challenge, &header_j(&explicit_hd), &call_json);
     chal.push(ChallengeVector {
         name: "explicit-command".into(),
@@ -601,7 +601,7 @@ fn generate(keys: &Keys) -> Generated {
             &rng,
             &hd,
             None,
-            Some(call_j(call.name, call.args.as_slice())),
+            Some(call_j(call.name, &call.args.iter().collect::<Vec<_>>())),
             None,
             &postcard::to_allocvec(&call).unwrap(),
             &frame,
@@ -1280,7 +1280,10 @@ fn check_challenge_vector(keys: &Keys, v: &ChallengeVector) {
                 let verified = dev.verify_command(&frame, &hd.topic, clock, &mut table, reg).unwrap();
                 let c = v.call.as_ref().unwrap();
                 assert_eq!(verified.call.name, c.name);
-                assert_eq!(verified.call.args.as_slice(), c.args.iter().map(String::as_str).collect::<Vec<_>>());
+                assert_eq!(
+                    verified.call.args.iter().collect::<Vec<_>>(),
+                    c.args.iter().map(String::as_str).collect::<Vec<_>>()
+                );
                 assert_eq!(verified.registered, v.matches);
                 assert_eq!(verified.header, header_of(hd));
             });

@@ -68,9 +68,10 @@ fn start_mcu_agent(bundle: &Path, port: u16, shared: Shared) {
             let started = Instant::now();
             let log_to = shared.clone();
             let mut commands = move |call: &Call<'_>, output: &mut [u8]| -> Done {
-                let line = format!("{} {}", call.name, call.args.as_slice().join(" "));
+                let args: Vec<&str> = call.args.iter().collect();
+                let line = format!("{} {}", call.name, args.join(" "));
                 seen(&shared).ran.push(line.trim_end().to_owned());
-                match (call.name, call.args.as_slice()) {
+                match (call.name, args.as_slice()) {
                     ("open", [_]) => Done::ok(0),
                     ("level", [n]) => {
                         let reply = format!("level={n}");

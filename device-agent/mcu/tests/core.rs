@@ -49,7 +49,7 @@ struct Valve {
 
 impl mqseal_mcu_agent::Commands for Valve {
     fn run(&mut self, call: &Call<'_>, output: &mut [u8]) -> Done {
-        self.ran.push((call.name.to_owned(), call.args.as_slice().iter().map(|a| (*a).to_owned()).collect()));
+        self.ran.push((call.name.to_owned(), call.args.iter().map(str::to_owned).collect()));
         match call.name {
             "open" | "close" => Done::ok(0),
             "read" => {

@@ -96,13 +96,13 @@ impl<'k> ChallengeController<'k> {
     ) -> Result<usize> {
         header.validate()?;
         call.validate()?;
-        let tag: [u8; TAG_LEN] = MacInput::command_prefix(self.key, form, challenge, header)?
-            .command_tag(call.name, call.args.as_slice())?;
+        let tag: [u8; TAG_LEN] =
+            MacInput::command_prefix(self.key, form, challenge, header)?.command_tag(call.name, call.args.iter())?;
         let body = CommandBody {
             header: *header,
             challenge: *challenge,
             call: match form {
-                Form::Explicit => Some(call.clone()),
+                Form::Explicit => Some(*call),
                 Form::Hidden => None,
             },
             tag,

@@ -177,10 +177,9 @@ impl<'k> ChallengeDevice<'k> {
     /// registered command it matches. Returns the form and, in hidden form,
     /// the index.
     ///
-    /// Kept out of line (like [`decode_command`]) so that a
-    /// microcontroller's stack holds the HMAC states or the decoded body,
-    /// not both at once: this is what keeps the verification within the
-    /// stack budget docs/BENCHMARKS.md records.
+    /// Kept out of line (like `decode_command`) so that a microcontroller's
+    /// stack holds the HMAC states or the decoder's, not both at once
+    /// (docs/BENCHMARKS.md, "Microcontroller agent").
     #[inline(never)]
     fn check_tag(
         &self,
@@ -194,7 +193,7 @@ impl<'k> ChallengeDevice<'k> {
         let prefix = MacInput::command_prefix(self.key, form, challenge, header)?;
         match call {
             Some(call) => {
-                let expected = prefix.command_tag(call.name, call.args.as_slice())?;
+                let expected = prefix.command_tag(call.name, call.args.iter())?;
                 if bool::from(tags_equal(&expected, tag)) { Ok((form, None)) } else { Err(Error::BadTag) }
             }
             None => Ok((form, Some(find_registered(&prefix, tag, registry)?.ok_or(Error::BadTag)?))),
@@ -245,27 +244,9 @@ impl<'k> ChallengeDevice<'k> {
 }
 
 /// Decodes a challenge-mode command, out of line: see `check_tag`.
-///
-/// Field by field rather than through `CommandBody`'s derived visitor:
-/// postcard lays a struct out as its fields one after another, so the bytes
-/// read are the same, but serde's visitor would move the 140-byte argument
-/// list through several temporaries, which on a Cortex-M costs more stack
-/// than all the hashing.
 #[inline(never)]
 fn decode_command(frame: &[u8]) -> Result<CommandBody<'_>> {
-    let rest = wire::body(frame, Kind::ChallengeCommand)?;
-    let (header, rest) = wire::take::<Header<'_>>(rest)?;
-    let (challenge, rest) = wire::take::<[u8; CHALLENGE_LEN]>(rest)?;
-    let (call, rest) = take_call(rest)?;
-    let (tag, rest) = wire::take::<[u8; TAG_LEN]>(rest)?;
-    wire::end(rest)?;
-    Ok(CommandBody { header, challenge, call, tag })
-}
-
-/// The optional call of a command body, in its own frame.
-#[inline(never)]
-fn take_call(bytes: &[u8]) -> Result<(Option<Call<'_>>, &[u8])> {
-    wire::take::<Option<Call<'_>>>(bytes)
+    wire::decode(wire::body(frame, Kind::ChallengeCommand)?)
 }
 
 /// Tries every registered command against `tag` and returns the index of the
@@ -278,7 +259,7 @@ fn find_registered(prefix: &MacInput, tag: &[u8; 32], registry: &[Registered<'_>
     let mut found = Choice::from(0);
     let mut index = 0u64;
     for (i, reg) in (0u64..).zip(registry) {
-        let candidate = prefix.command_tag(reg.name, reg.args)?;
+        let candidate = prefix.command_tag(reg.name, reg.args.iter().copied())?;
         let hit = tags_equal(&candidate, tag);
         index.conditional_assign(&i, hit);
         found |= hit;

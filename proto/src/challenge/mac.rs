@@ -165,7 +165,11 @@ impl MacInput {
     }
 
     /// Finishes a command tag from a prefix: `lp(name) ‖ u8(n) ‖ lp(arg)…`.
-    pub(crate) fn command_tag(&self, name: &str, args: &[&str]) -> Result<[u8; TAG_LEN]> {
+    pub(crate) fn command_tag<'s>(
+        &self,
+        name: &str,
+        args: impl ExactSizeIterator<Item = &'s str>,
+    ) -> Result<[u8; TAG_LEN]> {
         limit("args", args.len(), MAX_ARGS)?;
         let mut m = self.clone();
         m.lp("name", name.as_bytes())?;

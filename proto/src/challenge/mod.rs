@@ -33,7 +33,7 @@ mod device;
 pub mod mac;
 mod table;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 pub use controller::{Answer, ChallengeController, Offer, Pending};
 pub use device::{ChallengeDevice, Clock, Registered, ReplyTo, Verified};
@@ -41,13 +41,13 @@ pub use mac::{Form, HmacKey};
 pub use table::ChallengeTable;
 
 use crate::limits::{CHALLENGE_LEN, TAG_LEN};
-use crate::wire::{Call, Outcome};
-use crate::{Header, MsgId};
+use crate::wire::{Call, Decode, Outcome, Reader};
+use crate::{Header, MsgId, Result};
 
 /// Body of a challenge request (`…/chal/req`). Unauthenticated on purpose:
 /// answering costs the device one table slot, and a forged request gains
 /// nothing — a challenge is useless without the key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 struct RequestBody<'a> {
     device: &'a str,
     msg_id: MsgId,
@@ -55,7 +55,7 @@ struct RequestBody<'a> {
 
 /// Body of a challenge (`…/chal`). `in_reply_to` lets several controllers
 /// share the topic and each pick its own challenge.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 struct ChallengeBody<'a> {
     device: &'a str,
     in_reply_to: MsgId,
@@ -64,23 +64,51 @@ struct ChallengeBody<'a> {
 }
 
 /// Body of a challenge-mode command (`…/cmd`). `call` is absent in hidden form.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 struct CommandBody<'a> {
-    #[serde(borrow)]
     header: Header<'a>,
     challenge: [u8; CHALLENGE_LEN],
-    #[serde(borrow)]
     call: Option<Call<'a>>,
     tag: [u8; TAG_LEN],
 }
 
 /// Body of a challenge-mode response (`…/resp`). `outcome` is absent in hidden form.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 struct ResponseBody<'a> {
-    #[serde(borrow)]
     header: Header<'a>,
     in_reply_to: MsgId,
-    #[serde(borrow)]
     outcome: Option<Outcome<'a>>,
     tag: [u8; TAG_LEN],
+}
+
+// Decoders, field by field in declaration order (postcard lays a struct out
+// as its fields one after another).
+
+impl<'a> Decode<'a> for RequestBody<'a> {
+    fn read(r: &mut Reader<'a>) -> Result<Self> {
+        Ok(RequestBody { device: r.str()?, msg_id: MsgId(r.array()?) })
+    }
+}
+
+impl<'a> Decode<'a> for ChallengeBody<'a> {
+    fn read(r: &mut Reader<'a>) -> Result<Self> {
+        Ok(ChallengeBody { device: r.str()?, in_reply_to: MsgId(r.array()?), challenge: r.array()?, ttl_ms: r.u32()? })
+    }
+}
+
+impl<'a> Decode<'a> for CommandBody<'a> {
+    fn read(r: &mut Reader<'a>) -> Result<Self> {
+        Ok(CommandBody { header: Header::read(r)?, challenge: r.array()?, call: r.maybe()?, tag: r.array()? })
+    }
+}
+
+impl<'a> Decode<'a> for ResponseBody<'a> {
+    fn read(r: &mut Reader<'a>) -> Result<Self> {
+        Ok(ResponseBody {
+            header: Header::read(r)?,
+            in_reply_to: MsgId(r.array()?),
+            outcome: r.maybe()?,
+            tag: r.array()?,
+        })
+    }
 }

@@ -45,7 +45,7 @@ use rand_core::CryptoRng;
 use rsa::Oaep;
 use rsa::signature::SignatureEncoding;
 use rsa::signature::hazmat::{PrehashVerifier, RandomizedPrehashSigner};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 use zeroize::{Zeroize, Zeroizing};
 
@@ -53,7 +53,7 @@ pub use keys::{KeyId, Keyring, PrivateKey, PublicKey};
 pub use replay::ReplayCache;
 
 use crate::topic::{Channel, topic};
-use crate::wire::{self, Call, Kind, Outcome, Status, VERSION};
+use crate::wire::{self, Call, Decode, Kind, Outcome, Reader, Status, VERSION};
 use crate::{Error, Header, MsgId, Policy, Result, validate_id};
 
 /// OAEP label under which content keys are wrapped.
@@ -69,24 +69,45 @@ const CEK_LEN: usize = 32;
 
 /// Everything of a sealed command before the ciphertext: the AEAD's
 /// associated data.
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize)]
 struct CommandPrefix<'a> {
     sender: KeyId,
     recipient: KeyId,
-    #[serde(borrow)]
     header: Header<'a>,
     wrapped_key: &'a [u8],
 }
 
+impl<'a> Decode<'a> for CommandPrefix<'a> {
+    fn read(r: &mut Reader<'a>) -> Result<Self> {
+        Ok(CommandPrefix {
+            sender: KeyId(r.array()?),
+            recipient: KeyId(r.array()?),
+            header: Header::read(r)?,
+            wrapped_key: r.bytes()?,
+        })
+    }
+}
+
 /// Everything of a sealed response before the ciphertext.
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize)]
 struct ResponsePrefix<'a> {
     sender: KeyId,
     recipient: KeyId,
-    #[serde(borrow)]
     header: Header<'a>,
     in_reply_to: MsgId,
     wrapped_key: &'a [u8],
+}
+
+impl<'a> Decode<'a> for ResponsePrefix<'a> {
+    fn read(r: &mut Reader<'a>) -> Result<Self> {
+        Ok(ResponsePrefix {
+            sender: KeyId(r.array()?),
+            recipient: KeyId(r.array()?),
+            header: Header::read(r)?,
+            in_reply_to: MsgId(r.array()?),
+            wrapped_key: r.bytes()?,
+        })
+    }
 }
 
 /// A parsed (not yet verified) sealed envelope.
@@ -100,7 +121,7 @@ struct View<'a, P> {
     signature: &'a [u8],
 }
 
-fn parse<'a, P: Deserialize<'a>>(frame: &'a [u8], kind: Kind) -> Result<View<'a, P>> {
+fn parse<'a, P: Decode<'a>>(frame: &'a [u8], kind: Kind) -> Result<View<'a, P>> {
     let (prefix, rest) = wire::take::<P>(wire::body(frame, kind)?)?;
     let aad = frame.get(..frame.len() - rest.len()).ok_or(Error::Truncated)?;
     let (ciphertext, rest) = wire::take::<&[u8]>(rest)?;
@@ -322,7 +343,7 @@ impl<'a> SealedDevice<'a> {
             sender: p.sender,
             header: OwnedHeader::from_header(&p.header),
             name: call.name.into(),
-            args: call.args.as_slice().iter().map(|a| String::from(*a)).collect(),
+            args: call.args.iter().map(String::from).collect(),
         })
     }
 

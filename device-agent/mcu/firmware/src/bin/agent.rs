@@ -40,9 +40,14 @@ struct Valve {
 
 impl mqseal_mcu_agent::Commands for Valve {
     fn run(&mut self, call: &Call<'_>, output: &mut [u8]) -> Done {
-        let (name, done) = match (call.name, call.args.as_slice()) {
-            ("open", [pct]) => ("open", (Done::ok(0), pct.parse::<u8>().unwrap_or(0))),
-            ("level", [n]) => {
+        let mut args = call.args.iter();
+        let one = match (args.next(), args.next()) {
+            (Some(a), None) => Some(a),
+            _ => None,
+        };
+        let (name, done) = match (call.name, one) {
+            ("open", Some(pct)) => ("open", (Done::ok(0), pct.parse::<u8>().unwrap_or(0))),
+            ("level", Some(n)) => {
                 let len = b"level=".len() + n.len();
                 match output.get_mut(..len) {
                     Some(o) => {

@@ -115,8 +115,8 @@ fn positive(v: &Positive) -> Result<(), &'static str> {
             let clock = Clock { monotonic_ms: 1, unix_secs: Some(v.issued_at + 1) };
             let verified =
                 dev.verify_command(v.frame, v.topic, clock, &mut table, v.registered).map_err(|_| "verify_command")?;
-            let args_ok = verified.call.args.as_slice().len() == v.call_args.len()
-                && verified.call.args.as_slice().iter().zip(v.call_args).all(|(a, b)| a == b);
+            let args_ok = verified.call.args.len() == v.call_args.len()
+                && verified.call.args.iter().zip(v.call_args).all(|(a, b)| a == *b);
             let header_ok = verified.header.msg_id.0 == arr::<16>(v.msg_id)?
                 && verified.header.expires_at == v.expires_at
                 && verified.header.topic == v.topic;
