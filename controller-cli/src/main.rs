@@ -538,6 +538,8 @@ async fn device_status(
 }
 
 async fn provision_device(c: &ControllerConfig, a: DeviceAddArgs, rotate: bool, json: bool) -> Result<u8, Failure> {
+    // A bad id is a bad argument (exit 2), found before anything is touched.
+    mqseal_proto::validate_id(&a.id).map_err(|e| Failure::usage(format!("device id {:?}: {e}", a.id)))?;
     let key = load_key(c)?;
     let mut controllers = vec![key.public().clone()];
     for t in &a.trust {
