@@ -162,6 +162,19 @@ impl Mosquitto {
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+
+    /// Sends SIGHUP: Mosquitto then re-reads its password and ACL files.
+    ///
+    /// # Panics
+    /// When the broker has exited.
+    pub async fn reload(&self) {
+        let pid = self.child.id().unwrap_or_else(|| panic!("mosquitto has exited"));
+        if let Err(e) = run("kill", &["-HUP", &pid.to_string()], Duration::from_secs(5)).await {
+            panic!("{e}");
+        }
+        // It logs the reload; there is nothing to wait on but a moment.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
 
 /// Runs a program to completion within `timeout`, returning its stdout.
@@ -179,6 +192,122 @@ pub async fn run(program: &str, args: &[&str], timeout: Duration) -> Result<Stri
     } else {
         Err(format!("{program} {args:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr)))
     }
+}
+
+/// What a finished process produced.
+#[derive(Debug)]
+pub struct Output {
+    /// Exit code (-1 when killed by a signal).
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+/// Runs `cmd` to completion (stdin closed) within `timeout` and returns what
+/// it produced, whatever its exit code: tests assert on the code.
+///
+/// # Panics
+/// When it cannot start or does not finish in time.
+pub async fn exec(cmd: &mut Command, timeout: Duration) -> Output {
+    let what = format!("{:?}", cmd.as_std());
+    let fut = cmd.stdin(Stdio::null()).kill_on_drop(true).output();
+    let out = tokio::time::timeout(timeout, fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within {timeout:?}"))
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    Output {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A process started by [`spawn_until`], past its readiness line.
+pub struct Started {
+    child: Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    /// What it printed up to and including the readiness line.
+    pub seen: Vec<String>,
+}
+
+/// Starts `cmd` and returns once it printed a line equal to `marker` on
+/// stdout — for tools that announce when they are subscribed, so a test
+/// never publishes before anyone listens.
+///
+/// # Panics
+/// When it cannot start, or exits or stays silent for `timeout` first.
+pub async fn spawn_until(cmd: &mut Command, marker: &str, timeout: Duration) -> Started {
+    use tokio::io::AsyncBufReadExt;
+    let what = format!("{:?}", cmd.as_std());
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    let Some(out) = child.stdout.take() else { panic!("no stdout pipe") };
+    let mut lines = tokio::io::BufReader::new(out).lines();
+    let mut seen = Vec::new();
+    let found = tokio::time::timeout(timeout, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let done = line.trim().trim_matches('"') == marker || line.contains(&format!("\"{marker}\""));
+            seen.push(line);
+            if done {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    if found != Ok(true) {
+        panic!("{what} did not print {marker:?} within {timeout:?}; it printed: {seen:?}");
+    }
+    Started { child, lines, seen }
+}
+
+impl Started {
+    /// Waits for it to exit (within `timeout`) and returns everything it
+    /// printed on stdout, the readiness line included.
+    ///
+    /// # Panics
+    /// When it does not exit in time.
+    pub async fn finish(mut self, timeout: Duration) -> Output {
+        let rest = tokio::time::timeout(timeout, async {
+            let mut rest = Vec::new();
+            while let Ok(Some(line)) = self.lines.next_line().await {
+                rest.push(line);
+            }
+            (rest, self.child.wait().await)
+        })
+        .await
+        .unwrap_or_else(|_| panic!("process did not exit within {timeout:?}; printed {:?}", self.seen));
+        self.seen.extend(rest.0);
+        Output {
+            code: rest.1.ok().and_then(|s| s.code()).unwrap_or(-1),
+            stdout: self.seen.iter().map(|l| format!("{l}\n")).collect(),
+            stderr: String::new(),
+        }
+    }
+}
+
+/// `tests/interop/python/`: the second implementation of the protocol and
+/// the Python tools the interoperability tests run.
+#[must_use]
+pub fn interop_python_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("interop").join("python")
+}
+
+/// `python SCRIPT` from [`interop_python_dir`], with the test venv's
+/// interpreter (paho-mqtt, cryptography, pymongo, prometheus-client), run
+/// in that folder.
+#[must_use]
+pub fn python_script(script: &str) -> Command {
+    let mut cmd = Command::new(python());
+    cmd.arg(script).current_dir(interop_python_dir()).env("PYTHONDONTWRITEBYTECODE", "1");
+    cmd
 }
 
 /// A SecantusDB server of a test's own, for tests that stop and restart

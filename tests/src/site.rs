@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
+pub use crate::Output;
 use crate::STARTUP_TIMEOUT;
 use crate::broker::{BrokerConfig, BrokerProc, Store};
 
@@ -30,17 +31,6 @@ pub fn workspace_bin(name: &str) -> PathBuf {
         );
     }
     bin
-}
-
-/// What a CLI run produced.
-#[derive(Debug)]
-pub struct Output {
-    /// Exit code (-1 when killed by a signal).
-    pub code: i32,
-    /// Standard output.
-    pub stdout: String,
-    /// Standard error.
-    pub stderr: String,
 }
 
 /// Broker + controller configuration + helpers.
@@ -89,6 +79,15 @@ impl Site {
         (Site::start_with(config, Some(tmp)).await, port, tls.join("ca.pem"))
     }
 
+    /// Like [`Site::start`] with a broker configured as `config` says
+    /// (metrics, limits, another store).
+    ///
+    /// # Panics
+    /// When any step fails.
+    pub async fn start_config(config: BrokerConfig) -> Site {
+        Site::start_with(config, None).await
+    }
+
     async fn start_with(config: BrokerConfig, tmp: Option<tempfile::TempDir>) -> Site {
         let tmp = match tmp {
             Some(t) => t,
@@ -134,23 +133,7 @@ impl Site {
     /// # Panics
     /// When it cannot run or hangs.
     pub async fn mqseal_with(&self, config: &Path, args: &[&str]) -> Output {
-        let fut = Command::new(workspace_bin("mqseal"))
-            .arg("--config")
-            .arg(config)
-            .args(args)
-            .current_dir(&self.dir)
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output();
-        let out = tokio::time::timeout(Duration::from_secs(60), fut)
-            .await
-            .unwrap_or_else(|_| panic!("mqseal {args:?} hung"))
-            .unwrap_or_else(|e| panic!("mqseal {args:?}: {e}"));
-        Output {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        mqseal_in(&self.dir, config, args).await
     }
 
     /// Runs `mqseal ARGS` and requires exit 0; returns stdout.
@@ -213,33 +196,7 @@ impl Site {
     /// # Panics
     /// When it exits or does not connect in time.
     pub async fn agent(&self, id: &str) -> AgentProc {
-        let log = self.dir.join(format!("agent-{id}.log"));
-        // Counted before the start: a fast agent logs "connected" before
-        // this function could look.
-        let before =
-            std::fs::read_to_string(&log).map(|t| t.lines().filter(|l| l.contains("connected")).count()).unwrap_or(0);
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap_or_else(|e| panic!("{}: {e}", log.display()));
-        let child = Command::new(workspace_bin("mqseal-agent"))
-            .arg("--config")
-            .arg(self.bundle(id))
-            .env("MQSEAL_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(file))
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("mqseal-agent: {e}"));
-        let agent = AgentProc { child, log };
-        assert!(
-            agent.wait_for("connected", before + 1, STARTUP_TIMEOUT).await,
-            "agent {id} did not connect:\n{}",
-            agent.text()
-        );
-        agent
+        start_agent(&self.bundle(id), &self.dir.join(format!("agent-{id}.log"))).await
     }
 
     /// Publishes `payload` to `topic` as the admin, with mosquitto_pub
@@ -293,6 +250,52 @@ impl Site {
         tokio::time::sleep(Duration::from_millis(500)).await;
         Capture { child, out }
     }
+}
+
+/// Runs `mqseal --config CONFIG ARGS` in `dir` within a minute: the CLI
+/// exactly as a script runs it, against whatever broker the config names.
+///
+/// # Panics
+/// When it cannot run or hangs.
+pub async fn mqseal_in(dir: &Path, config: &Path, args: &[&str]) -> Output {
+    let mut cmd = Command::new(workspace_bin("mqseal"));
+    cmd.arg("--config").arg(config).args(args).current_dir(dir);
+    crate::exec(&mut cmd, Duration::from_secs(60)).await
+}
+
+/// Starts `mqseal-agent --config BUNDLE`, logging to `log`, and waits until
+/// it is connected to whatever broker the bundle names.
+///
+/// # Panics
+/// When it exits or does not connect in time.
+pub async fn start_agent(bundle: &Path, log: &Path) -> AgentProc {
+    // Counted before the start: a fast agent logs "connected" before
+    // this function could look.
+    let before =
+        std::fs::read_to_string(log).map(|t| t.lines().filter(|l| l.contains("connected")).count()).unwrap_or(0);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap_or_else(|e| panic!("{}: {e}", log.display()));
+    let child = Command::new(workspace_bin("mqseal-agent"))
+        .arg("--config")
+        .arg(bundle)
+        .env("MQSEAL_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(file))
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("mqseal-agent: {e}"));
+    let agent = AgentProc { child, log: log.to_owned() };
+    assert!(
+        agent.wait_for("connected", before + 1, STARTUP_TIMEOUT).await,
+        "agent {} did not connect:\n{}",
+        bundle.display(),
+        agent.text()
+    );
+    agent
 }
 
 /// A mosquitto_sub waiting for one message.
@@ -356,6 +359,19 @@ impl AgentProc {
             .await
             .unwrap_or_else(|_| panic!("agent did not stop on SIGTERM"))
             .unwrap_or_else(|e| panic!("wait: {e}"))
+    }
+
+    /// Kills it with SIGKILL (a crash or a power cut: no goodbye, so the
+    /// broker publishes its last will) and waits for it to exit.
+    ///
+    /// # Panics
+    /// When it does not exit within 10 s.
+    pub async fn kill(mut self) {
+        let _ = self.child.start_kill();
+        tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("agent did not die on SIGKILL"))
+            .unwrap_or_else(|e| panic!("wait: {e}"));
     }
 
     /// Whether it is still running.
