@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 
 use mqseal_proto::challenge::{ChallengeDevice, ChallengeTable, Clock, Form, Registered, ReplyTo};
-use mqseal_proto::sealed::{OpenedCommand, ReplayCache, SealedDevice};
+use mqseal_proto::sealed::{KeyId, ReplayCache, SealedDevice, SealedReplyTo};
 use mqseal_proto::topic::{Channel, Topic, topic};
 use mqseal_proto::{Error, Kind, MsgId, Outcome, Policy, Status, peek};
 use rand_core::CryptoRng;
@@ -21,7 +21,7 @@ use zeroize::Zeroizing;
 use crate::commands::CommandSpec;
 use crate::config::Keys;
 use crate::exec::Ran;
-use crate::state::{Journal, StateError, StateFile, Stored};
+use crate::state::{Journal, ReplyContext, StateError, StateFile, Stored};
 
 /// Outstanding challenges a device keeps: enough for several controllers
 /// (and their retries) at once; a flood only evicts the oldest.
@@ -93,11 +93,56 @@ pub struct Job {
     pub refuse: Option<String>,
 }
 
-#[derive(Debug)]
+/// What a job's receipt is bound to.
+#[derive(Debug, Clone, Copy)]
 enum Reply {
-    Sealed(Box<OpenedCommand>),
+    Sealed(SealedReplyTo),
     Challenge(ReplyTo),
 }
+
+impl Reply {
+    fn expires_at(&self) -> u64 {
+        match self {
+            Reply::Sealed(s) => s.expires_at,
+            Reply::Challenge(c) => c.expires_at,
+        }
+    }
+
+    /// The journal's copy of it.
+    fn context(&self) -> ReplyContext {
+        match *self {
+            Reply::Sealed(s) => {
+                ReplyContext::Sealed { sender: s.sender.0, msg_id: s.msg_id.0, expires_at: s.expires_at }
+            }
+            Reply::Challenge(c) => ReplyContext::Challenge {
+                msg_id: c.msg_id.0,
+                challenge: c.challenge,
+                expires_at: c.expires_at,
+                hidden: c.form == Form::Hidden,
+            },
+        }
+    }
+}
+
+impl From<ReplyContext> for Reply {
+    fn from(c: ReplyContext) -> Reply {
+        match c {
+            ReplyContext::Sealed { sender, msg_id, expires_at } => {
+                Reply::Sealed(SealedReplyTo { sender: KeyId(sender), msg_id: MsgId(msg_id), expires_at })
+            }
+            ReplyContext::Challenge { msg_id, challenge, expires_at, hidden } => Reply::Challenge(ReplyTo {
+                msg_id: MsgId(msg_id),
+                challenge,
+                expires_at,
+                form: if hidden { Form::Hidden } else { Form::Explicit },
+            }),
+        }
+    }
+}
+
+/// What an interrupted command's receipt says.
+pub const INTERRUPTED: &str =
+    "interrupted: the agent stopped while this command ran; it was not run again, and whether it completed is unknown";
 
 /// One device's verification state.
 pub struct Agent {
@@ -273,7 +318,7 @@ impl Agent {
             name: opened.name.clone(),
             args: Zeroizing::new(opened.args.clone()),
             key,
-            reply: Reply::Sealed(Box::new(opened)),
+            reply: Reply::Sealed(opened.reply_to()),
             refuse: None,
         })
     }
@@ -296,12 +341,8 @@ impl Agent {
 
     /// Journals the accepted command and saves state before anything runs.
     fn commit(&mut self, mut job: Job, now: Now) -> Job {
-        let expires_at = match &job.reply {
-            Reply::Sealed(o) => o.header.expires_at,
-            Reply::Challenge(c) => c.expires_at,
-        };
         self.journal.prune(now.unix, self.policy.max_skew_secs);
-        self.journal.begin(job.key, expires_at);
+        self.journal.begin(job.key, job.reply.expires_at(), job.reply.context());
         if let Err(e) = self.save() {
             job.refuse = Some(format!("refused to execute: replay state cannot be saved ({e})"));
         }
@@ -329,12 +370,53 @@ impl Agent {
         now: Now,
         rng: &mut R,
     ) -> Result<(Outgoing, Option<AgentError>), AgentError> {
+        let out = self.respond(&job.reply, ran, now, rng)?;
+        self.journal.complete(job.key, Stored { topic: out.topic.clone(), payload: out.payload.clone() });
+        Ok((out, self.save().err()))
+    }
+
+    /// Receipts for the commands the agent was running when it last
+    /// stopped (a crash, a power cut, `kill -9`): each gets an
+    /// authenticated `failed` saying it was interrupted — never a second
+    /// execution — and the receipt is journaled, so a redelivery of the
+    /// command gets the same one. Call once, after connecting.
+    ///
+    /// Each item is the receipt to publish, or why none could be made (the
+    /// controller was removed from the keyring meanwhile). A failure to
+    /// save the journal is reported last, as for [`finish`](Self::finish).
+    pub fn interrupted<R: CryptoRng + ?Sized>(&mut self, now: Now, rng: &mut R) -> Vec<Result<Outgoing, AgentError>> {
+        self.journal.prune(now.unix, self.policy.max_skew_secs);
+        let ran = Agent::refusal(INTERRUPTED);
+        let mut out = Vec::new();
+        for (key, context) in self.journal.unanswered() {
+            let receipt = self.respond(&Reply::from(context), &ran, now, rng);
+            if let Ok(o) = &receipt {
+                self.journal.complete(key, Stored { topic: o.topic.clone(), payload: o.payload.clone() });
+            }
+            out.push(receipt);
+        }
+        if !out.is_empty()
+            && let Err(e) = self.save()
+        {
+            out.push(Err(e));
+        }
+        out
+    }
+
+    /// Builds the authenticated response to a command, in its own mode and form.
+    fn respond<R: CryptoRng + ?Sized>(
+        &self,
+        reply: &Reply,
+        ran: &Ran,
+        now: Now,
+        rng: &mut R,
+    ) -> Result<Outgoing, AgentError> {
         let msg_id = MsgId::random(rng);
-        let payload = match &job.reply {
-            Reply::Sealed(opened) => {
+        let payload = match reply {
+            Reply::Sealed(to) => {
                 let outcome = Outcome { status: ran.status, code: ran.code, output: &ran.output };
                 let device = SealedDevice::new(&self.id, &self.keys.private, &self.keys.controllers, self.policy)?;
-                device.seal_response(rng, opened, &outcome, msg_id, now.unix)?
+                device.seal_response_to(rng, to, &outcome, msg_id, now.unix)?
             }
             Reply::Challenge(c) => {
                 // A hidden response cannot carry output the controller would
@@ -350,9 +432,7 @@ impl Agent {
                 out
             }
         };
-        let out = Outgoing { topic: self.topics.resp.to_string(), payload };
-        self.journal.complete(job.key, Stored { topic: out.topic.clone(), payload: out.payload.clone() });
-        Ok((out.clone(), self.save().err()))
+        Ok(Outgoing { topic: self.topics.resp.to_string(), payload })
     }
 
     /// The outcome to report for a refused job.

@@ -93,6 +93,9 @@ pub async fn run(config_path: &Path, restore: Restore) -> Result<(), StartError>
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
     let address = config.broker.address();
     let mut shutdown = std::pin::pin!(shutdown_signal());
+    // Commands interrupted by the last stop are answered once, on the first
+    // connection (later reconnects of this process have nothing to add).
+    let mut first_connect = true;
     info!(device = %config.device_id, broker = %address, "agent starting");
 
     loop {
@@ -108,6 +111,18 @@ pub async fn run(config_path: &Path, restore: Restore) -> Result<(), StartError>
                     }
                     if let Err(e) = client.try_publish(&status_topic, QoS::AtLeastOnce, true, ONLINE) {
                         warn!("publishing status: {e}");
+                    }
+                    if first_connect {
+                        first_connect = false;
+                        for receipt in agent.interrupted(now(), &mut rng()) {
+                            match receipt {
+                                Ok(out) => {
+                                    warn!("a command was interrupted by the last stop: answered `failed`, not run again");
+                                    publish(&client, out);
+                                }
+                                Err(e) => error!("cannot answer a command interrupted by the last stop: {e}"),
+                            }
+                        }
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {

@@ -54,15 +54,13 @@ impl World {
     }
 
     fn command(&self, now: u64) -> Vec<u8> {
+        self.command_with_id(now, MsgId::random(&mut rng()))
+    }
+
+    fn command_with_id(&self, now: u64, msg_id: MsgId) -> Vec<u8> {
         let device_key = PrivateKey::from_pkcs8_pem(&self.device_pem).unwrap();
         let t = topic("dev-1", Channel::Command).unwrap();
-        let header = Header {
-            device: "dev-1",
-            topic: &t,
-            msg_id: MsgId::random(&mut rng()),
-            issued_at: now,
-            expires_at: now + 60,
-        };
+        let header = Header { device: "dev-1", topic: &t, msg_id, issued_at: now, expires_at: now + 60 };
         SealedController::new(&self.controller)
             .seal_command(&mut rng(), device_key.public(), &header, &Call::new("ping", &[]).unwrap())
             .unwrap()
@@ -142,4 +140,75 @@ fn a_damaged_state_file_stops_the_agent_and_reset_closes_the_window() {
     let later = T0 + 1 + 661;
     let fresh = w.command(later);
     assert!(matches!(agent.handle(CMD, &fresh, Now { unix: later, mono_ms: 0 }, &mut rng()), Ok(Action::Execute(_))));
+}
+
+/// `kill -9` in the middle of a command: after the restart the agent
+/// answers it with an authenticated `failed` saying so — in the command's
+/// own mode and form, verified here by `proto`'s controller side — and a
+/// redelivery of the command gets that same receipt, never an execution.
+#[test]
+fn a_command_interrupted_by_a_crash_is_answered_after_the_restart_not_rerun() {
+    use mqseal_proto::challenge::{Answer, ChallengeController, Form, Pending};
+    let w = World::new();
+    let dir = tempfile::tempdir().unwrap();
+    let now = Now { unix: T0, mono_ms: 0 };
+    let sealed = w.command_with_id(T0, MsgId([5; 16]));
+    let controller = SealedController::new(&w.controller);
+
+    // A challenge-mode command in hidden form too.
+    let key = HmacKey::new(w.hmac);
+    let chal = ChallengeController::new("dev-1", &key).unwrap();
+    let mut req = [0u8; 128];
+    let n = chal.request(MsgId([1; 16]), &mut req).unwrap();
+    let mut agent = w.agent(dir.path(), Restore::Load, T0);
+    let Ok(Action::Challenge(offer)) = agent.handle("mqseal/v1/dev/dev-1/chal/req", &req[..n], now, &mut rng()) else {
+        panic!("no challenge")
+    };
+    let offer = chal.read_challenge(&offer.payload, MsgId([1; 16])).unwrap();
+    let t = topic("dev-1", Channel::Command).unwrap();
+    let header = Header { device: "dev-1", topic: &t, msg_id: MsgId([2; 16]), issued_at: T0, expires_at: T0 + 60 };
+    let mut hidden = vec![0u8; 1024];
+    let n =
+        chal.command(&header, &offer.challenge, &Call::new("ping", &[]).unwrap(), Form::Hidden, &mut hidden).unwrap();
+    hidden.truncate(n);
+
+    // Both accepted and journaled; the process dies before either finishes.
+    assert!(matches!(agent.handle(CMD, &sealed, now, &mut rng()), Ok(Action::Execute(_))));
+    assert!(matches!(agent.handle(CMD, &hidden, now, &mut rng()), Ok(Action::Execute(_))));
+    drop(agent);
+
+    let later = Now { unix: T0 + 5, mono_ms: 0 };
+    let mut agent = w.agent(dir.path(), Restore::Load, T0 + 5);
+    let receipts: Vec<_> = agent.interrupted(later, &mut rng()).into_iter().map(Result::unwrap).collect();
+    assert_eq!(receipts.len(), 2);
+    let resp = topic("dev-1", Channel::Response).unwrap();
+    let mut seen = (false, false);
+    for r in &receipts {
+        assert_eq!(r.topic, resp.as_str());
+        let device_key = PrivateKey::from_pkcs8_pem(&w.device_pem).unwrap();
+        if let Ok(opened) =
+            controller.open_response(&mut rng(), &r.payload, &resp, "dev-1", device_key.public(), MsgId([5; 16]))
+        {
+            assert_eq!(opened.status, Status::Failed);
+            assert!(String::from_utf8_lossy(&opened.output).contains("not run again"));
+            seen.0 = true;
+        }
+        let pending = Pending { challenge: offer.challenge, msg_id: MsgId([2; 16]) };
+        let failed = [mqseal_proto::Outcome { status: Status::Failed, code: 0, output: &[] }];
+        if let Ok(Answer::Hidden(0)) = chal.read_response(&r.payload, &resp, &pending, &failed) {
+            seen.1 = true;
+        }
+    }
+    assert_eq!(seen, (true, true), "a sealed and a hidden-form receipt, each verifying");
+    // Redeliveries get those receipts; nothing runs; nothing is answered twice.
+    for frame in [&sealed, &hidden] {
+        match agent.handle(CMD, frame, later, &mut rng()) {
+            Ok(Action::Resend(again)) => assert!(receipts.contains(&again)),
+            other => panic!("redelivery after the crash: {other:?}"),
+        }
+    }
+    assert!(agent.interrupted(later, &mut rng()).is_empty(), "answered once");
+    drop(agent);
+    let mut agent = w.agent(dir.path(), Restore::Load, T0 + 6);
+    assert!(agent.interrupted(later, &mut rng()).is_empty(), "the receipts were saved");
 }

@@ -244,6 +244,23 @@ impl OwnedHeader {
     }
 }
 
+/// The parts of an opened command its receipt is bound to: who signed it
+/// (the receipt is encrypted to that controller), its message id and its
+/// expiry.
+///
+/// Small, `Copy` and free of the command's content, so an agent can keep it
+/// on disk beside the command's journal entry and still answer — after a
+/// crash in the middle of running it — with a receipt saying so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SealedReplyTo {
+    /// Key id of the controller that signed the command.
+    pub sender: KeyId,
+    /// The command's message id: the receipt's `in_reply_to`.
+    pub msg_id: MsgId,
+    /// The command's expiry, repeated in the receipt's header.
+    pub expires_at: u64,
+}
+
 /// A command that passed every check and has been recorded as seen.
 ///
 /// Its name and arguments are wiped from memory when it is dropped: commands
@@ -258,6 +275,14 @@ pub struct OpenedCommand {
     pub name: String,
     /// Arguments.
     pub args: Vec<String>,
+}
+
+impl OpenedCommand {
+    /// What its receipt is bound to.
+    #[must_use]
+    pub fn reply_to(&self) -> SealedReplyTo {
+        SealedReplyTo { sender: self.sender, msg_id: self.header.msg_id, expires_at: self.header.expires_at }
+    }
 }
 
 impl Drop for OpenedCommand {
@@ -361,16 +386,27 @@ impl<'a> SealedDevice<'a> {
         msg_id: MsgId,
         now: u64,
     ) -> Result<Vec<u8>> {
+        self.seal_response_to(rng, &to.reply_to(), outcome, msg_id, now)
+    }
+
+    /// [`seal_response`](Self::seal_response) for a command known only by
+    /// its [`SealedReplyTo`] (kept since the command was opened).
+    ///
+    /// # Errors
+    /// As [`seal_response`](Self::seal_response).
+    pub fn seal_response_to<R: CryptoRng + ?Sized>(
+        &self,
+        rng: &mut R,
+        to: &SealedReplyTo,
+        outcome: &Outcome<'_>,
+        msg_id: MsgId,
+        now: u64,
+    ) -> Result<Vec<u8>> {
         outcome.validate()?;
         let controller = self.controllers.get(&to.sender).ok_or(Error::UnknownSigner)?;
         let resp_topic = topic(self.id, Channel::Response)?;
-        let header = Header {
-            device: self.id,
-            topic: &resp_topic,
-            msg_id,
-            issued_at: now,
-            expires_at: to.header.expires_at.max(now),
-        };
+        let header =
+            Header { device: self.id, topic: &resp_topic, msg_id, issued_at: now, expires_at: to.expires_at.max(now) };
         let plaintext = encode_secret(outcome)?;
         let (sender, recipient) = (self.key.id(), controller.id());
         seal(
@@ -379,7 +415,7 @@ impl<'a> SealedDevice<'a> {
             self.key,
             controller,
             |wrapped_key, frame| {
-                let in_reply_to = to.header.msg_id;
+                let in_reply_to = to.msg_id;
                 wire::append(frame, &ResponsePrefix { sender, recipient, header, in_reply_to, wrapped_key })
             },
             &plaintext,
