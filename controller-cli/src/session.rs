@@ -16,6 +16,20 @@
 //! A 3.1.1 broker acknowledges even publishes it drops, so nothing the
 //! broker says counts as an answer: a target is done only when its device's
 //! response verifies, and otherwise times out.
+//!
+//! # When the connection drops
+//!
+//! A broker restart loses every in-flight message and every subscription.
+//! [`Session::run`] reconnects (with backoff, within its deadline),
+//! subscribes again, and from then on re-sends each unanswered target's
+//! envelope — the *same bytes*, never a new command — every
+//! [`RESEND_EVERY`] until it is answered, because the devices come back on
+//! their own schedule. Identical bytes are what make this safe: a device
+//! that already ran the command answers the copy with its stored receipt
+//! (docs/PROTOCOL.md §9.1), so nothing runs twice and nothing is lost while
+//! the command is valid. A target still waiting for its challenge asks
+//! again; one whose command was sent keeps that command (a fresh challenge
+//! and command could run a second time if the first did run).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
@@ -164,6 +178,20 @@ struct Target<'k> {
     device: String,
     keys: &'k DeviceKeys,
     state: State,
+    /// The last envelope sent for this target, for re-sending after the
+    /// connection was lost.
+    last: Option<(String, Vec<u8>)>,
+    /// When to re-send it (only once a reconnect happened).
+    resend_at: Option<Instant>,
+}
+
+/// How often, after a reconnect, unanswered envelopes are sent again.
+pub const RESEND_EVERY: Duration = Duration::from_secs(2);
+
+/// Queues `out` for `t` and remembers it as `t`'s last envelope.
+fn send(queue: &mut VecDeque<(String, Vec<u8>)>, t: &mut Target<'_>, out: (String, Vec<u8>)) {
+    t.last = Some(out.clone());
+    queue.push_back(out);
 }
 
 impl Session {
@@ -267,8 +295,10 @@ impl Session {
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Vec<DeviceResult>, SessionError> {
         let deadline = Instant::now() + timeout;
-        let mut ts: Vec<Target<'_>> =
-            targets.iter().map(|(d, k)| Target { device: d.clone(), keys: k, state: State::Pending }).collect();
+        let mut ts: Vec<Target<'_>> = targets
+            .iter()
+            .map(|(d, k)| Target { device: d.clone(), keys: k, state: State::Pending, last: None, resend_at: None })
+            .collect();
         let call_args: Vec<&str> = request.args.iter().map(String::as_str).collect();
         let call = Call::new(&request.name, &call_args).map_err(SessionError::InvalidCommand)?;
         let index: HashMap<String, usize> = ts.iter().enumerate().map(|(i, t)| (t.device.clone(), i)).collect();
@@ -279,7 +309,9 @@ impl Session {
             Mode::Challenge => {
                 for t in ts.iter_mut().filter(|t| matches!(t.state, State::Pending)) {
                     if let Some(offer) = self.take_offer(&t.device) {
-                        queue.extend(command_over(t, &offer, request, &call));
+                        if let Some(out) = command_over(t, &offer, request, &call) {
+                            send(&mut queue, t, out);
+                        }
                         continue;
                     }
                     if let Some((req, _)) = self.prefetching.remove(&t.device) {
@@ -290,7 +322,7 @@ impl Session {
                     match challenge_request(&t.device, t.keys) {
                         Ok((msg_id, topic, frame)) => {
                             t.state = State::WantChallenge(msg_id);
-                            queue.push_back((topic, frame));
+                            send(&mut queue, t, (topic, frame));
                         }
                         Err(e) => t.state = State::Done(DeviceResult::Error(e)),
                     }
@@ -302,7 +334,7 @@ impl Session {
                         match sealed {
                             Ok((msg_id, topic, frame)) => {
                                 t.state = State::AwaitSealed(msg_id);
-                                queue.push_back((topic, frame));
+                                send(&mut queue, t, (topic, frame));
                             }
                             Err(e) => t.state = State::Done(DeviceResult::Error(e)),
                         }
@@ -318,11 +350,35 @@ impl Session {
         let mut done = ts.iter().filter(|t| matches!(t.state, State::Done(_))).count();
         progress(done, total);
 
+        // Set once the connection was lost and re-established: when the
+        // next unanswered envelope is due to be sent again.
+        let mut next_resend: Option<Instant> = None;
         while done < total {
+            if next_resend.is_some_and(|at| Instant::now() >= at) {
+                next_resend = resend_due(&mut ts, &mut queue);
+            }
             self.drain(&mut queue);
-            let event = match tokio::time::timeout_at(deadline, self.events.poll()).await {
-                Err(_) => break,
-                Ok(Err(e)) => return Err(connection_error(&self.address, e)),
+            let wake = next_resend.map_or(deadline, |at| at.min(deadline));
+            let event = match tokio::time::timeout_at(wake, self.events.poll()).await {
+                Err(_) if Instant::now() >= deadline => break,
+                Err(_) => continue,
+                Ok(Err(e)) => {
+                    let lost = connection_error(&self.address, e);
+                    if lost.is_auth() {
+                        return Err(lost);
+                    }
+                    self.reconnect(deadline, lost).await?;
+                    self.subscribed.clear();
+                    self.subscribe(&mut ts, request.mode, deadline).await?;
+                    let now = Instant::now();
+                    for t in ts.iter_mut().filter(|t| !matches!(t.state, State::Done(_))) {
+                        t.resend_at = Some(now);
+                    }
+                    next_resend = Some(now);
+                    done = ts.iter().filter(|t| matches!(t.state, State::Done(_))).count();
+                    progress(done, total);
+                    continue;
+                }
                 Ok(Ok(ev)) => ev,
             };
             let Event::Incoming(Packet::Publish(p)) = event else { continue };
@@ -335,7 +391,14 @@ impl Session {
             let Some(t) = index.get(device).and_then(|&i| ts.get_mut(i)) else { continue };
             let was_done = matches!(t.state, State::Done(_));
             if let Some(out) = self.advance(t, channel, &p.topic, &p.payload, request, &call) {
-                queue.push_back(out);
+                // The command over a fresh challenge: after a reconnect it
+                // is re-sent like everything else.
+                if next_resend.is_some() {
+                    let at = Instant::now() + RESEND_EVERY;
+                    t.resend_at = Some(at);
+                    next_resend = next_resend.map(|n| n.min(at));
+                }
+                send(&mut queue, t, out);
             }
             if !was_done && matches!(t.state, State::Done(_)) {
                 done += 1;
@@ -357,6 +420,35 @@ impl Session {
                 _ => DeviceResult::TimedOut,
             })
             .collect())
+    }
+
+    /// After the connection dropped: reconnects with backoff until the
+    /// broker accepts or `deadline` passes.
+    ///
+    /// # Errors
+    /// The last connection error when the deadline passes; a refused login
+    /// at once.
+    async fn reconnect(&mut self, deadline: Instant, lost: SessionError) -> Result<(), SessionError> {
+        let mut backoff = mqseal_client::Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
+        let mut last = lost;
+        loop {
+            let delay = backoff.next_delay();
+            if Instant::now() + delay >= deadline {
+                return Err(last);
+            }
+            tokio::time::sleep(delay).await;
+            match tokio::time::timeout_at(deadline, self.events.poll()).await {
+                Err(_) => return Err(last),
+                Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => return Ok(()),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    last = connection_error(&self.address, e);
+                    if last.is_auth() {
+                        return Err(last);
+                    }
+                }
+            }
+        }
     }
 
     /// Moves one target on with a message from its device; returns what to
@@ -596,6 +688,24 @@ impl Session {
         })
         .await;
     }
+}
+
+/// Re-queues the last envelope of every unanswered target whose re-send is
+/// due and schedules its next; returns the earliest next one (`None` once
+/// nothing is left to re-send).
+fn resend_due(ts: &mut [Target<'_>], queue: &mut VecDeque<(String, Vec<u8>)>) -> Option<Instant> {
+    let now = Instant::now();
+    for t in ts.iter_mut() {
+        if matches!(t.state, State::Done(_)) {
+            t.resend_at = None;
+        } else if t.resend_at.is_some_and(|at| at <= now) {
+            t.resend_at = t.last.clone().map(|last| {
+                queue.push_back(last);
+                now + RESEND_EVERY
+            });
+        }
+    }
+    ts.iter().filter_map(|t| t.resend_at).min()
 }
 
 /// Tags the command over a challenge the device offered and moves the
