@@ -263,6 +263,18 @@ impl BrokerProc {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// Kills it with SIGKILL (a crash: no goodbye to anyone, nothing
+    /// flushed) and waits for it to be gone.
+    ///
+    /// # Panics
+    /// When it does not die within 10 s.
+    pub async fn kill(&mut self) {
+        let _ = self.child.start_kill();
+        if tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await.is_err() {
+            panic!("broker did not die on SIGKILL");
+        }
+    }
+
     /// Sends SIGTERM and waits for the exit.
     ///
     /// # Errors

@@ -224,6 +224,78 @@ pub async fn exec(cmd: &mut Command, timeout: Duration) -> Output {
     }
 }
 
+/// A small tmpfs mounted on a folder for one test (a state directory that
+/// can fill up or turn read-only for real), unmounted on drop.
+pub struct Tmpfs {
+    path: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (e.g. `"64k"`) on `path`, which is created.
+    ///
+    /// # Panics
+    /// When it cannot be mounted: this needs root (CI runs as root), and
+    /// the test fails rather than pretending.
+    #[must_use]
+    pub fn mount(path: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        Tmpfs::mount_cmd(&["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"], path);
+        Tmpfs { path: path.to_owned() }
+    }
+
+    /// Remounts it read-only (`true`) or read-write.
+    ///
+    /// # Panics
+    /// When `mount` fails.
+    pub fn set_read_only(&self, read_only: bool) {
+        Tmpfs::mount_cmd(&["-o", if read_only { "remount,ro" } else { "remount,rw" }], &self.path);
+    }
+
+    fn mount_cmd(args: &[&str], path: &Path) {
+        let out = std::process::Command::new("mount")
+            .args(args)
+            .arg(path)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run mount: {e}"));
+        assert!(
+            out.status.success(),
+            "mount {args:?} {} failed (this test needs root): {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazy: a process still holding a file there (a killed agent's
+        // orphan) must not keep the mount alive after the test.
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+/// One sample of the broker's Prometheus endpoint on `127.0.0.1:port`.
+///
+/// # Panics
+/// When the endpoint does not answer 200 within 10 s or lacks `name`.
+pub async fn metric(port: u16, name: &str) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let text = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| e.to_string())?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.map_err(|e| e.to_string())?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(text)
+    })
+    .await
+    .unwrap_or_else(|_| panic!("metrics on {port}: no answer in 10 s"))
+    .unwrap_or_else(|e| panic!("metrics on {port}: {e}"));
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
+}
+
 /// A process started by [`spawn_until`], past its readiness line.
 pub struct Started {
     child: Child,

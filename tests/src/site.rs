@@ -119,6 +119,23 @@ impl Site {
         site
     }
 
+    /// Kills the broker with SIGKILL, waits `down_for`, and starts it again
+    /// on the same ports, configuration and data (its file store survives;
+    /// sessions and retained messages, which live in memory, do not). The
+    /// old log is kept as `broker.log.1`.
+    ///
+    /// # Panics
+    /// When it does not come back.
+    pub async fn crash_and_restart_broker(&mut self, down_for: Duration) {
+        self.broker.kill().await;
+        let dir = self.broker.dir.clone();
+        let _ = std::fs::rename(dir.join("broker.log"), dir.join("broker.log.1"));
+        tokio::time::sleep(down_for).await;
+        self.broker = BrokerProc::start(&workspace_bin("mqseal-broker"), &dir, self.broker.config.clone())
+            .await
+            .unwrap_or_else(|e| panic!("broker did not come back: {e:?}"));
+    }
+
     /// Runs `mqseal --config mqseal.toml ARGS` (in the site folder) within
     /// a minute.
     ///

@@ -144,18 +144,8 @@ where
     }
 }
 
-/// Scrapes the Prometheus endpoint; returns the value of `name`.
-pub async fn metric(port: u16, name: &str) -> u64 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
-    let mut text = String::new();
-    tokio::time::timeout(T, s.read_to_string(&mut text)).await.unwrap().unwrap();
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
-}
+#[allow(unused_imports)] // not every test binary scrapes metrics
+pub use mqseal_tests::metric;
 
 /// A round trip through the broker: `sub` (already subscribed to `topic`)
 /// receives what `publisher` sends there.
