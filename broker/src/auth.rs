@@ -148,6 +148,7 @@ impl Authenticator {
         // is what makes `user disable` refuse the very next login.
         let ttl = match *self.store {
             AnyStore::File(_) => Duration::ZERO,
+            #[cfg(feature = "mongodb")]
             AnyStore::Mongo(_) => Duration::from_secs(self.config.cache_ttl_secs),
         };
         if let Some(record) = self.cached(username, |age| age < ttl, now) {

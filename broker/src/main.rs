@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+// jemalloc (feature `jemalloc`, on by default): see main().
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use mqseal_broker::config::{Config, StoreKind, TlsConfig};
@@ -139,6 +141,7 @@ fn main() -> ExitCode {
     // pages only where written, and memory freed after a connection storm
     // goes back to the OS. The background thread does that purging while
     // the broker is idle; without it RSS stays at the storm's peak.
+    #[cfg(feature = "jemalloc")]
     let _ = tikv_jemalloc_ctl::background_thread::write(true);
     let filter = tracing_subscriber::EnvFilter::try_from_env("MQSEAL_LOG")
         // rumqttd's router opens an ERROR-level span per event, so any

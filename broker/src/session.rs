@@ -187,7 +187,10 @@ fn refusal_code(r: Refusal) -> Code {
 /// Longest client id accepted (MQTT guarantees 23; real fleets use more).
 const MAX_CLIENT_ID: usize = 128;
 
-fn valid_client_id(id: &str) -> bool {
+/// Whether a client id may reach the router: rumqttd mishandles ids with
+/// topic wildcards, `/`, `$` or NUL (the audit's crash (b)), and very long ones.
+#[must_use]
+pub fn valid_client_id(id: &str) -> bool {
     id.len() <= MAX_CLIENT_ID && !id.contains(['+', '#', '/', '$', '\0'])
 }
 

@@ -5,11 +5,14 @@
 //! exactly the store the broker reads, from the same section of the same file.
 
 use std::path::{Path, PathBuf};
+#[cfg(feature = "mongodb")]
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::{AnyStore, FileStore, LegacyLayout, MongoConfig, MongoStore, StoreError};
+use crate::{AnyStore, FileStore, StoreError};
+#[cfg(feature = "mongodb")]
+use crate::{LegacyLayout, MongoConfig, MongoStore};
 
 /// Which credential store.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
@@ -75,6 +78,14 @@ impl StoreConfig {
     pub async fn open(&self, data_dir: &Path) -> Result<AnyStore, StoreError> {
         Ok(match self.kind {
             StoreKind::File => AnyStore::File(FileStore::open(self.file_path(data_dir))?),
+            #[cfg(not(feature = "mongodb"))]
+            StoreKind::Mongodb => {
+                return Err(StoreError::Mongo {
+                    address: "-".into(),
+                    message: "this build has no MongoDB support (feature `mongodb`)".into(),
+                });
+            }
+            #[cfg(feature = "mongodb")]
             StoreKind::Mongodb => {
                 let mongo = MongoConfig {
                     uri: self.mongodb_uri.clone().unwrap_or_default(),

@@ -16,6 +16,7 @@
 mod config;
 mod file;
 pub mod hash;
+#[cfg(feature = "mongodb")]
 mod mongo;
 
 use std::future::Future;
@@ -27,6 +28,7 @@ use zeroize::Zeroizing;
 pub use config::{StoreConfig, StoreKind};
 pub use file::{FileStore, write_private};
 pub use hash::Algorithm;
+#[cfg(feature = "mongodb")]
 pub use mongo::{LegacyLayout, MongoConfig, MongoStore};
 
 /// What a principal is, which decides the topics it reaches (the broker's
@@ -236,7 +238,8 @@ pub enum StoreError {
         /// What is wrong there.
         message: String,
     },
-    /// MongoDB answered with an error or could not be reached.
+    /// MongoDB answered with an error or could not be reached (or this
+    /// build has no MongoDB support).
     #[error("MongoDB at {address}: {message}")]
     Mongo {
         /// The hosts from the URI (never the credentials in it).
@@ -287,7 +290,8 @@ pub trait CredentialStore: Send + Sync {
 pub enum AnyStore {
     /// The embedded default.
     File(FileStore),
-    /// MongoDB for real deployments.
+    /// MongoDB for real deployments (feature `mongodb`, on by default).
+    #[cfg(feature = "mongodb")]
     Mongo(MongoStore),
 }
 
@@ -295,6 +299,7 @@ macro_rules! dispatch {
     ($self:ident, $s:ident => $e:expr) => {
         match $self {
             AnyStore::File($s) => $e,
+            #[cfg(feature = "mongodb")]
             AnyStore::Mongo($s) => $e,
         }
     };
