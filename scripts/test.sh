@@ -66,6 +66,17 @@ for target in thumbv7em-none-eabihf thumbv6m-none-eabi; do
   fi
   echo "$target: installed"
 done
+# Nightly and cargo-fuzz, for the bounded fuzzing step.
+if ! rustup toolchain list | grep -q '^nightly'; then
+  rustup toolchain install nightly --profile minimal || die "rustup could not install the nightly toolchain"
+fi
+echo "nightly: $(rustup run nightly rustc --version)"
+if ! command -v cargo-fuzz >/dev/null 2>&1; then
+  echo "installing cargo-fuzz"
+  cargo install cargo-fuzz --locked --version 0.13.2 >"$run_dir/cargo-fuzz.log" 2>&1 \
+    || { tail -n 20 "$run_dir/cargo-fuzz.log" >&2; die "cargo install cargo-fuzz failed (log: $run_dir/cargo-fuzz.log)"; }
+fi
+echo "cargo-fuzz: $(cargo fuzz --version)"
 # llvm-size, for the firmware footprint.
 if ! rustup component list --installed | grep -q '^llvm-tools'; then
   rustup component add llvm-tools || die "rustup could not add llvm-tools"
@@ -137,6 +148,7 @@ export MQSEAL_TEST_PYTHON="$venv/bin/python"
 # --- Checks -------------------------------------------------------------------
 step "cargo fmt --check"
 cargo fmt --all -- --check
+(cd fuzz && cargo fmt -- --check)
 
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
@@ -159,5 +171,8 @@ cargo build -p mqseal-mcu-agent --locked --target thumbv6m-none-eabi
 
 step "firmware under QEMU (test vectors, the agent) and its footprint"
 ./scripts/firmware.sh
+
+step "fuzzing: ${MQSEAL_FUZZ_SECONDS:-60} s per target (MQSEAL_FUZZ_SECONDS)"
+./scripts/fuzz.sh
 
 step "all checks passed"
