@@ -109,6 +109,7 @@ async fn run_device(
     mut agent: Agent,
     mut stop: watch::Receiver<bool>,
     rejected: Arc<AtomicUsize>,
+    executed: Option<Executions>,
 ) {
     let started = Instant::now();
     loop {
@@ -120,6 +121,9 @@ async fn run_device(
                             let _ = client.try_publish(out.topic, QoS::AtLeastOnce, false, out.payload);
                         }
                         Ok(Action::Execute(job)) => {
+                            if let Some(ex) = &executed {
+                                ex.record(agent.id(), &job.args.join(" "));
+                            }
                             let ran = Ran { status: Status::Ok, code: 0, output: Zeroizing::new(Vec::new()) };
                             if let Ok((out, _)) = agent.finish(job, &ran, Now::since(started), &mut rng()) {
                                 let _ = client.try_publish(out.topic, QoS::AtLeastOnce, false, out.payload);
@@ -138,6 +142,89 @@ async fn run_device(
             _ = stop.changed() => return,
         }
     }
+}
+
+/// Every execution on the simulated devices, by device and arguments: a
+/// command run twice shows as a count of 2, one never run as a gap.
+#[derive(Clone, Default)]
+pub(crate) struct Executions(Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>);
+
+impl Executions {
+    fn record(&self, device: &str, args: &str) {
+        if let Ok(mut m) = self.0.lock() {
+            *m.entry(format!("{device} {args}")).or_insert(0) += 1;
+        }
+    }
+
+    /// (distinct commands executed, executions beyond the first).
+    pub(crate) fn tally(&self) -> (usize, u64) {
+        self.0.lock().map_or((0, 0), |m| (m.len(), m.values().map(|&n| u64::from(n.saturating_sub(1))).sum()))
+    }
+}
+
+/// A simulated fleet, connected: each device's id and HMAC key (they share
+/// one RSA key, `material.device`).
+pub(crate) struct Started {
+    pub(crate) devices: Vec<(String, HmacKey)>,
+    pub(crate) connect_secs: f64,
+}
+
+/// Connects `n` simulated devices (`bench-dev-0..n`) at `rate` per second,
+/// each running the real agent core in memory until `stop`.
+async fn start_fleet(
+    t: &Target,
+    material: &Arc<Material>,
+    n: usize,
+    rate: u32,
+    stop_rx: &watch::Receiver<bool>,
+    rejected: &Arc<AtomicUsize>,
+    executed: Option<Executions>,
+) -> Result<Started, Failure> {
+    let (ready_tx, mut ready_rx) = mpsc::channel::<Result<(String, HmacKey), Failure>>(n.max(1));
+    let gap = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
+    let mut tick = tokio::time::interval(gap);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let connect_started = Instant::now();
+    for i in 0..n {
+        tick.tick().await;
+        let (t, material, stop_rx, rejected, ready_tx, executed) =
+            (t.clone(), material.clone(), stop_rx.clone(), rejected.clone(), ready_tx.clone(), executed.clone());
+        tokio::spawn(async move {
+            let id = device(i);
+            let hmac = HmacKey::generate(&mut rng());
+            let agent = match material.agent(&id, &hmac, None) {
+                Ok(a) => a,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e)).await;
+                    return;
+                }
+            };
+            match connect_device(&t, &id).await {
+                Ok((c, el)) => {
+                    let _ = ready_tx.send(Ok((id, hmac))).await;
+                    run_device(c, el, agent, stop_rx, rejected, executed).await;
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e)).await;
+                }
+            }
+        });
+    }
+    drop(ready_tx);
+    let (mut devices, mut failed) = (Vec::with_capacity(n), Vec::new());
+    while let Some(r) = ready_rx.recv().await {
+        match r {
+            Ok(d) => devices.push(d),
+            Err(e) => failed.push(e),
+        }
+        if devices.len() + failed.len() >= n {
+            break;
+        }
+    }
+    if !failed.is_empty() {
+        return Err(format!("{} devices failed to connect, first: {}", failed.len(), failed.join("; ")));
+    }
+    Ok(Started { devices, connect_secs: connect_started.elapsed().as_secs_f64() })
 }
 
 /// Connects a simulated device and subscribes it to its two topics.
@@ -177,7 +264,7 @@ pub async fn command_rtt(a: CommandRtt) -> Result<serde_json::Value, Failure> {
     let device_task = if plain {
         tokio::spawn(echo_device(dc, del, format!("mqseal/v1/dev/{dev}/resp"), QoS::AtLeastOnce))
     } else {
-        tokio::spawn(run_device(dc, del, agent, stop_rx, rejected.clone()))
+        tokio::spawn(run_device(dc, del, agent, stop_rx, rejected.clone(), None))
     };
     let think = Duration::from_millis(a.think_ms);
     let warmup = 20.min(a.round_trips / 10 + 1);
@@ -290,57 +377,12 @@ pub async fn fleet(a: Fleet) -> Result<serde_json::Value, Failure> {
     let work = tempfile::tempdir().map_err(|e| e.to_string())?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let rejected = Arc::new(AtomicUsize::new(0));
-    let (ready_tx, mut ready_rx) = mpsc::channel::<Result<(String, HmacKey), Failure>>(a.devices.max(1));
-    let gap = Duration::from_secs_f64(1.0 / f64::from(a.rate.max(1)));
-    let mut tick = tokio::time::interval(gap);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let connect_started = Instant::now();
-    for i in 0..a.devices {
-        tick.tick().await;
-        let (t, material, stop_rx, rejected, ready_tx) =
-            (t.clone(), material.clone(), stop_rx.clone(), rejected.clone(), ready_tx.clone());
-        tokio::spawn(async move {
-            let id = device(i);
-            let hmac = HmacKey::generate(&mut rng());
-            let agent = match material.agent(&id, &hmac, None) {
-                Ok(a) => a,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e)).await;
-                    return;
-                }
-            };
-            match connect_device(&t, &id).await {
-                Ok((c, el)) => {
-                    let _ = ready_tx.send(Ok((id, hmac))).await;
-                    run_device(c, el, agent, stop_rx, rejected).await;
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e)).await;
-                }
-            }
-        });
-    }
-    drop(ready_tx);
-    let mut registry = serde_json::Map::new();
+    let started = start_fleet(&t, &material, a.devices, a.rate, &stop_rx, &rejected, None).await?;
+    let connect_secs = started.connect_secs;
     let public_pem = material.device.public().to_pem().map_err(|e| e.to_string())?;
-    let mut failed = Vec::new();
-    while let Some(r) = ready_rx.recv().await {
-        match r {
-            Ok((id, hmac)) => {
-                registry.insert(
-                    id,
-                    json!({ "public_key": public_pem, "hmac_key": hex::encode(hmac.as_bytes()), "since": 0 }),
-                );
-            }
-            Err(e) => failed.push(e),
-        }
-        if registry.len() + failed.len() >= a.devices {
-            break;
-        }
-    }
-    let connect_secs = connect_started.elapsed().as_secs_f64();
-    if !failed.is_empty() {
-        return Err(format!("{} devices failed to connect, first: {}", failed.len(), failed.join("; ")));
+    let mut registry = serde_json::Map::new();
+    for (id, hmac) in started.devices {
+        registry.insert(id, json!({ "public_key": public_pem, "hmac_key": hex::encode(hmac.as_bytes()), "since": 0 }));
     }
 
     // The controller: a real `mqseal` process with a registry of the fleet.
@@ -388,4 +430,214 @@ pub async fn fleet(a: Fleet) -> Result<serde_json::Value, Failure> {
     Ok(json!({"scenario": "fleet", "label": t.label, "mode": mode, "devices": a.devices, "bits": a.bits,
         "connect_secs": connect_secs, "summary": summary, "wall_ms": wall_ms, "cpu_ms": cpu_ms,
         "rejected": rejected.load(Ordering::Relaxed)}))
+}
+
+/// `soak`
+#[derive(Args)]
+pub struct Soak {
+    #[command(flatten)]
+    target: Target,
+    /// Simulated devices `bench-dev-0..N`, connected for the whole run.
+    #[arg(long, default_value_t = 10_000)]
+    devices: usize,
+    /// Device connections opened per second before the soak starts.
+    #[arg(long, default_value_t = 2000)]
+    connect_rate: u32,
+    /// Commands per second, round-robin over the devices.
+    #[arg(long, default_value_t = 500)]
+    rate: u32,
+    /// How long commands are sent.
+    #[arg(long, default_value_t = 60)]
+    duration_secs: u64,
+    /// Envelope mode.
+    #[arg(long, value_enum, default_value = "challenge")]
+    mode: Mode,
+    /// RSA modulus of the controller and (shared) device key.
+    #[arg(long, default_value_t = 2048)]
+    bits: usize,
+    /// Controller connections sharing the load (each a `Session`).
+    #[arg(long, default_value_t = 8)]
+    controllers: usize,
+    /// How long a command may wait for its answer.
+    #[arg(long, default_value_t = 30)]
+    timeout_secs: u64,
+    /// The broker's process id: its resident memory is sampled every second.
+    #[arg(long)]
+    broker_pid: Option<u32>,
+}
+
+/// One batch of the soak: a command with a unique argument, sent to a slice
+/// of the fleet at once.
+struct Batch {
+    seq: u64,
+    targets: Vec<usize>,
+}
+
+/// `soak`: a fleet stays connected while controllers send `rate` commands a
+/// second, each with a unique argument, for `duration`. The devices count
+/// every execution, so a lost command (never executed) and a duplicated one
+/// (executed twice) are counted where they happen, not inferred from the
+/// controller; the broker's resident memory is sampled throughout.
+///
+/// # Errors
+/// When devices or controllers cannot connect.
+pub async fn soak(a: Soak) -> Result<serde_json::Value, Failure> {
+    let t = a.target.clone();
+    let material = Arc::new(Material::new(a.bits)?);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let rejected = Arc::new(AtomicUsize::new(0));
+    let executed = Executions::default();
+    let started =
+        start_fleet(&t, &material, a.devices, a.connect_rate, &stop_rx, &rejected, Some(executed.clone())).await?;
+    let keys: Arc<Vec<(String, DeviceKeys)>> = Arc::new(
+        started
+            .devices
+            .into_iter()
+            .map(|(id, hmac)| (id, DeviceKeys { public: material.device.public().clone(), hmac }))
+            .collect(),
+    );
+    let rss_start = crate::rss_kib(a.broker_pid);
+
+    // Controllers: a pool of sessions taking batches from one queue.
+    let key_pem = material.controller.to_pkcs8_pem().map_err(|e| e.to_string())?;
+    let endpoint = controller_endpoint(&t);
+    // One queue, many takers: each idle controller takes the next batch.
+    let (batch_tx, batch_rx) = mpsc::channel::<Batch>(a.controllers * 4);
+    let batch_rx = Arc::new(tokio::sync::Mutex::new(batch_rx));
+    let outcomes = Arc::new(std::sync::Mutex::new((0u64, 0u64, 0u64, Vec::<u64>::new())));
+    let mut workers = Vec::new();
+    for w in 0..a.controllers {
+        let key = PrivateKey::from_pkcs8_pem(&key_pem).map_err(|e| e.to_string())?;
+        let mut session =
+            Session::connect(&endpoint, std::path::Path::new("."), &format!("{CONTROLLER}-soak-{w}"), key)
+                .await
+                .map_err(|e| format!("controller {w}: {e}"))?;
+        session.set_prefetch(a.mode == Mode::Challenge);
+        let (rx, keys, outcomes, mode) = (batch_rx.clone(), keys.clone(), outcomes.clone(), a.mode);
+        let timeout = Duration::from_secs(a.timeout_secs);
+        workers.push(tokio::spawn(async move {
+            loop {
+                let Some(batch) = rx.lock().await.recv().await else { break };
+                let Batch { seq, targets } = batch;
+                let ts: Vec<(String, &DeviceKeys)> =
+                    targets.iter().filter_map(|&i| keys.get(i)).map(|(id, k)| (id.clone(), k)).collect();
+                let request = Request {
+                    name: "echo".into(),
+                    args: vec![format!("soak-{seq}")],
+                    mode,
+                    hidden: false,
+                    ttl: Duration::from_secs(60),
+                };
+                let sent = Instant::now();
+                let results = session.run(&ts, &request, timeout, &mut |_, _| {}).await;
+                let ms = u64::try_from(sent.elapsed().as_millis()).unwrap_or(u64::MAX);
+                if let Ok(mut o) = outcomes.lock() {
+                    match results {
+                        Ok(rs) => {
+                            for r in rs {
+                                match r {
+                                    DeviceResult::Answered(reply) if reply.status == Status::Ok => o.0 += 1,
+                                    DeviceResult::TimedOut => o.1 += 1,
+                                    _ => o.2 += 1,
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            eprintln!("controller: {e}");
+                            o.2 += ts.len() as u64;
+                        }
+                    }
+                    o.3.push(ms);
+                }
+            }
+            session.close().await;
+        }));
+    }
+    drop(batch_rx);
+
+    // Memory, once a second, from the start of the soak.
+    let sampler = a.broker_pid.map(|pid| {
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut samples = Vec::new();
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => samples.extend(crate::rss_kib(Some(pid))),
+                    _ = stop.changed() => return samples,
+                }
+            }
+        })
+    });
+
+    // The producer: ten batches a second, round-robin over the fleet.
+    let per_batch = (a.rate as usize).div_ceil(10).max(1);
+    let soak_started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let (mut seq, mut next, mut sent) = (0u64, 0usize, 0u64);
+    while soak_started.elapsed() < Duration::from_secs(a.duration_secs) {
+        tick.tick().await;
+        let targets: Vec<usize> = (0..per_batch).map(|k| (next + k) % keys.len().max(1)).collect();
+        next = (next + per_batch) % keys.len().max(1);
+        sent += targets.len() as u64;
+        if batch_tx.send(Batch { seq, targets }).await.is_err() {
+            break;
+        }
+        seq += 1;
+    }
+    let send_secs = soak_started.elapsed().as_secs_f64();
+    drop(batch_tx);
+    for w in workers {
+        let _ = w.await;
+    }
+    let drain_secs = soak_started.elapsed().as_secs_f64() - send_secs;
+    // Late duplicates would show after the answers: give them a moment.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let _ = stop_tx.send(true);
+    let rss: Vec<u64> = match sampler {
+        Some(s) => s.await.unwrap_or_default(),
+        None => Vec::new(),
+    };
+    let (ok, timed_out, failed, mut batch_ms) =
+        outcomes.lock().map(|o| o.clone()).map_err(|_| "outcome lock poisoned".to_string())?;
+    batch_ms.sort_unstable();
+    let (executed_distinct, duplicated) = executed.tally();
+    let lost = sent.saturating_sub(executed_distinct as u64);
+    // Flat after warm-up: the last quarter against the second quarter.
+    let quarter = |k: usize| -> Option<u64> {
+        let n = rss.len() / 4;
+        let part = rss.get(k * n..(k + 1) * n).filter(|p| !p.is_empty())?;
+        Some(part.iter().sum::<u64>() / part.len() as u64)
+    };
+    let (warm, last) = (quarter(1), quarter(3));
+    let growth_pct = match (warm, last) {
+        (Some(w), Some(l)) if w > 0 => Some((l as f64 - w as f64) * 100.0 / w as f64),
+        _ => None,
+    };
+    eprintln!(
+        "[{}] soak {:?}: {} devices (connected in {:.1}s), {sent} commands in {send_secs:.1}s ({:.0}/s) + {drain_secs:.1}s drain: \
+         {ok} ok, {timed_out} timed out, {failed} failed; executed {executed_distinct}, lost {lost}, duplicated {duplicated}; \
+         batch p50 {} ms p99 {} ms; broker RSS start {:?} KiB, warm {:?}, end {:?}, max {:?} ({growth_pct:?} % after warm-up)",
+        t.label,
+        a.mode,
+        a.devices,
+        started.connect_secs,
+        sent as f64 / send_secs,
+        percentile(&batch_ms, 50.0),
+        percentile(&batch_ms, 99.0),
+        rss_start,
+        warm,
+        last,
+        rss.iter().max(),
+    );
+    Ok(json!({"scenario": "soak", "label": t.label, "mode": a.mode, "devices": a.devices,
+        "connect_secs": started.connect_secs, "duration_secs": a.duration_secs, "rate": a.rate,
+        "sent": sent, "achieved_per_sec": sent as f64 / send_secs, "drain_secs": drain_secs,
+        "ok": ok, "timed_out": timed_out, "failed": failed,
+        "executed": executed_distinct, "lost": lost, "duplicated": duplicated,
+        "rejected": rejected.load(Ordering::Relaxed),
+        "batch_p50_ms": percentile(&batch_ms, 50.0), "batch_p99_ms": percentile(&batch_ms, 99.0),
+        "rss_kib": {"start": rss_start, "warm": warm, "end": last, "max": rss.iter().max(),
+                    "growth_after_warmup_pct": growth_pct, "samples": rss}}))
 }

@@ -55,6 +55,9 @@ enum Command {
     CommandRtt(commands::CommandRtt),
     /// One broadcast to N simulated devices by the real `mqseal` CLI.
     Fleet(commands::Fleet),
+    /// A connected fleet under a steady command rate: lost and duplicated
+    /// executions, broker memory over time.
+    Soak(commands::Soak),
 }
 
 #[derive(Args)]
@@ -432,7 +435,7 @@ async fn echo_device(c: AsyncClient, mut el: EventLoop, resp: String, q: QoS) {
     }
 }
 
-fn rss_kib(pid: Option<u32>) -> Option<u64> {
+pub(crate) fn rss_kib(pid: Option<u32>) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
     text.lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -670,6 +673,7 @@ fn main() -> ExitCode {
             Command::Connections(a) => connections(a).await,
             Command::CommandRtt(a) => commands::command_rtt(a).await,
             Command::Fleet(a) => commands::fleet(a).await,
+            Command::Soak(a) => commands::soak(a).await,
             Command::RouterHops(a) => {
                 tokio::task::spawn_blocking(move || router_hops(a)).await.unwrap_or_else(|e| Err(e.to_string()))
             }

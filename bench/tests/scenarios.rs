@@ -134,3 +134,44 @@ async fn every_scenario_runs_lossless_against_mqseal_broker() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("refused"), "{}", String::from_utf8_lossy(&out.stderr));
     running.shutdown(Duration::from_secs(2)).await;
 }
+
+/// The soak, short by default (500 devices, 100 commands/s, 10 s; the full
+/// run of docs/BENCHMARKS.md is `MQSEAL_SOAK_DEVICES=10000
+/// MQSEAL_SOAK_RATE=500 MQSEAL_SOAK_SECS=60`): every command is executed
+/// exactly once — counted on the simulated devices — and answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_soak_loses_nothing_and_runs_nothing_twice() {
+    let knob = |name: &str, default: u64| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+    let (devices, rate, secs) =
+        (knob("MQSEAL_SOAK_DEVICES", 500), knob("MQSEAL_SOAK_RATE", 100), knob("MQSEAL_SOAK_SECS", 10));
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users.json");
+    bench(&["provision", "--devices", &devices.to_string(), "--users-file", users.to_str().unwrap()]).await;
+    let mut config = mqseal_broker::config::Config { data_dir: dir.path().to_owned(), ..Default::default() };
+    config.listener.bind = Some("127.0.0.1:0".parse().unwrap());
+    config.auth.pbkdf2_iterations = 1000;
+    config.limits.max_connections = usize::try_from(devices).unwrap() + 100;
+    let running = mqseal_broker::start(config).await.unwrap();
+    let port = running.tcp.unwrap().port().to_string();
+    let pid = std::process::id().to_string();
+    let v = bench(&[
+        "soak",
+        "--port",
+        &port,
+        "--devices",
+        &devices.to_string(),
+        "--rate",
+        &rate.to_string(),
+        "--duration-secs",
+        &secs.to_string(),
+        "--broker-pid",
+        &pid,
+    ])
+    .await;
+    eprintln!("{v}");
+    assert!(v["sent"].as_u64().unwrap() >= rate * secs * 9 / 10, "the rate was kept: {v}");
+    assert_eq!((v["lost"].as_u64(), v["duplicated"].as_u64()), (Some(0), Some(0)), "{v}");
+    assert_eq!(v["ok"], v["sent"], "every command answered: {v}");
+    assert_eq!((v["timed_out"].as_u64(), v["failed"].as_u64(), v["rejected"].as_u64()), (Some(0), Some(0), Some(0)));
+    running.shutdown(Duration::from_secs(2)).await;
+}

@@ -292,7 +292,7 @@ impl Session {
         targets: &[(String, &DeviceKeys)],
         request: &Request,
         timeout: Duration,
-        progress: &mut dyn FnMut(usize, usize),
+        progress: &mut (dyn FnMut(usize, usize) + Send),
     ) -> Result<Vec<DeviceResult>, SessionError> {
         let deadline = Instant::now() + timeout;
         let mut ts: Vec<Target<'_>> = targets
