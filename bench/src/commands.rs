@@ -464,6 +464,12 @@ pub struct Soak {
     /// The broker's process id: its resident memory is sampled every second.
     #[arg(long)]
     broker_pid: Option<u32>,
+    /// Before the measured window, send every device this many commands as
+    /// fast as the controllers go (reported apart): rumqttd matches the
+    /// first publish on each topic against every subscription, so a fresh
+    /// broker's first command per device costs far more than the next.
+    #[arg(long, default_value_t = 1)]
+    warmup_rounds: usize,
 }
 
 /// One batch of the soak: a command with a unique argument, sent to a slice
@@ -496,7 +502,6 @@ pub async fn soak(a: Soak) -> Result<serde_json::Value, Failure> {
             .map(|(id, hmac)| (id, DeviceKeys { public: material.device.public().clone(), hmac }))
             .collect(),
     );
-    let rss_start = crate::rss_kib(a.broker_pid);
 
     // Controllers: a pool of sessions taking batches from one queue.
     let key_pem = material.controller.to_pkcs8_pem().map_err(|e| e.to_string())?;
@@ -517,7 +522,20 @@ pub async fn soak(a: Soak) -> Result<serde_json::Value, Failure> {
         let timeout = Duration::from_secs(a.timeout_secs);
         workers.push(tokio::spawn(async move {
             loop {
-                let Some(batch) = rx.lock().await.recv().await else { break };
+                // Between batches the session keeps reading its connection
+                // (prefetched challenges, everyone else's answers on the
+                // wildcard filters), as a long-lived controller must.
+                let next = rx.lock().await.try_recv();
+                let batch = match next {
+                    Ok(b) => b,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        if let Err(e) = session.idle(Duration::from_millis(20)).await {
+                            eprintln!("controller: {e}");
+                        }
+                        continue;
+                    }
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                };
                 let Batch { seq, targets } = batch;
                 let ts: Vec<(String, &DeviceKeys)> =
                     targets.iter().filter_map(|&i| keys.get(i)).map(|(id, k)| (id.clone(), k)).collect();
@@ -555,6 +573,40 @@ pub async fn soak(a: Soak) -> Result<serde_json::Value, Failure> {
     }
     drop(batch_rx);
 
+    // Warm-up: every device, `warmup_rounds` times, as fast as it goes.
+    let answered = |o: &std::sync::Mutex<(u64, u64, u64, Vec<u64>)>| o.lock().map_or(0, |o| o.0 + o.1 + o.2);
+    let warm_started = Instant::now();
+    let (mut seq, mut warm_sent) = (0u64, 0u64);
+    let per_batch = (a.rate as usize).div_ceil(10).max(1);
+    let all: Vec<usize> = (0..keys.len()).collect();
+    for _ in 0..a.warmup_rounds {
+        for chunk in all.chunks(per_batch) {
+            warm_sent += chunk.len() as u64;
+            if batch_tx.send(Batch { seq, targets: chunk.to_vec() }).await.is_err() {
+                break;
+            }
+            seq += 1;
+        }
+    }
+    while answered(&outcomes) < warm_sent {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let warm_secs = warm_started.elapsed().as_secs_f64();
+    let warm_out = outcomes.lock().map(|o| (o.0, o.1, o.2)).unwrap_or_default();
+    if let Ok(mut o) = outcomes.lock() {
+        *o = (0, 0, 0, Vec::new());
+    }
+    eprintln!(
+        "[{}] soak warm-up: {warm_sent} commands ({} rounds over the fleet) in {warm_secs:.1}s ({:.0}/s): {} ok, {} timed out, {} failed",
+        t.label,
+        a.warmup_rounds,
+        warm_sent as f64 / warm_secs.max(1e-9),
+        warm_out.0,
+        warm_out.1,
+        warm_out.2
+    );
+    let rss_start = crate::rss_kib(a.broker_pid);
+
     // Memory, once a second, from the start of the soak.
     let sampler = a.broker_pid.map(|pid| {
         let mut stop = stop_rx.clone();
@@ -571,11 +623,10 @@ pub async fn soak(a: Soak) -> Result<serde_json::Value, Failure> {
     });
 
     // The producer: ten batches a second, round-robin over the fleet.
-    let per_batch = (a.rate as usize).div_ceil(10).max(1);
     let soak_started = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let (mut seq, mut next, mut sent) = (0u64, 0usize, 0u64);
+    let (mut next, mut sent) = (0usize, 0u64);
     while soak_started.elapsed() < Duration::from_secs(a.duration_secs) {
         tick.tick().await;
         let targets: Vec<usize> = (0..per_batch).map(|k| (next + k) % keys.len().max(1)).collect();
@@ -603,7 +654,7 @@ pub async fn soak(a: Soak) -> Result<serde_json::Value, Failure> {
         outcomes.lock().map(|o| o.clone()).map_err(|_| "outcome lock poisoned".to_string())?;
     batch_ms.sort_unstable();
     let (executed_distinct, duplicated) = executed.tally();
-    let lost = sent.saturating_sub(executed_distinct as u64);
+    let lost = (warm_sent + sent).saturating_sub(executed_distinct as u64);
     // Flat after warm-up: the last quarter against the second quarter.
     let quarter = |k: usize| -> Option<u64> {
         let n = rss.len() / 4;
@@ -617,7 +668,7 @@ pub async fn soak(a: Soak) -> Result<serde_json::Value, Failure> {
     };
     eprintln!(
         "[{}] soak {:?}: {} devices (connected in {:.1}s), {sent} commands in {send_secs:.1}s ({:.0}/s) + {drain_secs:.1}s drain: \
-         {ok} ok, {timed_out} timed out, {failed} failed; executed {executed_distinct}, lost {lost}, duplicated {duplicated}; \
+         {ok} ok, {timed_out} timed out, {failed} failed; executed {executed_distinct} (warm-up included), lost {lost}, duplicated {duplicated}; \
          batch p50 {} ms p99 {} ms; broker RSS start {:?} KiB, warm {:?}, end {:?}, max {:?} ({growth_pct:?} % after warm-up)",
         t.label,
         a.mode,
@@ -633,6 +684,7 @@ pub async fn soak(a: Soak) -> Result<serde_json::Value, Failure> {
     );
     Ok(json!({"scenario": "soak", "label": t.label, "mode": a.mode, "devices": a.devices,
         "connect_secs": started.connect_secs, "duration_secs": a.duration_secs, "rate": a.rate,
+        "warmup": {"sent": warm_sent, "secs": warm_secs, "ok": warm_out.0, "timed_out": warm_out.1, "failed": warm_out.2},
         "sent": sent, "achieved_per_sec": sent as f64 / send_secs, "drain_secs": drain_secs,
         "ok": ok, "timed_out": timed_out, "failed": failed,
         "executed": executed_distinct, "lost": lost, "duplicated": duplicated,

@@ -172,6 +172,7 @@ async fn the_soak_loses_nothing_and_runs_nothing_twice() {
     assert!(v["sent"].as_u64().unwrap() >= rate * secs * 9 / 10, "the rate was kept: {v}");
     assert_eq!((v["lost"].as_u64(), v["duplicated"].as_u64()), (Some(0), Some(0)), "{v}");
     assert_eq!(v["ok"], v["sent"], "every command answered: {v}");
+    assert_eq!(v["warmup"]["ok"], v["warmup"]["sent"], "the warm-up too: {v}");
     assert_eq!((v["timed_out"].as_u64(), v["failed"].as_u64(), v["rejected"].as_u64()), (Some(0), Some(0), Some(0)));
     running.shutdown(Duration::from_secs(2)).await;
 }

@@ -159,9 +159,10 @@ pub struct Session {
     subscribed: HashSet<String>,
     /// Challenge mode: keep one challenge per device in hand.
     prefetch: bool,
-    /// Challenge requests sent ahead of need: device → (request id, key).
-    prefetching: HashMap<String, (MsgId, HmacKey)>,
-    /// Challenges in hand: device → (offer, when it arrived).
+    /// Challenge requests sent ahead of need: device → (request id, key,
+    /// when it was sent).
+    prefetching: HashMap<String, (MsgId, HmacKey, Instant)>,
+    /// Challenges in hand: device → (offer, when it was requested).
     offers: HashMap<String, (Offer, Instant)>,
 }
 
@@ -184,6 +185,18 @@ struct Target<'k> {
     /// When to re-send it (only once a reconnect happened).
     resend_at: Option<Instant>,
 }
+
+/// Whether a prefetched challenge requested `since_request` ago, with a
+/// lifetime of `ttl_ms`, may still carry a command: only in the first half
+/// of its lifetime, counted from the request (which the device answered
+/// later), however late the answer was read.
+fn offer_usable(since_request: Duration, ttl_ms: u32) -> bool {
+    since_request < Duration::from_millis(u64::from(ttl_ms)) / 2
+}
+
+/// How long a prefetch request may be waited on before asking afresh: an
+/// answer older than this may have been read too late to be usable.
+const PREFETCH_WAIT: Duration = Duration::from_secs(2);
 
 /// How often, after a reconnect, unanswered envelopes are sent again.
 pub const RESEND_EVERY: Duration = Duration::from_secs(2);
@@ -265,20 +278,26 @@ impl Session {
 
     /// Stores a challenge that answers a prefetch request; whether it did.
     fn take_prefetched(&mut self, device: &str, payload: &[u8]) -> bool {
-        let Some((req, key)) = self.prefetching.get(device) else { return false };
+        let Some((req, key, requested)) = self.prefetching.get(device) else { return false };
         let Ok(controller) = ChallengeController::new(device, key) else { return false };
         let Ok(offer) = controller.read_challenge(payload, *req) else { return false };
+        let requested = *requested;
         self.prefetching.remove(device);
-        self.offers.insert(device.to_owned(), (offer, Instant::now()));
+        self.offers.insert(device.to_owned(), (offer, requested));
         true
     }
 
     /// A prefetched challenge for `device` that is still safely usable.
+    ///
+    /// Its age is counted from when it was *requested*: the device issued
+    /// it later than that, so this over-estimates, never under-estimates —
+    /// a challenge read late (a connection busy elsewhere, a session idle
+    /// between runs) is not mistaken for a fresh one. A command over an
+    /// expired challenge is refused by the device and never runs, so the
+    /// offer is used only in the first half of its lifetime.
     fn take_offer(&mut self, device: &str) -> Option<Offer> {
-        let (offer, at) = self.offers.remove(device)?;
-        // Leave a second of margin for the command's trip to the device.
-        let usable = Duration::from_millis(u64::from(offer.ttl_ms)).saturating_sub(Duration::from_secs(1));
-        (at.elapsed() < usable).then_some(offer)
+        let (offer, requested) = self.offers.remove(device)?;
+        offer_usable(requested.elapsed(), offer.ttl_ms).then_some(offer)
     }
 
     /// Sends `request` to every target and waits until each has answered or
@@ -314,7 +333,9 @@ impl Session {
                         }
                         continue;
                     }
-                    if let Some((req, _)) = self.prefetching.remove(&t.device) {
+                    if let Some((req, _, requested)) = self.prefetching.remove(&t.device)
+                        && requested.elapsed() < PREFETCH_WAIT
+                    {
                         // Requested ahead and still on its way: wait for it.
                         t.state = State::WantChallenge(req);
                         continue;
@@ -407,7 +428,7 @@ impl Session {
                     && request.mode == Mode::Challenge
                     && let Ok((req, topic, frame)) = challenge_request(&t.device, t.keys)
                 {
-                    self.prefetching.insert(t.device.clone(), (req, t.keys.hmac.clone()));
+                    self.prefetching.insert(t.device.clone(), (req, t.keys.hmac.clone(), Instant::now()));
                     queue.push_back((topic, frame));
                 }
             }
@@ -805,5 +826,23 @@ fn connection_error(address: &str, e: ConnectionError) -> SessionError {
             },
         },
         other => SessionError::Unreachable { address: address.to_owned(), error: other.to_string() },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The soak lost a batch of commands to challenges that had expired on
+    /// the devices: the controller dated each from when it *read* it, after
+    /// an idle gap, and kept only 1 s of margin. Dated from the request and
+    /// kept for half the lifetime, a challenge read 29 s after it was
+    /// requested (30 s lifetime) is not used.
+    #[test]
+    fn a_prefetched_challenge_is_used_only_early_in_its_life() {
+        assert!(offer_usable(Duration::from_secs(10), 30_000));
+        assert!(!offer_usable(Duration::from_secs(15), 30_000));
+        assert!(!offer_usable(Duration::from_secs(29), 30_000), "the old rule (ttl - 1 s from reading) took this");
+        assert!(!offer_usable(Duration::from_millis(800), 1_500));
     }
 }

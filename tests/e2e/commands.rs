@@ -421,3 +421,44 @@ async fn user_management_takes_effect_at_the_broker() {
     assert_eq!(send().await.code, 5, "deleted");
     assert_eq!(site.mqseal(&["user", "del", "second"]).await.code, 1, "deleting twice names the missing user");
 }
+
+/// A long-lived controller with prefetch on (a service, the soak) keeps
+/// working across idle gaps longer than the device's challenge lifetime
+/// (1.5 s here, 3 s idle, its connection unread): each command is answered
+/// and runs once. The rule that keeps a late-read challenge from being used
+/// is unit-tested in `controller-cli/src/session.rs`; this checks the whole
+/// path against the real agent.
+#[tokio::test]
+async fn a_prefetching_controller_keeps_working_across_idle_gaps() {
+    use mqseal_controller::registry::Registry;
+    use mqseal_controller::session::{Mode, Request, Session};
+
+    let site = Site::start(Store::File).await;
+    let bundle = site.add_device("p-1", &[]).await;
+    let mut config: toml::Table = toml::from_str(&std::fs::read_to_string(&bundle).unwrap()).unwrap();
+    config["policy"].as_table_mut().unwrap().insert("challenge_lifetime_ms".into(), toml::Value::Integer(1500));
+    std::fs::write(&bundle, toml::to_string(&config).unwrap()).unwrap();
+    site.add_mark_command("p-1");
+    let agent = site.agent("p-1").await;
+
+    let registry = Registry::open(&site.dir.join("ctl")).unwrap();
+    let keys = registry.keys("p-1").unwrap();
+    let key_pem = std::fs::read_to_string(site.dir.join("controller.key.pem")).unwrap();
+    let key = mqseal_proto::sealed::PrivateKey::from_pkcs8_pem(&key_pem).unwrap();
+    let mut endpoint = mqseal_client::BrokerEndpoint::new("127.0.0.1", site.broker.port(), "operator");
+    endpoint.password_file = Some(site.dir.join("operator.pw"));
+    let mut session = Session::connect(&endpoint, &site.dir, "operator-prefetch", key).await.unwrap();
+    session.set_prefetch(true);
+    let request = Request { name: "mark".into(), args: vec![], mode: Mode::Challenge, hidden: false, ttl: 60 * SECOND };
+    let targets = [("p-1".to_owned(), &keys)];
+    for round in 1..=3 {
+        let results = session.run(&targets, &request, 10 * SECOND, &mut |_, _| {}).await.unwrap();
+        assert!(
+            matches!(&results[0], mqseal_controller::session::DeviceResult::Answered(r) if r.status == mqseal_proto::Status::Ok),
+            "round {round}: {results:?}"
+        );
+        // Idle without reading: the prefetched challenge expires unread.
+        tokio::time::sleep(3 * SECOND).await;
+    }
+    assert_eq!(site.marks("p-1"), 3, "{}", agent.text());
+}
