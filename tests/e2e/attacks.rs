@@ -18,14 +18,10 @@ use mqseal_proto::sealed::{PrivateKey, PublicKey, ReplayCache, SealedController,
 use mqseal_proto::{Call, Header, MsgId, Outcome, Policy, Status};
 use mqseal_tests::broker::{BrokerConfig, Store};
 use mqseal_tests::mqtt::{self, Conn, Connect, Version};
-use mqseal_tests::site::{AgentProc, Output, Site, mqseal_in};
-use tokio::task::JoinHandle;
+use mqseal_tests::site::{AgentProc, Site};
+use mqseal_tests::topic;
 
 const SECOND: Duration = Duration::from_secs(1);
-
-fn topic(device: &str, channel: &str) -> String {
-    format!("mqseal/v1/dev/{device}/{channel}")
-}
 
 /// The attacker: the broker's admin, who reads and publishes anything
 /// (each connection under its own client id).
@@ -74,25 +70,6 @@ fn byte_changes(frame: &[u8]) -> Vec<Vec<u8>> {
     out
 }
 
-/// `mqseal ARGS` in the background.
-fn spawn_mqseal(site: &Site, args: &[&str]) -> JoinHandle<Output> {
-    let (dir, config) = (site.dir.clone(), site.dir.join("mqseal.toml"));
-    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-    tokio::spawn(async move {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        mqseal_in(&dir, &config, &args).await
-    })
-}
-
-/// Sends `args` with the real CLI while capturing the command envelope it
-/// published (as the attacker sees it on the broker).
-async fn send_and_capture(site: &Site, device: &str, args: &[&str]) -> Vec<u8> {
-    let capture = site.capture(&topic(device, "cmd")).await;
-    let out = site.mqseal(args).await;
-    assert_eq!(out.code, 0, "{args:?}: {out:?}");
-    capture.bytes().await
-}
-
 /// Replays run nothing twice, in both modes: republished at once, after the
 /// agent restarted, after the broker crashed and came back, and as an MQTT
 /// QoS 1 redelivery (same packet id, DUP flag set). Each copy gets the
@@ -109,7 +86,7 @@ async fn replays_are_executed_at_most_once() {
     for form in forms {
         let mut args = vec!["send", "r-1", "mark"];
         args.extend_from_slice(form);
-        captured.push(send_and_capture(&site, "r-1", &args).await);
+        captured.push(site.send_and_capture("r-1", &args).await);
     }
     assert_eq!(site.marks("r-1"), 3);
     let cmd = topic("r-1", "cmd");
@@ -177,7 +154,7 @@ async fn every_single_byte_change_of_a_command_is_refused_by_the_agent() {
     for form in forms {
         let mut args = vec!["send", "t-1", "mark"];
         args.extend_from_slice(form);
-        let frame = send_and_capture(&site, "t-1", &args).await;
+        let frame = site.send_and_capture("t-1", &args).await;
         let _ = watcher.next_message(5 * SECOND).await.unwrap(); // the genuine answer
         let changes = byte_changes(&frame);
         let before = agent.count("rejected:");
@@ -217,7 +194,7 @@ async fn every_single_byte_change_of_a_receipt_is_refused_by_the_controller() {
         (vec!["send", "v-1", "echo", "genuine", "--mode", "challenge"], (0, "genuine")),
         (vec!["send", "v-1", "ping", "--mode", "challenge", "--hidden"], (0, "")),
     ] {
-        let send = spawn_mqseal(&site, &args);
+        let send = site.spawn_mqseal(&args);
         let (forged, genuine) = loop {
             let m = device.next_message(20 * SECOND).await.unwrap();
             let now = unix_now();

@@ -10,14 +10,10 @@
 use std::time::Duration;
 
 use mqseal_tests::broker::{Store, unique_database};
-use mqseal_tests::mongodb_uri;
 use mqseal_tests::site::Site;
+use mqseal_tests::{mongodb_uri, topic};
 
 const SECOND: Duration = Duration::from_secs(1);
-
-fn cmd_topic(device: &str) -> String {
-    format!("mqseal/v1/dev/{device}/cmd")
-}
 
 /// Seed 000 (the paper): users with SHA-256-based hashes in MongoDB; valid
 /// credentials → a sealed command is executed and its encrypted, signed
@@ -74,7 +70,7 @@ async fn arduino_flow_hidden_and_explicit_challenge_commands() {
     let agent = site.agent("valve-3").await;
 
     // Hidden: only the tag travels; the device recognises `open 25`.
-    let capture = site.capture(&cmd_topic("valve-3")).await;
+    let capture = site.capture(&topic("valve-3", "cmd")).await;
     let out = site.mqseal(&["send", "valve-3", "open", "25", "--mode", "challenge", "--hidden", "--json"]).await;
     assert_eq!(out.code, 0, "{out:?}\n{}", agent.text());
     let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
@@ -118,7 +114,7 @@ async fn replayed_tampered_and_redirected_commands_are_not_executed() {
 
     let mut captured = Vec::new();
     for mode in ["sealed", "challenge"] {
-        let capture = site.capture(&cmd_topic("dev-a")).await;
+        let capture = site.capture(&topic("dev-a", "cmd")).await;
         let out = site.mqseal(&["send", "dev-a", "mark", "--mode", mode]).await;
         assert_eq!(out.code, 0, "{out:?}\n{}", a.text());
         captured.push(capture.bytes().await);
@@ -128,7 +124,7 @@ async fn replayed_tampered_and_redirected_commands_are_not_executed() {
     // Replay as is: the agent re-sends its stored answer (what a QoS 1
     // redelivery needs) and does not run the command again.
     for frame in &captured {
-        site.publish_raw(&cmd_topic("dev-a"), frame).await;
+        site.publish_raw(&topic("dev-a", "cmd"), frame).await;
     }
     assert!(a.wait_for("re-sent its stored response", 2, 10 * SECOND).await, "{}", a.text());
 
@@ -137,16 +133,16 @@ async fn replayed_tampered_and_redirected_commands_are_not_executed() {
         let mut t = frame.clone();
         let mid = t.len() / 2;
         t[mid] ^= 0x01;
-        site.publish_raw(&cmd_topic("dev-a"), &t).await;
+        site.publish_raw(&topic("dev-a", "cmd"), &t).await;
     }
     // Malformed input, small and large: rejected, and the agent stays up.
-    site.publish_raw(&cmd_topic("dev-a"), b"\x01\x01garbage").await;
-    site.publish_raw(&cmd_topic("dev-a"), &vec![0x01; 60 * 1024]).await;
+    site.publish_raw(&topic("dev-a", "cmd"), b"\x01\x01garbage").await;
+    site.publish_raw(&topic("dev-a", "cmd"), &vec![0x01; 60 * 1024]).await;
     assert!(a.wait_for("rejected:", 4, 10 * SECOND).await, "{}", a.text());
 
     // Redirected to device B: B refuses what was meant for A.
     for frame in &captured {
-        site.publish_raw(&cmd_topic("dev-b"), frame).await;
+        site.publish_raw(&topic("dev-b", "cmd"), frame).await;
     }
     assert!(b.wait_for("rejected:", 2, 10 * SECOND).await, "{}", b.text());
     assert!(b.text().contains("another topic") || b.text().contains("another device"), "{}", b.text());
@@ -158,7 +154,7 @@ async fn replayed_tampered_and_redirected_commands_are_not_executed() {
     let resent = a.count("re-sent its stored response");
     let executed = a.count("executing verified command");
     for frame in &captured {
-        site.publish_raw(&cmd_topic("dev-a"), frame).await;
+        site.publish_raw(&topic("dev-a", "cmd"), frame).await;
     }
     assert!(a.wait_for("re-sent its stored response", resent + 2, 10 * SECOND).await, "{}", a.text());
 
@@ -182,14 +178,14 @@ async fn expired_commands_are_not_executed() {
     let text = std::fs::read_to_string(&bundle).unwrap().replace("max_skew_secs = 60", "max_skew_secs = 1");
     std::fs::write(&bundle, text).unwrap();
 
-    let capture = site.capture(&cmd_topic("meter-9")).await;
+    let capture = site.capture(&topic("meter-9", "cmd")).await;
     let out = site.mqseal(&["send", "meter-9", "mark", "--ttl", "1s", "--timeout", "1s"]).await;
     assert_eq!(out.code, 4, "no agent yet, so no answer: {out:?}");
     let frame = capture.bytes().await;
     tokio::time::sleep(3 * SECOND).await;
 
     let agent = site.agent("meter-9").await;
-    site.publish_raw(&cmd_topic("meter-9"), &frame).await;
+    site.publish_raw(&topic("meter-9", "cmd"), &frame).await;
     assert!(agent.wait_for("rejected: envelope has expired", 1, 10 * SECOND).await, "{}", agent.text());
     assert_eq!(site.marks("meter-9"), 0);
 }

@@ -8,9 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use mqseal_tests::broker::{BrokerConfig, Store};
-use mqseal_tests::site::{Output, Site, mqseal_in, workspace_bin};
+use mqseal_tests::site::{Site, workspace_bin};
 use mqseal_tests::{Secantus, Tmpfs, free_port, metric};
-use tokio::task::JoinHandle;
 
 const SECOND: Duration = Duration::from_secs(1);
 
@@ -25,29 +24,6 @@ async fn wait_for_lines(path: &Path, n: usize, what: &str) {
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// `mqseal ARGS` in the background, as a separate process.
-fn spawn_mqseal(site: &Site, args: &[&str]) -> JoinHandle<Output> {
-    let (dir, config) = (site.dir.clone(), site.dir.join("mqseal.toml"));
-    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-    tokio::spawn(async move {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        mqseal_in(&dir, &config, &args).await
-    })
-}
-
-/// Adds a command `name` to `id`'s allow-list that appends a line to
-/// `start` when it begins, sleeps `secs`, then appends to `done`.
-fn add_slow_command(site: &Site, id: &str, name: &str, secs: f32, start: &Path, done: &Path) {
-    site.append_to_bundle(
-        id,
-        &format!(
-            "[commands.{name}]\nprogram = [\"/bin/sh\", \"-c\", \"echo x >> '{}'; sleep {secs}; echo x >> '{}'\"]\n",
-            start.display(),
-            done.display()
-        ),
-    );
 }
 
 /// A burst of QoS 1 commands to three agents in both modes, twelve
@@ -66,7 +42,7 @@ async fn a_broker_crash_mid_burst_loses_nothing_and_runs_nothing_twice() {
     for d in devices {
         site.add_device(d, &[]).await;
         let (start, done) = runs(d);
-        add_slow_command(&site, d, "work", 1.5, &start, &done);
+        site.add_slow_command(d, "work", 1.5, &start, &done);
     }
     let mut agents = Vec::new();
     for d in devices {
@@ -79,7 +55,7 @@ async fn a_broker_crash_mid_burst_loses_nothing_and_runs_nothing_twice() {
         for form in forms {
             let mut args = vec!["send", d, "work", "--timeout", "60s"];
             args.extend_from_slice(form);
-            sends.push((d, form, spawn_mqseal(&site, &args)));
+            sends.push((d, form, site.spawn_mqseal(&args)));
         }
     }
     // Every controller logged in (3 agents + 12 controllers), commands are
@@ -119,13 +95,13 @@ async fn an_agent_killed_mid_command_never_runs_it_again_and_the_controller_lear
     let site = Site::start(Store::File).await;
     site.add_device("k-1", &[]).await;
     let (start, done) = (site.dir.join("start-k-1"), site.dir.join("done-k-1"));
-    add_slow_command(&site, "k-1", "slow", 4.0, &start, &done);
+    site.add_slow_command("k-1", "slow", 4.0, &start, &done);
     let mut agent = site.agent("k-1").await;
     let forms: [&[&str]; 3] = [&["--mode", "sealed"], &["--mode", "challenge"], &["--mode", "challenge", "--hidden"]];
     for (n, form) in forms.iter().enumerate() {
         let mut args = vec!["send", "k-1", "slow", "--timeout", "30s"];
         args.extend_from_slice(form);
-        let send = spawn_mqseal(&site, &args);
+        let send = site.spawn_mqseal(&args);
         wait_for_lines(&start, n + 1, "the command to start").await;
         agent.kill().await;
         agent = site.agent("k-1").await;

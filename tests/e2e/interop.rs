@@ -21,15 +21,11 @@ use std::time::Duration;
 
 use mqseal_tests::broker::{BrokerConfig, Store, unique_database};
 use mqseal_tests::site::{Output, Site, mqseal_in, start_agent, workspace_bin};
-use mqseal_tests::{Mosquitto, exec, free_port, mongodb_uri, python_script, require_program, spawn_until};
+use mqseal_tests::{Mosquitto, exec, free_port, mongodb_uri, python_script, require_program, spawn_until, topic};
 use serde_json::Value;
 use tokio::process::Command;
 
 const T: Duration = Duration::from_secs(60);
-
-fn topic(device: &str, channel: &str) -> String {
-    format!("mqseal/v1/dev/{device}/{channel}")
-}
 
 fn json(out: &Output) -> Value {
     serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| panic!("not one JSON document ({e}): {out:?}"))

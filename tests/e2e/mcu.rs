@@ -18,6 +18,7 @@ use mqseal_mcu_agent::{Agent, Call, Clock, Done, ENVELOPE_LEN, Registered};
 use mqseal_proto::topic::Channel;
 use mqseal_tests::broker::Store;
 use mqseal_tests::site::Site;
+use mqseal_tests::topic;
 
 const SECOND: Duration = Duration::from_secs(1);
 
@@ -108,10 +109,6 @@ fn start_mcu_agent(bundle: &Path, port: u16, shared: Shared) {
     });
 }
 
-fn cmd_topic(id: &str) -> String {
-    format!("mqseal/v1/dev/{id}/cmd")
-}
-
 #[tokio::test]
 async fn no_std_agent_against_the_real_broker_and_cli() {
     let site = Site::start(Store::File).await;
@@ -126,7 +123,7 @@ async fn no_std_agent_against_the_real_broker_and_cli() {
     assert_eq!(v["devices"][0]["status"].as_str(), Some("online"), "{list}");
 
     // Hidden form: the device identifies `open 25` among its registrations.
-    let capture = site.capture(&cmd_topic("mcu-1")).await;
+    let capture = site.capture(&topic("mcu-1", "cmd")).await;
     let out = site.mqseal(&["send", "mcu-1", "open", "25", "--mode", "challenge", "--hidden", "--json"]).await;
     assert_eq!(out.code, 0, "{out:?}");
     let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
@@ -141,7 +138,7 @@ async fn no_std_agent_against_the_real_broker_and_cli() {
     assert!(seen(&shared).rejected.iter().any(|r| r.contains("tag")), "{:?}", seen(&shared).rejected);
 
     // Explicit form: the handler's output comes back, tagged.
-    let capture = site.capture(&cmd_topic("mcu-1")).await;
+    let capture = site.capture(&topic("mcu-1", "cmd")).await;
     let out = site.mqseal(&["send", "mcu-1", "level", "7", "--mode", "challenge"]).await;
     assert_eq!((out.code, out.stdout.trim()), (0, "level=7"), "{out:?}");
     let explicit_wire = capture.bytes().await;
@@ -154,7 +151,7 @@ async fn no_std_agent_against_the_real_broker_and_cli() {
     assert_eq!(ran_before, ["open 25", "level 7", "level", "reboot"]);
 
     // Sealed mode (feature `sealed`): RSA-signed and encrypted, as `send`'s default.
-    let capture = site.capture(&cmd_topic("mcu-1")).await;
+    let capture = site.capture(&topic("mcu-1", "cmd")).await;
     let out = site.mqseal(&["send", "mcu-1", "level", "3"]).await;
     assert_eq!((out.code, out.stdout.trim()), (0, "level=3"), "{out:?}");
     let sealed_wire = capture.bytes().await;
@@ -165,14 +162,14 @@ async fn no_std_agent_against_the_real_broker_and_cli() {
     let rejected_before = seen(&shared).rejected.len();
     let mut attacks = 0;
     for frame in [&hidden_wire, &explicit_wire, &sealed_wire] {
-        site.publish_raw(&cmd_topic("mcu-1"), frame).await;
+        site.publish_raw(&topic("mcu-1", "cmd"), frame).await;
         let mut t = frame.clone();
         let mid = t.len() / 2;
         t[mid] ^= 0x40;
-        site.publish_raw(&cmd_topic("mcu-1"), &t).await;
+        site.publish_raw(&topic("mcu-1", "cmd"), &t).await;
         attacks += 2;
     }
-    site.publish_raw(&cmd_topic("mcu-1"), b"\x01\x05garbage").await;
+    site.publish_raw(&topic("mcu-1", "cmd"), b"\x01\x05garbage").await;
     attacks += 1;
     wait_until(&shared, "every attack to be rejected", |s| s.rejected.len() >= rejected_before + attacks).await;
     let rejected = seen(&shared).rejected[rejected_before..].to_vec();
@@ -182,12 +179,12 @@ async fn no_std_agent_against_the_real_broker_and_cli() {
 
     // A sealed command captured on its way to another device, moved here.
     site.add_device("mcu-2", &[]).await;
-    let capture = site.capture(&cmd_topic("mcu-2")).await;
+    let capture = site.capture(&topic("mcu-2", "cmd")).await;
     let out = site.mqseal(&["send", "mcu-2", "level", "1", "--timeout", "2s"]).await;
     assert_eq!(out.code, 4, "mcu-2 has no agent: {out:?}");
     let other = capture.bytes().await;
     let before = seen(&shared).rejected.len();
-    site.publish_raw(&cmd_topic("mcu-1"), &other).await;
+    site.publish_raw(&topic("mcu-1", "cmd"), &other).await;
     wait_until(&shared, "the moved command to be rejected", |s| s.rejected.len() > before).await;
     let why = seen(&shared).rejected[before].clone();
     assert!(why.contains("device") || why.contains("topic"), "{why}");
@@ -197,7 +194,7 @@ async fn no_std_agent_against_the_real_broker_and_cli() {
     // announced as MQTT 5's Maximum Packet Size) never reaches it: the
     // broker discards it for this client instead of breaking its connection.
     let before = seen(&shared).rejected.len();
-    site.publish_raw(&cmd_topic("mcu-1"), &vec![0x01; 6000]).await;
+    site.publish_raw(&topic("mcu-1", "cmd"), &vec![0x01; 6000]).await;
     tokio::time::sleep(SECOND).await;
     assert_eq!(seen(&shared).rejected.len(), before, "the oversized publish reached the agent");
 

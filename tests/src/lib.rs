@@ -68,6 +68,13 @@ pub fn require_program(program: &str) -> PathBuf {
         .unwrap_or_else(|| missing(&format!("`{program}` is not installed.")))
 }
 
+/// The MQTT topic of `device`'s `channel` (`cmd`, `resp`, `chal`, `chal/req`,
+/// `status`), spelled out as a third-party client would.
+#[must_use]
+pub fn topic(device: &str, channel: &str) -> String {
+    format!("{}{device}/{channel}", mqseal_proto::topic::ROOT)
+}
+
 /// A TCP port that was free a moment ago on 127.0.0.1, and that no other
 /// test in this process has been given.
 ///

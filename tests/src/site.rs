@@ -119,6 +119,18 @@ impl Site {
         site
     }
 
+    /// `mqseal ARGS` as a background process (its own task), for tests that
+    /// act while a command is in flight.
+    #[must_use]
+    pub fn spawn_mqseal(&self, args: &[&str]) -> tokio::task::JoinHandle<Output> {
+        let (dir, config) = (self.dir.clone(), self.dir.join("mqseal.toml"));
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        tokio::spawn(async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            mqseal_in(&dir, &config, &args).await
+        })
+    }
+
     /// Kills the broker with SIGKILL, waits `down_for`, and starts it again
     /// on the same ports, configuration and data (its file store survives;
     /// sessions and retained messages, which live in memory, do not). The
@@ -202,6 +214,20 @@ impl Site {
         );
     }
 
+    /// Adds a command `name` to `id`'s allow-list that appends a line to
+    /// `start` when it begins, sleeps `secs`, then appends to `done`: a
+    /// command that is observably in flight, for crash tests.
+    pub fn add_slow_command(&self, id: &str, name: &str, secs: f32, start: &Path, done: &Path) {
+        self.append_to_bundle(
+            id,
+            &format!(
+                "[commands.{name}]\nprogram = [\"/bin/sh\", \"-c\", \"echo x >> '{}'; sleep {secs}; echo x >> '{}'\"]\n",
+                start.display(),
+                done.display()
+            ),
+        );
+    }
+
     /// How many times `mark` ran on `id`.
     #[must_use]
     pub fn marks(&self, id: &str) -> usize {
@@ -266,6 +292,19 @@ impl Site {
         // SUBACK before the caller publishes: give the subscription a moment.
         tokio::time::sleep(Duration::from_millis(500)).await;
         Capture { child, out }
+    }
+
+    /// Sends `args` with the real CLI while capturing the command envelope
+    /// it published to `device`'s `cmd` topic, as an attacker on the
+    /// broker sees it.
+    ///
+    /// # Panics
+    /// When the send fails or nothing is captured.
+    pub async fn send_and_capture(&self, device: &str, args: &[&str]) -> Vec<u8> {
+        let capture = self.capture(&crate::topic(device, "cmd")).await;
+        let out = self.mqseal(args).await;
+        assert_eq!(out.code, 0, "{args:?}: {out:?}");
+        capture.bytes().await
     }
 }
 
