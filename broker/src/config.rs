@@ -229,12 +229,17 @@ pub struct MetricsConfig {
 /// The defaults follow mqseal's traffic. Every device subscribes to two
 /// filters of its own (`cmd`, `chal/req`) that see a few small commands: a
 /// small log each, because ten thousand devices have twenty thousand of
-/// them. Controllers subscribe to the response, challenge and status topics
+/// them — and a log, once traffic has filled it, stays full, its entries
+/// costing far more RAM than the topic and payload bytes the cap counts
+/// (10,000 devices plateau at ~2.4 GiB: docs/BENCHMARKS.md#soak). 2 × 2 KiB
+/// still queues ~25 small commands for a device that is briefly offline;
+/// commands live at most 600 s and controllers wait 10 s, so a longer
+/// backlog buys little. Controllers subscribe to the response, challenge and status topics
 /// of many devices at once: those logs get room for bursts (a broadcast's
 /// answers). `filters` keys are MQTT filters matched against each
 /// subscription filter, so `mqseal/v1/dev/+/resp` also covers a controller
 /// subscribing to one device's responses.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RouterTuning {
     /// Bytes per log segment, for filters not listed in `filters`.
@@ -261,7 +266,7 @@ impl Default for RouterTuning {
     fn default() -> Self {
         let wide = |count| SegmentTuning { max_segment_size: 1024 * 1024, max_segment_count: count };
         RouterTuning {
-            max_segment_size: 8 * 1024,
+            max_segment_size: 2 * 1024,
             max_segment_count: 2,
             max_outgoing_packet_count: 200,
             filters: BTreeMap::from([
@@ -352,6 +357,8 @@ mod tests {
         let config = Config::load(&path).unwrap();
         config.validate("config/broker.toml").unwrap();
         assert_eq!(config.listener.bind, Some(SocketAddr::from(([127, 0, 0, 1], 1883))));
+        // The example spells out the router's defaults; they must not drift.
+        assert_eq!(config.router, RouterTuning::default());
     }
 
     #[test]
