@@ -579,16 +579,18 @@ pub async fn soak(a: Soak) -> Result<serde_json::Value, Failure> {
     let (mut seq, mut warm_sent) = (0u64, 0u64);
     let per_batch = (a.rate as usize).div_ceil(10).max(1);
     let all: Vec<usize> = (0..keys.len()).collect();
-    for _ in 0..a.warmup_rounds {
+    'rounds: for _ in 0..a.warmup_rounds {
         for chunk in all.chunks(per_batch) {
-            warm_sent += chunk.len() as u64;
             if batch_tx.send(Batch { seq, targets: chunk.to_vec() }).await.is_err() {
-                break;
+                break 'rounds; // every controller has stopped
             }
+            warm_sent += chunk.len() as u64;
             seq += 1;
         }
     }
-    while answered(&outcomes) < warm_sent {
+    // Each batch ends within `timeout_secs` of being taken; only controllers
+    // that all stopped could leave it unanswered, so stop waiting then too.
+    while answered(&outcomes) < warm_sent && !workers.iter().all(|w| w.is_finished()) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let warm_secs = warm_started.elapsed().as_secs_f64();
@@ -631,10 +633,11 @@ pub async fn soak(a: Soak) -> Result<serde_json::Value, Failure> {
         tick.tick().await;
         let targets: Vec<usize> = (0..per_batch).map(|k| (next + k) % keys.len().max(1)).collect();
         next = (next + per_batch) % keys.len().max(1);
-        sent += targets.len() as u64;
+        let n = targets.len() as u64;
         if batch_tx.send(Batch { seq, targets }).await.is_err() {
             break;
         }
+        sent += n;
         seq += 1;
     }
     let send_secs = soak_started.elapsed().as_secs_f64();
