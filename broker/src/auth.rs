@@ -21,7 +21,7 @@ use zeroize::Zeroizing;
 
 use crate::config::{AuthConfig, ThrottleConfig};
 use crate::metrics::Metrics;
-use crate::throttle::{Policy, Throttle};
+use crate::throttle::{Outcome, Policy, Throttle};
 
 /// Why a login was refused; each maps to its own CONNACK code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,6 +82,31 @@ pub struct Authenticator {
     hashing: Arc<Semaphore>,
 }
 
+/// A login's reserved check; ends with its outcome when dropped, however
+/// the login ends (returned, refused, or abandoned mid-way by its
+/// deadline).
+struct Claim<'a> {
+    auth: &'a Authenticator,
+    user: String,
+    peer: IpAddr,
+    outcome: Outcome,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let now = Instant::now();
+        if self.auth.users.end(&self.user, self.outcome, now).is_some() {
+            tracing::info!(user = %self.user.escape_debug(), "username locked out after failed logins");
+        }
+        // A success does not clear the address: one valid account must not
+        // launder the guesses made from there.
+        let address = if self.outcome == Outcome::Failed { Outcome::Failed } else { Outcome::Neither };
+        if self.auth.addresses.end(&self.peer, address, now).is_some() {
+            tracing::info!(peer = %self.peer, "address locked out after failed logins");
+        }
+    }
+}
+
 /// Entries kept per throttle table; beyond this the oldest are forgotten.
 const THROTTLE_CAPACITY: usize = 100_000;
 
@@ -118,11 +143,20 @@ impl Authenticator {
     }
 
     /// Checks a login. On success returns the user's record.
-    pub async fn login(&self, username: &str, password: &[u8], peer: IpAddr) -> Result<UserRecord, Refusal> {
+    ///
+    /// A wrong password is answered no sooner than `answer_at` (the refusal
+    /// floor), and its check stays in flight — counting against the name's
+    /// and the address's budgets — until then: a burst of guesses cannot
+    /// all be checked while the first ones wait out the floor.
+    pub async fn login(
+        &self,
+        username: &str,
+        password: &[u8],
+        peer: IpAddr,
+        answer_at: tokio::time::Instant,
+    ) -> Result<UserRecord, Refusal> {
         let now = Instant::now();
-        if self.users.locked(&username.to_owned(), now).is_some() || self.addresses.locked(&peer, now).is_some() {
-            return Err(Refusal::Throttled);
-        }
+        let mut claim = self.claim(username, peer, now).ok_or(Refusal::Throttled)?;
         let verdict = match self.lookup(username, now).await? {
             Some(record) => {
                 let ok = self.verify(&record, password).await;
@@ -131,15 +165,32 @@ impl Authenticator {
             None => self.legacy_or_decoy(username, password).await?,
         };
         let Some(record) = verdict else {
-            self.users.fail(&username.to_owned(), now);
-            self.addresses.fail(&peer, now);
+            // Set before waiting: a login abandoned during the wait (its
+            // deadline, a closed socket) still counts as the failure it was.
+            claim.outcome = Outcome::Failed;
+            tokio::time::sleep_until(answer_at).await;
             return Err(Refusal::BadCredentials);
         };
         if record.disabled {
             return Err(Refusal::Disabled);
         }
-        self.users.succeed(&username.to_owned());
+        claim.outcome = Outcome::Cleared;
         Ok(record)
+    }
+
+    /// Reserves a check in the username's and the address's budgets, or
+    /// `None` when either is spent (locked out, or used up by checks in
+    /// flight).
+    fn claim(&self, username: &str, peer: IpAddr, now: Instant) -> Option<Claim<'_>> {
+        let user = username.to_owned();
+        if !self.users.reserve(&user, now) {
+            return None;
+        }
+        if !self.addresses.reserve(&peer, now) {
+            self.users.end(&user, Outcome::Neither, now);
+            return None;
+        }
+        Some(Claim { auth: self, user, peer, outcome: Outcome::Neither })
     }
 
     async fn lookup(&self, username: &str, now: Instant) -> Result<Option<UserRecord>, Refusal> {
@@ -286,8 +337,15 @@ impl Authenticator {
     /// at a time. `None` if the job could not run (the pool is shutting
     /// down), which callers treat as a failed check.
     async fn hash<T: Send + 'static>(&self, job: impl FnOnce() -> T + Send + 'static) -> Option<T> {
-        let _permit = self.hashing.clone().acquire_owned().await.ok()?;
-        tokio::task::spawn_blocking(job).await.ok()
+        let permit = self.hashing.clone().acquire_owned().await.ok()?;
+        // The permit goes with the job: a login abandoned while its hash
+        // runs must not free the slot before the CPU is.
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            job()
+        })
+        .await
+        .ok()
     }
 
     /// PBKDF2 takes hundreds of milliseconds: off the async workers, under

@@ -134,7 +134,14 @@ pub fn next_frame(buf: &mut BytesMut, max_packet: usize) -> Result<Option<Frame>
 fn check_client_header(header: u8) -> Result<(), FrameError> {
     let flags = header & 0x0f;
     let ok = match header >> 4 {
-        kind::PUBLISH => (flags >> 1) & 0b11 != 0b11,
+        kind::PUBLISH => {
+            let qos = (flags >> 1) & 0b11;
+            if qos == 0 && flags & 0b1000 != 0 {
+                // MQTT-3.3.1-2: a QoS 0 message is never a redelivery.
+                return Err(FrameError::Malformed("DUP flag set on a QoS 0 PUBLISH"));
+            }
+            qos != 0b11
+        }
         kind::PUBREL | kind::SUBSCRIBE | kind::UNSUBSCRIBE => flags == 0b0010,
         kind::CONNECT | kind::PUBACK | kind::PUBREC | kind::PUBCOMP | kind::PINGREQ | kind::DISCONNECT | kind::AUTH => {
             flags == 0
@@ -154,6 +161,36 @@ pub fn connect_level(frame: &Frame) -> Option<u8> {
         [0, 6, b'M', b'Q', b'I', b's', b'd', b'p', level, ..] => Some(*level),
         _ => None,
     }
+}
+
+/// Checks the CONNECT flags byte (MQTT 3.1.1 §3.1.2.3, MQTT 5 §3.1.2.3):
+/// the reserved bit is zero (MQTT-3.1.2-3), a will QoS is 0-2
+/// (MQTT-3.1.2-14), will QoS and will retain are zero without a will
+/// (MQTT-3.1.2-13/15), and — 3.1.1 only — there is no password without a
+/// user name (MQTT-3.1.2-22). rumqttd's parser ignores all of these, so a
+/// client setting them would otherwise be served as if it had not.
+///
+/// # Errors
+/// The rule the flags break, for the log line.
+pub fn check_connect_flags(frame: &Frame, version: Version) -> Result<(), &'static str> {
+    // Protocol name (6 bytes), level, then the flags.
+    let flags = *frame.body().get(7).ok_or("CONNECT ends before its flags")?;
+    let will = flags & 0b0000_0100 != 0;
+    let will_qos = (flags >> 3) & 0b11;
+    let will_retain = flags & 0b0010_0000 != 0;
+    if flags & 0b0000_0001 != 0 {
+        return Err("reserved CONNECT flag set");
+    }
+    if will_qos == 3 {
+        return Err("will QoS 3");
+    }
+    if !will && (will_qos != 0 || will_retain) {
+        return Err("will QoS or will retain set without a will");
+    }
+    if version == Version::V4 && flags & 0b0100_0000 != 0 && flags & 0b1000_0000 == 0 {
+        return Err("password flag set without a user name");
+    }
+    Ok(())
 }
 
 /// The QoS and packet id of a PUBLISH frame, read from the raw bytes
@@ -428,6 +465,30 @@ mod tests {
         assert!(frame_of(&[0x36, 0], 10).is_err()); // QoS 3
         assert!(frame_of(&[0x80, 0], 10).is_err()); // SUBSCRIBE without 0b0010
         assert!(frame_of(&[0xc1, 0], 10).is_err());
+        // MQTT-3.3.1-2: DUP on QoS 0; DUP on QoS 1 is a redelivery, allowed.
+        assert_eq!(frame_of(&[0x38, 0], 10).unwrap_err(), FrameError::Malformed("DUP flag set on a QoS 0 PUBLISH"));
+        assert!(frame_of(&[0x3a, 0], 10).unwrap().is_some());
+    }
+
+    #[test]
+    fn connect_flags_follow_the_spec() {
+        let connect = |flags: u8| {
+            let body = [0, 4, b'M', b'Q', b'T', b'T', 4, flags, 0, 60];
+            let mut bytes = vec![0x10, body.len() as u8];
+            bytes.extend_from_slice(&body);
+            frame_of(&bytes, 100).unwrap().unwrap()
+        };
+        let check = |flags, version| check_connect_flags(&connect(flags), version);
+        for ok in [0b0000_0010, 0b1100_0010, 0b0010_1110, 0b0001_0110] {
+            assert_eq!(check(ok, Version::V4), Ok(()), "{ok:#010b}");
+        }
+        assert_eq!(check(0b0000_0011, Version::V4), Err("reserved CONNECT flag set"));
+        assert_eq!(check(0b0000_0001, Version::V5), Err("reserved CONNECT flag set"));
+        assert_eq!(check(0b0001_1110, Version::V5), Err("will QoS 3"));
+        assert_eq!(check(0b0000_1010, Version::V4), Err("will QoS or will retain set without a will"));
+        assert_eq!(check(0b0010_0010, Version::V5), Err("will QoS or will retain set without a will"));
+        assert_eq!(check(0b0100_0010, Version::V4), Err("password flag set without a user name"));
+        assert_eq!(check(0b0100_0010, Version::V5), Ok(()), "MQTT 5 allows a password alone");
     }
 
     #[test]

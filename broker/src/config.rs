@@ -119,6 +119,17 @@ pub struct Limits {
     /// hashing, opening the router link); past it the client is told
     /// "server unavailable".
     pub login_timeout_ms: u64,
+    /// Share of `max_connections`, in percent, that connections still
+    /// logging in (TLS handshake, CONNECT, authentication, the refusal
+    /// delay) may hold together. The rest is kept for logged-in sessions:
+    /// sockets that never log in cannot crowd out the fleet.
+    pub max_pending_logins_percent: u32,
+    /// Once half of that share is in use, a source address (an IPv6 one by
+    /// its /64) already holding this many logins in progress (or half the
+    /// share, if that is less) gets no more until some finish: one address
+    /// cannot keep every other client from logging in. Raise it when many
+    /// devices share one public address (carrier-grade NAT).
+    pub max_pending_logins_per_address: usize,
 }
 
 impl Default for Limits {
@@ -129,6 +140,8 @@ impl Default for Limits {
             connect_timeout_ms: 5_000,
             write_timeout_ms: 30_000,
             login_timeout_ms: 10_000,
+            max_pending_logins_percent: 25,
+            max_pending_logins_per_address: 16,
         }
     }
 }
@@ -300,6 +313,15 @@ impl Config {
         if self.limits.max_connections == 0 {
             return bad("limits.max_connections must be at least 1".into());
         }
+        if !(1..=100).contains(&self.limits.max_pending_logins_percent) {
+            return bad(format!(
+                "limits.max_pending_logins_percent = {}: must be 1 to 100",
+                self.limits.max_pending_logins_percent
+            ));
+        }
+        if self.limits.max_pending_logins_per_address == 0 {
+            return bad("limits.max_pending_logins_per_address must be at least 1".into());
+        }
         if self.store.kind == StoreKind::Mongodb && self.store.mongodb_uri.is_none() {
             return bad("store.kind = \"mongodb\" needs store.mongodb_uri".into());
         }
@@ -357,8 +379,13 @@ mod tests {
         let config = Config::load(&path).unwrap();
         config.validate("config/broker.toml").unwrap();
         assert_eq!(config.listener.bind, Some(SocketAddr::from(([127, 0, 0, 1], 1883))));
-        // The example spells out the router's defaults; they must not drift.
+        // The example spells out the defaults; they must not drift.
         assert_eq!(config.router, RouterTuning::default());
+        let (limits, defaults) = (&config.limits, Limits::default());
+        assert_eq!(
+            (limits.max_connections, limits.max_pending_logins_percent, limits.max_pending_logins_per_address),
+            (defaults.max_connections, defaults.max_pending_logins_percent, defaults.max_pending_logins_per_address)
+        );
     }
 
     #[test]

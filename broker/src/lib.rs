@@ -14,6 +14,7 @@ pub mod codec;
 pub mod config;
 pub mod listener;
 pub mod metrics;
+pub mod pending;
 pub mod router;
 pub mod session;
 pub mod throttle;
@@ -160,7 +161,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::default());
     let links = router::start(&config.router, config.limits.max_connections).map_err(StartError::Router)?;
     let auth = Authenticator::new(store, config.auth.clone(), &config.throttle, metrics.clone());
-    let (limit, refusals) = listener::limits(config.limits.max_connections);
+    let gates = listener::Gates::new(&config.limits, metrics.clone());
     let revalidate = Duration::from_secs(config.auth.revalidate_secs);
 
     let mut listeners = Vec::new();
@@ -216,7 +217,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let mut tasks = Vec::new();
     for l in listeners {
         info!(addr = ?l.socket.local_addr().ok(), listener = l.kind.name, "listening");
-        tasks.push(tokio::spawn(listener::run(l, shared.clone(), limit.clone(), refusals.clone())));
+        tasks.push(tokio::spawn(listener::run(l, shared.clone(), gates.clone())));
     }
     if let Some(socket) = metrics_socket {
         info!(addr = ?running_metrics, "metrics at /metrics");

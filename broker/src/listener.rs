@@ -3,13 +3,17 @@
 //! deadline — so a client that connects and says nothing holds up nobody
 //! (rumqttd's own TLS and websocket listeners handshake inline and stall).
 //!
-//! The connection limit is a semaphore taken at accept. Over the limit, a
-//! small separate pool of tasks still reads the CONNECT to answer it with a
-//! proper CONNACK ("server unavailable" / v5 "quota exceeded") instead of a
-//! silent close; when that pool is full too, the socket is just closed.
+//! The connection limit is a semaphore taken at accept; so is a place among
+//! the logins in progress ([`crate::pending`]), held until the session has
+//! logged in. Over either limit, a small separate pool of tasks still reads
+//! the CONNECT to answer it with a proper CONNACK ("server unavailable" /
+//! v5 "quota exceeded") instead of a silent close; when that pool is full
+//! too, the socket is just closed. A socket from an address over its share
+//! of logins in progress is closed at once: answering it would spend the
+//! refusal pool on the one client that is crowding the others out.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -20,7 +24,9 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::codec::{self, Version};
+use crate::config::Limits;
 use crate::metrics::Metrics;
+use crate::pending::{Pending, PendingLogins, Refused};
 use crate::session::{self, ListenerKind, Shared};
 use crate::ws;
 
@@ -39,8 +45,53 @@ pub struct Listener {
     pub websocket: bool,
 }
 
+/// What every accept loop admits connections through.
+#[derive(Clone)]
+pub struct Gates {
+    /// `limits.max_connections`.
+    pub connections: Arc<Semaphore>,
+    /// Tasks answering connections over a limit.
+    pub refusals: Arc<Semaphore>,
+    /// Logins in progress, overall and per address.
+    pub logins: Arc<PendingLogins>,
+    /// When an address was last logged as refused (at most every
+    /// [`REFUSAL_LOG_EVERY`], so a flood cannot fill the disk).
+    last_origin_log: Arc<Mutex<Option<Instant>>>,
+}
+
+/// How often a refused over-cap address is logged; the counter counts all.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+impl Gates {
+    /// The gates for `limits`.
+    pub fn new(limits: &Limits, metrics: Arc<Metrics>) -> Gates {
+        Gates {
+            connections: Arc::new(Semaphore::new(limits.max_connections)),
+            refusals: Arc::new(Semaphore::new(REFUSAL_TASKS)),
+            logins: PendingLogins::new(
+                limits.max_connections,
+                limits.max_pending_logins_percent,
+                limits.max_pending_logins_per_address,
+                metrics,
+            ),
+            last_origin_log: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    fn log_origin_refusal(&self, peer: SocketAddr, listener: &'static str, per_address: usize) {
+        let Ok(mut last) = self.last_origin_log.lock() else { return };
+        let now = Instant::now();
+        if last.is_none_or(|t| now.saturating_duration_since(t) >= REFUSAL_LOG_EVERY) {
+            *last = Some(now);
+            warn!(%peer, listener, per_address,
+                  "refused: this address already has limits.max_pending_logins_per_address logins in progress \
+                   (further refusals counted in mqseal_connections_refused_address_total, logged every 10 s)");
+        }
+    }
+}
+
 /// Accepts until the task is dropped.
-pub async fn run(listener: Listener, shared: Arc<Shared>, limit: Arc<Semaphore>, refusals: Arc<Semaphore>) {
+pub async fn run(listener: Listener, shared: Arc<Shared>, gates: Gates) {
     let metrics = shared.metrics.clone();
     loop {
         let (socket, peer) = match listener.socket.accept().await {
@@ -59,20 +110,35 @@ pub async fn run(listener: Listener, shared: Arc<Shared>, limit: Arc<Semaphore>,
         let tls = listener.tls.clone();
         let websocket = listener.websocket;
         let kind = listener.kind;
-        match limit.clone().try_acquire_owned() {
-            Ok(permit) => {
+        let admitted = match gates.connections.clone().try_acquire_owned() {
+            Ok(permit) => gates.logins.admit(peer.ip()).map(|pending| (permit, pending)),
+            Err(_) => {
+                Metrics::inc(&metrics.connections_refused_limit_total);
+                info!(%peer, listener = kind.name, "refused: connection limit reached");
+                Err(Refused::Full)
+            }
+        };
+        match admitted {
+            Ok((permit, pending)) => {
                 let shared = shared.clone();
                 tokio::spawn(async move {
                     Metrics::inc(&shared.metrics.connections_active);
-                    handle(socket, peer, deadline, kind, tls, websocket, shared.clone()).await;
+                    handle(socket, peer, deadline, kind, tls, websocket, pending, shared.clone()).await;
                     Metrics::dec(&shared.metrics.connections_active);
                     drop(permit);
                 });
             }
-            Err(_) => {
-                Metrics::inc(&metrics.connections_refused_limit_total);
-                info!(%peer, listener = kind.name, "refused: connection limit reached");
-                if let Ok(permit) = refusals.clone().try_acquire_owned() {
+            Err(Refused::Origin) => {
+                Metrics::inc(&metrics.connections_refused_address_total);
+                gates.log_origin_refusal(peer, kind.name, shared.config.limits.max_pending_logins_per_address);
+                drop(socket);
+            }
+            Err(Refused::Full) => {
+                if gates.connections.available_permits() > 0 {
+                    Metrics::inc(&metrics.connections_refused_logins_total);
+                    debug!(%peer, listener = kind.name, "refused: the share of slots for logins in progress is in use");
+                }
+                if let Ok(permit) = gates.refusals.clone().try_acquire_owned() {
                     let metrics = metrics.clone();
                     tokio::spawn(async move {
                         refuse_busy(socket, deadline, tls, websocket, &metrics).await;
@@ -122,6 +188,7 @@ async fn establish(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn handle(
     socket: TcpStream,
     peer: SocketAddr,
@@ -129,10 +196,11 @@ async fn handle(
     kind: ListenerKind,
     tls: Option<TlsAcceptor>,
     websocket: bool,
+    pending: Pending,
     shared: Arc<Shared>,
 ) {
     match establish(socket, deadline, tls, websocket).await {
-        Ok(stream) => session::serve(stream, peer, deadline, kind, shared).await,
+        Ok(stream) => session::serve(stream, peer, deadline, kind, pending, shared).await,
         Err(Handshake::TimedOut) => {
             Metrics::inc(&shared.metrics.handshake_failures_total);
             debug!(%peer, listener = kind.name, "handshake timed out");
@@ -168,9 +236,4 @@ async fn refuse_stream(mut stream: Box<dyn session::Stream>, deadline: Instant, 
         None => return,
     };
     session::refuse(&mut stream, version, session::OVER_LIMIT, Some("connection limit reached"), deadline).await;
-}
-
-/// A permit pool for the connection limit, and one for refusals.
-pub fn limits(max_connections: usize) -> (Arc<Semaphore>, Arc<Semaphore>) {
-    (Arc::new(Semaphore::new(max_connections)), Arc::new(Semaphore::new(REFUSAL_TASKS)))
 }

@@ -43,6 +43,9 @@ counters! {
     connections_active: "gauge", "Connections currently open at the front (any state).";
     sessions_active: "gauge", "Authenticated MQTT sessions currently open.";
     connections_refused_limit_total: "counter", "Connections refused because the front's connection limit was reached.";
+    connections_refused_logins_total: "counter", "Connections refused because the share of slots for logins in progress (limits.max_pending_logins_percent) was in use.";
+    connections_refused_address_total: "counter", "Connections closed at accept because their address already had limits.max_pending_logins_per_address logins in progress while that share was under pressure.";
+    logins_in_progress: "gauge", "Connections accepted that have not finished logging in (handshake, CONNECT, authentication, refusal delay).";
     handshake_failures_total: "counter", "TLS or WebSocket handshakes that failed or timed out.";
     connect_timeouts_total: "counter", "Connections closed because no CONNECT arrived in time.";
     logins_ok_total: "counter", "Successful logins.";

@@ -34,6 +34,7 @@ use crate::auth::{Authenticator, KickReason, Refusal};
 use crate::codec::{self, ConnAckInfo, Frame, FrameError, Version, kind};
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::pending::Pending;
 use crate::router::Links;
 
 /// What every connection task shares.
@@ -166,6 +167,8 @@ where
 const REFUSAL_WRITE: Duration = Duration::from_secs(5);
 
 const UNSUPPORTED_VERSION: Code = Code { v4: 0x01, v5: 0x84 };
+/// v5 only: a 3.1.1 client that breaks the packet rules is disconnected.
+const MALFORMED: Code = Code { v4: 0x00, v5: 0x81 };
 const BAD_CLIENT_ID: Code = Code { v4: 0x02, v5: 0x85 };
 const UNAVAILABLE: Code = Code { v4: 0x03, v5: 0x88 };
 /// The front's connection limit: 3.1.1 has only "server unavailable".
@@ -290,6 +293,15 @@ where
             return None;
         }
     };
+    if let Err(reason) = codec::check_connect_flags(&first, version) {
+        Metrics::inc(&metrics.protocol_errors_total);
+        info!(%peer, listener = listener.name, ?version, reason, "refused: malformed CONNECT");
+        // 3.1.1 has no code for it: the connection is just closed.
+        if version == Version::V5 {
+            refuse(wr, version, MALFORMED, Some(reason), deadline).await;
+        }
+        return None;
+    }
     let connect = match codec::decode(version, first) {
         Ok(Packet::Connect(connect, props, will, will_props, login)) => {
             ConnectRequest { connect, props, will, will_props, login }
@@ -300,10 +312,16 @@ where
             return None;
         }
     };
+    // Every refusal from here on is a login decision, and each is answered
+    // no sooner than the floor after the CONNECT arrived: how quickly the
+    // broker says no must not tell what it checked (whether the name could
+    // exist, is a device, is locked out), whoever the user.
+    let answer_at = Instant::now() + Duration::from_millis(shared.config.auth.refusal_delay_ms);
     // Every step inside has its own deadline (store calls, the hashing
     // queue); this one bounds their sum, so no CONNECT waits without end.
     let login_timeout = Duration::from_millis(shared.config.limits.login_timeout_ms);
-    let admitted = match tokio::time::timeout(login_timeout, admit(shared, &connect, version, peer, listener)).await {
+    let admitting = admit(shared, &connect, version, peer, listener, answer_at);
+    let admitted = match tokio::time::timeout(login_timeout, admitting).await {
         Ok(admitted) => admitted,
         Err(_) => {
             Metrics::inc(&metrics.logins_unavailable_total);
@@ -314,6 +332,7 @@ where
     let (principal, assigned) = match admitted {
         Ok(ok) => ok,
         Err((code, reason)) => {
+            tokio::time::sleep_until(answer_at).await;
             refuse(wr, version, code, Some(reason), Instant::now() + REFUSAL_WRITE).await;
             return None;
         }
@@ -375,7 +394,9 @@ where
 }
 
 /// Serves one connection until it ends. `deadline` bounds everything up to
-/// and including CONNECT (the TLS handshake has already used part of it).
+/// and including CONNECT (the TLS handshake has already used part of it);
+/// `pending` is the connection's place among the logins in progress, given
+/// up once it has logged in or been refused.
 ///
 /// The CONNECT phase (authentication, store calls, opening the router link)
 /// runs in a boxed future of its own: it is the deepest stack of awaits a
@@ -390,11 +411,14 @@ pub async fn serve(
     peer: SocketAddr,
     deadline: Instant,
     listener: ListenerKind,
+    pending: Pending,
     shared: Arc<Shared>,
 ) {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut inbuf = BytesMut::with_capacity(256);
     let opened = Box::pin(open(&mut rd, &mut wr, &mut inbuf, peer, deadline, listener, &shared)).await;
+    // Logged in (or refused and answered): no longer a login in progress.
+    drop(pending);
     let Some(Opened { mut state, mut link_rx, mut kick, session_id, keepalive, will }) = opened else { return };
     let metrics = shared.metrics.clone();
     let write_timeout = Duration::from_millis(shared.config.limits.write_timeout_ms);
@@ -490,13 +514,15 @@ type Admitted = (Principal, Option<String>);
 
 /// CONNECT checks in order: client id, auth method, credentials, role rules,
 /// will. Returns the principal and an assigned client id, or the CONNACK
-/// code and a reason for the log.
+/// code and a reason for the log; the caller holds every refusal back
+/// until `answer_at`.
 async fn admit(
     shared: &Shared,
     req: &ConnectRequest,
     version: Version,
     peer: SocketAddr,
     listener: ListenerKind,
+    answer_at: Instant,
 ) -> Result<Admitted, (Code, &'static str)> {
     let metrics = &shared.metrics;
     let client_id = req.connect.client_id.as_str();
@@ -530,16 +556,11 @@ async fn admit(
     if mqseal_store::validate_username(&login.username).is_err() {
         return refuse(BAD_CREDENTIALS, "username contains characters that cannot be a topic level", false);
     }
-    let started = Instant::now();
-    let record = match shared.auth.login(&login.username, login.password.as_bytes(), peer.ip()).await {
+    let record = match shared.auth.login(&login.username, login.password.as_bytes(), peer.ip(), answer_at).await {
         Ok(record) => record,
         Err(r) => {
             if r == Refusal::Unavailable {
                 Metrics::inc(&metrics.logins_unavailable_total);
-            }
-            if r == Refusal::BadCredentials {
-                let floor = Duration::from_millis(shared.config.auth.refusal_delay_ms);
-                tokio::time::sleep_until(started + floor).await;
             }
             return refuse(refusal_code(r), r.as_str(), r == Refusal::Throttled);
         }

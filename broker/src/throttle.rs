@@ -9,6 +9,20 @@
 //! address's: one valid account must not launder an address's guesses).
 //! Counts are forgotten after `forget_after` without failures, and the table
 //! is bounded: when full, the entries idle longest are dropped first.
+//!
+//! # Attempts in flight
+//!
+//! A check takes time (PBKDF2, then the refusal floor), and a failure is
+//! only known at its end. Counting failures alone would let a burst of
+//! CONNECTs sent back to back all pass the "locked?" test before the first
+//! one failed — an outside attack got 78 checked guesses per lockout that
+//! way. So a login first [`reserve`](Throttle::reserve)s its check, and the
+//! checks still running count against the budget: while any is in flight,
+//! another is admitted only if the failures so far plus those in flight
+//! stay below `free_failures`. A burst therefore gets at most
+//! `free_failures` checks; one attempt at a time gets exactly what it got
+//! before (the free failures, then the one whose failure locks, then one per
+//! lockout).
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -31,8 +45,28 @@ pub struct Policy {
 #[derive(Clone, Copy, Debug)]
 struct Entry {
     failures: u32,
+    /// Checks reserved and not yet ended.
+    in_flight: u32,
     locked_until: Option<Instant>,
     last_failure: Instant,
+}
+
+impl Entry {
+    fn failures_at(&self, now: Instant, policy: &Policy) -> u32 {
+        if now.saturating_duration_since(self.last_failure) > policy.forget_after { 0 } else { self.failures }
+    }
+}
+
+/// How a reserved check ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Wrong credentials: counts as a failure.
+    Failed,
+    /// Right credentials: clears the key's failures.
+    Cleared,
+    /// Neither (the store was down, the login was abandoned, or the key
+    /// kind is not cleared by a success): only the reservation ends.
+    Neither,
 }
 
 /// Failure counts for keys of type `K` (usernames or IP addresses).
@@ -48,51 +82,74 @@ impl<K: Eq + Hash + Clone> Throttle<K> {
         Throttle { policy, capacity: capacity.max(1), entries: Mutex::new(HashMap::new()) }
     }
 
-    /// When `key` is locked at `now`, the time the lock ends.
-    pub fn locked(&self, key: &K, now: Instant) -> Option<Instant> {
-        let entries = self.entries.lock().ok()?;
-        entries.get(key).and_then(|e| e.locked_until).filter(|until| *until > now)
-    }
-
-    /// Records a failure; returns the lock end if this failure locks the key.
-    pub fn fail(&self, key: &K, now: Instant) -> Option<Instant> {
-        let Ok(mut entries) = self.entries.lock() else { return None };
-        if !entries.contains_key(key) && entries.len() >= self.capacity {
+    /// Reserves one check for `key` at `now`: `false` when the key is
+    /// locked, or when the failures so far and the checks in flight already
+    /// spend the free failures (see the module docs). A `true` must be
+    /// followed by exactly one [`end`](Self::end).
+    pub fn reserve(&self, key: &K, now: Instant) -> bool {
+        let Ok(mut entries) = self.entries.lock() else { return false };
+        let policy = self.policy;
+        if let Some(e) = entries.get_mut(key) {
+            if e.locked_until.is_some_and(|until| until > now) {
+                return false;
+            }
+            let spent = e.failures_at(now, &policy).saturating_add(e.in_flight);
+            if e.in_flight > 0 && spent >= policy.free_failures {
+                return false;
+            }
+            e.in_flight = e.in_flight.saturating_add(1);
+            return true;
+        }
+        if entries.len() >= self.capacity {
             self.evict(&mut entries, now);
         }
-        let policy = self.policy;
-        let entry = entries.entry(key.clone()).or_insert(Entry { failures: 0, locked_until: None, last_failure: now });
-        if now.saturating_duration_since(entry.last_failure) > policy.forget_after {
-            entry.failures = 0;
-        }
-        entry.failures = entry.failures.saturating_add(1);
-        entry.last_failure = now;
-        if entry.failures > policy.free_failures {
-            let doublings = (entry.failures - policy.free_failures - 1).min(20);
-            let delay = policy.base_delay.saturating_mul(1u32 << doublings).min(policy.max_delay);
-            let until = now + delay;
-            entry.locked_until = Some(until);
-            Some(until)
-        } else {
-            None
-        }
+        entries.insert(key.clone(), Entry { failures: 0, in_flight: 1, locked_until: None, last_failure: now });
+        true
     }
 
-    /// Clears `key` after a successful login.
-    pub fn succeed(&self, key: &K) {
-        if let Ok(mut entries) = self.entries.lock() {
+    /// Ends a check reserved with [`reserve`](Self::reserve). Returns the
+    /// lock end if this failure locks the key.
+    pub fn end(&self, key: &K, outcome: Outcome, now: Instant) -> Option<Instant> {
+        let Ok(mut entries) = self.entries.lock() else { return None };
+        let policy = self.policy;
+        let entry = entries.get_mut(key)?;
+        entry.in_flight = entry.in_flight.saturating_sub(1);
+        match outcome {
+            Outcome::Neither => {}
+            Outcome::Cleared => {
+                entry.failures = 0;
+                entry.locked_until = None;
+            }
+            Outcome::Failed => {
+                entry.failures = entry.failures_at(now, &policy).saturating_add(1);
+                entry.last_failure = now;
+                if entry.failures > policy.free_failures {
+                    let doublings = (entry.failures - policy.free_failures - 1).min(20);
+                    let until = now + policy.base_delay.saturating_mul(1u32 << doublings).min(policy.max_delay);
+                    entry.locked_until = Some(until);
+                    return Some(until);
+                }
+            }
+        }
+        if entry.in_flight == 0 && entry.failures == 0 && entry.locked_until.is_none() {
             entries.remove(key);
         }
+        None
     }
 
     /// Drops forgotten entries, then the oldest quarter if still full.
+    /// Entries with checks in flight stay: their reservations must end on
+    /// the entry they started on.
     fn evict(&self, entries: &mut HashMap<K, Entry>, now: Instant) {
         let forget = self.policy.forget_after;
         entries.retain(|_, e| {
-            now.saturating_duration_since(e.last_failure) <= forget || e.locked_until.is_some_and(|u| u > now)
+            e.in_flight > 0
+                || now.saturating_duration_since(e.last_failure) <= forget
+                || e.locked_until.is_some_and(|u| u > now)
         });
         if entries.len() >= self.capacity {
-            let mut ages: Vec<(K, Instant)> = entries.iter().map(|(k, e)| (k.clone(), e.last_failure)).collect();
+            let mut ages: Vec<(K, Instant)> =
+                entries.iter().filter(|(_, e)| e.in_flight == 0).map(|(k, e)| (k.clone(), e.last_failure)).collect();
             ages.sort_by_key(|(_, t)| *t);
             for (k, _) in ages.into_iter().take(self.capacity / 4 + 1) {
                 entries.remove(&k);
@@ -120,35 +177,79 @@ mod tests {
         }
     }
 
+    /// One attempt at a time: the check reserved, then ended.
+    fn fail(t: &Throttle<&'static str>, key: &'static str, now: Instant) -> Option<Option<Instant>> {
+        t.reserve(&key, now).then(|| t.end(&key, Outcome::Failed, now))
+    }
+
     #[test]
     fn lockouts_grow_and_cap_and_end() {
         let t = Throttle::new(policy(), 100);
         let now = Instant::now();
-        assert_eq!(t.fail(&"u", now), None);
-        assert_eq!(t.fail(&"u", now), None);
-        assert_eq!(t.fail(&"u", now), Some(now + Duration::from_secs(1)));
-        assert_eq!(t.fail(&"u", now), Some(now + Duration::from_secs(2)));
-        assert_eq!(t.fail(&"u", now), Some(now + Duration::from_secs(4)));
-        assert_eq!(t.fail(&"u", now), Some(now + Duration::from_secs(8)));
-        assert_eq!(t.fail(&"u", now), Some(now + Duration::from_secs(8)));
-        assert!(t.locked(&"u", now + Duration::from_secs(7)).is_some());
-        assert!(t.locked(&"u", now + Duration::from_secs(8)).is_none());
-        assert!(t.locked(&"other", now).is_none());
-        t.succeed(&"u");
-        assert!(t.locked(&"u", now).is_none());
+        let s = Duration::from_secs;
+        assert_eq!(fail(&t, "u", now), Some(None));
+        assert_eq!(fail(&t, "u", now), Some(None));
+        assert_eq!(fail(&t, "u", now), Some(Some(now + s(1))), "2 free, the third locks");
+        assert_eq!(fail(&t, "u", now), None, "locked: not even checked");
+        assert_eq!(fail(&t, "u", now + s(1)), Some(Some(now + s(1) + s(2))));
+        assert_eq!(fail(&t, "u", now + s(3)), Some(Some(now + s(3) + s(4))));
+        assert_eq!(fail(&t, "u", now + s(7)), Some(Some(now + s(7) + s(8))));
+        assert_eq!(fail(&t, "u", now + s(14)), None, "still locked");
+        assert_eq!(fail(&t, "u", now + s(15)), Some(Some(now + s(15) + s(8))), "16 s, capped at 8");
+        assert!(!t.reserve(&"u", now + s(22)));
+        assert!(t.reserve(&"other", now));
+        t.end(&"other", Outcome::Neither, now);
+        assert!(t.reserve(&"u", now + s(23)));
+        t.end(&"u", Outcome::Cleared, now + s(23));
+        assert!(t.reserve(&"u", now + s(23)) && t.reserve(&"u", now + s(23)), "a success clears the count");
+    }
+
+    /// The outside attack's burst: many checks reserved before any ends.
+    /// Only the free failures are admitted, the right password among the
+    /// rest is refused unchecked, and once the burst's failures land the
+    /// key is locked.
+    #[test]
+    fn checks_in_flight_count_against_the_budget() {
+        let t = Throttle::new(policy(), 100);
+        let now = Instant::now();
+        let admitted = (0..40).filter(|_| t.reserve(&"u", now)).count();
+        assert_eq!(admitted, 2, "free_failures = 2");
+        assert_eq!(t.end(&"u", Outcome::Failed, now), None);
+        assert!(!t.reserve(&"u", now), "one failure and one in flight spend the budget");
+        assert_eq!(t.end(&"u", Outcome::Failed, now), None);
+        // Nothing in flight: the next single attempt is checked, as before.
+        assert!(t.reserve(&"u", now));
+        assert!(!t.reserve(&"u", now));
+        assert_eq!(t.end(&"u", Outcome::Failed, now), Some(now + Duration::from_secs(1)));
+        assert!(!t.reserve(&"u", now));
+        // An abandoned check (login timeout, store down) frees its slot
+        // without counting.
+        let t = Throttle::new(policy(), 100);
+        assert!(t.reserve(&"v", now) && t.reserve(&"v", now));
+        t.end(&"v", Outcome::Neither, now);
+        t.end(&"v", Outcome::Neither, now);
+        assert_eq!(t.len(), 0);
     }
 
     #[test]
     fn counts_are_forgotten_and_the_table_is_bounded() {
         let t = Throttle::new(policy(), 8);
         let now = Instant::now();
-        t.fail(&0u32, now);
-        t.fail(&0u32, now);
+        fail_u32(&t, 0, now);
+        fail_u32(&t, 0, now);
         // A failure long after the last one starts from zero.
-        assert_eq!(t.fail(&0u32, now + Duration::from_secs(61)), None);
+        assert_eq!(fail_u32(&t, 0, now + Duration::from_secs(61)), None);
+        // A check in flight survives eviction.
+        assert!(t.reserve(&1000, now + Duration::from_secs(62)));
         for k in 1..100u32 {
-            t.fail(&k, now + Duration::from_secs(62));
+            fail_u32(&t, k, now + Duration::from_secs(62));
         }
         assert!(t.len() <= 8);
+        assert_eq!(t.end(&1000, Outcome::Neither, now + Duration::from_secs(62)), None);
+    }
+
+    fn fail_u32(t: &Throttle<u32>, key: u32, now: Instant) -> Option<Instant> {
+        assert!(t.reserve(&key, now));
+        t.end(&key, Outcome::Failed, now)
     }
 }

@@ -139,24 +139,151 @@ async fn refused_logins_get_real_connack_codes() {
     assert!(!log.contains(&secret));
 }
 
-/// A wrong password is answered no sooner than `auth.refusal_delay_ms`
-/// after CONNECT, whether the name is unknown, a device (one SHA-256) or a
-/// person (PBKDF2): response time does not tell which names exist.
+/// Every refused login is answered no sooner than `auth.refusal_delay_ms`
+/// after CONNECT: a wrong password whether the name is unknown, a device
+/// (one SHA-256) or a person (PBKDF2); a name that cannot be a topic level
+/// (the outside attack's D5: a space, U+2010 and a trailing space were
+/// answered in under 1 ms); and every other refusal — client id, missing
+/// password, disabled user, lockout. Response time tells nothing about
+/// which names exist or what the broker checked.
 #[tokio::test]
-async fn refusals_take_the_same_floor_for_every_kind_of_name() {
+async fn every_refusal_takes_the_same_floor() {
     let floor = Duration::from_millis(400);
-    let site = Site::start(BrokerConfig { refusal_delay_ms: 400, ..BrokerConfig::default() }).await;
+    let config = BrokerConfig { refusal_delay_ms: 400, ..BrokerConfig::default() };
+    let site = Site::start(config).await;
     let port = site.port();
-    site.device("dev-1").await;
+    let secret = site.device("dev-1").await;
     site.human("alice", "pw-alice", Role::Controller, &[]).await;
-    for name in ["dev-1", "alice", "nobody-at-all"] {
-        let start = Instant::now();
-        let code = connack(port, &login(Version::V4, name, "wrong")).await;
-        let took = start.elapsed();
-        assert_eq!(code, Some(4), "{name}");
-        assert!(took >= floor, "{name}: refused after {took:?}, before the {floor:?} floor");
-        assert!(took < floor + Duration::from_secs(2), "{name}: {took:?}");
+    site.human("locked", "pw-locked", Role::Controller, &[]).await;
+    let store = site.users();
+    let mut off = store.get("alice").await.unwrap().unwrap();
+    off.username = "disabled-one".into();
+    off.disabled = true;
+    store.put(&off, false).await.unwrap();
+    // Three free failures, and the fourth locks "locked" for a second.
+    for _ in 0..4 {
+        assert_eq!(connack(port, &login(Version::V4, "locked", "wrong")).await, Some(4));
     }
+    let mut no_password = login(Version::V5, "alice", "");
+    no_password.password = None;
+    let cases: Vec<(&str, Connect, u8)> = vec![
+        ("locked out, right password", login(Version::V5, "locked", "pw-locked"), 0x97),
+        ("device, wrong password", login(Version::V4, "dev-1", "wrong"), 4),
+        ("person, wrong password", login(Version::V4, "alice", "wrong"), 4),
+        ("unknown name", login(Version::V4, "nobody-at-all", "wrong"), 4),
+        ("name with a space", login(Version::V4, "no body", "wrong"), 4),
+        ("name with U+2010", login(Version::V5, "dev\u{2010}1", "wrong"), 0x86),
+        ("name with a trailing space", login(Version::V4, "dev-1 ", &secret), 4),
+        ("client id with a slash", Connect::new(Version::V4, "a/b", "dev-1", &secret), 2),
+        ("device under another client id", Connect::new(Version::V5, "dev-2", "dev-1", &secret), 0x85),
+        ("no password", no_password, 0x87),
+        ("disabled user, right password", login(Version::V4, "disabled-one", "pw-alice"), 5),
+    ];
+    for (what, connect, expected) in cases {
+        let start = Instant::now();
+        let code = connack(port, &connect).await;
+        let took = start.elapsed();
+        assert_eq!(code, Some(expected), "{what}");
+        assert!(took >= floor, "{what}: refused after {took:?}, before the {floor:?} floor");
+        assert!(took < floor + Duration::from_secs(2), "{what}: {took:?}");
+    }
+    // A login that succeeds does not wait.
+    let start = Instant::now();
+    assert_eq!(connack(port, &login(Version::V4, "dev-1", &secret)).await, Some(0));
+    assert!(start.elapsed() < floor, "a good login took {:?}", start.elapsed());
+}
+
+/// Opens one connection per `(source, connect)` first, then sends every
+/// CONNECT back to back, then reads every CONNACK: the outside attack's
+/// burst. Returns the codes in order.
+async fn burst(port: u16, attempts: &[(std::net::Ipv4Addr, Connect)]) -> Vec<u8> {
+    let mut conns = Vec::new();
+    for (source, c) in attempts {
+        conns.push(Conn::open_from(port, *source, c.version).await.unwrap());
+    }
+    for (conn, (_, c)) in conns.iter_mut().zip(attempts) {
+        conn.send(&c.encode()).await.unwrap();
+    }
+    let mut codes = Vec::new();
+    for conn in &mut conns {
+        let p = conn.recv(Duration::from_secs(20)).await.unwrap();
+        assert_eq!(p.kind(), 2, "CONNACK");
+        codes.push(p.body[1]);
+    }
+    codes
+}
+
+/// The outside attack's F1: CONNECTs sent back to back all passed the
+/// lockout check before the first failure was recorded, so one name got
+/// dozens of checked guesses per lockout and the right password among them
+/// was accepted. Now checks in flight count against the budget. Three
+/// bursts, the attack's own, under the default `[throttle]` (3 free
+/// failures per name, 20 per address): 40 guesses at a person from 40
+/// addresses with the right password 21st; 100 from one address with the
+/// right one 51st; 40 at a device from 40 addresses with the right one
+/// 21st. In each at most 3 guesses are checked (CONNACK 4), the rest —
+/// the right password included — are refused unchecked (5), and the
+/// throttle's metric counts them.
+#[tokio::test]
+async fn concurrent_guesses_are_checked_no_more_than_the_free_failures() {
+    let metrics = free_port();
+    let config = BrokerConfig {
+        metrics_port: Some(metrics),
+        refusal_delay_ms: 300,
+        user_free_failures: 3,
+        address_free_failures: 20,
+        base_delay_ms: 1000,
+        ..BrokerConfig::default()
+    };
+    let site = Site::start(config).await;
+    let port = site.port();
+    // PBKDF2 long enough (≈0.1 s) that every guess of a burst arrives
+    // while the first ones are still being checked.
+    let store = site.users();
+    for name in ["victim-a", "victim-b"] {
+        let record = mqseal_store::UserRecord::human(name, b"the-right-one", Role::Controller, 100_000).unwrap();
+        store.put(&record, false).await.unwrap();
+    }
+    let device_secret = site.device("victim-dev").await;
+    let guesses = |user: &str, n: usize, right_at: usize, right: &str, source: &dyn Fn(usize) -> std::net::Ipv4Addr| {
+        (0..n)
+            .map(|i| {
+                let pw = if i == right_at { right.to_owned() } else { format!("guess-{i}") };
+                (source(i), Connect::new(Version::V4, &format!("c-{i}"), user, &pw))
+            })
+            .collect::<Vec<_>>()
+    };
+    let many =
+        |i: usize| std::net::Ipv4Addr::new(127, 9, u8::try_from(i / 200).unwrap(), u8::try_from(1 + i % 200).unwrap());
+    let bursts = [
+        ("person, 40 addresses", guesses("victim-a", 40, 20, "the-right-one", &many)),
+        (
+            "person, one address",
+            guesses("victim-b", 100, 50, "the-right-one", &|_| std::net::Ipv4Addr::new(127, 9, 9, 9)),
+        ),
+    ];
+    let mut device = guesses("victim-dev", 40, 20, &device_secret, &|i| {
+        std::net::Ipv4Addr::new(127, 9, 20, u8::try_from(1 + i).unwrap())
+    });
+    // A device must use its name as client id.
+    for (_, c) in &mut device {
+        c.client_id = "victim-dev".into();
+    }
+    let mut total_unchecked = 0u64;
+    let throttled_before = metric(metrics, "mqseal_logins_throttled_total").await;
+    for (what, attempts) in bursts.into_iter().chain([("device, 40 addresses", device)]) {
+        let right_at = if attempts.len() == 100 { 50 } else { 20 };
+        let codes = burst(port, &attempts).await;
+        let checked = codes.iter().filter(|&&c| c == 4).count();
+        let unchecked = codes.iter().filter(|&&c| c == 5).count();
+        eprintln!("{what}: {} attempts, {checked} checked, {unchecked} refused unchecked", codes.len());
+        assert!(checked <= 3, "{what}: {checked} guesses checked: {codes:?}");
+        assert_eq!(codes[right_at], 5, "{what}: the right password was not refused as locked out");
+        assert_eq!(checked + unchecked, codes.len(), "{what}: {codes:?}");
+        total_unchecked += u64::try_from(unchecked).unwrap();
+    }
+    let throttled = metric(metrics, "mqseal_logins_throttled_total").await - throttled_before;
+    assert_eq!(throttled, total_unchecked, "every attempt refused unchecked is counted");
 }
 
 /// After `user_free_failures` wrong passwords the username is locked with

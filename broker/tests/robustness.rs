@@ -263,6 +263,16 @@ async fn malformed_packets_close_only_their_connection() {
         ("CONNACK from a client", vec![0x20, 0x02, 0x00, 0x00], Some(0x81)),
         ("wildcard topic name", mqtt::publish(Version::V5, "ok/#", b"x", 1, 1, false, &[]), Some(0x90)),
         ("QoS 3", vec![0x36, 0x00], Some(0x81)),
+        // MQTT-3.3.1-2 (the outside attack's D2): a QoS 0 message is never a redelivery.
+        (
+            "DUP on a QoS 0 PUBLISH",
+            {
+                let mut p = mqtt::publish(Version::V5, "ok/dup", b"x", 0, 0, false, &[]);
+                p[0] |= 0x08;
+                p
+            },
+            Some(0x81),
+        ),
     ];
     for (what, bytes, reason) in cases {
         let mut c = Conn::connected(port, &root(Version::V5, "violator")).await;
@@ -276,11 +286,159 @@ async fn malformed_packets_close_only_their_connection() {
     c.send(&[0x30, 0x10, 0x00]).await.unwrap();
     assert_eq!(c.closed(T).await.unwrap(), None);
 
+    // The same on 3.1.1, which has no reason codes: the connection closes.
+    let mut c = Conn::connected(port, &root(Version::V4, "violator-v4")).await;
+    let mut dup = mqtt::publish(Version::V4, "ok/dup", b"x", 0, 0, false, &[]);
+    dup[0] |= 0x08;
+    c.send(&dup).await.unwrap();
+    assert_eq!(c.closed(T).await.unwrap(), None, "DUP on QoS 0, 3.1.1");
+
     let mut publisher = Conn::connected(port, &root(Version::V4, "publisher")).await;
     round_trip(&mut publisher, &mut bystander, "ok/fine", b"fine").await;
+    assert!(bystander.next_message(Duration::from_millis(300)).await.is_err(), "a DUP QoS 0 message was routed");
     assert!(site.broker.is_running());
     let log = site.broker.log();
     assert!(log.contains("protocol error") || log.contains("refused before CONNECT"), "{log}");
+    assert!(log.contains("DUP flag set on a QoS 0 PUBLISH"), "{log}");
+}
+
+/// The outside attack's D2: a CONNECT with the reserved flag bit set was
+/// accepted. MQTT-3.1.2-3 says disconnect: 3.1.1 clients are closed without
+/// a CONNACK, v5 clients get CONNACK 0x81 (malformed packet). The other
+/// flag rules the parser did not check are enforced the same way — a will
+/// QoS of 3, will QoS or retain without a will, and (3.1.1) a password
+/// without a user name — and each refusal is logged and counted.
+#[tokio::test]
+async fn connect_flags_that_break_the_rules_are_refused() {
+    let metrics = mqseal_tests::free_port();
+    let site = site_with_root(BrokerConfig { metrics_port: Some(metrics), ..BrokerConfig::default() }).await;
+    let port = site.port();
+    // The flags byte of an encoded CONNECT: fixed header (2 bytes for these
+    // short packets), protocol name (6), level (1).
+    const FLAGS: usize = 2 + 6 + 1;
+    let cases: [(&str, u8, u8); 4] = [
+        ("reserved CONNECT flag set", 0b0000_0001, 0),
+        ("will QoS or will retain set without a will", 0b0000_1000, 0),
+        ("will QoS or will retain set without a will", 0b0010_0000, 0),
+        ("password flag set without a user name", 0, 0b1000_0000),
+    ];
+    let before = metric(metrics, "mqseal_protocol_errors_total").await;
+    let mut refused = 0;
+    for (why, set, clear) in cases {
+        for version in [Version::V4, Version::V5] {
+            if why.starts_with("password") && version == Version::V5 {
+                continue; // MQTT 5 allows a password without a user name.
+            }
+            let mut bytes = root(version, "flags").encode();
+            bytes[FLAGS] = (bytes[FLAGS] | set) & !clear;
+            let mut c = Conn::open(port, version).await.unwrap();
+            c.send(&bytes).await.unwrap();
+            let answer = c.recv(T).await;
+            match version {
+                Version::V4 => assert!(answer.is_err(), "{why}, 3.1.1: {answer:?}"),
+                Version::V5 => {
+                    let p = answer.unwrap();
+                    assert_eq!((p.kind(), p.body[1]), (2, 0x81), "{why}, v5: CONNACK 0x81");
+                    assert_eq!(c.closed(T).await.unwrap(), None, "{why}: closed after the CONNACK");
+                }
+            }
+            refused += 1;
+        }
+        assert!(site.broker.log().contains(why), "{why} not logged");
+    }
+    // Will QoS 3 needs a will to be expressible.
+    let mut will = root(Version::V5, "flags");
+    will.will = Some(mqtt::Will { topic: "w/t".into(), payload: b"x".to_vec(), qos: 1, retain: false });
+    let mut bytes = will.encode();
+    bytes[FLAGS] |= 0b0001_1000;
+    let mut c = Conn::open(port, Version::V5).await.unwrap();
+    c.send(&bytes).await.unwrap();
+    assert_eq!(c.recv(T).await.unwrap().body[1], 0x81, "will QoS 3");
+    refused += 1;
+    assert_eq!(metric(metrics, "mqseal_protocol_errors_total").await - before, refused);
+    // The same CONNECT with its flags intact logs in.
+    assert_eq!(connack(port, &root(Version::V4, "flags")).await, Some(0));
+    still_serving(port, "flags").await;
+}
+
+/// The outside attack's I1: with `max_connections = 50`, one client
+/// re-opening idle sockets as the connect deadline closed them let only 5
+/// of 30 device logins through in 12 s. Logins in progress now hold at most
+/// a share of the slots (25 % by default), and under pressure one address
+/// gets at most its cap of them (here half the share: 6): devices from
+/// another address all log in while the attacker keeps trying, and the
+/// refusals are counted.
+#[tokio::test]
+async fn one_address_holding_idle_sockets_does_not_keep_devices_out() {
+    let metrics = mqseal_tests::free_port();
+    let config = BrokerConfig {
+        max_connections: 50,
+        connect_timeout_ms: 3000,
+        metrics_port: Some(metrics),
+        ..BrokerConfig::default()
+    };
+    let site = site_with_root(config).await;
+    let port = site.port();
+    let mut secrets = Vec::new();
+    for i in 0..30 {
+        secrets.push(site.device(&format!("dev-{i}")).await);
+    }
+    // The attacker: idle sockets from 127.0.0.1, re-opened whenever one is
+    // closed, as many as the broker takes.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let attack = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut held: Vec<tokio::net::TcpStream> = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // Drop the ones the broker closed.
+                let mut open = Vec::new();
+                for s in held.drain(..) {
+                    let mut byte = [0u8; 1];
+                    match s.try_read(&mut byte) {
+                        Ok(0) => {}
+                        Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => {}
+                        _ => open.push(s),
+                    }
+                }
+                held = open;
+                while held.len() < 100 {
+                    match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                        Ok(s) => held.push(s),
+                        Err(_) => break,
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    let mut devices = Vec::new();
+    for (i, secret) in secrets.iter().enumerate() {
+        let name = format!("dev-{i}");
+        let c = Connect::new(Version::V4, &name, &name, secret);
+        let deadline = Instant::now() + T;
+        let conn = loop {
+            // Refused only while the share is full: retry as a device would.
+            match Conn::connect_from(port, std::net::Ipv4Addr::new(127, 0, 0, 2), &c).await {
+                Ok((conn, 0)) => break conn,
+                other => assert!(Instant::now() < deadline, "{name} kept out: {:?}", other.map(|(_, code)| code)),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        devices.push(conn);
+    }
+    let took = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    attack.await.unwrap();
+    eprintln!("30 device logins next to the idle-socket attacker in {took:?}");
+    assert!(took < Duration::from_secs(12), "30 device logins took {took:?}");
+    assert!(metric(metrics, "mqseal_connections_refused_address_total").await > 0, "the attacker was never capped");
+    assert!(site.broker.log().contains("max_pending_logins_per_address"));
+    // The logged-in devices still work.
+    let mut first = devices.remove(0);
+    first.subscribe(&[(&topic("dev-0", "cmd"), 1)]).await.unwrap();
 }
 
 /// Keep-alive 0 is legal MQTT (rumqttd refuses it); keep-alive expiry

@@ -8,10 +8,11 @@
 //! packets by hand, straight from the two specifications, and hands back
 //! what came in as header byte plus body.
 
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 /// MQTT protocol level.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -252,7 +253,18 @@ impl Conn {
     /// # Errors
     /// When the connection is refused or takes over 5 s.
     pub async fn open(port: u16, version: Version) -> Result<Conn, String> {
-        let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(("127.0.0.1", port)))
+        Conn::open_from(port, Ipv4Addr::LOCALHOST, version).await
+    }
+
+    /// Like [`Conn::open`], from the loopback alias `source` (any
+    /// 127.x.y.z on Linux): how the tests play many source addresses.
+    ///
+    /// # Errors
+    /// When the address cannot be bound, or as [`Conn::open`].
+    pub async fn open_from(port: u16, source: Ipv4Addr, version: Version) -> Result<Conn, String> {
+        let socket = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
+        socket.bind((source, 0).into()).map_err(|e| format!("bind {source}: {e}"))?;
+        let stream = tokio::time::timeout(Duration::from_secs(5), socket.connect(([127, 0, 0, 1], port).into()))
             .await
             .map_err(|_| format!("connect to 127.0.0.1:{port} timed out"))?
             .map_err(|e| format!("connect to 127.0.0.1:{port}: {e}"))?;
@@ -266,7 +278,15 @@ impl Conn {
     /// # Errors
     /// When the socket fails or no CONNACK arrives within 10 s.
     pub async fn connect(port: u16, connect: &Connect) -> Result<(Conn, u8), RecvError> {
-        let mut conn = Conn::open(port, connect.version).await.map_err(RecvError::Malformed)?;
+        Conn::connect_from(port, Ipv4Addr::LOCALHOST, connect).await
+    }
+
+    /// [`Conn::connect`] from the loopback alias `source`.
+    ///
+    /// # Errors
+    /// As [`Conn::connect`].
+    pub async fn connect_from(port: u16, source: Ipv4Addr, connect: &Connect) -> Result<(Conn, u8), RecvError> {
+        let mut conn = Conn::open_from(port, source, connect.version).await.map_err(RecvError::Malformed)?;
         conn.send(&connect.encode()).await.map_err(|_| RecvError::Closed)?;
         let p = conn.recv(Duration::from_secs(10)).await?;
         if p.kind() != 2 {
