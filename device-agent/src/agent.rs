@@ -10,8 +10,8 @@
 
 use std::collections::BTreeMap;
 
-use mqseal_proto::challenge::{ChallengeDevice, ChallengeTable, Clock, Form, Registered, ReplyTo};
-use mqseal_proto::sealed::{KeyId, ReplayCache, SealedDevice, SealedReplyTo};
+use mqseal_proto::challenge::{ChallengeDevice, ChallengeTable, Clock, Form, Registered, ReplyTo, command_msg_id};
+use mqseal_proto::sealed::{self, KeyId, ReplayCache, SealedDevice, SealedReplyTo};
 use mqseal_proto::topic::{Channel, Topic, topic};
 use mqseal_proto::{Error, Kind, MsgId, Outcome, Policy, Status, peek};
 use rand_core::CryptoRng;
@@ -21,7 +21,7 @@ use zeroize::Zeroizing;
 use crate::commands::CommandSpec;
 use crate::config::Keys;
 use crate::exec::Ran;
-use crate::state::{Journal, ReplyContext, StateError, StateFile, Stored};
+use crate::state::{Journal, ReplyContext, StateError, StateFile, Stored, challenge_key, sealed_key};
 
 /// Outstanding challenges a device keeps: enough for several controllers
 /// (and their retries) at once; a flood only evicts the oldest.
@@ -86,8 +86,8 @@ pub struct Job {
     pub name: String,
     /// Its arguments (wiped on drop).
     pub args: Zeroizing<Vec<String>>,
-    /// The journal key (SHA-256 of the envelope).
-    key: [u8; 32],
+    /// SHA-256 of the envelope, journaled with it.
+    digest: [u8; 32],
     reply: Reply,
     /// Set when the state could not be saved: do not run, answer this.
     pub refuse: Option<String>,
@@ -171,9 +171,11 @@ struct Topics {
 pub enum Restore {
     /// Load it; a damaged file is an error.
     Load,
-    /// Discard it and refuse every envelope that could have been accepted
-    /// before (a floor at `now + lifetime + skew`): the operator's way out
-    /// of a damaged state file that never reopens a replay window.
+    /// Discard it and refuse every sealed command issued before now (a
+    /// reset floor on `issued_at` at `now + skew`): the operator's way out
+    /// of a damaged state file that never reopens a replay window, and
+    /// that accepts new commands as soon as the allowed clock skew has
+    /// passed.
     Reset,
 }
 
@@ -215,10 +217,11 @@ impl Agent {
                     }
                 }
                 Restore::Reset => {
-                    // Anything accepted before expires by now + lifetime + skew.
-                    replay.raise_floor(
-                        now.unix.saturating_add(policy.max_lifetime_secs).saturating_add(policy.max_skew_secs),
-                    );
+                    // Whatever a controller issued before now carries an
+                    // issued_at below now + skew (its clock is within the
+                    // skew of ours): refused for good. Commands issued
+                    // after that pass, whatever their lifetime.
+                    replay.refuse_issued_before(now.unix.saturating_add(policy.max_skew_secs));
                     sf.save(&replay.export()?, &journal)?;
                 }
             }
@@ -274,8 +277,22 @@ impl Agent {
         if topic != self.topics.cmd.as_str() {
             return Err(Rejected(format!("publish on unexpected topic {topic}")));
         }
-        let key: [u8; 32] = Sha256::digest(payload).into();
+        let key = match kind {
+            Kind::SealedCommand => {
+                let (sender, msg_id) = sealed::command_id(payload)?;
+                sealed_key(&sender.0, &msg_id.0)
+            }
+            Kind::ChallengeCommand => challenge_key(&command_msg_id(payload)?.0),
+            other => return Err(Rejected(format!("a {other} envelope on the command topic"))),
+        };
+        let digest: [u8; 32] = Sha256::digest(payload).into();
         if let Some(entry) = self.journal.get(&key) {
+            // The same command again. Byte for byte the one accepted, it is
+            // authentic; otherwise it must prove it is (a tampered copy
+            // claiming the same identity is refused like any forgery).
+            if entry.digest != Some(digest) {
+                self.authenticate_copy(kind, payload, topic, now)?;
+            }
             return match &entry.response {
                 Some(stored) => {
                     Ok(Action::Resend(Outgoing { topic: stored.topic.clone(), payload: stored.payload.clone() }))
@@ -284,11 +301,26 @@ impl Agent {
             };
         }
         let job = match kind {
-            Kind::SealedCommand => self.open_sealed(payload, topic, now, rng, key)?,
-            Kind::ChallengeCommand => self.verify_challenge(payload, topic, now, key)?,
-            other => return Err(Rejected(format!("a {other} envelope on the command topic"))),
+            Kind::SealedCommand => self.open_sealed(payload, topic, now, rng, digest)?,
+            _ => self.verify_challenge(payload, topic, now, digest)?,
         };
         Ok(Action::Execute(self.commit(job, now)))
+    }
+
+    /// Checks a copy of a command already accepted, without its single-use
+    /// state (replay cache, challenge): `proto`'s checks, all of them but
+    /// those.
+    fn authenticate_copy(&self, kind: Kind, frame: &[u8], topic: &str, now: Now) -> Result<(), Rejected> {
+        if kind == Kind::SealedCommand {
+            let device = SealedDevice::new(&self.id, &self.keys.private, &self.keys.controllers, self.policy)?;
+            device.authenticate_copy(frame, topic, now.unix)?;
+        } else {
+            let device = ChallengeDevice::new(&self.id, &self.keys.hmac, self.policy)?;
+            let (args, clock) =
+                (hidden_args(&self.hidden), Clock { monotonic_ms: now.mono_ms, unix_secs: Some(now.unix) });
+            device.authenticate_copy(frame, topic, clock, &registry(&self.hidden, &args))?;
+        }
+        Ok(())
     }
 
     fn answer_challenge_request<R: CryptoRng + ?Sized>(
@@ -310,30 +342,29 @@ impl Agent {
         topic: &str,
         now: Now,
         rng: &mut R,
-        key: [u8; 32],
+        digest: [u8; 32],
     ) -> Result<Job, Rejected> {
         let device = SealedDevice::new(&self.id, &self.keys.private, &self.keys.controllers, self.policy)?;
         let opened = device.open_command(rng, frame, topic, now.unix, &mut self.replay)?;
         Ok(Job {
             name: opened.name.clone(),
             args: Zeroizing::new(opened.args.clone()),
-            key,
+            digest,
             reply: Reply::Sealed(opened.reply_to()),
             refuse: None,
         })
     }
 
-    fn verify_challenge(&mut self, frame: &[u8], topic: &str, now: Now, key: [u8; 32]) -> Result<Job, Rejected> {
+    fn verify_challenge(&mut self, frame: &[u8], topic: &str, now: Now, digest: [u8; 32]) -> Result<Job, Rejected> {
         let device = ChallengeDevice::new(&self.id, &self.keys.hmac, self.policy)?;
-        let args: Vec<Vec<&str>> = self.hidden.iter().map(|(_, a)| a.iter().map(String::as_str).collect()).collect();
-        let registry: Vec<Registered<'_>> =
-            self.hidden.iter().zip(&args).map(|((name, _), args)| Registered { name, args }).collect();
+        let args = hidden_args(&self.hidden);
+        let registry = registry(&self.hidden, &args);
         let clock = Clock { monotonic_ms: now.mono_ms, unix_secs: Some(now.unix) };
         let v = device.verify_command(frame, topic, clock, &mut self.challenges, &registry)?;
         Ok(Job {
             name: v.call.name.to_owned(),
             args: Zeroizing::new(v.call.args.iter().map(str::to_owned).collect()),
-            key,
+            digest,
             reply: Reply::Challenge(v.reply_to()),
             refuse: None,
         })
@@ -342,7 +373,7 @@ impl Agent {
     /// Journals the accepted command and saves state before anything runs.
     fn commit(&mut self, mut job: Job, now: Now) -> Job {
         self.journal.prune(now.unix, self.policy.max_skew_secs);
-        self.journal.begin(job.key, job.reply.expires_at(), job.reply.context());
+        self.journal.begin(job.reply.context(), job.reply.expires_at(), job.digest);
         if let Err(e) = self.save() {
             job.refuse = Some(format!("refused to execute: replay state cannot be saved ({e})"));
         }
@@ -371,7 +402,8 @@ impl Agent {
         rng: &mut R,
     ) -> Result<(Outgoing, Option<AgentError>), AgentError> {
         let out = self.respond(&job.reply, ran, now, rng)?;
-        self.journal.complete(job.key, Stored { topic: out.topic.clone(), payload: out.payload.clone() });
+        self.journal
+            .complete(job.reply.context().key(), Stored { topic: out.topic.clone(), payload: out.payload.clone() });
         Ok((out, self.save().err()))
     }
 
@@ -444,6 +476,16 @@ impl Agent {
     pub fn replay_len(&self) -> usize {
         self.replay.len()
     }
+}
+
+/// The hidden-form candidates' arguments, borrowed for [`registry`].
+fn hidden_args(hidden: &[(String, Vec<String>)]) -> Vec<Vec<&str>> {
+    hidden.iter().map(|(_, a)| a.iter().map(String::as_str).collect()).collect()
+}
+
+/// The hidden-form candidates as `proto` takes them.
+fn registry<'a>(hidden: &'a [(String, Vec<String>)], args: &'a [Vec<&'a str>]) -> Vec<Registered<'a>> {
+    hidden.iter().zip(args).map(|((name, _), args)| Registered { name, args }).collect()
 }
 
 /// Errors of the agent core.

@@ -15,9 +15,9 @@ struct Args {
     /// The agent's configuration (written by `mqseal device add`).
     #[arg(long, env = "MQSEAL_AGENT_CONFIG")]
     config: PathBuf,
-    /// Discard a damaged state file. Every command that could have been
-    /// accepted before is then refused until its lifetime has passed, so no
-    /// replay window opens.
+    /// Discard a damaged state file. Every sealed command issued before the
+    /// reset is then refused for good, so no replay window opens; commands
+    /// issued once the allowed clock skew has passed are accepted.
     #[arg(long)]
     reset_state: bool,
 }

@@ -7,11 +7,22 @@
 //!
 //! * `proto`'s sealed-mode replay cache, so a captured command republished
 //!   after a restart is still refused;
-//! * the response journal: for every command accepted, the SHA-256 of its
-//!   envelope and — once it has run — the response sent. MQTT QoS 1 may
-//!   deliver the same publish twice (the broker never saw our PUBACK); the
-//!   second delivery finds its hash here and gets the stored response again
+//! * the response journal: for every command accepted, what identifies it
+//!   and — once it has run — the response sent. MQTT QoS 1 may deliver the
+//!   same publish twice (the broker never saw our PUBACK), and a controller
+//!   may send copies of a challenge-mode command over other challenges
+//!   (docs/PROTOCOL.md §6.5); a copy finds its entry here and, once the
+//!   agent has checked that it is authentic, gets the stored response again
 //!   instead of a second execution.
+//!
+//! An entry is keyed by the command's identity, not its bytes: the signing
+//! controller's key id and the message id (sealed mode), or the message id
+//! (challenge mode: one key per device, and a copy over another challenge
+//! is the same command). Keyed by bytes, a re-encoded copy that ran first
+//! would make the genuine one look new — then refused, its sender left
+//! without an answer although the command ran (the outside attack's D4).
+//! The envelope's SHA-256 is kept too: a byte-identical copy needs no
+//! second verification.
 //!
 //! Challenge-mode commands need no replay cache — their challenge is
 //! single-use and lives only in memory, so a restart invalidates all of
@@ -30,10 +41,13 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
-/// Format version of `state.bin`: 2 added [`Entry::reply`]; version 1
-/// files are still read (their entries have no reply context).
-const VERSION: u8 = 2;
+/// Format version of `state.bin`: 2 added [`Entry::reply`], 3 keys the
+/// journal by command identity and added [`Entry::digest`]. Versions 1 and
+/// 2 are still read (version 1 entries have no reply context, so they
+/// keep their old key: they can no longer be matched, only expire).
+const VERSION: u8 = 3;
 
 /// Journal entries kept; beyond this the soonest-expiring are forgotten (a
 /// later redelivery of those then meets the replay cache, and is refused).
@@ -76,6 +90,36 @@ pub enum ReplyContext {
     },
 }
 
+impl ReplyContext {
+    /// The journal key of the command this context belongs to.
+    pub fn key(&self) -> [u8; 32] {
+        match self {
+            ReplyContext::Sealed { sender, msg_id, .. } => sealed_key(sender, msg_id),
+            ReplyContext::Challenge { msg_id, .. } => challenge_key(msg_id),
+        }
+    }
+}
+
+/// The journal key of a sealed command: its signer's key id and message id.
+pub fn sealed_key(sender: &[u8; 32], msg_id: &[u8; 16]) -> [u8; 32] {
+    key_of(b"sealed", &[sender, msg_id])
+}
+
+/// The journal key of a challenge-mode command: its message id.
+pub fn challenge_key(msg_id: &[u8; 16]) -> [u8; 32] {
+    key_of(b"challenge", &[msg_id])
+}
+
+fn key_of(mode: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"mqseal-agent journal key\0");
+    h.update(mode);
+    for p in parts {
+        h.update(p);
+    }
+    h.finalize().into()
+}
+
 /// One accepted command.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
@@ -86,6 +130,17 @@ pub struct Entry {
     pub response: Option<Stored>,
     /// What a receipt for it is bound to (`None` in version 1 files).
     pub reply: Option<ReplyContext>,
+    /// SHA-256 of the envelope that was accepted: a copy with these bytes
+    /// is authentic without a second check.
+    pub digest: Option<[u8; 32]>,
+}
+
+/// Version 2's entry (keyed by envelope hash), read for migration.
+#[derive(Deserialize)]
+struct EntryV2 {
+    expires_at: u64,
+    response: Option<Stored>,
+    reply: Option<ReplyContext>,
 }
 
 /// Version 1's entry, read for migration.
@@ -95,21 +150,24 @@ struct EntryV1 {
     response: Option<Stored>,
 }
 
-/// The response journal, keyed by SHA-256 of the command envelope.
+/// The response journal, keyed by command identity ([`sealed_key`],
+/// [`challenge_key`]).
 #[derive(Clone, Debug, Default)]
 pub struct Journal {
     entries: BTreeMap<[u8; 32], Entry>,
 }
 
 impl Journal {
-    /// The entry for an envelope hash.
+    /// The entry for a command key.
     pub fn get(&self, key: &[u8; 32]) -> Option<&Entry> {
         self.entries.get(key)
     }
 
-    /// Records that a command was accepted and is about to run.
-    pub fn begin(&mut self, key: [u8; 32], expires_at: u64, reply: ReplyContext) {
-        self.entries.insert(key, Entry { expires_at, response: None, reply: Some(reply) });
+    /// Records that a command was accepted and is about to run; `digest` is
+    /// its envelope's SHA-256.
+    pub fn begin(&mut self, reply: ReplyContext, expires_at: u64, digest: [u8; 32]) {
+        self.entries
+            .insert(reply.key(), Entry { expires_at, response: None, reply: Some(reply), digest: Some(digest) });
     }
 
     /// Commands accepted but never answered — the agent stopped while they
@@ -150,6 +208,12 @@ impl Journal {
 struct Persisted {
     replay: Vec<u8>,
     journal: Vec<([u8; 32], Entry)>,
+}
+
+#[derive(Deserialize)]
+struct PersistedV2 {
+    replay: Vec<u8>,
+    journal: Vec<([u8; 32], EntryV2)>,
 }
 
 #[derive(Deserialize)]
@@ -218,16 +282,20 @@ impl StateFile {
         let corrupt = |what: &str| StateError::Corrupt { path: path.display().to_string(), what: what.into() };
         let p: Persisted = match bytes.split_first() {
             Some((&VERSION, body)) => postcard::from_bytes(body).map_err(|_| corrupt("undecodable"))?,
+            Some((2, body)) => {
+                let v2: PersistedV2 = postcard::from_bytes(body).map_err(|_| corrupt("undecodable"))?;
+                let journal = v2.journal.into_iter().map(|(hash, e)| {
+                    let key = e.reply.map_or(hash, |r| r.key());
+                    (key, Entry { expires_at: e.expires_at, response: e.response, reply: e.reply, digest: Some(hash) })
+                });
+                Persisted { replay: v2.replay, journal: journal.collect() }
+            }
             Some((1, body)) => {
                 let v1: PersistedV1 = postcard::from_bytes(body).map_err(|_| corrupt("undecodable"))?;
-                Persisted {
-                    replay: v1.replay,
-                    journal: v1
-                        .journal
-                        .into_iter()
-                        .map(|(k, e)| (k, Entry { expires_at: e.expires_at, response: e.response, reply: None }))
-                        .collect(),
-                }
+                let journal = v1.journal.into_iter().map(|(hash, e)| {
+                    (hash, Entry { expires_at: e.expires_at, response: e.response, reply: None, digest: Some(hash) })
+                });
+                Persisted { replay: v1.replay, journal: journal.collect() }
             }
             Some(_) => return Err(corrupt("unknown format version")),
             None => return Err(corrupt("empty file")),
@@ -278,6 +346,10 @@ mod tests {
     const CTX: ReplyContext =
         ReplyContext::Challenge { msg_id: [3; 16], challenge: [4; 16], expires_at: 50, hidden: false };
 
+    fn challenge_ctx(n: u8, expires_at: u64) -> ReplyContext {
+        ReplyContext::Challenge { msg_id: [n; 16], challenge: [4; 16], expires_at, hidden: false }
+    }
+
     /// A version 1 file (written before entries kept their reply context)
     /// still loads: its unanswered entries cannot be answered, but they
     /// still stop a second execution.
@@ -297,8 +369,42 @@ mod tests {
         fs::write(dir.path().join("state.bin"), bytes).unwrap();
         let (replay, j) = sf.load().unwrap().unwrap();
         assert_eq!(replay, b"r");
-        assert_eq!(j.get(&[7; 32]), Some(&Entry { expires_at: 90, response: None, reply: None }));
+        assert_eq!(
+            j.get(&[7; 32]),
+            Some(&Entry { expires_at: 90, response: None, reply: None, digest: Some([7; 32]) })
+        );
         assert!(j.unanswered().is_empty());
+    }
+
+    /// Version 2 keyed entries by envelope hash; they move to their
+    /// command's identity, the hash becoming the digest.
+    #[test]
+    fn version_2_state_is_rekeyed_by_identity() {
+        type EntryV2 = (u64, Option<Stored>, Option<ReplyContext>);
+        #[derive(Serialize)]
+        struct V2 {
+            replay: Vec<u8>,
+            journal: Vec<([u8; 32], EntryV2)>,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let sf = StateFile::open(dir.path()).unwrap();
+        let v2 = V2 { replay: b"r".to_vec(), journal: vec![([9; 32], (50, None, Some(CTX)))] };
+        fs::write(dir.path().join("state.bin"), postcard::to_extend(&v2, vec![2u8]).unwrap()).unwrap();
+        let (_, j) = sf.load().unwrap().unwrap();
+        let entry = j.get(&challenge_key(&[3; 16])).unwrap();
+        assert_eq!((entry.reply, entry.digest), (Some(CTX), Some([9; 32])));
+        assert_eq!(j.unanswered(), vec![(challenge_key(&[3; 16]), CTX)]);
+    }
+
+    #[test]
+    fn keys_are_the_commands_identity() {
+        let sealed =
+            |sender, msg_id| ReplyContext::Sealed { sender: [sender; 32], msg_id: [msg_id; 16], expires_at: 9 }.key();
+        assert_eq!(sealed(1, 2), sealed_key(&[1; 32], &[2; 16]));
+        assert_ne!(sealed(1, 2), sealed(3, 2), "another controller's message id is another command");
+        let over = |challenge| ReplyContext::Challenge { msg_id: [2; 16], challenge, expires_at: 9, hidden: true };
+        assert_eq!(over([5; 16]).key(), over([6; 16]).key(), "a copy over another challenge is the same command");
+        assert_ne!(over([5; 16]).key(), sealed(0, 2), "modes never collide");
     }
 
     #[test]
@@ -307,19 +413,21 @@ mod tests {
         let sf = StateFile::open(&dir.path().join("s")).unwrap();
         assert!(sf.load().unwrap().is_none());
         let mut j = Journal::default();
-        j.begin([1; 32], 100, CTX);
-        j.complete([1; 32], Stored { topic: "t".into(), payload: vec![9, 9] });
-        j.begin([2; 32], 50, CTX);
+        let (one, two) = (challenge_ctx(1, 100), challenge_ctx(2, 50));
+        j.begin(one, 100, [11; 32]);
+        j.complete(one.key(), Stored { topic: "t".into(), payload: vec![9, 9] });
+        j.begin(two, 50, [12; 32]);
         sf.save(b"\x01replay", &j).unwrap();
         let (replay, back) = sf.load().unwrap().unwrap();
         assert_eq!(replay, b"\x01replay");
-        assert_eq!(back.get(&[1; 32]).unwrap().response.as_ref().unwrap().payload, vec![9, 9]);
-        assert_eq!(back.get(&[2; 32]).unwrap().response, None);
-        assert_eq!(back.unanswered(), vec![([2; 32], CTX)]);
+        assert_eq!(back.get(&one.key()).unwrap().response.as_ref().unwrap().payload, vec![9, 9]);
+        assert_eq!(back.get(&one.key()).unwrap().digest, Some([11; 32]));
+        assert_eq!(back.get(&two.key()).unwrap().response, None);
+        assert_eq!(back.unanswered(), vec![(two.key(), two)]);
         let mode = fs::metadata(dir.path().join("s/state.bin")).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
 
-        fs::write(dir.path().join("s/state.bin"), b"\x01garbage\xff\xff\xff").unwrap();
+        fs::write(dir.path().join("s/state.bin"), b"\x03garbage\xff\xff\xff").unwrap();
         assert!(sf.load().unwrap_err().to_string().contains("--reset-state"));
         fs::write(dir.path().join("s/state.bin"), b"").unwrap();
         assert!(sf.load().unwrap_err().to_string().contains("empty"));
@@ -338,17 +446,18 @@ mod tests {
     #[test]
     fn pruning_forgets_expired_then_the_soonest_expiring() {
         let mut j = Journal::default();
-        j.begin([1; 32], 10, CTX);
-        j.begin([2; 32], 100, CTX);
+        j.begin(challenge_ctx(1, 10), 10, [0; 32]);
+        j.begin(challenge_ctx(2, 100), 100, [0; 32]);
         j.prune(20, 5);
-        assert!(j.get(&[1; 32]).is_none() && j.get(&[2; 32]).is_some());
+        assert!(j.get(&challenge_ctx(1, 10).key()).is_none() && j.get(&challenge_ctx(2, 100).key()).is_some());
         for i in 0..JOURNAL_CAPACITY + 5 {
-            let mut k = [0u8; 32];
-            k[..8].copy_from_slice(&(i as u64).to_be_bytes());
-            j.begin(k, 1000 + i as u64, CTX);
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            let ctx = ReplyContext::Sealed { sender: [1; 32], msg_id: id, expires_at: 1000 + i as u64 };
+            j.begin(ctx, 1000 + i as u64, [0; 32]);
         }
         j.prune(20, 5);
         assert_eq!(j.len(), JOURNAL_CAPACITY);
-        assert!(j.get(&[2; 32]).is_none(), "the soonest-expiring went first");
+        assert!(j.get(&challenge_ctx(2, 100).key()).is_none(), "the soonest-expiring went first");
     }
 }

@@ -130,16 +130,90 @@ fn a_damaged_state_file_stops_the_agent_and_reset_closes_the_window() {
     .expect("a damaged state file must not be ignored");
     assert!(err.to_string().contains("--reset-state"), "{err}");
 
-    // --reset-state: the old command (and anything issued before the reset)
-    // is refused, even though its record is gone.
-    let mut agent = w.agent(dir.path(), Restore::Reset, T0 + 1);
-    let err = agent.handle(CMD, &frame, Now { unix: T0 + 1, mono_ms: 0 }, &mut rng()).unwrap_err();
+    // --reset-state at R: the old command (and anything issued before the
+    // reset, by a controller clock up to the 60 s skew ahead) is refused,
+    // even though its record is gone — and so it stays, also after a restart.
+    let reset = T0 + 1;
+    let mut agent = w.agent(dir.path(), Restore::Reset, reset);
+    let at = |t| Now { unix: t, mono_ms: 0 };
+    let err = agent.handle(CMD, &frame, at(reset), &mut rng()).unwrap_err();
     assert!(err.0.contains("replay window"), "{err}");
-    let fresh = w.command(T0 + 1);
-    assert!(agent.handle(CMD, &fresh, Now { unix: T0 + 1, mono_ms: 0 }, &mut rng()).is_err(), "quarantine holds");
-    let later = T0 + 1 + 661;
-    let fresh = w.command(later);
-    assert!(matches!(agent.handle(CMD, &fresh, Now { unix: later, mono_ms: 0 }, &mut rng()), Ok(Action::Execute(_))));
+    let ahead = w.command(reset + 59);
+    assert!(agent.handle(CMD, &ahead, at(reset + 2), &mut rng()).is_err(), "issued within the skew: could predate it");
+    // Issued once the skew has passed: accepted, whatever its lifetime (the
+    // outside attack's D3: refused for ~11 minutes before).
+    let fresh = w.command(reset + 60);
+    assert!(matches!(agent.handle(CMD, &fresh, at(reset + 60), &mut rng()), Ok(Action::Execute(_))));
+    drop(agent);
+    let mut agent = w.agent(dir.path(), Restore::Load, reset + 61);
+    let err = agent.handle(CMD, &w.command(reset + 30), at(reset + 61), &mut rng()).unwrap_err();
+    assert!(err.0.contains("replay window"), "the reset floor was saved: {err}");
+}
+
+/// A controller may send copies of a challenge-mode command — the same
+/// header and message id — over other challenges, when it cannot tell
+/// whether its first challenge was genuine (docs/PROTOCOL.md §6.5). The
+/// agent recognises the command by its identity, not its bytes: a copy is
+/// answered with the stored receipt and never runs, a copy while it runs
+/// gets nothing, and a copy that is not authentic is refused like any
+/// forgery. A copy re-spelt with a non-shortest varint never decodes.
+#[test]
+fn copies_of_a_command_over_other_challenges_run_nothing() {
+    use mqseal_proto::challenge::{ChallengeController, Form};
+    let w = World::new();
+    let dir = tempfile::tempdir().unwrap();
+    let now = Now { unix: T0, mono_ms: 0 };
+    let key = HmacKey::new(w.hmac);
+    let chal = ChallengeController::new("dev-1", &key).unwrap();
+    let mut agent = w.agent(dir.path(), Restore::Load, T0);
+    let challenge = |agent: &mut Agent, n: u8| {
+        let mut req = [0u8; 128];
+        let len = chal.request(MsgId([n; 16]), &mut req).unwrap();
+        let Ok(Action::Challenge(c)) = agent.handle("mqseal/v1/dev/dev-1/chal/req", &req[..len], now, &mut rng())
+        else {
+            panic!("no challenge")
+        };
+        chal.read_challenge(&c.payload, MsgId([n; 16])).unwrap().challenge
+    };
+    let t = topic("dev-1", Channel::Command).unwrap();
+    let header = Header { device: "dev-1", topic: &t, msg_id: MsgId([9; 16]), issued_at: T0, expires_at: T0 + 60 };
+    let over = |challenge: &[u8; 16], call: &Call<'_>| {
+        let mut out = vec![0u8; 1024];
+        let n = chal.command(&header, challenge, call, Form::Explicit, &mut out).unwrap();
+        out.truncate(n);
+        out
+    };
+    let ping = Call::new("ping", &[]).unwrap();
+    let (a, b, c) = (challenge(&mut agent, 1), challenge(&mut agent, 2), challenge(&mut agent, 3));
+    let Ok(Action::Execute(job)) = agent.handle(CMD, &over(&a, &ping), now, &mut rng()) else { panic!("not run") };
+    let err = agent.handle(CMD, &over(&b, &ping), now, &mut rng()).unwrap_err();
+    assert!(err.0.contains("still running"), "a copy while it runs: {err}");
+    let (receipt, _) = agent.finish(job, &ok(), now, &mut rng()).unwrap();
+    match agent.handle(CMD, &over(&b, &ping), now, &mut rng()) {
+        Ok(Action::Resend(again)) => assert_eq!(again, receipt, "the copy gets the stored receipt"),
+        other => panic!("copy over another challenge: {other:?}"),
+    }
+    // The same message id with other content, tagged with the wrong key:
+    // refused, not answered.
+    let other_key = HmacKey::new([8; 32]);
+    let mut forged = vec![0u8; 1024];
+    let n = ChallengeController::new("dev-1", &other_key)
+        .unwrap()
+        .command(&header, &c, &Call::new("echo", &["x"]).unwrap(), Form::Explicit, &mut forged)
+        .unwrap();
+    let err = agent.handle(CMD, &forged[..n], now, &mut rng()).unwrap_err();
+    assert!(err.0.contains("tag"), "{err}");
+    // And a genuine copy survives a restart (the journal is on disk).
+    drop(agent);
+    let mut agent = w.agent(dir.path(), Restore::Load, T0 + 1);
+    assert!(matches!(agent.handle(CMD, &over(&c, &ping), now, &mut rng()), Ok(Action::Resend(r)) if r == receipt));
+    // A re-spelt copy: expires_at (5 bytes) with a redundant `80 … 00` tail.
+    let mut long = over(&c, &ping);
+    let at = 2 + 1 + "dev-1".len() + 1 + t.len() + 16 + 5 + 4;
+    long[at] |= 0x80;
+    long.insert(at + 1, 0);
+    let err = agent.handle(CMD, &long, now, &mut rng()).unwrap_err();
+    assert!(err.0.contains("shortest"), "{err}");
 }
 
 /// `kill -9` in the middle of a command: after the restart the agent

@@ -170,13 +170,26 @@ impl<'a> Reader<'a> {
     }
 
     /// A varint of at most `max_bytes` bytes whose last byte is at most
-    /// `last_max`: postcard's rule for a `bits`-bit integer.
+    /// `last_max` (postcard's rule for a `bits`-bit integer), in its
+    /// shortest form.
+    ///
+    /// Shortest means a varint of more than one byte does not end in a zero
+    /// byte (`80 00` is 0 spelt long). postcard itself accepts such forms;
+    /// mqseal may not. A challenge-mode tag covers *values*, so a second
+    /// spelling of a number would be a second, equally valid envelope for
+    /// the same command — different bytes that nothing checks, which an
+    /// in-path party could use to make a device's duplicate detection miss
+    /// a copy. With one spelling per value, the bytes of a valid envelope
+    /// are fixed by what its tag or signature covers.
     fn varint(&mut self, max_bytes: u32, last_max: u8) -> Result<u64> {
         let mut out = 0u64;
         for i in 0..max_bytes {
             let b = self.byte()?;
             out |= u64::from(b & 0x7f) << (7 * i);
             if b & 0x80 == 0 {
+                if i > 0 && b == 0 {
+                    return Err(LONG_VARINT);
+                }
                 return if i == max_bytes - 1 && b > last_max { Err(BAD_VARINT) } else { Ok(out) };
             }
         }
@@ -232,6 +245,7 @@ impl<'a> Reader<'a> {
 }
 
 const BAD_VARINT: Error = Error::Malformed("bad varint");
+const LONG_VARINT: Error = Error::Malformed("varint not in its shortest form");
 
 impl<'a> Decode<'a> for &'a [u8] {
     fn read(r: &mut Reader<'a>) -> Result<Self> {
@@ -534,6 +548,28 @@ mod tests {
         assert_eq!(peek(&[1, 7]), Err(Error::UnknownKind(7)));
         let big = [1u8; MAX_FRAME + 1];
         assert_eq!(peek(&big), Err(Error::TooLarge { len: MAX_FRAME + 1, max: MAX_FRAME }));
+    }
+
+    /// One spelling per value: every varint the encoder writes decodes,
+    /// and the same value with a redundant `80 … 00` tail does not.
+    #[test]
+    fn only_shortest_varints_decode() {
+        for value in [0u64, 1, 127, 128, 300, 16_383, 16_384, 1_790_000_300, u64::from(u32::MAX), u64::MAX] {
+            let mut buf = [0u8; 16];
+            let short = postcard::to_slice(&value, &mut buf).unwrap().to_vec();
+            assert_eq!(Reader::new(&short).u64(), Ok(value), "{short:02x?}");
+            if short.len() < 10 {
+                let mut long = short.clone();
+                *long.last_mut().unwrap() |= 0x80;
+                long.push(0);
+                assert_eq!(Reader::new(&long).u64(), Err(LONG_VARINT), "{long:02x?}");
+            }
+        }
+        assert_eq!(Reader::new(&[0x80, 0x00]).u32(), Err(LONG_VARINT), "0 spelt in two bytes");
+        assert_eq!(Reader::new(&[0xac, 0x82, 0x80, 0x00]).u32(), Err(LONG_VARINT));
+        // Lengths too: "ab" with its length spelt in two bytes.
+        assert_eq!(Reader::new(&[0x82, 0x00, b'a', b'b']).str(), Err(LONG_VARINT));
+        assert_eq!(Reader::new(&[0x02, b'a', b'b']).str(), Ok("ab"));
     }
 
     #[test]

@@ -142,6 +142,10 @@ struct Outstanding {
     issued_ms: u64,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// Who receives a negative vector, in what state. Every receiver uses the
 /// default policy: 60 s skew, 600 s lifetime.
 #[derive(Serialize, Deserialize, PartialEq, Eq, Debug, Clone)]
@@ -155,6 +159,9 @@ enum Receiver {
         now: u64,
         replay_floor: u64,
         replay_seen: Vec<Seen>,
+        /// The reset floor (§8): commands issued before it are refused.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        replay_not_before: u64,
     },
     ChallengeDevice {
         device: String,
@@ -165,6 +172,9 @@ enum Receiver {
         lifetime_ms: u64,
         outstanding: Vec<Outstanding>,
         registered: Vec<CallJ>,
+        /// Message ids of commands the device verified lately (§6.1).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        executed: Vec<String>,
     },
     SealedController {
         key: String,
@@ -256,6 +266,21 @@ fn flip(frame: &[u8], at: usize, mask: u8) -> Vec<u8> {
     let mut f = frame.to_vec();
     f[at] ^= mask;
     f
+}
+
+/// `frame` with the varint starting at `at` spelt one byte longer (the same
+/// value, a redundant `80 … 00` tail): what a decoder must refuse.
+fn lengthen(frame: &[u8], at: usize) -> Vec<u8> {
+    let last = (at..frame.len()).find(|&i| frame[i] & 0x80 == 0).unwrap();
+    let mut f = frame.to_vec();
+    f[last] |= 0x80;
+    f.insert(last + 1, 0);
+    f
+}
+
+/// Where a header's `expires_at` starts, `prefix` bytes into the frame.
+fn expires_at_offset(prefix: usize, device: &str, topic: &str, issued_at: u64) -> usize {
+    prefix + 1 + device.len() + 1 + topic.len() + 16 + varint(usize::try_from(issued_at).unwrap()).len()
 }
 
 fn set_interval() -> Call<'static> {
@@ -729,6 +754,7 @@ fn sealed_device(trusted: &[&str], arrived_on: &str, now: u64, floor: u64, seen:
         now,
         replay_floor: floor,
         replay_seen: seen,
+        replay_not_before: 0,
     }
 }
 
@@ -742,6 +768,7 @@ fn challenge_device(arrived_on: &str, monotonic_ms: u64, unix_secs: Option<u64>,
         lifetime_ms: CHALLENGE_LIFETIME_MS,
         outstanding: outstanding.iter().map(|c| Outstanding { challenge: h(c), issued_ms: 0 }).collect(),
         registered: registry_j(),
+        executed: vec![],
     }
 }
 
@@ -919,6 +946,19 @@ fn negatives(keys: &Keys, out: &mut Vec<NegativeVector>, b: &Bases<'_>) {
         "beyond_replay_window",
     ));
     out.push(neg(
+        "issued-before-reset",
+        "issued before the device lost its replay state: its reset floor (replay_not_before) is above issued_at",
+        {
+            let mut r = sealed_device(&["controller-2048"], &s_cmd, at, 0, vec![]);
+            if let Receiver::SealedDevice { replay_not_before, .. } = &mut r {
+                *replay_not_before = NOW + 1;
+            }
+            r
+        },
+        b.sealed.to_vec(),
+        "beyond_replay_window",
+    ));
+    out.push(neg(
         "unknown-signer",
         "signed by a key the device does not trust",
         dev(),
@@ -1008,6 +1048,19 @@ fn negatives(keys: &Keys, out: &mut Vec<NegativeVector>, b: &Bases<'_>) {
         cdev(None),
         cmd(&ctl, chd(CHAL_DEV, &c_cmd, NOW, NOW + 300), seq(0x77), &call, Form::Explicit),
         "unknown_challenge",
+    ));
+    out.push(neg(
+        "challenge-copy-of-executed",
+        "a genuine command over an outstanding challenge, but its msg_id is one the device executed (a copy, §6.5)",
+        {
+            let mut r = cdev(None);
+            if let Receiver::ChallengeDevice { executed, .. } = &mut r {
+                executed.push(h(seq::<16>(0x20)));
+            }
+            r
+        },
+        b.explicit.to_vec(),
+        "replayed",
     ));
     out.push(neg(
         "challenge-expired-challenge",
@@ -1100,6 +1153,31 @@ fn negatives(keys: &Keys, out: &mut Vec<NegativeVector>, b: &Bases<'_>) {
     let name_at = b.explicit.len() - 32 - (2 + 1 + 1 + 1 + 7) - "set-interval".len();
     bad_utf8[name_at] = 0xff;
     out.push(neg("challenge-bad-utf8", "command name is not UTF-8", cdev(None), bad_utf8, "malformed"));
+    // One spelling per value (§3.2): the genuine commands, each with its
+    // expiry spelt one byte longer. The tags cover the values, so only the
+    // decoder can tell.
+    let expires = expires_at_offset(2, CHAL_DEV, &c_cmd, NOW);
+    out.push(neg(
+        "challenge-non-shortest-varint",
+        "the genuine explicit command with expires_at spelt in 6 bytes instead of 5",
+        cdev(None),
+        lengthen(b.explicit, expires),
+        "malformed",
+    ));
+    out.push(neg(
+        "hidden-non-shortest-varint",
+        "the genuine hidden command with expires_at spelt in 6 bytes instead of 5",
+        cdev(None),
+        lengthen(b.hidden, expires),
+        "malformed",
+    ));
+    out.push(neg(
+        "sealed-non-shortest-varint",
+        "a sealed command with expires_at spelt in 6 bytes instead of 5",
+        dev(),
+        lengthen(b.sealed, expires_at_offset(2 + 32 + 32, SEALED_DEV, &s_cmd, NOW)),
+        "malformed",
+    ));
 
     // --- controllers reading responses
     let sctl = |in_reply_to: [u8; 16], arrived_on: &str| Receiver::SealedController {
@@ -1163,6 +1241,13 @@ fn negatives(keys: &Keys, out: &mut Vec<NegativeVector>, b: &Bases<'_>) {
         "bad_tag",
     ));
     out.push(neg(
+        "challenge-response-non-shortest-varint",
+        "the genuine response with its output length spelt in 2 bytes instead of 1",
+        cctl(b.challenge, seq(0x20)),
+        lengthen(b.explicit_resp, status_at + 2),
+        "malformed",
+    ));
+    out.push(neg(
         "hidden-response-unknown",
         "hidden response matching no candidate",
         cctl(b.hidden_challenge, seq(0x21)),
@@ -1184,14 +1269,23 @@ fn frame_bytes(v: &NegativeVector) -> Vec<u8> {
 /// Runs the receiver a negative vector describes; returns what it said.
 fn run_receiver(keys: &Keys, r: &Receiver, frame: &[u8]) -> Result<(), Error> {
     match r {
-        Receiver::SealedDevice { device, key, trusted, arrived_on, now, replay_floor, replay_seen } => {
+        Receiver::SealedDevice {
+            device,
+            key,
+            trusted,
+            arrived_on,
+            now,
+            replay_floor,
+            replay_seen,
+            replay_not_before,
+        } => {
             let ring: Keyring = trusted.iter().map(|k| keys.public(k).clone()).collect();
             let d = SealedDevice::new(device, keys.private(key), &ring, Policy::default())?;
             // Build the cache through its documented persistence format.
             let entries: Vec<([u8; 32], [u8; 16], u64)> =
                 replay_seen.iter().map(|s| (arr(&s.sender_key_id), arr(&s.msg_id), s.expires_at)).collect();
-            let mut state = vec![1u8];
-            state.extend(postcard::to_allocvec(&(replay_floor, entries)).unwrap());
+            let mut state = vec![2u8];
+            state.extend(postcard::to_allocvec(&(replay_floor, replay_not_before, entries)).unwrap());
             let mut cache = ReplayCache::restore(&state, 64, Policy::default(), *now)?;
             d.open_command(&mut VectorRng::new(b"blinding"), frame, arrived_on, *now, &mut cache).map(drop)
         }
@@ -1204,11 +1298,15 @@ fn run_receiver(keys: &Keys, r: &Receiver, frame: &[u8]) -> Result<(), Error> {
             lifetime_ms,
             outstanding,
             registered,
+            executed,
         } => {
             let d = ChallengeDevice::new(device, keys.hmac(key), Policy::default())?;
             let mut table = ChallengeTable::<8>::new(*lifetime_ms);
             for o in outstanding {
                 table.issue(&mut Script::new(&unh(&o.challenge)), o.issued_ms);
+            }
+            for id in executed {
+                table.record_executed(MsgId(arr(id)));
             }
             let owned = Owned::new(registered, &[]);
             owned.with(|reg, _| {

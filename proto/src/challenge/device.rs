@@ -137,15 +137,18 @@ impl<'k> ChallengeDevice<'k> {
     /// Verifies a challenge-mode command that arrived on `arrived_on`.
     ///
     /// Order: decode → header (device, topic, times if a clock is given) →
-    /// challenge outstanding → tag (explicit: one comparison; hidden: every
-    /// registered command is tried, in constant time per candidate and
-    /// without stopping at a match) → the challenge is used up. Only a
-    /// command that passes everything consumes its challenge, so junk
-    /// published against a challenge cannot cancel the genuine command.
+    /// challenge outstanding → message id not among the last commands
+    /// verified (a copy of one over another challenge, §6.5) → tag
+    /// (explicit: one comparison; hidden: every registered command is
+    /// tried, in constant time per candidate and without stopping at a
+    /// match) → the challenge is used up and the message id remembered.
+    /// Only a command that passes everything consumes its challenge, so
+    /// junk published against a challenge cannot cancel the genuine
+    /// command.
     ///
     /// # Errors
     /// Any decoding or header error, [`Error::UnknownChallenge`],
-    /// [`Error::BadTag`].
+    /// [`Error::Replayed`], [`Error::BadTag`].
     pub fn verify_command<'a, const N: usize>(
         &self,
         frame: &'a [u8],
@@ -154,6 +157,51 @@ impl<'k> ChallengeDevice<'k> {
         table: &mut ChallengeTable<N>,
         registry: &'a [Registered<'a>],
     ) -> Result<Verified<'a>> {
+        let (verified, slot) = self.check(frame, arrived_on, clock, registry, |challenge, msg_id| {
+            let slot = table.position(challenge, clock.monotonic_ms).ok_or(Error::UnknownChallenge)?;
+            if table.executed(msg_id) {
+                return Err(Error::Replayed);
+            }
+            Ok(slot)
+        })?;
+        table.consume(slot);
+        table.record_executed(verified.header.msg_id);
+        Ok(verified)
+    }
+
+    /// Checks that `frame` is a genuine command from a holder of the key —
+    /// every check of [`verify_command`](Self::verify_command) but the
+    /// single-use ones: the challenge need not be outstanding and nothing is
+    /// consumed or remembered.
+    ///
+    /// For an agent that has already run a command with this message id
+    /// and must tell an authentic copy (a QoS 1 redelivery, a controller's
+    /// copy over another challenge) from a tampered one before it re-sends
+    /// the stored receipt. A copy is never a reason to execute anything.
+    ///
+    /// # Errors
+    /// As [`verify_command`](Self::verify_command), without
+    /// [`Error::UnknownChallenge`] and [`Error::Replayed`].
+    pub fn authenticate_copy<'a>(
+        &self,
+        frame: &'a [u8],
+        arrived_on: &str,
+        clock: Clock,
+        registry: &'a [Registered<'a>],
+    ) -> Result<Verified<'a>> {
+        self.check(frame, arrived_on, clock, registry, |_, _| Ok(())).map(|(verified, ())| verified)
+    }
+
+    /// The checks both share, with the single-use ones (`single_use`)
+    /// between the header and the tag, as §6.3 orders them.
+    fn check<'a, T>(
+        &self,
+        frame: &'a [u8],
+        arrived_on: &str,
+        clock: Clock,
+        registry: &'a [Registered<'a>],
+        single_use: impl FnOnce(&[u8; CHALLENGE_LEN], &MsgId) -> Result<T>,
+    ) -> Result<(Verified<'a>, T)> {
         let CommandBody { header, challenge, call, tag } = decode_command(frame)?;
         header.check_received(self.id, arrived_on)?;
         if let Some(call) = &call {
@@ -162,15 +210,14 @@ impl<'k> ChallengeDevice<'k> {
         if let Some(now) = clock.unix_secs {
             self.policy.check_times(header.issued_at, header.expires_at, now)?;
         }
-        let slot = table.position(&challenge, clock.monotonic_ms).ok_or(Error::UnknownChallenge)?;
+        let single = single_use(&challenge, &header.msg_id)?;
         let (form, registered) = self.check_tag(&header, &challenge, call.as_ref(), &tag, registry)?;
         let call = match (call, registered.and_then(|i| registry.get(i))) {
             (Some(call), _) => call,
             (None, Some(reg)) => Call::new(reg.name, reg.args)?,
             (None, None) => return Err(Error::BadTag),
         };
-        table.consume(slot);
-        Ok(Verified { header, challenge, form, call, registered })
+        Ok((Verified { header, challenge, form, call, registered }, single))
     }
 
     /// The tag check: explicit form compares one tag, hidden form finds the
@@ -247,6 +294,16 @@ impl<'k> ChallengeDevice<'k> {
 #[inline(never)]
 fn decode_command(frame: &[u8]) -> Result<CommandBody<'_>> {
     wire::decode(wire::body(frame, Kind::ChallengeCommand)?)
+}
+
+/// The message id of a challenge-mode command, read without checking
+/// anything else: what identifies the command whatever its bytes, for an
+/// agent's duplicate detection. Never a reason to act on the envelope.
+///
+/// # Errors
+/// Framing and decoding errors.
+pub fn command_msg_id(frame: &[u8]) -> Result<MsgId> {
+    decode_command(frame).map(|body| body.header.msg_id)
 }
 
 /// Tries every registered command against `tag` and returns the index of the

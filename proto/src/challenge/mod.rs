@@ -36,7 +36,7 @@ mod table;
 use serde::Serialize;
 
 pub use controller::{Answer, ChallengeController, Offer, Pending};
-pub use device::{ChallengeDevice, Clock, Registered, ReplyTo, Verified};
+pub use device::{ChallengeDevice, Clock, Registered, ReplyTo, Verified, command_msg_id};
 pub use mac::{Form, HmacKey};
 pub use table::ChallengeTable;
 

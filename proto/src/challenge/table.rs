@@ -2,15 +2,28 @@
 
 use rand_core::CryptoRng;
 
+use crate::MsgId;
 use crate::limits::CHALLENGE_LEN;
 
-/// A bounded set of outstanding, single-use challenges.
+/// A bounded set of outstanding, single-use challenges, and the message ids
+/// of the last commands verified against them.
 ///
 /// A plain struct with `N` slots and no allocation, so a microcontroller can
 /// keep it in a `static` or on its stack. Several slots let two controllers
 /// (or one controller and a retry) work at once; when all are taken, the
 /// oldest challenge is evicted, which bounds what a flood of challenge
 /// requests can cost the device — it can only make honest controllers retry.
+///
+/// Why the message ids: a controller that cannot tell whether its challenge
+/// was genuine (challenges are not authenticated) or still outstanding (a
+/// flood of requests may have evicted it) sends *copies* of one command —
+/// the same header and message id — tagged over other challenges it
+/// obtained (docs/PROTOCOL.md §6.5). Each copy verifies on its own, so the
+/// device must recognise the message id to run the command once: the table
+/// remembers the ids of the last `N` commands it verified and refuses
+/// another with one of them ([`Error::Replayed`](crate::Error::Replayed)).
+/// Copies are sent within seconds of each other, while `N` commands have to
+/// pass for an id to be forgotten.
 ///
 /// Time is a caller-supplied *monotonic* millisecond count (uptime, a tick
 /// counter), not wall-clock time: challenge mode needs no real-time clock. A
@@ -19,6 +32,9 @@ use crate::limits::CHALLENGE_LEN;
 #[derive(Debug, Clone)]
 pub struct ChallengeTable<const N: usize> {
     slots: [Option<Slot>; N],
+    /// Message ids of the last `N` verified commands, a ring.
+    executed: [Option<MsgId>; N],
+    next_executed: usize,
     lifetime_ms: u64,
 }
 
@@ -41,7 +57,7 @@ impl<const N: usize> ChallengeTable<N> {
     #[must_use]
     pub const fn new(lifetime_ms: u64) -> Self {
         let () = Self::NOT_EMPTY;
-        ChallengeTable { slots: [None; N], lifetime_ms }
+        ChallengeTable { slots: [None; N], executed: [None; N], next_executed: 0, lifetime_ms }
     }
 
     /// How long a challenge stays valid, in milliseconds.
@@ -83,6 +99,22 @@ impl<const N: usize> ChallengeTable<N> {
         if let Some(s) = self.slots.get_mut(index) {
             *s = None;
         }
+    }
+
+    /// Whether a command with message id `id` was verified here lately.
+    #[must_use]
+    pub fn executed(&self, id: &MsgId) -> bool {
+        self.executed.iter().any(|e| e.as_ref() == Some(id))
+    }
+
+    /// Remembers a verified command's message id, forgetting the oldest
+    /// ([`ChallengeDevice::verify_command`](super::ChallengeDevice::verify_command)
+    /// does this; a device that restores its memory calls it directly).
+    pub fn record_executed(&mut self, id: MsgId) {
+        if let Some(e) = self.executed.get_mut(self.next_executed) {
+            *e = Some(id);
+        }
+        self.next_executed = (self.next_executed + 1) % N;
     }
 
     /// Whether `challenge` is outstanding at `now_ms`.
@@ -156,6 +188,18 @@ mod tests {
         let _new = t.issue(&mut rng, 160);
         assert!(t.is_outstanding(&live, 160), "the expired slot was taken, not the live one");
         assert_eq!(t.outstanding(160), 2);
+    }
+
+    #[test]
+    fn the_last_n_message_ids_are_remembered() {
+        let mut t = ChallengeTable::<2>::new(100);
+        let id = |n| MsgId([n; 16]);
+        t.record_executed(id(1));
+        t.record_executed(id(2));
+        assert!(t.executed(&id(1)) && t.executed(&id(2)) && !t.executed(&id(3)));
+        t.record_executed(id(3));
+        assert!(!t.executed(&id(1)), "the oldest is forgotten first");
+        assert!(t.executed(&id(2)) && t.executed(&id(3)));
     }
 
     #[test]

@@ -131,12 +131,37 @@ fn parse<'a, P: Decode<'a>>(frame: &'a [u8], kind: Kind) -> Result<View<'a, P>> 
     Ok(View { prefix, aad, signed, ciphertext, signature })
 }
 
+/// The signer's key id and the message id of a sealed command, read
+/// without checking anything else: what identifies the command whatever
+/// its bytes, for an agent's duplicate detection. Never a reason to act on
+/// the envelope.
+///
+/// # Errors
+/// Framing and decoding errors.
+pub fn command_id(frame: &[u8]) -> Result<(KeyId, MsgId)> {
+    let view = parse::<CommandPrefix<'_>>(frame, Kind::SealedCommand)?;
+    Ok((view.prefix.sender, view.prefix.header.msg_id))
+}
+
 /// SHA-256 of what a signature covers.
 fn signed_digest(signed: &[u8]) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(SIGNATURE_LABEL);
     h.update(signed);
     h.finalize().into()
+}
+
+/// Checks the lengths the keys fix, then the signature.
+fn verify_signature<P>(view: &View<'_, P>, wrapped_key: &[u8], signer: &PublicKey, me: &PrivateKey) -> Result<()> {
+    // Lengths first: both are fixed by the keys, and checking them costs nothing.
+    if view.signature.len() != signer.size() {
+        return Err(Error::Malformed("signature length differs from the signer's modulus"));
+    }
+    if wrapped_key.len() != me.public().size() {
+        return Err(Error::Malformed("wrapped key length differs from the recipient's modulus"));
+    }
+    let signature = rsa::pss::Signature::try_from(view.signature).map_err(|_| Error::BadSignature)?;
+    signer.verifying().verify_prehash(&signed_digest(view.signed), &signature).map_err(|_| Error::BadSignature)
 }
 
 /// Checks the signature, then (and only then) unwraps the CEK and decrypts.
@@ -147,15 +172,7 @@ fn verify_then_decrypt<P, R: CryptoRng + ?Sized>(
     me: &PrivateKey,
     rng: &mut R,
 ) -> Result<Zeroizing<Vec<u8>>> {
-    // Lengths first: both are fixed by the keys, and checking them costs nothing.
-    if view.signature.len() != signer.size() {
-        return Err(Error::Malformed("signature length differs from the signer's modulus"));
-    }
-    if wrapped_key.len() != me.public().size() {
-        return Err(Error::Malformed("wrapped key length differs from the recipient's modulus"));
-    }
-    let signature = rsa::pss::Signature::try_from(view.signature).map_err(|_| Error::BadSignature)?;
-    signer.verifying().verify_prehash(&signed_digest(view.signed), &signature).map_err(|_| Error::BadSignature)?;
+    verify_signature(view, wrapped_key, signer, me)?;
 
     // Authenticated from here on.
     let cek = Zeroizing::new(
@@ -351,12 +368,8 @@ impl<'a> SealedDevice<'a> {
     ) -> Result<OpenedCommand> {
         let view = parse::<CommandPrefix<'_>>(frame, Kind::SealedCommand)?;
         let p = &view.prefix;
-        p.header.check_received(self.id, arrived_on)?;
-        if p.recipient != self.key.id() {
-            return Err(Error::WrongRecipient);
-        }
-        self.policy.check_times(p.header.issued_at, p.header.expires_at, now)?;
-        replay.check(&p.sender, &p.header.msg_id, p.header.expires_at)?;
+        self.check_prefix(p, arrived_on, now)?;
+        replay.check(&p.sender, &p.header.msg_id, p.header.issued_at, p.header.expires_at)?;
         let signer = self.controllers.get(&p.sender).ok_or(Error::UnknownSigner)?;
 
         let plaintext = verify_then_decrypt(&view, p.wrapped_key, signer, self.key, rng)?;
@@ -370,6 +383,37 @@ impl<'a> SealedDevice<'a> {
             name: call.name.into(),
             args: call.args.iter().map(String::from).collect(),
         })
+    }
+
+    /// Checks that `frame` is a genuine command of a trusted controller —
+    /// every check of [`open_command`](Self::open_command) up to and
+    /// including the signature, but neither the replay cache (the command
+    /// may have been accepted already) nor decryption.
+    ///
+    /// For an agent that has already accepted a command with this sender
+    /// and message id and must tell an authentic copy from a tampered one
+    /// before it re-sends the stored receipt. A copy is never a reason to
+    /// execute anything.
+    ///
+    /// # Errors
+    /// As [`open_command`](Self::open_command), without the replay and
+    /// decryption errors.
+    pub fn authenticate_copy(&self, frame: &[u8], arrived_on: &str, now: u64) -> Result<SealedReplyTo> {
+        let view = parse::<CommandPrefix<'_>>(frame, Kind::SealedCommand)?;
+        let p = &view.prefix;
+        self.check_prefix(p, arrived_on, now)?;
+        let signer = self.controllers.get(&p.sender).ok_or(Error::UnknownSigner)?;
+        verify_signature(&view, p.wrapped_key, signer, self.key)?;
+        Ok(SealedReplyTo { sender: p.sender, msg_id: p.header.msg_id, expires_at: p.header.expires_at })
+    }
+
+    /// Steps 2 and 3 of opening (docs/PROTOCOL.md §5.3): header, recipient, times.
+    fn check_prefix(&self, p: &CommandPrefix<'_>, arrived_on: &str, now: u64) -> Result<()> {
+        p.header.check_received(self.id, arrived_on)?;
+        if p.recipient != self.key.id() {
+            return Err(Error::WrongRecipient);
+        }
+        self.policy.check_times(p.header.issued_at, p.header.expires_at, now)
     }
 
     /// Seals the receipt for `to`: encrypted to the controller that signed

@@ -185,7 +185,7 @@ def negative(v: dict, keys: Keys) -> str:
                 r["device"],
                 keys.private(r["key"]),
                 [keys.public(t) for t in r["trusted"]],
-                m.ReplayCache(r["replay_floor"], seen),
+                m.ReplayCache(r["replay_floor"], seen, r.get("replay_not_before", 0)),
             )
             dev.open_command(frame, r["arrived_on"], r["now"])
         elif role == "sealed-controller":
@@ -203,6 +203,8 @@ def negative(v: dict, keys: Keys) -> str:
             )
             for o in r["outstanding"]:
                 dev.issue(bytes.fromhex(o["challenge"]), o["issued_ms"])
+            for msg_id in r.get("executed", []):
+                dev.record_executed(bytes.fromhex(msg_id))
             dev.verify_command(frame, r["arrived_on"], r["monotonic_ms"], r["unix_secs"])
         elif role == "challenge-controller":
             m.open_challenge_response(

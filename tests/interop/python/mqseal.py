@@ -135,6 +135,9 @@ class Reader:
             b = self.u8()
             out |= (b & 0x7F) << (7 * i)
             if not b & 0x80:
+                if i > 0 and b == 0:
+                    # §3.2: one spelling per value; `80 00` is 0 spelt long.
+                    raise Rejected("malformed", "varint not in its shortest form")
                 if i == max_bytes - 1 and b > last_max:
                     raise Rejected("malformed", "varint wider than its type")
                 return out
@@ -412,16 +415,18 @@ def verify_then_decrypt(view: SealedView, signer: rsa.RSAPublicKey, own: rsa.RSA
 
 
 class ReplayCache:
-    """§8, as a receiver's state: seen `(sender, msg_id)` and the floor."""
+    """§8, as a receiver's state: seen `(sender, msg_id)`, the floor, and the
+    reset floor (`not_before`, on `issued_at`)."""
 
-    def __init__(self, floor: int = 0, seen: dict[tuple[bytes, bytes], int] | None = None):
+    def __init__(self, floor: int = 0, seen: dict[tuple[bytes, bytes], int] | None = None, not_before: int = 0):
         self.floor = floor
+        self.not_before = not_before
         self.seen = dict(seen or {})
 
-    def check(self, sender: bytes, msg_id: bytes, expires_at: int) -> None:
+    def check(self, sender: bytes, msg_id: bytes, issued_at: int, expires_at: int) -> None:
         if (sender, msg_id) in self.seen:
             raise Rejected("replayed")
-        if expires_at <= self.floor:
+        if expires_at <= self.floor or issued_at < self.not_before:
             raise Rejected("beyond_replay_window")
 
     def record(self, sender: bytes, msg_id: bytes, expires_at: int) -> None:
@@ -443,7 +448,7 @@ class SealedDevice:
         if v.recipient != key_id(self.key.public_key()):
             raise Rejected("wrong_recipient")
         check_times(v.header.issued_at, v.header.expires_at, now)
-        self.replay.check(v.sender, v.header.msg_id, v.header.expires_at)
+        self.replay.check(v.sender, v.header.msg_id, v.header.issued_at, v.header.expires_at)
         signer = self.trusted.get(v.sender)
         if signer is None:
             raise Rejected("unknown_signer")
@@ -553,9 +558,15 @@ class ChallengeDevice:
         self.lifetime_ms = lifetime_ms
         self.registered = registered
         self.outstanding: list[tuple[bytes, int]] = []  # (challenge, issued_ms)
+        # §6.1: msg_ids of the last commands verified, as many as there are
+        # challenge slots (16 here); a copy of one is `replayed`.
+        self.executed: list[bytes] = []
 
     def issue(self, challenge: bytes, now_ms: int) -> None:
         self.outstanding.append((challenge, now_ms))
+
+    def record_executed(self, msg_id: bytes) -> None:
+        self.executed = (self.executed + [msg_id])[-16:]
 
     def verify_command(
         self, frame: bytes, arrived_on: str, now_ms: int, unix_secs: int | None
@@ -574,6 +585,8 @@ class ChallengeDevice:
         live = [c for c, issued in self.outstanding if now_ms < issued + self.lifetime_ms]
         if challenge not in live:
             raise Rejected("unknown_challenge")
+        if header.msg_id in self.executed:
+            raise Rejected("replayed")
         if call is not None:
             form = EXPLICIT
             if not hmac.compare_digest(tag(self.key, command_mac_input(form, challenge, header, call)), got):
@@ -590,6 +603,7 @@ class ChallengeDevice:
                 raise Rejected("bad_tag")
             call = matches[0]
         self.outstanding = [(c, i) for c, i in self.outstanding if c != challenge]
+        self.record_executed(header.msg_id)
         return header, call, form
 
 
