@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod exchange;
 pub mod provision;
 pub mod registry;
 pub mod session;

@@ -17,21 +17,26 @@
 //! broker says counts as an answer: a target is done only when its device's
 //! response verifies, and otherwise times out.
 //!
+//! What happens per target — which challenge answers which command, copies
+//! over other challenges, what verifies — is [`crate::exchange`]'s, without
+//! I/O; this module moves its envelopes and keeps its timers.
+//!
 //! # When the connection drops
 //!
 //! A broker restart loses every in-flight message and every subscription.
 //! [`Session::run`] reconnects (with backoff, within its deadline),
 //! subscribes again, and from then on re-sends each unanswered target's
-//! envelope — the *same bytes*, never a new command — every
+//! last envelope — the *same bytes*, never a new command — every
 //! [`RESEND_EVERY`] until it is answered, because the devices come back on
 //! their own schedule. Identical bytes are what make this safe: a device
 //! that already ran the command answers the copy with its stored receipt
 //! (docs/PROTOCOL.md §9.1), so nothing runs twice and nothing is lost while
-//! the command is valid. A target still waiting for its challenge asks
-//! again; one whose command was sent keeps that command (a fresh challenge
-//! and command could run a second time if the first did run).
+//! the command is valid. A challenge-mode command that stays unanswered
+//! also falls back to fresh challenges ([`crate::exchange`]), which the
+//! device's memory of message ids makes safe too.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::time::Duration;
 
@@ -40,73 +45,15 @@ use mqseal_client::rumqttc::{
     SubscribeReasonCode,
 };
 use mqseal_client::{BrokerEndpoint, rng, unix_now};
-use mqseal_proto::challenge::{Answer, ChallengeController, Form, HmacKey, Offer, Pending};
-use mqseal_proto::sealed::{PrivateKey, SealedController};
-use mqseal_proto::topic::{Channel, Topic, parse, topic};
-use mqseal_proto::{Call, Header, MsgId, Outcome, Status};
+use mqseal_proto::challenge::{ChallengeController, HmacKey, Offer};
+use mqseal_proto::sealed::PrivateKey;
+use mqseal_proto::topic::{Channel, parse, topic};
+use mqseal_proto::{Call, MsgId};
 use tokio::time::Instant;
 
+pub use crate::exchange::{DeviceResult, Mode, Reply, Request};
+use crate::exchange::{Exchange, Out, challenge_request, seal};
 use crate::registry::DeviceKeys;
-
-/// Which envelope mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// RSA: encrypted, signed both ways (the paper's design).
-    Sealed,
-    /// HMAC challenge-response (the Arduino design).
-    Challenge,
-}
-
-/// What to send.
-#[derive(Debug, Clone)]
-pub struct Request {
-    /// Command name.
-    pub name: String,
-    /// Arguments.
-    pub args: Vec<String>,
-    /// Envelope mode.
-    pub mode: Mode,
-    /// Challenge mode only: send the tag alone; the device recognises the
-    /// command among those it knows.
-    pub hidden: bool,
-    /// How long the command stays valid.
-    pub ttl: Duration,
-}
-
-impl Request {
-    /// Checks the command against the protocol's limits, so a caller can
-    /// refuse it before connecting ([`Session::run`] refuses it too).
-    ///
-    /// # Errors
-    /// The limit it breaks.
-    pub fn validate(&self) -> Result<(), mqseal_proto::Error> {
-        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        Call::new(&self.name, &args).map(|_| ())
-    }
-}
-
-/// A device's authenticated answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reply {
-    /// How the command ended.
-    pub status: Status,
-    /// Exit code (0 in hidden form).
-    pub code: i32,
-    /// Output (empty in hidden form).
-    pub output: Vec<u8>,
-}
-
-/// How one target ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DeviceResult {
-    /// The device answered, authenticated.
-    Answered(Reply),
-    /// No authenticated answer in time.
-    TimedOut,
-    /// Could not be sent (not granted, bad keys).
-    Error(String),
-}
 
 /// Why a session cannot go on.
 #[derive(Debug, thiserror::Error)]
@@ -166,26 +113,6 @@ pub struct Session {
     offers: HashMap<String, (Offer, Instant)>,
 }
 
-enum State {
-    /// Nothing sent yet.
-    Pending,
-    WantChallenge(MsgId),
-    AwaitSealed(MsgId),
-    AwaitTagged(Pending),
-    Done(DeviceResult),
-}
-
-struct Target<'k> {
-    device: String,
-    keys: &'k DeviceKeys,
-    state: State,
-    /// The last envelope sent for this target, for re-sending after the
-    /// connection was lost.
-    last: Option<(String, Vec<u8>)>,
-    /// When to re-send it (only once a reconnect happened).
-    resend_at: Option<Instant>,
-}
-
 /// Whether a prefetched challenge requested `since_request` ago, with a
 /// lifetime of `ttl_ms`, may still carry a command: only in the first half
 /// of its lifetime, counted from the request (which the device answered
@@ -201,10 +128,14 @@ const PREFETCH_WAIT: Duration = Duration::from_secs(2);
 /// How often, after a reconnect, unanswered envelopes are sent again.
 pub const RESEND_EVERY: Duration = Duration::from_secs(2);
 
-/// Queues `out` for `t` and remembers it as `t`'s last envelope.
-fn send(queue: &mut VecDeque<(String, Vec<u8>)>, t: &mut Target<'_>, out: (String, Vec<u8>)) {
-    t.last = Some(out.clone());
-    queue.push_back(out);
+/// Targets' timers, earliest first; an entry whose target has moved its
+/// timer since is skipped when it comes up.
+type Timers = BinaryHeap<Reverse<(Instant, usize)>>;
+
+fn schedule(timers: &mut Timers, t: &Exchange<'_>, i: usize) {
+    if let Some(at) = t.next_timer() {
+        timers.push(Reverse((at, i)));
+    }
 }
 
 impl Session {
@@ -314,72 +245,73 @@ impl Session {
         progress: &mut (dyn FnMut(usize, usize) + Send),
     ) -> Result<Vec<DeviceResult>, SessionError> {
         let deadline = Instant::now() + timeout;
-        let mut ts: Vec<Target<'_>> = targets
-            .iter()
-            .map(|(d, k)| Target { device: d.clone(), keys: k, state: State::Pending, last: None, resend_at: None })
-            .collect();
+        let mut ts: Vec<Exchange<'_>> = targets.iter().map(|(d, k)| Exchange::new(d, k)).collect();
         let call_args: Vec<&str> = request.args.iter().map(String::as_str).collect();
         let call = Call::new(&request.name, &call_args).map_err(SessionError::InvalidCommand)?;
-        let index: HashMap<String, usize> = ts.iter().enumerate().map(|(i, t)| (t.device.clone(), i)).collect();
+        let index: HashMap<String, usize> = ts.iter().enumerate().map(|(i, t)| (t.device().to_owned(), i)).collect();
         self.subscribe(&mut ts, request.mode, deadline).await?;
 
         let mut queue = VecDeque::new();
+        let mut timers = Timers::new();
+        let mut rng = rng();
         match request.mode {
             Mode::Challenge => {
-                for t in ts.iter_mut().filter(|t| matches!(t.state, State::Pending)) {
-                    if let Some(offer) = self.take_offer(&t.device) {
-                        if let Some(out) = command_over(t, &offer, request, &call) {
-                            send(&mut queue, t, out);
-                        }
-                        continue;
-                    }
-                    if let Some((req, _, requested)) = self.prefetching.remove(&t.device)
-                        && requested.elapsed() < PREFETCH_WAIT
-                    {
-                        // Requested ahead and still on its way: wait for it.
-                        t.state = State::WantChallenge(req);
-                        continue;
-                    }
-                    match challenge_request(&t.device, t.keys) {
-                        Ok((msg_id, topic, frame)) => {
-                            t.state = State::WantChallenge(msg_id);
-                            send(&mut queue, t, (topic, frame));
-                        }
-                        Err(e) => t.state = State::Done(DeviceResult::Error(e)),
-                    }
+                let (now, unix) = (Instant::now(), unix_now());
+                for (i, t) in ts.iter_mut().enumerate().filter(|(_, t)| t.is_pending()) {
+                    let offer = self.take_offer(t.device());
+                    // Requested ahead and still on its way: wait for it.
+                    let requested = offer
+                        .is_none()
+                        .then(|| self.prefetching.remove(t.device()))
+                        .flatten()
+                        .filter(|(_, _, requested)| requested.elapsed() < PREFETCH_WAIT)
+                        .map(|(id, _, _)| id);
+                    queue.extend(t.start_challenge(request, &call, offer, requested, now, unix, &mut rng));
+                    schedule(&mut timers, t, i);
                 }
             }
             Mode::Sealed => {
                 for (i, sealed) in self.seal_all(&ts, request, &call) {
                     if let Some(t) = ts.get_mut(i) {
-                        match sealed {
-                            Ok((msg_id, topic, frame)) => {
-                                t.state = State::AwaitSealed(msg_id);
-                                send(&mut queue, t, (topic, frame));
-                            }
-                            Err(e) => t.state = State::Done(DeviceResult::Error(e)),
-                        }
+                        queue.extend(t.start_sealed(sealed));
                     }
                 }
                 // A sealing worker that died leaves its targets unsent.
-                for t in ts.iter_mut().filter(|t| matches!(t.state, State::Pending)) {
-                    t.state = State::Done(DeviceResult::Error("sealing did not complete".into()));
+                for t in ts.iter_mut().filter(|t| t.is_pending()) {
+                    t.finish(DeviceResult::Error("sealing did not complete".into()));
                 }
             }
         }
         let total = ts.len();
-        let mut done = ts.iter().filter(|t| matches!(t.state, State::Done(_))).count();
+        let mut done = ts.iter().filter(|t| t.is_done()).count();
         progress(done, total);
 
-        // Set once the connection was lost and re-established: when the
-        // next unanswered envelope is due to be sent again.
+        // Set once the connection was lost and re-established: when each
+        // unanswered target's last envelope is due to be sent again.
+        let mut resend_at: Vec<Option<Instant>> = vec![None; ts.len()];
         let mut next_resend: Option<Instant> = None;
         while done < total {
-            if next_resend.is_some_and(|at| Instant::now() >= at) {
-                next_resend = resend_due(&mut ts, &mut queue);
+            let now = Instant::now();
+            if next_resend.is_some_and(|at| now >= at) {
+                next_resend = resend_due(&ts, &mut resend_at, &mut queue);
+            }
+            while let Some(&Reverse((at, i))) = timers.peek()
+                && at <= now
+            {
+                timers.pop();
+                if let Some(t) = ts.get_mut(i)
+                    && t.next_timer() == Some(at)
+                {
+                    queue.extend(t.on_timer(now, &mut rng));
+                    schedule(&mut timers, t, i);
+                }
             }
             self.drain(&mut queue);
-            let wake = next_resend.map_or(deadline, |at| at.min(deadline));
+            let wake = [Some(deadline), next_resend, timers.peek().map(|Reverse((at, _))| *at)]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(deadline);
             let event = match tokio::time::timeout_at(wake, self.events.poll()).await {
                 Err(_) if Instant::now() >= deadline => break,
                 Err(_) => continue,
@@ -392,11 +324,11 @@ impl Session {
                     self.subscribed.clear();
                     self.subscribe(&mut ts, request.mode, deadline).await?;
                     let now = Instant::now();
-                    for t in ts.iter_mut().filter(|t| !matches!(t.state, State::Done(_))) {
-                        t.resend_at = Some(now);
+                    for (t, at) in ts.iter().zip(resend_at.iter_mut()) {
+                        *at = (!t.is_done()).then_some(now);
                     }
                     next_resend = Some(now);
-                    done = ts.iter().filter(|t| matches!(t.state, State::Done(_))).count();
+                    done = ts.iter().filter(|t| t.is_done()).count();
                     progress(done, total);
                     continue;
                 }
@@ -409,38 +341,46 @@ impl Session {
             if channel == Channel::Challenge && self.take_prefetched(device, &p.payload) {
                 continue;
             }
-            let Some(t) = index.get(device).and_then(|&i| ts.get_mut(i)) else { continue };
-            let was_done = matches!(t.state, State::Done(_));
-            if let Some(out) = self.advance(t, channel, &p.topic, &p.payload, request, &call) {
-                // The command over a fresh challenge: after a reconnect it
-                // is re-sent like everything else.
-                if next_resend.is_some() {
-                    let at = Instant::now() + RESEND_EVERY;
-                    t.resend_at = Some(at);
-                    next_resend = next_resend.map(|n| n.min(at));
-                }
-                send(&mut queue, t, out);
+            let Some(&i) = index.get(device) else { continue };
+            let Some(t) = ts.get_mut(i) else { continue };
+            if t.is_done() {
+                continue;
             }
-            if !was_done && matches!(t.state, State::Done(_)) {
-                done += 1;
-                progress(done, total);
-                if self.prefetch
-                    && request.mode == Mode::Challenge
-                    && let Ok((req, topic, frame)) = challenge_request(&t.device, t.keys)
-                {
-                    self.prefetching.insert(t.device.clone(), (req, t.keys.hmac.clone(), Instant::now()));
-                    queue.push_back((topic, frame));
+            match channel {
+                Channel::Challenge => {
+                    if let Some(out) = t.on_challenge(&p.payload, request, &call, Instant::now()) {
+                        // A copy over a fresh challenge: after a reconnect it
+                        // is re-sent like everything else.
+                        if next_resend.is_some() {
+                            let at = Instant::now() + RESEND_EVERY;
+                            if let Some(r) = resend_at.get_mut(i) {
+                                *r = Some(at);
+                            }
+                            next_resend = next_resend.map(|n| n.min(at));
+                        }
+                        queue.push_back(out);
+                    }
+                    schedule(&mut timers, t, i);
                 }
+                Channel::Response => {
+                    if !t.on_response(&p.topic, &p.payload, &self.key) {
+                        continue;
+                    }
+                    done += 1;
+                    progress(done, total);
+                    if self.prefetch
+                        && request.mode == Mode::Challenge
+                        && let Ok((req, out)) = challenge_request(t.device(), t.keys(), &mut rng)
+                    {
+                        self.prefetching.insert(t.device().to_owned(), (req, t.keys().hmac.clone(), Instant::now()));
+                        queue.push_back(out);
+                    }
+                }
+                _ => {}
             }
         }
         self.drain(&mut queue);
-        Ok(ts
-            .into_iter()
-            .map(|t| match t.state {
-                State::Done(r) => r,
-                _ => DeviceResult::TimedOut,
-            })
-            .collect())
+        Ok(ts.into_iter().map(Exchange::into_result).collect())
     }
 
     /// After the connection dropped: reconnects with backoff until the
@@ -472,61 +412,17 @@ impl Session {
         }
     }
 
-    /// Moves one target on with a message from its device; returns what to
-    /// publish next, if anything. Messages that do not verify are ignored:
-    /// they may be another controller's, or forged, and neither ends the
-    /// wait for the genuine answer.
-    fn advance(
-        &self,
-        t: &mut Target<'_>,
-        channel: Channel,
-        arrived_on: &str,
-        payload: &[u8],
-        request: &Request,
-        call: &Call<'_>,
-    ) -> Option<(String, Vec<u8>)> {
-        match (&t.state, channel) {
-            (State::WantChallenge(req), Channel::Challenge) => {
-                let controller = ChallengeController::new(&t.device, &t.keys.hmac).ok()?;
-                let offer = controller.read_challenge(payload, *req).ok()?;
-                command_over(t, &offer, request, call)
-            }
-            (State::AwaitTagged(pending), Channel::Response) => {
-                let controller = ChallengeController::new(&t.device, &t.keys.hmac).ok()?;
-                let candidates = hidden_candidates();
-                let reply = match controller.read_response(payload, arrived_on, pending, &candidates).ok()? {
-                    Answer::Explicit(o) => Reply { status: o.status, code: o.code, output: o.output.to_vec() },
-                    Answer::Hidden(i) => Reply { status: candidates.get(i)?.status, code: 0, output: vec![] },
-                };
-                t.state = State::Done(DeviceResult::Answered(reply));
-                None
-            }
-            (State::AwaitSealed(msg_id), Channel::Response) => {
-                let opened = SealedController::new(&self.key)
-                    .open_response(&mut rng(), payload, arrived_on, &t.device, &t.keys.public, *msg_id)
-                    .ok()?;
-                t.state = State::Done(DeviceResult::Answered(Reply {
-                    status: opened.status,
-                    code: opened.code,
-                    output: opened.output.clone(),
-                }));
-                None
-            }
-            _ => None,
-        }
-    }
-
     /// Seals the command for every pending target, spread over the cores
     /// (one RSA signature each).
     #[allow(clippy::type_complexity)]
     fn seal_all(
         &self,
-        ts: &[Target<'_>],
+        ts: &[Exchange<'_>],
         request: &Request,
         call: &Call<'_>,
-    ) -> Vec<(usize, Result<(MsgId, String, Vec<u8>), String>)> {
-        let pending: Vec<(usize, &Target<'_>)> =
-            ts.iter().enumerate().filter(|(_, t)| matches!(t.state, State::Pending)).collect();
+    ) -> Vec<(usize, Result<(MsgId, Out), String>)> {
+        let pending: Vec<(usize, &Exchange<'_>)> = ts.iter().enumerate().filter(|(_, t)| t.is_pending()).collect();
+        let unix = unix_now();
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(pending.len().max(1));
         let chunk = pending.len().div_ceil(workers).max(1);
         let key = &self.key;
@@ -536,7 +432,7 @@ impl Session {
                 .map(|part| {
                     s.spawn(move || {
                         part.iter()
-                            .map(|(i, t)| (*i, seal_one(key, &t.device, t.keys, request, call)))
+                            .map(|(i, t)| (*i, seal(key, t.device(), t.keys(), request, call, unix)))
                             .collect::<Vec<_>>()
                     })
                 })
@@ -548,7 +444,7 @@ impl Session {
     /// Subscribes to the response (and challenge) topics of every target
     /// not yet covered on this connection, and marks the ones the broker
     /// refuses.
-    async fn subscribe(&mut self, ts: &mut [Target<'_>], mode: Mode, deadline: Instant) -> Result<(), SessionError> {
+    async fn subscribe(&mut self, ts: &mut [Exchange<'_>], mode: Mode, deadline: Instant) -> Result<(), SessionError> {
         let channels: &[Channel] = match mode {
             Mode::Sealed => &[Channel::Response],
             Mode::Challenge => &[Channel::Response, Channel::Challenge],
@@ -568,10 +464,10 @@ impl Session {
         let mut wanted: Vec<(String, String)> = Vec::new();
         for t in ts.iter() {
             for c in channels {
-                if let Ok(f) = topic(&t.device, *c)
+                if let Ok(f) = topic(t.device(), *c)
                     && !self.subscribed.contains(f.as_str())
                 {
-                    wanted.push((t.device.clone(), f.to_string()));
+                    wanted.push((t.device().to_owned(), f.to_string()));
                 }
             }
         }
@@ -595,8 +491,8 @@ impl Session {
                 }
             }
         }
-        for t in ts.iter_mut().filter(|t| refused.contains(&t.device)) {
-            t.state = State::Done(DeviceResult::Error("the broker refused the subscription: not granted".into()));
+        for t in ts.iter_mut().filter(|t| refused.contains(t.device())) {
+            t.finish(DeviceResult::Error("the broker refused the subscription: not granted".into()));
         }
         Ok(())
     }
@@ -714,104 +610,19 @@ impl Session {
 /// Re-queues the last envelope of every unanswered target whose re-send is
 /// due and schedules its next; returns the earliest next one (`None` once
 /// nothing is left to re-send).
-fn resend_due(ts: &mut [Target<'_>], queue: &mut VecDeque<(String, Vec<u8>)>) -> Option<Instant> {
+fn resend_due(ts: &[Exchange<'_>], resend_at: &mut [Option<Instant>], queue: &mut VecDeque<Out>) -> Option<Instant> {
     let now = Instant::now();
-    for t in ts.iter_mut() {
-        if matches!(t.state, State::Done(_)) {
-            t.resend_at = None;
-        } else if t.resend_at.is_some_and(|at| at <= now) {
-            t.resend_at = t.last.clone().map(|last| {
-                queue.push_back(last);
+    for (t, at) in ts.iter().zip(resend_at.iter_mut()) {
+        if t.is_done() {
+            *at = None;
+        } else if at.is_some_and(|due| due <= now) {
+            *at = t.last().map(|last| {
+                queue.push_back(last.clone());
                 now + RESEND_EVERY
             });
         }
     }
-    ts.iter().filter_map(|t| t.resend_at).min()
-}
-
-/// Tags the command over a challenge the device offered and moves the
-/// target on to waiting for its answer.
-fn command_over(t: &mut Target<'_>, offer: &Offer, request: &Request, call: &Call<'_>) -> Option<(String, Vec<u8>)> {
-    let controller = ChallengeController::new(&t.device, &t.keys.hmac).ok()?;
-    let fresh = Fresh::new(&t.device, request.ttl).ok()?;
-    let form = if request.hidden { Form::Hidden } else { Form::Explicit };
-    // Name, arguments and header fit in 8 KiB by the protocol's limits.
-    let mut out = vec![0u8; 8192];
-    match controller.command(&fresh.header(&t.device), &offer.challenge, call, form, &mut out) {
-        Ok(n) => {
-            out.truncate(n);
-            t.state = State::AwaitTagged(Pending { challenge: offer.challenge, msg_id: fresh.msg_id });
-            Some((fresh.topic.to_string(), out))
-        }
-        Err(e) => {
-            t.state = State::Done(DeviceResult::Error(format!("building the command: {e}")));
-            None
-        }
-    }
-}
-
-/// The outcomes a hidden-form answer can confirm: a status, nothing else.
-fn hidden_candidates() -> [Outcome<'static>; 5] {
-    [Status::Ok, Status::Failed, Status::TimedOut, Status::UnknownCommand, Status::BadArguments].map(|status| Outcome {
-        status,
-        code: 0,
-        output: &[],
-    })
-}
-
-fn challenge_request(device: &str, keys: &DeviceKeys) -> Result<(MsgId, String, Vec<u8>), String> {
-    let controller = ChallengeController::new(device, &keys.hmac).map_err(|e| e.to_string())?;
-    let msg_id = MsgId::random(&mut rng());
-    let mut out = [0u8; 128];
-    let n = controller.request(msg_id, &mut out).map_err(|e| e.to_string())?;
-    let frame = out.get(..n).ok_or("challenge request too long")?.to_vec();
-    let t = topic(device, Channel::ChallengeRequest).map_err(|e| e.to_string())?;
-    Ok((msg_id, t.to_string(), frame))
-}
-
-fn seal_one(
-    key: &PrivateKey,
-    device: &str,
-    keys: &DeviceKeys,
-    request: &Request,
-    call: &Call<'_>,
-) -> Result<(MsgId, String, Vec<u8>), String> {
-    let fresh = Fresh::new(device, request.ttl).map_err(|e| e.to_string())?;
-    let frame = SealedController::new(key)
-        .seal_command(&mut rng(), &keys.public, &fresh.header(device), call)
-        .map_err(|e| format!("sealing: {e}"))?;
-    Ok((fresh.msg_id, fresh.topic.to_string(), frame))
-}
-
-/// What every new command carries: a fresh message id, a validity window
-/// starting now, and the device's command topic.
-struct Fresh {
-    topic: Topic,
-    msg_id: MsgId,
-    issued_at: u64,
-    expires_at: u64,
-}
-
-impl Fresh {
-    fn new(device: &str, ttl: Duration) -> mqseal_proto::Result<Fresh> {
-        let now = unix_now();
-        Ok(Fresh {
-            topic: topic(device, Channel::Command)?,
-            msg_id: MsgId::random(&mut rng()),
-            issued_at: now,
-            expires_at: now.saturating_add(ttl.as_secs()),
-        })
-    }
-
-    fn header<'a>(&'a self, device: &'a str) -> Header<'a> {
-        Header {
-            device,
-            topic: &self.topic,
-            msg_id: self.msg_id,
-            issued_at: self.issued_at,
-            expires_at: self.expires_at,
-        }
-    }
+    resend_at.iter().flatten().min().copied()
 }
 
 fn connection_error(address: &str, e: ConnectionError) -> SessionError {

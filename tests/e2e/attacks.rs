@@ -260,12 +260,9 @@ async fn forged_stale_and_malformed_commands_are_refused_by_the_agent() {
     site.add_device("a-2", &[]).await;
     site.add_mark_command("a-1");
     let mut agent = site.agent("a-1").await;
-    let controller =
-        PrivateKey::from_pkcs8_pem(&std::fs::read_to_string(site.dir.join("controller.key.pem")).unwrap()).unwrap();
-    let registry: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(site.dir.join("ctl/devices.json")).unwrap()).unwrap();
-    let public = |d: &str| PublicKey::from_pem(registry[d]["public_key"].as_str().unwrap()).unwrap();
-    let hmac = |d: &str| HmacKey::from_slice(&hex::decode(registry[d]["hmac_key"].as_str().unwrap()).unwrap()).unwrap();
+    let controller = site.controller_key();
+    let public = |d: &str| site.device_keys(d).public;
+    let hmac = |d: &str| site.device_keys(d).hmac;
     let mark = Call::new("mark", &[]).unwrap();
     let now = unix_now();
     let sealed = |signer: &PrivateKey, to: &str, issued: u64, expires: u64| {
@@ -504,4 +501,198 @@ fn device_password(site: &Site, id: &str) -> String {
     let bundle = site.bundle(id);
     let config = AgentConfig::load(&bundle).unwrap();
     config.broker.password(bundle.parent().unwrap()).unwrap().as_str().to_owned()
+}
+
+/// The message id of a challenge request (its last 16 bytes).
+fn request_id(payload: &[u8]) -> [u8; 16] {
+    payload[payload.len() - 16..].try_into().unwrap()
+}
+
+/// A challenge for `device` answering request `id` that the device never
+/// issued: what a malicious broker (or its admin) can publish.
+fn forged_challenge(device: &str, id: [u8; 16]) -> Vec<u8> {
+    let mut out = vec![1u8, 4, u8::try_from(device.len()).unwrap()];
+    out.extend(device.as_bytes());
+    out.extend(id);
+    out.extend([0x5a; 16]);
+    out.extend([0xb0, 0xea, 0x01]); // ttl_ms 30,000
+    out
+}
+
+/// The outside attack's I4. A forged challenge answering the controller's
+/// request, arriving before the genuine one, was taken and the command
+/// failed (exit 4); so did a command whose challenge another controller
+/// granted the same device pushed out of the device's 16-slot table. The
+/// agent is paused (SIGSTOP) so that the forgery, or the flood, is in
+/// front of its own answer. Now the controller sends a copy of the command
+/// over the genuine challenge too, or falls back to a fresh one: each time
+/// `mqseal send` succeeds, the copy over the bad challenge is refused by
+/// the agent, and the command runs once.
+#[tokio::test]
+async fn forged_or_evicted_challenges_cost_a_copy_not_the_command() {
+    let site = Site::start(Store::File).await;
+    site.add_device("i-1", &[]).await;
+    site.add_mark_command("i-1");
+    std::fs::write(site.dir.join("ctl2.pw"), "second-controller-pw\n").unwrap();
+    site.ok(&["user", "add", "ctl-2", "--grant", "i-1", "--password-file", "ctl2.pw"]).await;
+    let agent = site.agent("i-1").await;
+    let mut watch = attacker(&site, "watch").await;
+    watch.subscribe(&[(&topic("i-1", "chal/req"), 1), (&topic("i-1", "chal"), 1)]).await.unwrap();
+    let next_on = async |watch: &mut Conn, t: &str| loop {
+        let m = watch.next_message(10 * SECOND).await.unwrap();
+        if m.topic == t {
+            break m;
+        }
+    };
+
+    // A forged challenge first.
+    let mut forger = attacker(&site, "forger").await;
+    agent.pause();
+    let started = Instant::now();
+    let send = site.spawn_mqseal(&["send", "i-1", "mark", "--mode", "challenge"]);
+    let request = next_on(&mut watch, &topic("i-1", "chal/req")).await;
+    forger
+        .publish(&topic("i-1", "chal"), &forged_challenge("i-1", request_id(&request.payload)), 1, false)
+        .await
+        .unwrap();
+    next_on(&mut watch, &topic("i-1", "chal")).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    agent.resume();
+    let out = send.await.unwrap();
+    assert_eq!(out.code, 0, "forged challenge first: {out:?}\n{}", agent.text());
+    assert_eq!(site.marks("i-1"), 1);
+    assert_eq!(agent.count("challenge is unknown"), 1, "the copy over the forgery was refused:\n{}", agent.text());
+    eprintln!("forged challenge first: answered in {:?}", started.elapsed());
+
+    // Another controller's flood of requests evicts the challenge.
+    let mut flood =
+        Conn::connected(site.broker.port(), &Connect::new(Version::V5, "ctl-2-flood", "ctl-2", "second-controller-pw"))
+            .await;
+    let keys = site.device_keys("i-1");
+    let flooder = ChallengeController::new("i-1", &keys.hmac).unwrap();
+    agent.pause();
+    let started = Instant::now();
+    let send = site.spawn_mqseal(&["send", "i-1", "mark", "--mode", "challenge"]);
+    next_on(&mut watch, &topic("i-1", "chal/req")).await;
+    for _ in 0..16 {
+        let mut out = [0u8; 128];
+        let n = flooder.request(MsgId::random(&mut rng()), &mut out).unwrap();
+        flood.publish(&topic("i-1", "chal/req"), &out[..n], 1, false).await.unwrap();
+    }
+    agent.resume();
+    let out = send.await.unwrap();
+    assert_eq!(out.code, 0, "evicted challenge: {out:?}\n{}", agent.text());
+    assert_eq!(site.marks("i-1"), 2, "ran once more");
+    assert_eq!(agent.count("challenge is unknown"), 2, "the copy over the evicted challenge was refused");
+    let took = started.elapsed();
+    eprintln!("evicted challenge: answered in {took:?} (fallback after 3 s)");
+    assert!(took >= 3 * SECOND, "answered before any fallback: was the challenge evicted? {took:?}");
+}
+
+/// The outside attack's D4: a genuine, undelivered challenge command with
+/// `expires_at` re-spelt as a non-shortest varint was accepted and run, and
+/// the controller's re-send of the original then got no answer. Now every
+/// re-spelt copy — challenge or sealed, before or after the genuine one
+/// ran — is refused with the reason, the genuine command runs once, and its
+/// re-send gets the stored receipt.
+#[tokio::test]
+async fn re_spelt_commands_are_refused_and_the_genuine_one_is_answered() {
+    let site = Site::start(Store::File).await;
+    site.add_device("d-1", &[]).await;
+    site.add_mark_command("d-1");
+    let agent = site.agent("d-1").await;
+    let keys = site.device_keys("d-1");
+    let (key, device_key, controller) = (keys.hmac, keys.public, site.controller_key());
+    let mut conn = attacker(&site, "attacker").await;
+    let mut watch = attacker(&site, "watch").await;
+    watch.subscribe(&[(&topic("d-1", "chal"), 1), (&topic("d-1", "resp"), 1)]).await.unwrap();
+    let cmd = topic("d-1", "cmd");
+    let now = unix_now();
+    let header = |msg_id| Header { device: "d-1", topic: &cmd, msg_id, issued_at: now, expires_at: now + 60 };
+    let mark = Call::new("mark", &[]).unwrap();
+    // expires_at is the header's second 5-byte varint, `prefix` bytes in.
+    let re_spelt = |frame: &[u8], prefix: usize| {
+        let at = prefix + 1 + "d-1".len() + 1 + cmd.len() + 16 + 5 + 4;
+        let mut f = frame.to_vec();
+        f[at] |= 0x80;
+        f.insert(at + 1, 0);
+        f
+    };
+    // A genuine challenge command over a live challenge.
+    let c = ChallengeController::new("d-1", &key).unwrap();
+    let req_id = MsgId::random(&mut rng());
+    let mut out = [0u8; 128];
+    let n = c.request(req_id, &mut out).unwrap();
+    conn.publish(&topic("d-1", "chal/req"), &out[..n], 1, false).await.unwrap();
+    let offer = c.read_challenge(&watch.next_message(10 * SECOND).await.unwrap().payload, req_id).unwrap();
+    let mut challenge_cmd = vec![0u8; 1024];
+    let n = c
+        .command(&header(MsgId::random(&mut rng())), &offer.challenge, &mark, Form::Explicit, &mut challenge_cmd)
+        .unwrap();
+    challenge_cmd.truncate(n);
+    let sealed_cmd = SealedController::new(&controller)
+        .seal_command(&mut rng(), &device_key, &header(MsgId::random(&mut rng())), &mark)
+        .unwrap();
+
+    for (what, genuine, prefix) in [("challenge", &challenge_cmd, 2), ("sealed", &sealed_cmd, 2 + 32 + 32)] {
+        let before = agent.count("rejected:");
+        let long = re_spelt(genuine, prefix);
+        conn.publish(&cmd, &long, 1, false).await.unwrap();
+        let reasons = rejected(&agent, before, 1).await;
+        assert!(reasons[0].contains("shortest form"), "{what}: {reasons:?}");
+        conn.publish(&cmd, genuine, 1, false).await.unwrap();
+        let receipt = watch.next_message(10 * SECOND).await.unwrap().payload;
+        // After it ran: the re-spelt copy is still refused, the genuine
+        // one's re-send is answered with the same receipt.
+        conn.publish(&cmd, &long, 1, false).await.unwrap();
+        let reasons = rejected(&agent, before + 1, 1).await;
+        assert!(reasons[0].contains("shortest form"), "{what}: {reasons:?}");
+        conn.publish(&cmd, genuine, 1, false).await.unwrap();
+        assert_eq!(watch.next_message(10 * SECOND).await.unwrap().payload, receipt, "{what}: the stored receipt");
+    }
+    assert_eq!(site.marks("d-1"), 2, "each genuine command ran once, no re-spelt one ran");
+}
+
+/// The outside attack's D3: sealed commands issued 2–14 s after
+/// `mqseal-agent --reset-state` were refused (the floor sat at now +
+/// lifetime + skew, ~11 minutes). Now a reset refuses everything issued
+/// before it — a command captured before the reset, replayed after, never
+/// runs — and accepts commands issued once the allowed clock skew has
+/// passed, whatever their lifetime (here the skew is set to 2 s; the
+/// default is 60 s).
+#[tokio::test]
+async fn reset_state_refuses_the_past_and_accepts_new_sealed_commands() {
+    let site = Site::start(Store::File).await;
+    let bundle = site.add_device("z-1", &[]).await;
+    site.add_mark_command("z-1");
+    let text = std::fs::read_to_string(&bundle).unwrap();
+    assert!(text.contains("max_skew_secs = 60"), "{text}");
+    std::fs::write(&bundle, text.replace("max_skew_secs = 60", "max_skew_secs = 2")).unwrap();
+    let agent = site.agent("z-1").await;
+    // A command issued before the reset, held back by an attacker.
+    let (device_key, controller) = (site.device_keys("z-1").public, site.controller_key());
+    let cmd = topic("z-1", "cmd");
+    let now = unix_now();
+    let h =
+        Header { device: "z-1", topic: &cmd, msg_id: MsgId::random(&mut rng()), issued_at: now, expires_at: now + 600 };
+    let held_back = SealedController::new(&controller)
+        .seal_command(&mut rng(), &device_key, &h, &Call::new("mark", &[]).unwrap())
+        .unwrap();
+    // The operator's way out of a damaged state file: start over.
+    agent.stop().await;
+    let reset_at = Instant::now();
+    let agent = site.agent_with("z-1", &["--reset-state"]).await;
+    let mut conn = attacker(&site, "attacker").await;
+    let before = agent.count("rejected:");
+    conn.publish(&cmd, &held_back, 1, false).await.unwrap();
+    let reasons = rejected(&agent, before, 1).await;
+    assert!(reasons[0].contains("replay window"), "{reasons:?}");
+    // Once the skew has passed: accepted, short-lived and long-lived alike.
+    tokio::time::sleep((reset_at + 3 * SECOND).saturating_duration_since(Instant::now())).await;
+    for ttl in ["60s", "600s"] {
+        let out = site.mqseal(&["send", "z-1", "mark", "--mode", "sealed", "--ttl", ttl]).await;
+        assert_eq!(out.code, 0, "--ttl {ttl} after the reset: {out:?}\n{}", agent.text());
+    }
+    assert_eq!(site.marks("z-1"), 2, "the held-back command never ran");
+    eprintln!("sealed commands accepted {:?} after --reset-state", reset_at.elapsed());
 }

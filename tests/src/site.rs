@@ -192,6 +192,29 @@ impl Site {
         self.dir.join("ctl/agents").join(format!("{id}.toml"))
     }
 
+    /// The keys the controller holds for device `id` (its public key and
+    /// HMAC key), from the CLI's registry: what a test playing the
+    /// controller signs and tags with.
+    ///
+    /// # Panics
+    /// When the registry or the device is missing.
+    #[must_use]
+    pub fn device_keys(&self, id: &str) -> mqseal_controller::registry::DeviceKeys {
+        let registry = mqseal_controller::registry::Registry::open(&self.dir.join("ctl"))
+            .unwrap_or_else(|e| panic!("registry: {e}"));
+        registry.keys(id).unwrap_or_else(|e| panic!("{id}: {e}"))
+    }
+
+    /// The controller's private key (`controller.key.pem`, made by `keygen`).
+    ///
+    /// # Panics
+    /// When it is missing or does not parse.
+    #[must_use]
+    pub fn controller_key(&self) -> mqseal_proto::sealed::PrivateKey {
+        let pem = std::fs::read_to_string(self.dir.join("controller.key.pem")).unwrap_or_else(|e| panic!("{e}"));
+        mqseal_proto::sealed::PrivateKey::from_pkcs8_pem(&pem).unwrap_or_else(|e| panic!("controller.key.pem: {e}"))
+    }
+
     /// Appends TOML to a device's bundle (extra `[commands.*]` tables).
     ///
     /// # Panics
@@ -239,7 +262,12 @@ impl Site {
     /// # Panics
     /// When it exits or does not connect in time.
     pub async fn agent(&self, id: &str) -> AgentProc {
-        start_agent(&self.bundle(id), &self.dir.join(format!("agent-{id}.log"))).await
+        self.agent_with(id, &[]).await
+    }
+
+    /// Starts the agent of `id` with extra arguments (`--reset-state`).
+    pub async fn agent_with(&self, id: &str, args: &[&str]) -> AgentProc {
+        start_agent_with(&self.bundle(id), &self.dir.join(format!("agent-{id}.log")), args).await
     }
 
     /// Publishes `payload` to `topic` as the admin, with mosquitto_pub
@@ -325,6 +353,14 @@ pub async fn mqseal_in(dir: &Path, config: &Path, args: &[&str]) -> Output {
 /// # Panics
 /// When it exits or does not connect in time.
 pub async fn start_agent(bundle: &Path, log: &Path) -> AgentProc {
+    start_agent_with(bundle, log, &[]).await
+}
+
+/// [`start_agent`] with extra arguments.
+///
+/// # Panics
+/// When it exits or does not connect in time.
+pub async fn start_agent_with(bundle: &Path, log: &Path, args: &[&str]) -> AgentProc {
     // Counted before the start: a fast agent logs "connected" before
     // this function could look.
     let before =
@@ -337,6 +373,7 @@ pub async fn start_agent(bundle: &Path, log: &Path) -> AgentProc {
     let child = Command::new(workspace_bin("mqseal-agent"))
         .arg("--config")
         .arg(bundle)
+        .args(args)
         .env("MQSEAL_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -428,6 +465,24 @@ impl AgentProc {
             .await
             .unwrap_or_else(|_| panic!("agent did not die on SIGKILL"))
             .unwrap_or_else(|e| panic!("wait: {e}"));
+    }
+
+    /// Freezes it (SIGSTOP): what it is sent queues up at the broker, in
+    /// order, and it handles all of it on [`resume`](Self::resume). How a
+    /// test puts messages in front of the device's own answer.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets it run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.id().unwrap_or_else(|| panic!("agent already exited"));
+        let ok = std::process::Command::new("kill").args([sig, &pid.to_string()]).status().is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {pid} failed");
     }
 
     /// Whether it is still running.

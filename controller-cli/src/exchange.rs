@@ -1,0 +1,601 @@
+//! One target's exchange with its device, without the network.
+//!
+//! An [`Exchange`] is what the controller knows about one device while a
+//! command is out: what it has sent, what would answer it, and when to try
+//! again. Messages from the device and the passing of time go in
+//! ([`Exchange::on_challenge`], [`Exchange::on_response`],
+//! [`Exchange::on_timer`]), envelopes to publish come out — the same shape
+//! as `proto` and the agent's core, so the rules below are unit-tested
+//! here and the I/O loop in [`crate::session`] only moves bytes.
+//!
+//! # Challenge mode: copies
+//!
+//! A challenge is not authenticated and a device's table is shared by every
+//! controller that may ask, so the challenge a command is tagged over can
+//! be forged (a malicious broker answers the request first) or gone (another
+//! controller's flood of requests evicted it). The command over it is then
+//! refused, silently. Instead of failing, the exchange sends *copies* of the
+//! command — the same header, message id and call, tagged over another
+//! challenge (docs/PROTOCOL.md §6.5):
+//!
+//! * over every further challenge that answers one of its requests, as it
+//!   arrives: the genuine challenge that came after a forged one;
+//! * over the answer to a fresh request, when no response came within
+//!   [`FALLBACK_AFTER`] (then twice that, and so on): the challenge that was
+//!   evicted, or a request or challenge the broker lost.
+//!
+//! Copies are safe because the device refuses a message id it has run
+//! (§6.1): at most one copy executes. Its response is tagged over that
+//! copy's challenge, so a response is checked against every challenge
+//! used. At most [`MAX_COPIES`] copies and as many requests per command.
+
+use std::time::Duration;
+
+use mqseal_proto::challenge::{Answer, ChallengeController, Form, Offer, Pending};
+use mqseal_proto::sealed::{PrivateKey, SealedController};
+use mqseal_proto::topic::{Channel, Topic, topic};
+use mqseal_proto::{Call, Header, MsgId, Outcome, Status};
+use rand_core::CryptoRng;
+use tokio::time::Instant;
+
+use crate::registry::DeviceKeys;
+
+/// Which envelope mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// RSA: encrypted, signed both ways (the paper's design).
+    Sealed,
+    /// HMAC challenge-response (the Arduino design).
+    Challenge,
+}
+
+/// What to send.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Command name.
+    pub name: String,
+    /// Arguments.
+    pub args: Vec<String>,
+    /// Envelope mode.
+    pub mode: Mode,
+    /// Challenge mode only: send the tag alone; the device recognises the
+    /// command among those it knows.
+    pub hidden: bool,
+    /// How long the command stays valid.
+    pub ttl: Duration,
+}
+
+impl Request {
+    /// Checks the command against the protocol's limits, so a caller can
+    /// refuse it before connecting ([`crate::session::Session::run`]
+    /// refuses it too).
+    ///
+    /// # Errors
+    /// The limit it breaks.
+    pub fn validate(&self) -> Result<(), mqseal_proto::Error> {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        Call::new(&self.name, &args).map(|_| ())
+    }
+}
+
+/// A device's authenticated answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// How the command ended.
+    pub status: Status,
+    /// Exit code (0 in hidden form).
+    pub code: i32,
+    /// Output (empty in hidden form).
+    pub output: Vec<u8>,
+}
+
+/// How one target ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceResult {
+    /// The device answered, authenticated.
+    Answered(Reply),
+    /// No authenticated answer in time.
+    TimedOut,
+    /// Could not be sent (not granted, bad keys).
+    Error(String),
+}
+
+/// An envelope to publish (QoS 1): topic and bytes.
+pub type Out = (String, Vec<u8>);
+
+/// Copies of one command (and challenge requests for it) at most.
+pub const MAX_COPIES: usize = 8;
+
+/// No response this long after the last copy was sent (or the first
+/// request, if no challenge came): ask for another challenge. Doubles each
+/// time. Long enough that a device answering normally (milliseconds) never
+/// sees a copy; short enough that an operator's 10 s wait survives one lost
+/// or evicted challenge.
+pub const FALLBACK_AFTER: Duration = Duration::from_secs(3);
+
+/// Where one target stands.
+enum State {
+    /// Nothing sent yet.
+    Pending,
+    /// Challenge mode: the command waits for a challenge, or is out over
+    /// one or more.
+    Challenge(Box<Copies>),
+    /// Sealed mode: the command is out.
+    Sealed(MsgId),
+    /// Answered, or given up.
+    Done(DeviceResult),
+}
+
+/// A challenge-mode command and its copies.
+struct Copies {
+    /// The command's fixed fields: every copy carries them.
+    fresh: Fresh,
+    /// Challenge requests sent for it; a challenge answering any of them
+    /// gets a copy.
+    requests: Vec<MsgId>,
+    /// Challenges a copy was tagged over; a response may be tagged over any.
+    used: Vec<[u8; 16]>,
+    /// When to ask for another challenge if nothing answered, and the wait
+    /// after that.
+    fallback_at: Instant,
+    fallback_every: Duration,
+}
+
+/// One target's exchange.
+pub struct Exchange<'k> {
+    device: String,
+    keys: &'k DeviceKeys,
+    state: State,
+    /// The last envelope sent, for re-sending after the connection was lost.
+    last: Option<Out>,
+}
+
+impl<'k> Exchange<'k> {
+    /// An exchange with `device` that has sent nothing yet.
+    pub fn new(device: &str, keys: &'k DeviceKeys) -> Exchange<'k> {
+        Exchange { device: device.to_owned(), keys, state: State::Pending, last: None }
+    }
+
+    /// The device.
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+
+    /// The device's keys.
+    pub fn keys(&self) -> &'k DeviceKeys {
+        self.keys
+    }
+
+    /// Whether nothing has been sent yet.
+    pub fn is_pending(&self) -> bool {
+        matches!(self.state, State::Pending)
+    }
+
+    /// Whether it has ended.
+    pub fn is_done(&self) -> bool {
+        matches!(self.state, State::Done(_))
+    }
+
+    /// How it ended: [`DeviceResult::TimedOut`] if it has not.
+    pub fn into_result(self) -> DeviceResult {
+        match self.state {
+            State::Done(r) => r,
+            _ => DeviceResult::TimedOut,
+        }
+    }
+
+    /// Ends it with `result`.
+    pub fn finish(&mut self, result: DeviceResult) {
+        self.state = State::Done(result);
+    }
+
+    /// The last envelope sent, to send again after a reconnect: the same
+    /// bytes, never a new command.
+    pub fn last(&self) -> Option<&Out> {
+        self.last.as_ref().filter(|_| !self.is_done())
+    }
+
+    /// When [`on_timer`](Self::on_timer) has something to do.
+    pub fn next_timer(&self) -> Option<Instant> {
+        match &self.state {
+            State::Challenge(c) if c.requests.len() < MAX_COPIES && c.used.len() < MAX_COPIES => Some(c.fallback_at),
+            _ => None,
+        }
+    }
+
+    /// Starts a challenge-mode command: over `offer` (a challenge already
+    /// in hand) if there is one, else with a request for a challenge —
+    /// unless `requested` names one already on its way.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_challenge<R: CryptoRng + ?Sized>(
+        &mut self,
+        request: &Request,
+        call: &Call<'_>,
+        offer: Option<Offer>,
+        requested: Option<MsgId>,
+        now: Instant,
+        unix: u64,
+        rng: &mut R,
+    ) -> Option<Out> {
+        let fresh = match Fresh::new(&self.device, request.ttl, unix, rng) {
+            Ok(f) => f,
+            Err(e) => return self.fail(format!("building the command: {e}")),
+        };
+        let mut copies = Copies {
+            fresh,
+            requests: Vec::new(),
+            used: Vec::new(),
+            fallback_at: now + FALLBACK_AFTER,
+            fallback_every: FALLBACK_AFTER,
+        };
+        let out = match (offer, requested) {
+            (Some(offer), _) => copies.copy_over(&self.device, self.keys, &offer.challenge, request, call).map(Some),
+            (None, Some(id)) => {
+                copies.requests.push(id);
+                Ok(None)
+            }
+            (None, None) => copies.request(&self.device, self.keys, rng).map(Some),
+        };
+        self.state = State::Challenge(Box::new(copies));
+        self.sent(out)
+    }
+
+    /// Starts a sealed-mode command with the envelope `sealed` built for
+    /// it (by [`seal`], on a worker thread).
+    pub fn start_sealed(&mut self, sealed: Result<(MsgId, Out), String>) -> Option<Out> {
+        let out = sealed.map(|(msg_id, out)| {
+            self.state = State::Sealed(msg_id);
+            Some(out)
+        });
+        self.sent(out)
+    }
+
+    /// A challenge from the device: a copy over it, if it answers one of
+    /// this command's requests and is new.
+    pub fn on_challenge(&mut self, payload: &[u8], request: &Request, call: &Call<'_>, now: Instant) -> Option<Out> {
+        let State::Challenge(copies) = &mut self.state else { return None };
+        if copies.used.len() >= MAX_COPIES {
+            return None;
+        }
+        let controller = ChallengeController::new(&self.device, &self.keys.hmac).ok()?;
+        let offer = copies.requests.iter().find_map(|id| controller.read_challenge(payload, *id).ok())?;
+        if copies.used.contains(&offer.challenge) {
+            return None;
+        }
+        let out = copies.copy_over(&self.device, self.keys, &offer.challenge, request, call);
+        copies.fallback_at = now + copies.fallback_every;
+        self.sent(out.map(Some))
+    }
+
+    /// A response from the device, published on `arrived_on`: ends the
+    /// exchange if it verifies. Anything that does not verify is ignored —
+    /// another controller's, or forged; neither ends the wait for the
+    /// genuine answer.
+    pub fn on_response(&mut self, arrived_on: &str, payload: &[u8], controller_key: &PrivateKey) -> bool {
+        let reply = match &self.state {
+            State::Challenge(copies) => copies.read_response(&self.device, self.keys, arrived_on, payload),
+            State::Sealed(msg_id) => SealedController::new(controller_key)
+                .open_response(&mut mqseal_client::rng(), payload, arrived_on, &self.device, &self.keys.public, *msg_id)
+                .ok()
+                .map(|opened| Reply { status: opened.status, code: opened.code, output: opened.output.clone() }),
+            State::Pending | State::Done(_) => None,
+        };
+        match reply {
+            Some(reply) => {
+                self.state = State::Done(DeviceResult::Answered(reply));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Time has passed: with no response by the fallback time, ask for
+    /// another challenge (whose answer gets a copy).
+    pub fn on_timer<R: CryptoRng + ?Sized>(&mut self, now: Instant, rng: &mut R) -> Option<Out> {
+        let State::Challenge(copies) = &mut self.state else { return None };
+        if now < copies.fallback_at || copies.requests.len() >= MAX_COPIES || copies.used.len() >= MAX_COPIES {
+            return None;
+        }
+        let out = copies.request(&self.device, self.keys, rng);
+        copies.fallback_every = copies.fallback_every.saturating_mul(2);
+        copies.fallback_at = now + copies.fallback_every;
+        self.sent(out.map(Some))
+    }
+
+    fn fail(&mut self, why: String) -> Option<Out> {
+        self.state = State::Done(DeviceResult::Error(why));
+        None
+    }
+
+    /// Remembers what is sent; an envelope that could not be built ends
+    /// the exchange with the reason.
+    fn sent(&mut self, out: Result<Option<Out>, String>) -> Option<Out> {
+        match out {
+            Ok(Some(o)) => {
+                self.last = Some(o.clone());
+                Some(o)
+            }
+            Ok(None) => None,
+            Err(why) => self.fail(why),
+        }
+    }
+}
+
+impl Copies {
+    /// A challenge request for this command, remembered.
+    fn request<R: CryptoRng + ?Sized>(&mut self, device: &str, keys: &DeviceKeys, rng: &mut R) -> Result<Out, String> {
+        let (msg_id, out) = challenge_request(device, keys, rng)?;
+        self.requests.push(msg_id);
+        Ok(out)
+    }
+
+    /// The command's copy over `challenge`, remembered.
+    fn copy_over(
+        &mut self,
+        device: &str,
+        keys: &DeviceKeys,
+        challenge: &[u8; 16],
+        request: &Request,
+        call: &Call<'_>,
+    ) -> Result<Out, String> {
+        let controller = ChallengeController::new(device, &keys.hmac).map_err(|e| e.to_string())?;
+        let form = if request.hidden { Form::Hidden } else { Form::Explicit };
+        // Name, arguments and header fit in 8 KiB by the protocol's limits.
+        let mut frame = vec![0u8; 8192];
+        let n = controller
+            .command(&self.fresh.header(device), challenge, call, form, &mut frame)
+            .map_err(|e| format!("building the command: {e}"))?;
+        frame.truncate(n);
+        self.used.push(*challenge);
+        Ok((self.fresh.topic.to_string(), frame))
+    }
+
+    /// The reply in `payload` if it verifies over one of the challenges used.
+    fn read_response(&self, device: &str, keys: &DeviceKeys, arrived_on: &str, payload: &[u8]) -> Option<Reply> {
+        let controller = ChallengeController::new(device, &keys.hmac).ok()?;
+        let candidates = hidden_candidates();
+        self.used.iter().find_map(|challenge| {
+            let pending = Pending { challenge: *challenge, msg_id: self.fresh.msg_id };
+            match controller.read_response(payload, arrived_on, &pending, &candidates).ok()? {
+                Answer::Explicit(o) => Some(Reply { status: o.status, code: o.code, output: o.output.to_vec() }),
+                Answer::Hidden(i) => Some(Reply { status: candidates.get(i)?.status, code: 0, output: vec![] }),
+            }
+        })
+    }
+}
+
+/// The outcomes a hidden-form answer can confirm: a status, nothing else.
+fn hidden_candidates() -> [Outcome<'static>; 5] {
+    [Status::Ok, Status::Failed, Status::TimedOut, Status::UnknownCommand, Status::BadArguments].map(|status| Outcome {
+        status,
+        code: 0,
+        output: &[],
+    })
+}
+
+/// A challenge request to `device`: its id and the envelope.
+///
+/// # Errors
+/// When `device` cannot name topics.
+pub fn challenge_request<R: CryptoRng + ?Sized>(
+    device: &str,
+    keys: &DeviceKeys,
+    rng: &mut R,
+) -> Result<(MsgId, Out), String> {
+    let controller = ChallengeController::new(device, &keys.hmac).map_err(|e| e.to_string())?;
+    let msg_id = MsgId::random(rng);
+    let mut out = [0u8; 128];
+    let n = controller.request(msg_id, &mut out).map_err(|e| e.to_string())?;
+    let frame = out.get(..n).ok_or("challenge request too long")?.to_vec();
+    let t = topic(device, Channel::ChallengeRequest).map_err(|e| e.to_string())?;
+    Ok((msg_id, (t.to_string(), frame)))
+}
+
+/// The sealed command for `device`: its message id and the envelope. One
+/// RSA signature: callers spread these over the cores.
+///
+/// # Errors
+/// When the command cannot be sealed (a bad key, a limit).
+pub fn seal(
+    key: &PrivateKey,
+    device: &str,
+    keys: &DeviceKeys,
+    request: &Request,
+    call: &Call<'_>,
+    unix: u64,
+) -> Result<(MsgId, Out), String> {
+    let mut rng = mqseal_client::rng();
+    let fresh = Fresh::new(device, request.ttl, unix, &mut rng).map_err(|e| e.to_string())?;
+    let frame = SealedController::new(key)
+        .seal_command(&mut rng, &keys.public, &fresh.header(device), call)
+        .map_err(|e| format!("sealing: {e}"))?;
+    Ok((fresh.msg_id, (fresh.topic.to_string(), frame)))
+}
+
+/// What every new command carries: a fresh message id, a validity window
+/// starting now, and the device's command topic.
+struct Fresh {
+    topic: Topic,
+    msg_id: MsgId,
+    issued_at: u64,
+    expires_at: u64,
+}
+
+impl Fresh {
+    fn new<R: CryptoRng + ?Sized>(device: &str, ttl: Duration, unix: u64, rng: &mut R) -> mqseal_proto::Result<Fresh> {
+        Ok(Fresh {
+            topic: topic(device, Channel::Command)?,
+            msg_id: MsgId::random(rng),
+            issued_at: unix,
+            expires_at: unix.saturating_add(ttl.as_secs()),
+        })
+    }
+
+    fn header<'a>(&'a self, device: &'a str) -> Header<'a> {
+        Header {
+            device,
+            topic: &self.topic,
+            msg_id: self.msg_id,
+            issued_at: self.issued_at,
+            expires_at: self.expires_at,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mqseal_proto::Policy;
+    use mqseal_proto::challenge::{ChallengeDevice, ChallengeTable, Clock, HmacKey};
+    use mqseal_proto::sealed::PublicKey;
+
+    use super::*;
+
+    /// The device under test: `proto`'s own challenge device and table.
+    struct Device {
+        key: HmacKey,
+        table: ChallengeTable<16>,
+        ran: usize,
+    }
+
+    impl Device {
+        fn new() -> Device {
+            Device { key: HmacKey::new([7; 32]), table: ChallengeTable::new(30_000), ran: 0 }
+        }
+
+        /// Answers a challenge request (the genuine challenge).
+        fn challenge(&mut self, request: &Out) -> Vec<u8> {
+            let d = ChallengeDevice::new("dev-1", &self.key, Policy::default()).unwrap();
+            let mut out = [0u8; 256];
+            let n = d.answer_request(&request.1, &mut self.table, &mut mqseal_client::rng(), 0, &mut out).unwrap();
+            out[..n].to_vec()
+        }
+
+        /// Verifies a command; runs it and answers if it verifies.
+        fn command(&mut self, cmd: &Out) -> Result<Vec<u8>, mqseal_proto::Error> {
+            let d = ChallengeDevice::new("dev-1", &self.key, Policy::default())?;
+            let clock = Clock { monotonic_ms: 0, unix_secs: None };
+            let v = d.verify_command(&cmd.1, &cmd.0, clock, &mut self.table, &[])?;
+            self.ran += 1;
+            let outcome = Outcome { status: Status::Ok, code: 0, output: b"done" };
+            let mut out = vec![0u8; 1024];
+            let n = d.respond(&v.reply_to(), v.form, &outcome, MsgId([0xee; 16]), None, &mut out)?;
+            out.truncate(n);
+            Ok(out)
+        }
+    }
+
+    /// A challenge nobody issued, answering `request` as if it were the
+    /// device's: what a malicious broker can publish.
+    fn forged(request: &Out, challenge: u8) -> Vec<u8> {
+        let id = MsgId(request.1[2 + 1 + 5..2 + 1 + 5 + 16].try_into().unwrap());
+        let mut out = vec![1u8, 4, 5];
+        out.extend(b"dev-1");
+        out.extend(id.0);
+        out.extend([challenge; 16]);
+        out.extend([0xb0, 0xea, 0x01]); // ttl_ms 30000
+        out
+    }
+
+    fn keys() -> DeviceKeys {
+        static KEY: std::sync::OnceLock<PublicKey> = std::sync::OnceLock::new();
+        let public =
+            KEY.get_or_init(|| PrivateKey::generate(&mut mqseal_client::rng(), 2048).unwrap().public().clone()).clone();
+        DeviceKeys { public, hmac: HmacKey::new([7; 32]) }
+    }
+
+    fn request() -> Request {
+        Request { name: "go".into(), args: vec![], mode: Mode::Challenge, hidden: false, ttl: Duration::from_secs(60) }
+    }
+
+    const RESP: &str = "mqseal/v1/dev/dev-1/resp";
+
+    /// A challenge-mode exchange just started: it and its challenge request.
+    fn start<'k>(keys: &'k DeviceKeys, req: &Request, call: &Call<'_>, now: Instant) -> (Exchange<'k>, Out) {
+        let mut x = Exchange::new("dev-1", keys);
+        let chal_req = x.start_challenge(req, call, None, None, now, 1_800_000_000, &mut mqseal_client::rng()).unwrap();
+        (x, chal_req)
+    }
+
+    /// The outside attack's I4, first half: a forged challenge answering
+    /// the request arrived before the genuine one and was taken; the
+    /// command failed. Now the genuine one gets a copy too, the device runs
+    /// that one, and its response — tagged over the genuine challenge —
+    /// ends the exchange.
+    #[test]
+    fn a_forged_challenge_first_costs_one_copy_not_the_command() {
+        let (keys, req, call) = (keys(), request(), Call::new("go", &[]).unwrap());
+        let (mut dev, now, rng) = (Device::new(), Instant::now(), &mut mqseal_client::rng());
+        let (mut x, chal_req) = start(&keys, &req, &call, now);
+        let over_forged = x.on_challenge(&forged(&chal_req, 0x66), &req, &call, now).unwrap();
+        let genuine = dev.challenge(&chal_req);
+        let over_genuine = x.on_challenge(&genuine, &req, &call, now).unwrap();
+        assert_eq!(x.on_challenge(&genuine, &req, &call, now), None, "one copy per challenge");
+        assert_eq!(over_forged.0, over_genuine.0);
+        assert_eq!(dev.command(&over_forged).unwrap_err(), mqseal_proto::Error::UnknownChallenge);
+        let response = dev.command(&over_genuine).unwrap();
+        assert!(x.on_response(RESP, &response, &PrivateKey::generate(rng, 2048).unwrap()));
+        assert!(
+            matches!(x.into_result(), DeviceResult::Answered(r) if r.output == b"done"),
+            "the response verified over the second challenge"
+        );
+        assert_eq!(dev.ran, 1);
+    }
+
+    /// The second half: another controller's requests pushed the challenge
+    /// out of the device's table before the command arrived. With no
+    /// response after `FALLBACK_AFTER` the exchange asks again and sends a
+    /// copy over the new challenge; nothing earlier than that.
+    #[test]
+    fn an_evicted_challenge_falls_back_to_a_fresh_one() {
+        let (keys, req, call) = (keys(), request(), Call::new("go", &[]).unwrap());
+        let (mut dev, now, rng) = (Device::new(), Instant::now(), &mut mqseal_client::rng());
+        let (mut x, chal_req) = start(&keys, &req, &call, now);
+        let first = x.on_challenge(&dev.challenge(&chal_req), &req, &call, now).unwrap();
+        for _ in 0..16 {
+            let (_, flood) = challenge_request("dev-1", &keys, rng).unwrap();
+            dev.challenge(&flood);
+        }
+        assert_eq!(dev.command(&first).unwrap_err(), mqseal_proto::Error::UnknownChallenge, "evicted");
+        assert_eq!(x.on_timer(now + FALLBACK_AFTER / 2, rng), None, "too early for a fallback");
+        assert_eq!(x.next_timer(), Some(now + FALLBACK_AFTER));
+        let again = x.on_timer(now + FALLBACK_AFTER, rng).unwrap();
+        assert!(again.0.ends_with("/chal/req"));
+        let later = now + FALLBACK_AFTER;
+        let copy = x.on_challenge(&dev.challenge(&again), &req, &call, later).unwrap();
+        let response = dev.command(&copy).unwrap();
+        assert!(x.on_response(RESP, &response, &PrivateKey::generate(rng, 2048).unwrap()));
+        assert_eq!(dev.ran, 1);
+    }
+
+    /// Copies never run twice: a request answered twice (a QoS 1
+    /// redelivery of it) gives two genuine challenges and two copies; the
+    /// device runs the first and refuses the second by its message id. And
+    /// however many challenges come, at most `MAX_COPIES` copies go out;
+    /// fallbacks back off and stop there too.
+    #[test]
+    fn copies_run_once_and_are_bounded() {
+        let (keys, req, call) = (keys(), request(), Call::new("go", &[]).unwrap());
+        let (mut dev, now, rng) = (Device::new(), Instant::now(), &mut mqseal_client::rng());
+        let (mut x, chal_req) = start(&keys, &req, &call, now);
+        let a = x.on_challenge(&dev.challenge(&chal_req), &req, &call, now).unwrap();
+        let b = x.on_challenge(&dev.challenge(&chal_req), &req, &call, now).unwrap();
+        assert!(dev.command(&a).is_ok());
+        assert_eq!(dev.command(&b).unwrap_err(), mqseal_proto::Error::Replayed);
+        assert_eq!(dev.ran, 1);
+        let more = (0..20u8).filter(|&i| x.on_challenge(&forged(&chal_req, i), &req, &call, now).is_some()).count();
+        assert_eq!(more, MAX_COPIES - 2);
+        assert_eq!(x.next_timer(), None, "no fallback once the copies are spent");
+        // Fallbacks on their own: 3 s, then 6, 12 … later, at most MAX_COPIES requests.
+        let (mut y, _) = start(&keys, &req, &call, now);
+        let mut at = now;
+        let mut requests = 1;
+        while let Some(next) = y.next_timer() {
+            assert_eq!(next - at, FALLBACK_AFTER * 2u32.pow(requests - 1), "backs off");
+            at = next;
+            assert!(y.on_timer(at, rng).is_some());
+            requests += 1;
+        }
+        assert_eq!(requests, u32::try_from(MAX_COPIES).unwrap());
+    }
+}
