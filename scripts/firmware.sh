@@ -59,6 +59,8 @@ done
 # llvm-size's Berkeley format: text (vector table, code, rodata), data, bss.
 size_of() { "$llvm_size" "$out/$1/release/$2" | awk 'NR==2 { print $1, $2, $3 }'; }
 stack_of() { printf '%s\n' "${stacks[$1]}" | sed -n "s/.*$2 \([0-9]*\) B.*/\1/p"; }
+# What the caller of Agent::handle holds, as the agent image reports it.
+held_of() { printf '%s\n' "${stacks[$1]}" | sed -n 's/.*(+ Agent \([0-9]*\) B and envelope \([0-9]*\) B.*/\1 \2/p'; }
 
 echo
 echo "footprint (release: opt-level z, LTO, 1 codegen unit, panic=abort; bytes)"
@@ -70,11 +72,11 @@ for t in "${targets[@]}"; do
     case "$image" in
       size-empty) what="empty (cortex-m-rt + panic-halt)"; stack="-" ;;
       size-minimq) what="reference: minimq alone"; stack="-" ;;
-      size-core) what="(a) verification core"; stack="$(stack_of "$t" core) + $(( 176 + 320 ))" ;;
+      size-core) what="(a) verification core"; read -r agent envelope < <(held_of "$t"); stack="$(stack_of "$t" core) + $(( agent + envelope ))" ;;
       size-agent) what="(b) agent with minimq"; stack=$(stack_of "$t" "agent with minimq") ;;
     esac
     printf '%-22s %-34s %8s %6s %6s %14s %11s\n' "$t" "$what" "$text" "$data" "$bss" "$(( text - et ))" "$stack"
   done
 done
-echo "peak stack of (a): deepest Agent::handle call + the Agent (176 B) and envelope buffer (320 B) its caller holds."
+echo "peak stack of (a): deepest Agent::handle call + the Agent and envelope buffer its caller holds (sizes above)."
 echo "peak stack of (b): net::serve with the agent, minimq's session and all buffers (rx, tx, envelope)."

@@ -166,11 +166,18 @@ fn negatives(code: &mut String, keys: &Value, file: &Value) -> Res<()> {
             .flatten()
             .map(|o| Ok(format!("({}, {})", bytes(s(o, "challenge")?)?, u(o, "issued_ms")?)))
             .collect();
+        let executed: Res<Vec<String>> = r
+            .get("executed")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .map(|id| bytes(id.as_str().ok_or("executed: not a string")?))
+            .collect();
         writeln!(
             code,
             "    Negative {{ name: {name:?}, controller: {ctl}, device: {device:?}, key: {key}, arrived_on: {on:?}, \
              frame: {frame}, expected: {exp:?}, monotonic_ms: {mono}, unix_secs: {unix:?}, lifetime_ms: {life}, \
-             outstanding: &[{outstanding}], registered: {reg}, challenge: {chal}, in_reply_to: {irt}, candidates: {cands} }},",
+             outstanding: &[{outstanding}], executed: &[{executed}], registered: {reg}, challenge: {chal}, in_reply_to: {irt}, candidates: {cands} }},",
             name = s(v, "name")?,
             ctl = role == "challenge-controller",
             device = s(r, "device")?,
@@ -181,6 +188,7 @@ fn negatives(code: &mut String, keys: &Value, file: &Value) -> Res<()> {
             unix = r.get("unix_secs").and_then(Value::as_u64),
             life = r.get("lifetime_ms").and_then(Value::as_u64).unwrap_or(0),
             outstanding = outstanding?.join(", "),
+            executed = executed?.join(", "),
             reg = registered(r.get("registered"))?,
             chal = opt_hex(r, "challenge")?,
             irt = opt_hex(r, "in_reply_to")?,

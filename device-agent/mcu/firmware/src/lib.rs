@@ -61,6 +61,7 @@ pub mod vectors {
         pub unix_secs: Option<u64>,
         pub lifetime_ms: u64,
         pub outstanding: &'static [(&'static [u8], u64)],
+        pub executed: &'static [&'static [u8]],
         pub registered: &'static [Registered<'static>],
         pub challenge: &'static [u8],
         pub in_reply_to: &'static [u8],
