@@ -143,7 +143,9 @@ impl Reply {
 ///
 /// `SLOTS` is how many challenges may be outstanding at once (several
 /// controllers, or retries); a flood of requests only evicts the oldest.
-/// Each slot is 32 bytes.
+/// It is also how many message ids of verified commands the agent
+/// remembers, so that a controller's copies of one command over other
+/// challenges run once (docs/PROTOCOL.md §6.5). Each slot is 32 + 17 bytes.
 pub struct Agent<'k, const SLOTS: usize = 4> {
     device: ChallengeDevice<'k>,
     challenges: ChallengeTable<SLOTS>,
@@ -212,7 +214,9 @@ impl<'k, const SLOTS: usize> Agent<'k, SLOTS> {
     ///
     /// A command consumes its challenge only when it passes every check,
     /// so nothing runs twice: a replay, a QoS 1 redelivery or a copy sent to
-    /// another device finds its challenge gone (or never issued).
+    /// another device finds its challenge gone (or never issued), and a
+    /// controller's copy over another challenge finds its message id
+    /// remembered (`replayed`).
     ///
     /// # Errors
     /// [`Rejected`] with the reason; nothing ran and nothing is to be sent.

@@ -141,6 +141,24 @@ fn explicit_command_runs_once_and_is_answered() {
     assert_eq!(b.valve.ran.len(), 1, "a replay runs nothing");
 }
 
+/// A controller's copies of one command over other challenges
+/// (docs/PROTOCOL.md §6.5) run once: the agent remembers the message ids
+/// of its last `SLOTS` commands. The copy over an outstanding challenge is
+/// refused as `replayed`, without using that challenge up; a new command
+/// over it then runs.
+#[test]
+fn copies_over_other_challenges_run_once() {
+    let mut b = bench();
+    let (first, second) = (b.challenge(), b.challenge());
+    let open = Call::new("open", &["25"]).unwrap();
+    b.handle(Channel::Command, &b.command(&first, &open, Form::Hidden, 8)).unwrap();
+    let copy = b.command(&second, &open, Form::Hidden, 8);
+    assert_eq!(b.handle(Channel::Command, &copy), Err(Rejected::Envelope(Error::Replayed)));
+    assert_eq!(b.valve.ran.len(), 1, "the copy ran nothing");
+    b.handle(Channel::Command, &b.command(&second, &open, Form::Hidden, 9)).unwrap();
+    assert_eq!(b.valve.ran.len(), 2, "the challenge was still good for another command");
+}
+
 #[test]
 fn hidden_command_is_identified_and_answered_with_its_status() {
     let mut b = bench();
