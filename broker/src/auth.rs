@@ -21,6 +21,7 @@ use zeroize::Zeroizing;
 
 use crate::config::{AuthConfig, ThrottleConfig};
 use crate::metrics::Metrics;
+use crate::pending::Origin;
 use crate::throttle::{Outcome, Policy, Throttle};
 
 /// Why a login was refused; each maps to its own CONNACK code.
@@ -76,7 +77,8 @@ pub struct Authenticator {
     config: AuthConfig,
     cache: Mutex<HashMap<String, Cached>>,
     users: Throttle<String>,
-    addresses: Throttle<IpAddr>,
+    /// By source address; IPv6 by its /64, as the login share counts them.
+    addresses: Throttle<Origin>,
     metrics: Arc<Metrics>,
     last_unavailable_log: Mutex<Option<Instant>>,
     hashing: Arc<Semaphore>,
@@ -88,7 +90,8 @@ pub struct Authenticator {
 struct Claim<'a> {
     auth: &'a Authenticator,
     user: String,
-    peer: IpAddr,
+    /// The address's budget, once reserved.
+    origin: Option<Origin>,
     outcome: Outcome,
 }
 
@@ -101,8 +104,10 @@ impl Drop for Claim<'_> {
         // A success does not clear the address: one valid account must not
         // launder the guesses made from there.
         let address = if self.outcome == Outcome::Failed { Outcome::Failed } else { Outcome::Neither };
-        if self.auth.addresses.end(&self.peer, address, now).is_some() {
-            tracing::info!(peer = %self.peer, "address locked out after failed logins");
+        if let Some(origin) = &self.origin
+            && self.auth.addresses.end(origin, address, now).is_some()
+        {
+            tracing::info!(?origin, "address locked out after failed logins");
         }
     }
 }
@@ -155,8 +160,8 @@ impl Authenticator {
         peer: IpAddr,
         answer_at: tokio::time::Instant,
     ) -> Result<UserRecord, Refusal> {
+        let mut claim = self.claim(username, peer).await.ok_or(Refusal::Throttled)?;
         let now = Instant::now();
-        let mut claim = self.claim(username, peer, now).ok_or(Refusal::Throttled)?;
         let verdict = match self.lookup(username, now).await? {
             Some(record) => {
                 let ok = self.verify(&record, password).await;
@@ -178,19 +183,24 @@ impl Authenticator {
         Ok(record)
     }
 
-    /// Reserves a check in the username's and the address's budgets, or
-    /// `None` when either is spent (locked out, or used up by checks in
-    /// flight).
-    fn claim(&self, username: &str, peer: IpAddr, now: Instant) -> Option<Claim<'_>> {
+    /// Reserves a check in the username's and then the address's budget
+    /// (always in that order, so two logins never wait on each other), or
+    /// `None` when either is spent. Waits while checks in flight hold a
+    /// budget; the login's deadline bounds the wait.
+    async fn claim(&self, username: &str, peer: IpAddr) -> Option<Claim<'_>> {
         let user = username.to_owned();
-        if !self.users.reserve(&user, now) {
+        let origin = Origin::of(peer);
+        if !self.users.reserve_waiting(&user).await {
             return None;
         }
-        if !self.addresses.reserve(&peer, now) {
-            self.users.end(&user, Outcome::Neither, now);
+        // From here the claim ends the user's reservation however this
+        // returns; the address is only ended once it was reserved.
+        let mut claim = Claim { auth: self, user, origin: None, outcome: Outcome::Neither };
+        if !self.addresses.reserve_waiting(&origin).await {
             return None;
         }
-        Some(Claim { auth: self, user, peer, outcome: Outcome::Neither })
+        claim.origin = Some(origin);
+        Some(claim)
     }
 
     async fn lookup(&self, username: &str, now: Instant) -> Result<Option<UserRecord>, Refusal> {

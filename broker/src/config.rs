@@ -128,7 +128,8 @@ pub struct Limits {
     /// its /64) already holding this many logins in progress (or half the
     /// share, if that is less) gets no more until some finish: one address
     /// cannot keep every other client from logging in. Raise it when many
-    /// devices share one public address (carrier-grade NAT).
+    /// devices share one public address (carrier-grade NAT); values above
+    /// half the share change nothing.
     pub max_pending_logins_per_address: usize,
 }
 
@@ -355,6 +356,22 @@ impl Config {
         if self.auth.revalidate_secs == 0 {
             return bad("auth.revalidate_secs must be at least 1".into());
         }
+        // A refusal held back past the login deadline would be answered
+        // "server unavailable" instead — a different answer for a wrong
+        // password than for a lockout, which the floor exists to prevent.
+        if self.auth.refusal_delay_ms >= self.limits.login_timeout_ms {
+            return bad(format!(
+                "auth.refusal_delay_ms = {} must be below limits.login_timeout_ms = {}",
+                self.auth.refusal_delay_ms, self.limits.login_timeout_ms
+            ));
+        }
+        let week = 7 * 24 * 3600;
+        if self.throttle.max_delay_secs > week || self.throttle.base_delay_ms > self.throttle.max_delay_secs * 1000 {
+            return bad(format!(
+                "throttle: base_delay_ms = {} and max_delay_secs = {}: need base_delay_ms <= max_delay_secs * 1000 <= one week",
+                self.throttle.base_delay_ms, self.throttle.max_delay_secs
+            ));
+        }
         Ok(())
     }
 
@@ -405,6 +422,13 @@ mod tests {
         let config = Config::parse(text, Path::new("b.toml")).unwrap();
         let err = config.validate("b.toml").unwrap_err().to_string();
         assert!(err.contains("store.mongodb_uri"), "{err}");
+
+        let text = "[auth]\nrefusal_delay_ms = 20000\n";
+        let err = Config::parse(text, Path::new("b.toml")).unwrap().validate("b.toml").unwrap_err().to_string();
+        assert!(err.contains("refusal_delay_ms = 20000 must be below limits.login_timeout_ms"), "{err}");
+        let text = "[throttle]\nmax_delay_secs = 99999999\n";
+        let err = Config::parse(text, Path::new("b.toml")).unwrap().validate("b.toml").unwrap_err().to_string();
+        assert!(err.contains("one week"), "{err}");
 
         let text = "[router]\nmax_segment_size = 100\n";
         let err = Config::parse(text, Path::new("b.toml")).unwrap().validate("b.toml").unwrap_err().to_string();

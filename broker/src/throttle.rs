@@ -19,15 +19,22 @@
 //! way. So a login first [`reserve`](Throttle::reserve)s its check, and the
 //! checks still running count against the budget: while any is in flight,
 //! another is admitted only if the failures so far plus those in flight
-//! stay below `free_failures`. A burst therefore gets at most
+//! stay below `free_failures`. Beyond that it *waits* for the checks in
+//! flight to end (within the login's deadline): if they succeed — a fleet
+//! behind one NAT address, parallel `mqseal send`s of one account — it goes
+//! on; if their failures spend the budget, it is refused unchecked, the
+//! right password included. A burst therefore gets at most
 //! `free_failures` checks; one attempt at a time gets exactly what it got
 //! before (the free failures, then the one whose failure locks, then one per
 //! lockout).
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::sync::Mutex;
+use std::pin::pin;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
 
 /// Limits for one kind of key.
 #[derive(Clone, Copy, Debug)]
@@ -42,19 +49,32 @@ pub struct Policy {
     pub forget_after: Duration,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Entry {
     failures: u32,
     /// Checks reserved and not yet ended.
     in_flight: u32,
     locked_until: Option<Instant>,
     last_failure: Instant,
+    /// Wakes logins waiting for a check in flight to end.
+    ended: Arc<Notify>,
 }
 
 impl Entry {
     fn failures_at(&self, now: Instant, policy: &Policy) -> u32 {
         if now.saturating_duration_since(self.last_failure) > policy.forget_after { 0 } else { self.failures }
     }
+}
+
+/// What [`Throttle::reserve`] decided.
+#[derive(Debug)]
+pub enum Reservation {
+    /// Go ahead; end it with [`Throttle::end`].
+    Admitted,
+    /// Locked out, or the budget is spent: refuse without checking.
+    Locked,
+    /// Checks in flight hold the budget: ask again when one ends.
+    Wait(Arc<Notify>),
 }
 
 /// How a reserved check ended.
@@ -82,29 +102,62 @@ impl<K: Eq + Hash + Clone> Throttle<K> {
         Throttle { policy, capacity: capacity.max(1), entries: Mutex::new(HashMap::new()) }
     }
 
-    /// Reserves one check for `key` at `now`: `false` when the key is
-    /// locked, or when the failures so far and the checks in flight already
-    /// spend the free failures (see the module docs). A `true` must be
-    /// followed by exactly one [`end`](Self::end).
-    pub fn reserve(&self, key: &K, now: Instant) -> bool {
-        let Ok(mut entries) = self.entries.lock() else { return false };
+    /// Decides on one check for `key` at `now` (see the module docs).
+    /// `waited` says whether this login already had to wait: one that
+    /// arrived while checks were in flight never gets the attempt whose
+    /// failure locks — that one is for attempts made one at a time.
+    /// [`Reservation::Admitted`] must be followed by exactly one
+    /// [`end`](Self::end).
+    pub fn reserve(&self, key: &K, now: Instant, waited: bool) -> Reservation {
+        let Ok(mut entries) = self.entries.lock() else { return Reservation::Locked };
         let policy = self.policy;
         if let Some(e) = entries.get_mut(key) {
             if e.locked_until.is_some_and(|until| until > now) {
-                return false;
+                return Reservation::Locked;
             }
-            let spent = e.failures_at(now, &policy).saturating_add(e.in_flight);
-            if e.in_flight > 0 && spent >= policy.free_failures {
-                return false;
+            let failures = e.failures_at(now, &policy);
+            let admit = if e.in_flight == 0 {
+                !waited || failures < policy.free_failures
+            } else {
+                failures.saturating_add(e.in_flight) < policy.free_failures
+            };
+            if admit {
+                e.in_flight = e.in_flight.saturating_add(1);
+                return Reservation::Admitted;
             }
-            e.in_flight = e.in_flight.saturating_add(1);
-            return true;
+            return if e.in_flight == 0 { Reservation::Locked } else { Reservation::Wait(e.ended.clone()) };
         }
         if entries.len() >= self.capacity {
             self.evict(&mut entries, now);
         }
-        entries.insert(key.clone(), Entry { failures: 0, in_flight: 1, locked_until: None, last_failure: now });
-        true
+        let entry =
+            Entry { failures: 0, in_flight: 1, locked_until: None, last_failure: now, ended: Arc::new(Notify::new()) };
+        entries.insert(key.clone(), entry);
+        Reservation::Admitted
+    }
+
+    /// [`reserve`](Self::reserve), waiting as long as it says to: `true`
+    /// once admitted, `false` when refused. The caller bounds the wait (the
+    /// login's deadline); an abandoned wait holds nothing.
+    pub async fn reserve_waiting(&self, key: &K) -> bool {
+        let mut waited = false;
+        loop {
+            let notify = match self.reserve(key, Instant::now(), waited) {
+                Reservation::Admitted => return true,
+                Reservation::Locked => return false,
+                Reservation::Wait(notify) => notify,
+            };
+            waited = true;
+            // Registered before asking again, so that a check ending in
+            // between is not missed.
+            let mut ended = pin!(notify.notified());
+            ended.as_mut().enable();
+            match self.reserve(key, Instant::now(), waited) {
+                Reservation::Admitted => return true,
+                Reservation::Locked => return false,
+                Reservation::Wait(_) => ended.await,
+            }
+        }
     }
 
     /// Ends a check reserved with [`reserve`](Self::reserve). Returns the
@@ -114,6 +167,7 @@ impl<K: Eq + Hash + Clone> Throttle<K> {
         let policy = self.policy;
         let entry = entries.get_mut(key)?;
         entry.in_flight = entry.in_flight.saturating_sub(1);
+        entry.ended.notify_waiters();
         match outcome {
             Outcome::Neither => {}
             Outcome::Cleared => {
@@ -125,9 +179,12 @@ impl<K: Eq + Hash + Clone> Throttle<K> {
                 entry.last_failure = now;
                 if entry.failures > policy.free_failures {
                     let doublings = (entry.failures - policy.free_failures - 1).min(20);
-                    let until = now + policy.base_delay.saturating_mul(1u32 << doublings).min(policy.max_delay);
-                    entry.locked_until = Some(until);
-                    return Some(until);
+                    let delay = policy.base_delay.saturating_mul(1u32 << doublings).min(policy.max_delay);
+                    // The configuration bounds max_delay (a week), so this
+                    // cannot overflow; if it did, the lock stays as it was.
+                    let until = now.checked_add(delay).or(entry.locked_until);
+                    entry.locked_until = until;
+                    return until;
                 }
             }
         }
@@ -177,9 +234,13 @@ mod tests {
         }
     }
 
+    fn admitted<K: Eq + Hash + Clone>(t: &Throttle<K>, key: &K, now: Instant) -> bool {
+        matches!(t.reserve(key, now, false), Reservation::Admitted)
+    }
+
     /// One attempt at a time: the check reserved, then ended.
     fn fail(t: &Throttle<&'static str>, key: &'static str, now: Instant) -> Option<Option<Instant>> {
-        t.reserve(&key, now).then(|| t.end(&key, Outcome::Failed, now))
+        admitted(t, &key, now).then(|| t.end(&key, Outcome::Failed, now))
     }
 
     #[test]
@@ -196,38 +257,71 @@ mod tests {
         assert_eq!(fail(&t, "u", now + s(7)), Some(Some(now + s(7) + s(8))));
         assert_eq!(fail(&t, "u", now + s(14)), None, "still locked");
         assert_eq!(fail(&t, "u", now + s(15)), Some(Some(now + s(15) + s(8))), "16 s, capped at 8");
-        assert!(!t.reserve(&"u", now + s(22)));
-        assert!(t.reserve(&"other", now));
+        assert!(!admitted(&t, &"u", now + s(22)));
+        assert!(admitted(&t, &"other", now));
         t.end(&"other", Outcome::Neither, now);
-        assert!(t.reserve(&"u", now + s(23)));
+        assert!(admitted(&t, &"u", now + s(23)));
         t.end(&"u", Outcome::Cleared, now + s(23));
-        assert!(t.reserve(&"u", now + s(23)) && t.reserve(&"u", now + s(23)), "a success clears the count");
+        assert!(admitted(&t, &"u", now + s(23)) && admitted(&t, &"u", now + s(23)), "a success clears the count");
     }
 
     /// The outside attack's burst: many checks reserved before any ends.
-    /// Only the free failures are admitted, the right password among the
-    /// rest is refused unchecked, and once the burst's failures land the
-    /// key is locked.
+    /// Only the free failures are admitted; the rest wait, and once the
+    /// burst's failures land they are refused unchecked — the right
+    /// password among them too. One attempt at a time afterwards gets the
+    /// check whose failure locks, as before.
     #[test]
     fn checks_in_flight_count_against_the_budget() {
         let t = Throttle::new(policy(), 100);
         let now = Instant::now();
-        let admitted = (0..40).filter(|_| t.reserve(&"u", now)).count();
-        assert_eq!(admitted, 2, "free_failures = 2");
+        let decisions: Vec<Reservation> = (0..40).map(|_| t.reserve(&"u", now, false)).collect();
+        let admitted_n = decisions.iter().filter(|d| matches!(d, Reservation::Admitted)).count();
+        assert_eq!(admitted_n, 2, "free_failures = 2");
+        assert!(decisions.iter().skip(2).all(|d| matches!(d, Reservation::Wait(_))), "the rest wait");
         assert_eq!(t.end(&"u", Outcome::Failed, now), None);
-        assert!(!t.reserve(&"u", now), "one failure and one in flight spend the budget");
+        assert!(matches!(t.reserve(&"u", now, true), Reservation::Wait(_)), "one failure, one in flight");
         assert_eq!(t.end(&"u", Outcome::Failed, now), None);
-        // Nothing in flight: the next single attempt is checked, as before.
-        assert!(t.reserve(&"u", now));
-        assert!(!t.reserve(&"u", now));
+        // The burst's failures spent the budget: its waiters are refused.
+        assert!(matches!(t.reserve(&"u", now, true), Reservation::Locked));
+        // An attempt made on its own gets the check whose failure locks.
+        assert!(admitted(&t, &"u", now));
         assert_eq!(t.end(&"u", Outcome::Failed, now), Some(now + Duration::from_secs(1)));
-        assert!(!t.reserve(&"u", now));
+        assert!(!admitted(&t, &"u", now));
         // An abandoned check (login timeout, store down) frees its slot
         // without counting.
         let t = Throttle::new(policy(), 100);
-        assert!(t.reserve(&"v", now) && t.reserve(&"v", now));
+        assert!(admitted(&t, &"v", now) && admitted(&t, &"v", now));
         t.end(&"v", Outcome::Neither, now);
         t.end(&"v", Outcome::Neither, now);
+        assert_eq!(t.len(), 0);
+    }
+
+    /// The review's case: logins that succeed — a fleet behind one NAT
+    /// address, parallel sends of one account — are delayed behind the
+    /// checks in flight, never refused.
+    #[tokio::test]
+    async fn concurrent_good_logins_wait_and_go_on() {
+        let t = Arc::new(Throttle::new(policy(), 100));
+        let now = Instant::now();
+        assert!(admitted(&t, &"u", now) && admitted(&t, &"u", now));
+        let waiting: Vec<_> = (0..10)
+            .map(|_| {
+                let t = t.clone();
+                tokio::spawn(async move {
+                    let ok = t.reserve_waiting(&"u").await;
+                    if ok {
+                        t.end(&"u", Outcome::Cleared, Instant::now());
+                    }
+                    ok
+                })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        t.end(&"u", Outcome::Cleared, now);
+        t.end(&"u", Outcome::Cleared, now);
+        for w in waiting {
+            assert!(tokio::time::timeout(Duration::from_secs(5), w).await.unwrap().unwrap(), "refused a good login");
+        }
         assert_eq!(t.len(), 0);
     }
 
@@ -240,7 +334,7 @@ mod tests {
         // A failure long after the last one starts from zero.
         assert_eq!(fail_u32(&t, 0, now + Duration::from_secs(61)), None);
         // A check in flight survives eviction.
-        assert!(t.reserve(&1000, now + Duration::from_secs(62)));
+        assert!(admitted(&t, &1000, now + Duration::from_secs(62)));
         for k in 1..100u32 {
             fail_u32(&t, k, now + Duration::from_secs(62));
         }
@@ -249,7 +343,7 @@ mod tests {
     }
 
     fn fail_u32(t: &Throttle<u32>, key: u32, now: Instant) -> Option<Instant> {
-        assert!(t.reserve(&key, now));
+        assert!(admitted(t, &key, now));
         t.end(&key, Outcome::Failed, now)
     }
 }

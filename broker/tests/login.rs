@@ -462,3 +462,35 @@ print(" ".join(out))
     // paho maps 3.1.1 rc 4 and v5 0x86 to the same ReasonCode value 134.
     assert_eq!((code, out.trim()), (0, "134 134"), "{err}");
 }
+
+/// The other side of the in-flight rule: logins that succeed are delayed
+/// behind the checks in flight, never refused. 10 logins of one account at
+/// once (parallel `mqseal send`s; PBKDF2 at 100,000 rounds) and 40 devices
+/// logging in at once from one address (a fleet behind one NAT address,
+/// above the 20 free failures per address) all get in.
+#[tokio::test]
+async fn concurrent_good_logins_are_delayed_not_refused() {
+    let config = BrokerConfig {
+        user_free_failures: 3,
+        address_free_failures: 20,
+        refusal_delay_ms: 300,
+        ..BrokerConfig::default()
+    };
+    let site = Site::start(config).await;
+    let port = site.port();
+    let record = mqseal_store::UserRecord::human("ops", b"ops-password", Role::Controller, 100_000).unwrap();
+    site.users().put(&record, false).await.unwrap();
+    let one = std::net::Ipv4Addr::new(127, 9, 30, 1);
+    let same_account: Vec<_> =
+        (0..10).map(|i| (one, Connect::new(Version::V4, &format!("ops-{i}"), "ops", "ops-password"))).collect();
+    let codes = burst(port, &same_account).await;
+    assert!(codes.iter().all(|&c| c == 0), "one account, 10 at once: {codes:?}");
+    let mut fleet = Vec::new();
+    for i in 0..40 {
+        let name = format!("nat-{i}");
+        let secret = site.device(&name).await;
+        fleet.push((std::net::Ipv4Addr::new(127, 9, 30, 2), Connect::new(Version::V4, &name, &name, &secret)));
+    }
+    let codes = burst(port, &fleet).await;
+    assert!(codes.iter().all(|&c| c == 0), "40 devices from one address at once: {codes:?}");
+}

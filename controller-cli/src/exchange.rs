@@ -24,8 +24,9 @@
 //!   [`FALLBACK_AFTER`] (then twice that, and so on): the challenge that was
 //!   evicted, or a request or challenge the broker lost.
 //!
-//! Copies are safe because the device refuses a message id it has run
-//! (§6.1): at most one copy executes. Its response is tagged over that
+//! Copies are safe because the device refuses a message id it has run, and
+//! one it has forgotten through a floor on `expires_at` (§6.1): at most one
+//! copy executes. Its response is tagged over that
 //! copy's challenge, so a response is checked against every challenge
 //! used. At most [`MAX_COPIES`] copies and as many requests per command.
 
@@ -205,14 +206,16 @@ impl<'k> Exchange<'k> {
     }
 
     /// Starts a challenge-mode command: over `offer` (a challenge already
-    /// in hand) if there is one, else with a request for a challenge —
-    /// unless `requested` names one already on its way.
+    /// in hand, with the request it answered: a second answer to that
+    /// request — the genuine one, if the offer was forged — gets a copy) if
+    /// there is one, else with a request for a challenge — unless
+    /// `requested` names one already on its way.
     #[allow(clippy::too_many_arguments)]
     pub fn start_challenge<R: CryptoRng + ?Sized>(
         &mut self,
         request: &Request,
         call: &Call<'_>,
-        offer: Option<Offer>,
+        offer: Option<(Offer, MsgId)>,
         requested: Option<MsgId>,
         now: Instant,
         unix: u64,
@@ -230,7 +233,10 @@ impl<'k> Exchange<'k> {
             fallback_every: FALLBACK_AFTER,
         };
         let out = match (offer, requested) {
-            (Some(offer), _) => copies.copy_over(&self.device, self.keys, &offer.challenge, request, call).map(Some),
+            (Some((offer, answered)), _) => {
+                copies.requests.push(answered);
+                copies.copy_over(&self.device, self.keys, &offer.challenge, request, call).map(Some)
+            }
             (None, Some(id)) => {
                 copies.requests.push(id);
                 Ok(None)

@@ -109,8 +109,9 @@ pub struct Session {
     /// Challenge requests sent ahead of need: device → (request id, key,
     /// when it was sent).
     prefetching: HashMap<String, (MsgId, HmacKey, Instant)>,
-    /// Challenges in hand: device → (offer, when it was requested).
-    offers: HashMap<String, (Offer, Instant)>,
+    /// Challenges in hand: device → (offer, the request it answered, when
+    /// that was sent).
+    offers: HashMap<String, (Offer, MsgId, Instant)>,
 }
 
 /// Whether a prefetched challenge requested `since_request` ago, with a
@@ -212,9 +213,9 @@ impl Session {
         let Some((req, key, requested)) = self.prefetching.get(device) else { return false };
         let Ok(controller) = ChallengeController::new(device, key) else { return false };
         let Ok(offer) = controller.read_challenge(payload, *req) else { return false };
-        let requested = *requested;
+        let (req, requested) = (*req, *requested);
         self.prefetching.remove(device);
-        self.offers.insert(device.to_owned(), (offer, requested));
+        self.offers.insert(device.to_owned(), (offer, req, requested));
         true
     }
 
@@ -226,9 +227,9 @@ impl Session {
     /// between runs) is not mistaken for a fresh one. A command over an
     /// expired challenge is refused by the device and never runs, so the
     /// offer is used only in the first half of its lifetime.
-    fn take_offer(&mut self, device: &str) -> Option<Offer> {
-        let (offer, requested) = self.offers.remove(device)?;
-        offer_usable(requested.elapsed(), offer.ttl_ms).then_some(offer)
+    fn take_offer(&mut self, device: &str) -> Option<(Offer, MsgId)> {
+        let (offer, req, requested) = self.offers.remove(device)?;
+        offer_usable(requested.elapsed(), offer.ttl_ms).then_some((offer, req))
     }
 
     /// Sends `request` to every target and waits until each has answered or

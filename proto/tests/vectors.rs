@@ -142,6 +142,14 @@ struct Outstanding {
     issued_ms: u64,
 }
 
+/// A command a challenge-mode device remembers having verified.
+#[derive(Serialize, Deserialize, PartialEq, Eq, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+struct Executed {
+    msg_id: String,
+    expires_at: u64,
+}
+
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }
@@ -172,9 +180,12 @@ enum Receiver {
         lifetime_ms: u64,
         outstanding: Vec<Outstanding>,
         registered: Vec<CallJ>,
-        /// Message ids of commands the device verified lately (§6.1).
+        /// Commands the device verified lately (§6.1).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        executed: Vec<String>,
+        executed: Vec<Executed>,
+        /// Its floor: commands expiring at or before it are refused (§6.1).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        executed_floor: u64,
     },
     SealedController {
         key: String,
@@ -769,6 +780,7 @@ fn challenge_device(arrived_on: &str, monotonic_ms: u64, unix_secs: Option<u64>,
         outstanding: outstanding.iter().map(|c| Outstanding { challenge: h(c), issued_ms: 0 }).collect(),
         registered: registry_j(),
         executed: vec![],
+        executed_floor: 0,
     }
 }
 
@@ -1055,12 +1067,25 @@ fn negatives(keys: &Keys, out: &mut Vec<NegativeVector>, b: &Bases<'_>) {
         {
             let mut r = cdev(None);
             if let Receiver::ChallengeDevice { executed, .. } = &mut r {
-                executed.push(h(seq::<16>(0x20)));
+                executed.push(Executed { msg_id: h(seq::<16>(0x20)), expires_at: NOW + 300 });
             }
             r
         },
         b.explicit.to_vec(),
         "replayed",
+    ));
+    out.push(neg(
+        "challenge-beyond-floor",
+        "a genuine command over an outstanding challenge, expiring at the floor the device raised when it forgot a command (§6.1)",
+        {
+            let mut r = cdev(None);
+            if let Receiver::ChallengeDevice { executed_floor, .. } = &mut r {
+                *executed_floor = NOW + 300;
+            }
+            r
+        },
+        b.explicit.to_vec(),
+        "beyond_replay_window",
     ));
     out.push(neg(
         "challenge-expired-challenge",
@@ -1299,15 +1324,17 @@ fn run_receiver(keys: &Keys, r: &Receiver, frame: &[u8]) -> Result<(), Error> {
             outstanding,
             registered,
             executed,
+            executed_floor,
         } => {
             let d = ChallengeDevice::new(device, keys.hmac(key), Policy::default())?;
             let mut table = ChallengeTable::<8>::new(*lifetime_ms);
             for o in outstanding {
                 table.issue(&mut Script::new(&unh(&o.challenge)), o.issued_ms);
             }
-            for id in executed {
-                table.record_executed(MsgId(arr(id)));
+            for e in executed {
+                table.record_executed(MsgId(arr(&e.msg_id)), e.expires_at, |_| false);
             }
+            table.raise_floor(*executed_floor);
             let owned = Owned::new(registered, &[]);
             owned.with(|reg, _| {
                 let clock = Clock { monotonic_ms: *monotonic_ms, unix_secs: *unix_secs };

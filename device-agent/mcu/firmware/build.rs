@@ -171,13 +171,13 @@ fn negatives(code: &mut String, keys: &Value, file: &Value) -> Res<()> {
             .and_then(Value::as_array)
             .into_iter()
             .flatten()
-            .map(|id| bytes(id.as_str().ok_or("executed: not a string")?))
+            .map(|e| Ok(format!("({}, {})", bytes(s(e, "msg_id")?)?, u(e, "expires_at")?)))
             .collect();
         writeln!(
             code,
             "    Negative {{ name: {name:?}, controller: {ctl}, device: {device:?}, key: {key}, arrived_on: {on:?}, \
              frame: {frame}, expected: {exp:?}, monotonic_ms: {mono}, unix_secs: {unix:?}, lifetime_ms: {life}, \
-             outstanding: &[{outstanding}], executed: &[{executed}], registered: {reg}, challenge: {chal}, in_reply_to: {irt}, candidates: {cands} }},",
+             outstanding: &[{outstanding}], executed: &[{executed}], executed_floor: {floor}, registered: {reg}, challenge: {chal}, in_reply_to: {irt}, candidates: {cands} }},",
             name = s(v, "name")?,
             ctl = role == "challenge-controller",
             device = s(r, "device")?,
@@ -189,6 +189,7 @@ fn negatives(code: &mut String, keys: &Value, file: &Value) -> Res<()> {
             life = r.get("lifetime_ms").and_then(Value::as_u64).unwrap_or(0),
             outstanding = outstanding?.join(", "),
             executed = executed?.join(", "),
+            floor = r.get("executed_floor").and_then(Value::as_u64).unwrap_or(0),
             reg = registered(r.get("registered"))?,
             chal = opt_hex(r, "challenge")?,
             irt = opt_hex(r, "in_reply_to")?,

@@ -103,10 +103,15 @@ impl Bench {
     }
 
     fn command(&self, challenge: &[u8; 16], call: &Call<'_>, form: Form, msg: u8) -> Vec<u8> {
+        self.command_issued(challenge, call, form, msg, NOW)
+    }
+
+    /// A command issued at `issued_at`, valid 60 s.
+    fn command_issued(&self, challenge: &[u8; 16], call: &Call<'_>, form: Form, msg: u8, issued_at: u64) -> Vec<u8> {
         let controller = ChallengeController::new(ID, self.key).unwrap();
         let cmd_topic = topic(ID, Channel::Command).unwrap();
         let header =
-            Header { device: ID, topic: &cmd_topic, msg_id: MsgId([msg; 16]), issued_at: NOW, expires_at: NOW + 60 };
+            Header { device: ID, topic: &cmd_topic, msg_id: MsgId([msg; 16]), issued_at, expires_at: issued_at + 60 };
         let mut buf = [0u8; 512];
         let n = controller.command(&header, challenge, call, form, &mut buf).unwrap();
         buf[..n].to_vec()
@@ -157,6 +162,32 @@ fn copies_over_other_challenges_run_once() {
     assert_eq!(b.valve.ran.len(), 1, "the copy ran nothing");
     b.handle(Channel::Command, &b.command(&second, &open, Form::Hidden, 9)).unwrap();
     assert_eq!(b.valve.ran.len(), 2, "the challenge was still good for another command");
+}
+
+/// The review's case: a malicious broker holds a copy back, over a
+/// challenge that stays outstanding, while newer commands push the
+/// original's message id out of the agent's memory (4 entries). Forgetting
+/// raised the floor to the original's expiry, so the copy is still refused;
+/// later commands run.
+#[test]
+fn a_copy_held_back_until_its_id_is_forgotten_still_runs_nothing() {
+    let mut b = bench();
+    let (first, held) = (b.challenge(), b.challenge());
+    let open = Call::new("open", &["25"]).unwrap();
+    b.handle(Channel::Command, &b.command_issued(&first, &open, Form::Hidden, 8, NOW)).unwrap();
+    let copy = b.command_issued(&held, &open, Form::Hidden, 8, NOW);
+    for n in 0..4u8 {
+        let c = b.challenge();
+        let cmd = b.command_issued(&c, &open, Form::Hidden, 20 + n, NOW + 1 + u64::from(n));
+        b.handle(Channel::Command, &cmd).unwrap();
+    }
+    assert_eq!(b.valve.ran.len(), 5);
+    assert!(b.agent.outstanding(b.clock.monotonic_ms) >= 1, "the held challenge is still outstanding");
+    assert_eq!(b.handle(Channel::Command, &copy), Err(Rejected::Envelope(Error::BeyondReplayWindow)));
+    assert_eq!(b.valve.ran.len(), 5, "the copy ran nothing");
+    let later = b.command_issued(&held, &open, Form::Hidden, 30, NOW + 10);
+    b.handle(Channel::Command, &later).unwrap();
+    assert_eq!(b.valve.ran.len(), 6, "a newer command over the same challenge runs");
 }
 
 #[test]

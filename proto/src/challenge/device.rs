@@ -137,8 +137,9 @@ impl<'k> ChallengeDevice<'k> {
     /// Verifies a challenge-mode command that arrived on `arrived_on`.
     ///
     /// Order: decode → header (device, topic, times if a clock is given) →
-    /// challenge outstanding → message id not among the last commands
-    /// verified (a copy of one over another challenge, §6.5) → tag
+    /// challenge outstanding → message id not among the commands verified,
+    /// expiry above the table's floor (a copy of one over another
+    /// challenge, §6.5) → tag
     /// (explicit: one comparison; hidden: every registered command is
     /// tried, in constant time per candidate and without stopping at a
     /// match) → the challenge is used up and the message id remembered.
@@ -148,7 +149,7 @@ impl<'k> ChallengeDevice<'k> {
     ///
     /// # Errors
     /// Any decoding or header error, [`Error::UnknownChallenge`],
-    /// [`Error::Replayed`], [`Error::BadTag`].
+    /// [`Error::Replayed`], [`Error::BeyondReplayWindow`], [`Error::BadTag`].
     pub fn verify_command<'a, const N: usize>(
         &self,
         frame: &'a [u8],
@@ -157,15 +158,15 @@ impl<'k> ChallengeDevice<'k> {
         table: &mut ChallengeTable<N>,
         registry: &'a [Registered<'a>],
     ) -> Result<Verified<'a>> {
-        let (verified, slot) = self.check(frame, arrived_on, clock, registry, |challenge, msg_id| {
+        let (verified, slot) = self.check(frame, arrived_on, clock, registry, |challenge, header| {
             let slot = table.position(challenge, clock.monotonic_ms).ok_or(Error::UnknownChallenge)?;
-            if table.executed(msg_id) {
-                return Err(Error::Replayed);
-            }
+            table.check_executed(&header.msg_id, header.expires_at)?;
             Ok(slot)
         })?;
         table.consume(slot);
-        table.record_executed(verified.header.msg_id);
+        let policy = self.policy;
+        let expired = |exp| clock.unix_secs.is_some_and(|now| !policy.still_valid(exp, now));
+        table.record_executed(verified.header.msg_id, verified.header.expires_at, expired);
         Ok(verified)
     }
 
@@ -181,7 +182,8 @@ impl<'k> ChallengeDevice<'k> {
     ///
     /// # Errors
     /// As [`verify_command`](Self::verify_command), without
-    /// [`Error::UnknownChallenge`] and [`Error::Replayed`].
+    /// [`Error::UnknownChallenge`], [`Error::Replayed`] and
+    /// [`Error::BeyondReplayWindow`].
     pub fn authenticate_copy<'a>(
         &self,
         frame: &'a [u8],
@@ -200,7 +202,7 @@ impl<'k> ChallengeDevice<'k> {
         arrived_on: &str,
         clock: Clock,
         registry: &'a [Registered<'a>],
-        single_use: impl FnOnce(&[u8; CHALLENGE_LEN], &MsgId) -> Result<T>,
+        single_use: impl FnOnce(&[u8; CHALLENGE_LEN], &Header<'a>) -> Result<T>,
     ) -> Result<(Verified<'a>, T)> {
         let CommandBody { header, challenge, call, tag } = decode_command(frame)?;
         header.check_received(self.id, arrived_on)?;
@@ -210,7 +212,7 @@ impl<'k> ChallengeDevice<'k> {
         if let Some(now) = clock.unix_secs {
             self.policy.check_times(header.issued_at, header.expires_at, now)?;
         }
-        let single = single_use(&challenge, &header.msg_id)?;
+        let single = single_use(&challenge, &header)?;
         let (form, registered) = self.check_tag(&header, &challenge, call.as_ref(), &tag, registry)?;
         let call = match (call, registered.and_then(|i| registry.get(i))) {
             (Some(call), _) => call,

@@ -2,8 +2,8 @@
 
 use rand_core::CryptoRng;
 
-use crate::MsgId;
 use crate::limits::CHALLENGE_LEN;
+use crate::{Error, MsgId, Result};
 
 /// A bounded set of outstanding, single-use challenges, and the message ids
 /// of the last commands verified against them.
@@ -20,10 +20,21 @@ use crate::limits::CHALLENGE_LEN;
 /// the same header and message id — tagged over other challenges it
 /// obtained (docs/PROTOCOL.md §6.5). Each copy verifies on its own, so the
 /// device must recognise the message id to run the command once: the table
-/// remembers the ids of the last `N` commands it verified and refuses
-/// another with one of them ([`Error::Replayed`](crate::Error::Replayed)).
-/// Copies are sent within seconds of each other, while `N` commands have to
-/// pass for an id to be forgotten.
+/// remembers the id and expiry of up to `N` commands it verified and
+/// refuses another with one of them ([`Error::Replayed`](crate::Error::Replayed)).
+///
+/// Forgetting must never let a copy through — a malicious broker can hold
+/// one back for as long as some challenge stays outstanding, and a
+/// controller may ask for a fresh challenge after the device forgot. So the
+/// table forgets like the sealed replay cache: an entry whose command has
+/// expired by the device's clock goes freely (its copies fail the time
+/// check); otherwise the entry expiring soonest goes and raises a **floor**
+/// to its `expires_at`, and every command expiring at or before the floor is
+/// refused ([`Error::BeyondReplayWindow`](crate::Error::BeyondReplayWindow)).
+/// The floor compares the controllers' own `expires_at` values, so it works
+/// on a device without a clock. Its price, as for sealed mode: with more
+/// than `N` commands alive at once, an honest command with a shorter
+/// lifetime than those remembered may be refused; a copy never runs.
 ///
 /// Time is a caller-supplied *monotonic* millisecond count (uptime, a tick
 /// counter), not wall-clock time: challenge mode needs no real-time clock. A
@@ -32,9 +43,11 @@ use crate::limits::CHALLENGE_LEN;
 #[derive(Debug, Clone)]
 pub struct ChallengeTable<const N: usize> {
     slots: [Option<Slot>; N],
-    /// Message ids of the last `N` verified commands, a ring.
-    executed: [Option<MsgId>; N],
-    next_executed: usize,
+    /// Message ids and expiries of verified commands.
+    executed: [Option<(MsgId, u64)>; N],
+    /// Commands expiring at or before this are refused: a forgotten
+    /// entry's copies stay out.
+    floor: u64,
     lifetime_ms: u64,
 }
 
@@ -57,7 +70,7 @@ impl<const N: usize> ChallengeTable<N> {
     #[must_use]
     pub const fn new(lifetime_ms: u64) -> Self {
         let () = Self::NOT_EMPTY;
-        ChallengeTable { slots: [None; N], executed: [None; N], next_executed: 0, lifetime_ms }
+        ChallengeTable { slots: [None; N], executed: [None; N], floor: 0, lifetime_ms }
     }
 
     /// How long a challenge stays valid, in milliseconds.
@@ -101,20 +114,52 @@ impl<const N: usize> ChallengeTable<N> {
         }
     }
 
-    /// Whether a command with message id `id` was verified here lately.
-    #[must_use]
-    pub fn executed(&self, id: &MsgId) -> bool {
-        self.executed.iter().any(|e| e.as_ref() == Some(id))
+    /// Refuses a command this table already verified, or one it cannot
+    /// vouch for (expiring at or before the floor).
+    ///
+    /// # Errors
+    /// [`Error::Replayed`], [`Error::BeyondReplayWindow`].
+    pub fn check_executed(&self, id: &MsgId, expires_at: u64) -> Result<()> {
+        if self.executed.iter().flatten().any(|(e, _)| e == id) {
+            return Err(Error::Replayed);
+        }
+        if expires_at <= self.floor {
+            return Err(Error::BeyondReplayWindow);
+        }
+        Ok(())
     }
 
-    /// Remembers a verified command's message id, forgetting the oldest
+    /// Remembers a verified command. When all `N` entries are taken, one
+    /// whose command `expired` (by the device's clock, if it has one) goes
+    /// first; else the one expiring soonest goes and raises the floor.
     /// ([`ChallengeDevice::verify_command`](super::ChallengeDevice::verify_command)
-    /// does this; a device that restores its memory calls it directly).
-    pub fn record_executed(&mut self, id: MsgId) {
-        if let Some(e) = self.executed.get_mut(self.next_executed) {
-            *e = Some(id);
+    /// does this; a device that restores its memory calls it directly.)
+    pub fn record_executed(&mut self, id: MsgId, expires_at: u64, expired: impl Fn(u64) -> bool) {
+        let victim = self.executed.iter_mut().min_by_key(|e| match e {
+            None => (0, 0),
+            Some((_, exp)) if expired(*exp) => (0, 0),
+            Some((_, exp)) => (1, *exp),
+        });
+        if let Some(v) = victim {
+            if let Some((_, exp)) = *v
+                && !expired(exp)
+            {
+                self.floor = self.floor.max(exp);
+            }
+            *v = Some((id, expires_at));
         }
-        self.next_executed = (self.next_executed + 1) % N;
+    }
+
+    /// Commands expiring at or before this are refused.
+    #[must_use]
+    pub fn floor(&self) -> u64 {
+        self.floor
+    }
+
+    /// Refuses, from now on, every command expiring at or before `floor`
+    /// (the floor never goes down): for a device restoring its memory.
+    pub fn raise_floor(&mut self, floor: u64) {
+        self.floor = self.floor.max(floor);
     }
 
     /// Whether `challenge` is outstanding at `now_ms`.
@@ -190,16 +235,28 @@ mod tests {
         assert_eq!(t.outstanding(160), 2);
     }
 
+    /// The review's case: a copy held back over a challenge that stays
+    /// outstanding while newer commands push its id out. Forgetting raises
+    /// the floor, so the copy is refused all the same; a command that has
+    /// expired by the device's clock is forgotten without raising it.
     #[test]
-    fn the_last_n_message_ids_are_remembered() {
+    fn forgotten_message_ids_stay_refused() {
         let mut t = ChallengeTable::<2>::new(100);
         let id = |n| MsgId([n; 16]);
-        t.record_executed(id(1));
-        t.record_executed(id(2));
-        assert!(t.executed(&id(1)) && t.executed(&id(2)) && !t.executed(&id(3)));
-        t.record_executed(id(3));
-        assert!(!t.executed(&id(1)), "the oldest is forgotten first");
-        assert!(t.executed(&id(2)) && t.executed(&id(3)));
+        let never = |_| false;
+        t.record_executed(id(1), 160, never);
+        t.record_executed(id(2), 150, never);
+        assert_eq!(t.check_executed(&id(1), 160), Err(Error::Replayed));
+        assert_eq!(t.check_executed(&id(3), 170), Ok(()));
+        t.record_executed(id(3), 170, never);
+        assert_eq!(t.floor(), 150, "the soonest-expiring went, raising the floor");
+        assert_eq!(t.check_executed(&id(2), 150), Err(Error::BeyondReplayWindow), "its copy stays out");
+        assert_eq!(t.check_executed(&id(1), 160), Err(Error::Replayed), "the longer-lived one is kept");
+        assert_eq!(t.check_executed(&id(4), 151), Ok(()), "newer commands pass");
+        // With a clock: an expired command goes without raising the floor.
+        t.record_executed(id(4), 180, |exp| exp <= 160);
+        assert_eq!(t.floor(), 150);
+        assert_eq!(t.check_executed(&id(3), 170), Err(Error::Replayed));
     }
 
     #[test]

@@ -203,8 +203,9 @@ def negative(v: dict, keys: Keys) -> str:
             )
             for o in r["outstanding"]:
                 dev.issue(bytes.fromhex(o["challenge"]), o["issued_ms"])
-            for msg_id in r.get("executed", []):
-                dev.record_executed(bytes.fromhex(msg_id))
+            for e in r.get("executed", []):
+                dev.record_executed(bytes.fromhex(e["msg_id"]), e["expires_at"])
+            dev.floor = r.get("executed_floor", 0)
             dev.verify_command(frame, r["arrived_on"], r["monotonic_ms"], r["unix_secs"])
         elif role == "challenge-controller":
             m.open_challenge_response(

@@ -558,15 +558,23 @@ class ChallengeDevice:
         self.lifetime_ms = lifetime_ms
         self.registered = registered
         self.outstanding: list[tuple[bytes, int]] = []  # (challenge, issued_ms)
-        # §6.1: msg_ids of the last commands verified, as many as there are
-        # challenge slots (16 here); a copy of one is `replayed`.
-        self.executed: list[bytes] = []
+        # §6.1: the commands verified, (msg_id, expires_at), at most 16; a
+        # copy of one is `replayed`. Forgetting one raises the floor to its
+        # expiry, and what expires at or below the floor is refused.
+        self.executed: list[tuple[bytes, int]] = []
+        self.floor = 0
 
     def issue(self, challenge: bytes, now_ms: int) -> None:
         self.outstanding.append((challenge, now_ms))
 
-    def record_executed(self, msg_id: bytes) -> None:
-        self.executed = (self.executed + [msg_id])[-16:]
+    def record_executed(self, msg_id: bytes, expires_at: int, unix_secs: int | None = None) -> None:
+        if len(self.executed) >= 16:
+            expired = [e for e in self.executed if unix_secs is not None and unix_secs >= e[1] + SKEW]
+            victim = expired[0] if expired else min(self.executed, key=lambda e: e[1])
+            if not expired:
+                self.floor = max(self.floor, victim[1])
+            self.executed.remove(victim)
+        self.executed.append((msg_id, expires_at))
 
     def verify_command(
         self, frame: bytes, arrived_on: str, now_ms: int, unix_secs: int | None
@@ -585,8 +593,10 @@ class ChallengeDevice:
         live = [c for c, issued in self.outstanding if now_ms < issued + self.lifetime_ms]
         if challenge not in live:
             raise Rejected("unknown_challenge")
-        if header.msg_id in self.executed:
+        if any(header.msg_id == m for m, _ in self.executed):
             raise Rejected("replayed")
+        if header.expires_at <= self.floor:
+            raise Rejected("beyond_replay_window")
         if call is not None:
             form = EXPLICIT
             if not hmac.compare_digest(tag(self.key, command_mac_input(form, challenge, header, call)), got):
@@ -603,7 +613,7 @@ class ChallengeDevice:
                 raise Rejected("bad_tag")
             call = matches[0]
         self.outstanding = [(c, i) for c, i in self.outstanding if c != challenge]
-        self.record_executed(header.msg_id)
+        self.record_executed(header.msg_id, header.expires_at, unix_secs)
         return header, call, form
 
 

@@ -191,9 +191,10 @@ fn negative(v: &Negative) -> Result<(), &'static str> {
         for (challenge, issued_ms) in v.outstanding {
             table.issue(&mut Script(challenge), *issued_ms);
         }
-        for id in v.executed {
-            table.record_executed(MsgId(arr(id)?));
+        for (id, expires_at) in v.executed {
+            table.record_executed(MsgId(arr(id)?), *expires_at, |_| false);
         }
+        table.raise_floor(v.executed_floor);
         let clock = Clock { monotonic_ms: v.monotonic_ms, unix_secs: v.unix_secs };
         ChallengeDevice::new(v.device, &key, Policy::default())
             .and_then(|d| d.verify_command(frame, v.arrived_on, clock, &mut table, v.registered).map(drop))
