@@ -23,10 +23,13 @@
 //! flight to end (within the login's deadline): if they succeed — a fleet
 //! behind one NAT address, parallel `mqseal send`s of one account — it goes
 //! on; if their failures spend the budget, it is refused unchecked, the
-//! right password included. A burst therefore gets at most
-//! `free_failures` checks; one attempt at a time gets exactly what it got
-//! before (the free failures, then the one whose failure locks, then one per
-//! lockout).
+//! right password included. And once a key has seen logins wait, the
+//! failure that spends its free failures locks it at once (for
+//! `base_delay`), so that a straggler of the same burst, arriving after
+//! the checks ended, is not taken for an attempt made on its own. A burst
+//! therefore gets at most `free_failures` checks; one attempt at a time
+//! gets exactly what it got before (the free failures, then the one whose
+//! failure locks, then one per lockout).
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -58,6 +61,9 @@ struct Entry {
     last_failure: Instant,
     /// Wakes logins waiting for a check in flight to end.
     ended: Arc<Notify>,
+    /// Logins had to wait since the last success: concurrent attempts
+    /// beyond the free failures, a burst.
+    contended: bool,
 }
 
 impl Entry {
@@ -125,13 +131,23 @@ impl<K: Eq + Hash + Clone> Throttle<K> {
                 e.in_flight = e.in_flight.saturating_add(1);
                 return Reservation::Admitted;
             }
-            return if e.in_flight == 0 { Reservation::Locked } else { Reservation::Wait(e.ended.clone()) };
+            if e.in_flight == 0 {
+                return Reservation::Locked;
+            }
+            e.contended = true;
+            return Reservation::Wait(e.ended.clone());
         }
         if entries.len() >= self.capacity {
             self.evict(&mut entries, now);
         }
-        let entry =
-            Entry { failures: 0, in_flight: 1, locked_until: None, last_failure: now, ended: Arc::new(Notify::new()) };
+        let entry = Entry {
+            failures: 0,
+            in_flight: 1,
+            locked_until: None,
+            last_failure: now,
+            ended: Arc::new(Notify::new()),
+            contended: false,
+        };
         entries.insert(key.clone(), entry);
         Reservation::Admitted
     }
@@ -168,6 +184,7 @@ impl<K: Eq + Hash + Clone> Throttle<K> {
         let entry = entries.get_mut(key)?;
         entry.in_flight = entry.in_flight.saturating_sub(1);
         entry.ended.notify_waiters();
+        let mut locked = None;
         match outcome {
             Outcome::Neither => {}
             Outcome::Cleared => {
@@ -177,21 +194,33 @@ impl<K: Eq + Hash + Clone> Throttle<K> {
             Outcome::Failed => {
                 entry.failures = entry.failures_at(now, &policy).saturating_add(1);
                 entry.last_failure = now;
-                if entry.failures > policy.free_failures {
+                let delay = if entry.failures > policy.free_failures {
                     let doublings = (entry.failures - policy.free_failures - 1).min(20);
-                    let delay = policy.base_delay.saturating_mul(1u32 << doublings).min(policy.max_delay);
+                    Some(policy.base_delay.saturating_mul(1u32 << doublings).min(policy.max_delay))
+                } else if entry.contended && entry.failures == policy.free_failures {
+                    // A burst spent the free failures: lock now, as the
+                    // next failure would, so no straggler gets that check.
+                    Some(policy.base_delay)
+                } else {
+                    None
+                };
+                if let Some(delay) = delay {
                     // The configuration bounds max_delay (a week), so this
                     // cannot overflow; if it did, the lock stays as it was.
-                    let until = now.checked_add(delay).or(entry.locked_until);
-                    entry.locked_until = until;
-                    return until;
+                    entry.locked_until = now.checked_add(delay).or(entry.locked_until);
+                    locked = entry.locked_until;
                 }
             }
         }
-        if entry.in_flight == 0 && entry.failures == 0 && entry.locked_until.is_none() {
-            entries.remove(key);
+        // The burst is over once nothing is in flight: a lock it earned is
+        // already set, and its waiters have been woken to see it.
+        if entry.in_flight == 0 {
+            entry.contended = false;
+            if entry.failures == 0 && entry.locked_until.is_none() {
+                entries.remove(key);
+            }
         }
-        None
+        locked
     }
 
     /// Drops forgotten entries, then the oldest quarter if still full.
@@ -280,13 +309,16 @@ mod tests {
         assert!(decisions.iter().skip(2).all(|d| matches!(d, Reservation::Wait(_))), "the rest wait");
         assert_eq!(t.end(&"u", Outcome::Failed, now), None);
         assert!(matches!(t.reserve(&"u", now, true), Reservation::Wait(_)), "one failure, one in flight");
-        assert_eq!(t.end(&"u", Outcome::Failed, now), None);
-        // The burst's failures spent the budget: its waiters are refused.
+        assert_eq!(t.end(&"u", Outcome::Failed, now), Some(now + Duration::from_secs(1)), "locked at once");
+        // The burst's failures spent the budget: it is locked at once, its
+        // waiters refused, and a straggler arriving on its own too.
         assert!(matches!(t.reserve(&"u", now, true), Reservation::Locked));
-        // An attempt made on its own gets the check whose failure locks.
-        assert!(admitted(&t, &"u", now));
-        assert_eq!(t.end(&"u", Outcome::Failed, now), Some(now + Duration::from_secs(1)));
-        assert!(!admitted(&t, &"u", now));
+        assert!(!admitted(&t, &"u", now), "a straggler of the burst");
+        // After the lock, an attempt made on its own is checked, as before.
+        let later = now + Duration::from_secs(1);
+        assert!(admitted(&t, &"u", later));
+        assert_eq!(t.end(&"u", Outcome::Failed, later), Some(later + Duration::from_secs(1)));
+        assert!(!admitted(&t, &"u", later));
         // An abandoned check (login timeout, store down) frees its slot
         // without counting.
         let t = Throttle::new(policy(), 100);

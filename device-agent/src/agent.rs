@@ -24,7 +24,9 @@ use crate::exec::Ran;
 use crate::state::{Journal, ReplyContext, StateError, StateFile, Stored, challenge_key, sealed_key};
 
 /// Outstanding challenges a device keeps: enough for several controllers
-/// (and their retries) at once; a flood only evicts the oldest.
+/// (and their retries) at once; a flood only evicts the oldest. Copies of
+/// a command over several of them run once because the journal knows its
+/// message id (docs/PROTOCOL.md §6.5).
 pub const CHALLENGE_SLOTS: usize = 16;
 
 /// The caller's clock.
@@ -150,7 +152,8 @@ pub struct Agent {
     keys: Keys,
     policy: Policy,
     replay: ReplayCache,
-    challenges: ChallengeTable<CHALLENGE_SLOTS>,
+    /// Remembers no message ids itself: the journal does, on disk (`M = 0`).
+    challenges: ChallengeTable<CHALLENGE_SLOTS, 0>,
     journal: Journal,
     commands: BTreeMap<String, CommandSpec>,
     /// Hidden-form candidates: (name, args).
@@ -361,6 +364,9 @@ impl Agent {
         let registry = registry(&self.hidden, &args);
         let clock = Clock { monotonic_ms: now.mono_ms, unix_secs: Some(now.unix) };
         let v = device.verify_command(frame, topic, clock, &mut self.challenges, &registry)?;
+        if v.header.expires_at <= self.journal.challenge_floor() {
+            return Err(Error::BeyondReplayWindow.into());
+        }
         Ok(Job {
             name: v.call.name.to_owned(),
             args: Zeroizing::new(v.call.args.iter().map(str::to_owned).collect()),

@@ -152,9 +152,18 @@ struct EntryV1 {
 
 /// The response journal, keyed by command identity ([`sealed_key`],
 /// [`challenge_key`]).
+///
+/// It is also what keeps a challenge-mode command from running twice (the
+/// agent's challenge table remembers no ids of its own), so it forgets the
+/// way `proto`'s tables do: beyond [`JOURNAL_CAPACITY`] live entries, the
+/// one expiring soonest goes and, for a challenge-mode command, raises a
+/// floor — a challenge-mode command expiring at or before it is refused, so
+/// a copy of a forgotten command never runs (docs/PROTOCOL.md §6.1).
+/// Sealed commands have the replay cache's own floor.
 #[derive(Clone, Debug, Default)]
 pub struct Journal {
     entries: BTreeMap<[u8; 32], Entry>,
+    challenge_floor: u64,
 }
 
 impl Journal {
@@ -184,13 +193,23 @@ impl Journal {
     }
 
     /// Forgets entries that can no longer matter at `now`, then the
-    /// soonest-expiring ones beyond [`JOURNAL_CAPACITY`].
+    /// soonest-expiring ones beyond [`JOURNAL_CAPACITY`] (raising the
+    /// challenge-mode floor for those).
     pub fn prune(&mut self, now: u64, skew: u64) {
         self.entries.retain(|_, e| now < e.expires_at.saturating_add(skew));
         while self.entries.len() > JOURNAL_CAPACITY {
             let Some(oldest) = self.entries.iter().min_by_key(|(_, e)| e.expires_at).map(|(k, _)| *k) else { break };
-            self.entries.remove(&oldest);
+            if let Some(e) = self.entries.remove(&oldest)
+                && !matches!(e.reply, Some(ReplyContext::Sealed { .. }))
+            {
+                self.challenge_floor = self.challenge_floor.max(e.expires_at);
+            }
         }
+    }
+
+    /// Challenge-mode commands expiring at or before this are refused.
+    pub fn challenge_floor(&self) -> u64 {
+        self.challenge_floor
     }
 
     /// Entries held.
@@ -208,6 +227,7 @@ impl Journal {
 struct Persisted {
     replay: Vec<u8>,
     journal: Vec<([u8; 32], Entry)>,
+    challenge_floor: u64,
 }
 
 #[derive(Deserialize)]
@@ -288,19 +308,19 @@ impl StateFile {
                     let key = e.reply.map_or(hash, |r| r.key());
                     (key, Entry { expires_at: e.expires_at, response: e.response, reply: e.reply, digest: Some(hash) })
                 });
-                Persisted { replay: v2.replay, journal: journal.collect() }
+                Persisted { replay: v2.replay, journal: journal.collect(), challenge_floor: 0 }
             }
             Some((1, body)) => {
                 let v1: PersistedV1 = postcard::from_bytes(body).map_err(|_| corrupt("undecodable"))?;
                 let journal = v1.journal.into_iter().map(|(hash, e)| {
                     (hash, Entry { expires_at: e.expires_at, response: e.response, reply: None, digest: Some(hash) })
                 });
-                Persisted { replay: v1.replay, journal: journal.collect() }
+                Persisted { replay: v1.replay, journal: journal.collect(), challenge_floor: 0 }
             }
             Some(_) => return Err(corrupt("unknown format version")),
             None => return Err(corrupt("empty file")),
         };
-        Ok(Some((p.replay, Journal { entries: p.journal.into_iter().collect() })))
+        Ok(Some((p.replay, Journal { entries: p.journal.into_iter().collect(), challenge_floor: p.challenge_floor })))
     }
 
     /// Saves atomically and durably: after this returns, a power cut leaves
@@ -313,6 +333,7 @@ impl StateFile {
         let p = Persisted {
             replay: replay.to_vec(),
             journal: journal.entries.iter().map(|(k, e)| (*k, e.clone())).collect(),
+            challenge_floor: journal.challenge_floor,
         };
         let mut bytes = vec![VERSION];
         bytes = postcard::to_extend(&p, bytes).map_err(|_| StateError::Corrupt {
@@ -459,5 +480,13 @@ mod tests {
         j.prune(20, 5);
         assert_eq!(j.len(), JOURNAL_CAPACITY);
         assert!(j.get(&challenge_ctx(2, 100).key()).is_none(), "the soonest-expiring went first");
+        assert_eq!(j.challenge_floor(), 100, "a forgotten challenge-mode command raised the floor");
+        // Sealed ones leave it to the replay cache.
+        for i in 0..10 {
+            let ctx = ReplyContext::Sealed { sender: [2; 32], msg_id: [i; 16], expires_at: 900 };
+            j.begin(ctx, 900, [0; 32]);
+        }
+        j.prune(20, 5);
+        assert_eq!(j.challenge_floor(), 100);
     }
 }

@@ -112,10 +112,10 @@ impl<'k> ChallengeDevice<'k> {
     // microcontroller a caller's frame then holds one of these paths at a
     // time, not the sum of all three.
     #[inline(never)]
-    pub fn answer_request<const N: usize, R: CryptoRng + ?Sized>(
+    pub fn answer_request<const N: usize, const M: usize, R: CryptoRng + ?Sized>(
         &self,
         request: &[u8],
-        table: &mut ChallengeTable<N>,
+        table: &mut ChallengeTable<N, M>,
         rng: &mut R,
         now_ms: u64,
         out: &mut [u8],
@@ -150,12 +150,12 @@ impl<'k> ChallengeDevice<'k> {
     /// # Errors
     /// Any decoding or header error, [`Error::UnknownChallenge`],
     /// [`Error::Replayed`], [`Error::BeyondReplayWindow`], [`Error::BadTag`].
-    pub fn verify_command<'a, const N: usize>(
+    pub fn verify_command<'a, const N: usize, const M: usize>(
         &self,
         frame: &'a [u8],
         arrived_on: &str,
         clock: Clock,
-        table: &mut ChallengeTable<N>,
+        table: &mut ChallengeTable<N, M>,
         registry: &'a [Registered<'a>],
     ) -> Result<Verified<'a>> {
         let (verified, slot) = self.check(frame, arrived_on, clock, registry, |challenge, header| {

@@ -20,8 +20,11 @@ use crate::{Error, MsgId, Result};
 /// the same header and message id — tagged over other challenges it
 /// obtained (docs/PROTOCOL.md §6.5). Each copy verifies on its own, so the
 /// device must recognise the message id to run the command once: the table
-/// remembers the id and expiry of up to `N` commands it verified and
-/// refuses another with one of them ([`Error::Replayed`](crate::Error::Replayed)).
+/// remembers the id and expiry of up to `M` commands it verified (`N`
+/// unless the type says otherwise) and refuses another with one of them
+/// ([`Error::Replayed`](crate::Error::Replayed)). A device that
+/// deduplicates commands itself, with more memory, may choose `M = 0`
+/// (`mqseal-agent` keeps a journal on disk, with the same floor rule).
 ///
 /// Forgetting must never let a copy through — a malicious broker can hold
 /// one back for as long as some challenge stays outstanding, and a
@@ -33,18 +36,19 @@ use crate::{Error, MsgId, Result};
 /// refused ([`Error::BeyondReplayWindow`](crate::Error::BeyondReplayWindow)).
 /// The floor compares the controllers' own `expires_at` values, so it works
 /// on a device without a clock. Its price, as for sealed mode: with more
-/// than `N` commands alive at once, an honest command with a shorter
-/// lifetime than those remembered may be refused; a copy never runs.
+/// than `M` commands alive at once, an honest command expiring no later
+/// than one forgotten — a shorter lifetime, or the same second when more
+/// than `M` commands arrive within one — is refused; a copy never runs.
 ///
 /// Time is a caller-supplied *monotonic* millisecond count (uptime, a tick
 /// counter), not wall-clock time: challenge mode needs no real-time clock. A
 /// device with no timer at all may pass `0` every time; challenges then never
 /// expire by time and are only retired by use or eviction.
 #[derive(Debug, Clone)]
-pub struct ChallengeTable<const N: usize> {
+pub struct ChallengeTable<const N: usize, const M: usize = N> {
     slots: [Option<Slot>; N],
     /// Message ids and expiries of verified commands.
-    executed: [Option<(MsgId, u64)>; N],
+    executed: [Option<(MsgId, u64)>; M],
     /// Commands expiring at or before this are refused: a forgotten
     /// entry's copies stay out.
     floor: u64,
@@ -63,14 +67,14 @@ impl Slot {
     }
 }
 
-impl<const N: usize> ChallengeTable<N> {
+impl<const N: usize, const M: usize> ChallengeTable<N, M> {
     const NOT_EMPTY: () = assert!(N > 0, "a challenge table needs at least one slot");
 
     /// An empty table whose challenges live `lifetime_ms` milliseconds.
     #[must_use]
     pub const fn new(lifetime_ms: u64) -> Self {
         let () = Self::NOT_EMPTY;
-        ChallengeTable { slots: [None; N], executed: [None; N], floor: 0, lifetime_ms }
+        ChallengeTable { slots: [None; N], executed: [None; M], floor: 0, lifetime_ms }
     }
 
     /// How long a challenge stays valid, in milliseconds.
@@ -129,7 +133,8 @@ impl<const N: usize> ChallengeTable<N> {
         Ok(())
     }
 
-    /// Remembers a verified command. When all `N` entries are taken, one
+    /// Remembers a verified command (nothing with `M = 0`). When all `M`
+    /// entries are taken, one
     /// whose command `expired` (by the device's clock, if it has one) goes
     /// first; else the one expiring soonest goes and raises the floor.
     /// ([`ChallengeDevice::verify_command`](super::ChallengeDevice::verify_command)
