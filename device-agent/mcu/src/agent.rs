@@ -145,7 +145,7 @@ impl Reply {
 /// controllers, or retries); a flood of requests only evicts the oldest.
 /// It is also how many message ids of verified commands the agent
 /// remembers, so that a controller's copies of one command over other
-/// challenges run once (docs/PROTOCOL.md §6.5). Each slot is 32 + 17 bytes.
+/// challenges run once (docs/PROTOCOL.md §6.5). Each slot is 32 + 32 bytes.
 pub struct Agent<'k, const SLOTS: usize = 4> {
     device: ChallengeDevice<'k>,
     challenges: ChallengeTable<SLOTS>,
