@@ -20,7 +20,7 @@ use mqseal_store::{Algorithm, AnyStore, CredentialStore, Role, UserRecord, hash}
 use zeroize::Zeroizing;
 
 use crate::config::{AuthConfig, ThrottleConfig};
-use crate::metrics::Metrics;
+use crate::metrics::{LogEvery, Metrics};
 use crate::pending::Origin;
 use crate::throttle::{Outcome, Policy, Throttle};
 
@@ -80,7 +80,7 @@ pub struct Authenticator {
     /// By source address; IPv6 by its /64, as the login share counts them.
     addresses: Throttle<Origin>,
     metrics: Arc<Metrics>,
-    last_unavailable_log: Mutex<Option<Instant>>,
+    unavailable_log: LogEvery,
     hashing: Arc<Semaphore>,
 }
 
@@ -134,7 +134,7 @@ impl Authenticator {
             users: Throttle::new(policy(throttle.user_free_failures), THROTTLE_CAPACITY),
             addresses: Throttle::new(policy(throttle.address_free_failures), THROTTLE_CAPACITY),
             metrics,
-            last_unavailable_log: Mutex::new(None),
+            unavailable_log: LogEvery::default(),
             // PBKDF2 is hundreds of milliseconds of CPU per login. Without a
             // bound, a flood of password attempts from many addresses (each
             // under its throttle) would queue one blocking thread per attempt
@@ -244,11 +244,7 @@ impl Authenticator {
     /// enough to fill a disk during a long outage.
     fn store_failed(&self, error: &mqseal_store::StoreError) {
         Metrics::inc(&self.metrics.store_errors_total);
-        let Ok(mut last) = self.last_unavailable_log.lock() else { return };
-        let now = Instant::now();
-        let interval = Duration::from_secs(self.config.revalidate_secs.max(10));
-        if last.is_none_or(|t| now.saturating_duration_since(t) >= interval) {
-            *last = Some(now);
+        if self.unavailable_log.due(Duration::from_secs(self.config.revalidate_secs.max(10))) {
             tracing::error!(store = %self.store.describe(), %error, "credential store unreachable; new logins fail closed");
         }
     }

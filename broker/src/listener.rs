@@ -13,7 +13,7 @@
 //! refusal pool on the one client that is crowding the others out.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -25,7 +25,7 @@ use tracing::{debug, info, warn};
 
 use crate::codec::{self, Version};
 use crate::config::Limits;
-use crate::metrics::Metrics;
+use crate::metrics::{LogEvery, Metrics};
 use crate::pending::{Pending, PendingLogins, Refused};
 use crate::session::{self, ListenerKind, Shared};
 use crate::ws;
@@ -54,9 +54,8 @@ pub struct Gates {
     pub refusals: Arc<Semaphore>,
     /// Logins in progress, overall and per address.
     pub logins: Arc<PendingLogins>,
-    /// When an address was last logged as refused (at most every
-    /// [`REFUSAL_LOG_EVERY`], so a flood cannot fill the disk).
-    last_origin_log: Arc<Mutex<Option<Instant>>>,
+    /// Addresses over their cap are logged at most every [`REFUSAL_LOG_EVERY`].
+    origin_log: Arc<LogEvery>,
 }
 
 /// How often a refused over-cap address is logged; the counter counts all.
@@ -74,15 +73,12 @@ impl Gates {
                 limits.max_pending_logins_per_address,
                 metrics,
             ),
-            last_origin_log: Arc::new(Mutex::new(None)),
+            origin_log: Arc::default(),
         }
     }
 
     fn log_origin_refusal(&self, peer: SocketAddr, listener: &'static str, per_address: usize) {
-        let Ok(mut last) = self.last_origin_log.lock() else { return };
-        let now = Instant::now();
-        if last.is_none_or(|t| now.saturating_duration_since(t) >= REFUSAL_LOG_EVERY) {
-            *last = Some(now);
+        if self.origin_log.due(REFUSAL_LOG_EVERY) {
             warn!(%peer, listener, per_address,
                   "refused: this address already has limits.max_pending_logins_per_address logins in progress \
                    (further refusals counted in mqseal_connections_refused_address_total, logged every 10 s)");
@@ -110,42 +106,40 @@ pub async fn run(listener: Listener, shared: Arc<Shared>, gates: Gates) {
         let tls = listener.tls.clone();
         let websocket = listener.websocket;
         let kind = listener.kind;
-        let admitted = match gates.connections.clone().try_acquire_owned() {
-            Ok(permit) => gates.logins.admit(peer.ip()).map(|pending| (permit, pending)),
+        match gates.connections.clone().try_acquire_owned() {
             Err(_) => {
                 Metrics::inc(&metrics.connections_refused_limit_total);
                 info!(%peer, listener = kind.name, "refused: connection limit reached");
-                Err(Refused::Full)
             }
-        };
-        match admitted {
-            Ok((permit, pending)) => {
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    Metrics::inc(&shared.metrics.connections_active);
-                    handle(socket, peer, deadline, kind, tls, websocket, pending, shared.clone()).await;
-                    Metrics::dec(&shared.metrics.connections_active);
-                    drop(permit);
-                });
-            }
-            Err(Refused::Origin) => {
-                Metrics::inc(&metrics.connections_refused_address_total);
-                gates.log_origin_refusal(peer, kind.name, shared.config.limits.max_pending_logins_per_address);
-                drop(socket);
-            }
-            Err(Refused::Full) => {
-                if gates.connections.available_permits() > 0 {
+            Ok(permit) => match gates.logins.admit(peer.ip()) {
+                Ok(pending) => {
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        Metrics::inc(&shared.metrics.connections_active);
+                        handle(socket, peer, deadline, kind, tls, websocket, pending, shared.clone()).await;
+                        Metrics::dec(&shared.metrics.connections_active);
+                        drop(permit);
+                    });
+                    continue;
+                }
+                Err(Refused::Origin) => {
+                    Metrics::inc(&metrics.connections_refused_address_total);
+                    gates.log_origin_refusal(peer, kind.name, shared.config.limits.max_pending_logins_per_address);
+                    continue;
+                }
+                Err(Refused::Full) => {
                     Metrics::inc(&metrics.connections_refused_logins_total);
                     debug!(%peer, listener = kind.name, "refused: the share of slots for logins in progress is in use");
                 }
-                if let Ok(permit) = gates.refusals.clone().try_acquire_owned() {
-                    let metrics = metrics.clone();
-                    tokio::spawn(async move {
-                        refuse_busy(socket, deadline, tls, websocket, &metrics).await;
-                        drop(permit);
-                    });
-                }
-            }
+            },
+        }
+        // Over a limit: answered with a CONNACK while the refusal pool has room.
+        if let Ok(permit) = gates.refusals.clone().try_acquire_owned() {
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                refuse_busy(socket, deadline, tls, websocket, &metrics).await;
+                drop(permit);
+            });
         }
     }
 }

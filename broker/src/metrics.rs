@@ -8,9 +8,9 @@
 //! the dependency tree.
 
 use std::fmt::Write as _;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -67,6 +67,29 @@ counters! {
     bytes_in_total: "counter", "Bytes read from client sockets.";
     bytes_out_total: "counter", "Bytes written to client sockets.";
     store_errors_total: "counter", "Credential store calls that failed or timed out.";
+}
+
+/// At most one log line per interval for something that can come in
+/// floods (a store outage, an address over its cap): the counter counts
+/// every occurrence, the log says that it is happening, and a flood
+/// cannot fill the disk.
+#[derive(Debug, Default)]
+pub struct LogEvery {
+    last: Mutex<Option<Instant>>,
+}
+
+impl LogEvery {
+    /// Whether a line may be logged now; if so, the next may not be before
+    /// `interval` has passed.
+    pub fn due(&self, interval: Duration) -> bool {
+        let Ok(mut last) = self.last.lock() else { return false };
+        let now = Instant::now();
+        let due = last.is_none_or(|t| now.saturating_duration_since(t) >= interval);
+        if due {
+            *last = Some(now);
+        }
+        due
+    }
 }
 
 impl Metrics {

@@ -267,8 +267,9 @@ mod tests {
         matches!(t.reserve(key, now, false), Reservation::Admitted)
     }
 
-    /// One attempt at a time: the check reserved, then ended.
-    fn fail(t: &Throttle<&'static str>, key: &'static str, now: Instant) -> Option<Option<Instant>> {
+    /// One attempt at a time: the check reserved (`None` if refused), then
+    /// ended as a failure.
+    fn fail<K: Eq + Hash + Clone>(t: &Throttle<K>, key: K, now: Instant) -> Option<Option<Instant>> {
         admitted(t, &key, now).then(|| t.end(&key, Outcome::Failed, now))
     }
 
@@ -361,21 +362,16 @@ mod tests {
     fn counts_are_forgotten_and_the_table_is_bounded() {
         let t = Throttle::new(policy(), 8);
         let now = Instant::now();
-        fail_u32(&t, 0, now);
-        fail_u32(&t, 0, now);
+        fail(&t, 0u32, now).expect("admitted");
+        fail(&t, 0u32, now).expect("admitted");
         // A failure long after the last one starts from zero.
-        assert_eq!(fail_u32(&t, 0, now + Duration::from_secs(61)), None);
+        assert_eq!(fail(&t, 0u32, now + Duration::from_secs(61)), Some(None));
         // A check in flight survives eviction.
         assert!(admitted(&t, &1000, now + Duration::from_secs(62)));
         for k in 1..100u32 {
-            fail_u32(&t, k, now + Duration::from_secs(62));
+            fail(&t, k, now + Duration::from_secs(62)).expect("admitted");
         }
         assert!(t.len() <= 8);
         assert_eq!(t.end(&1000, Outcome::Neither, now + Duration::from_secs(62)), None);
-    }
-
-    fn fail_u32(t: &Throttle<u32>, key: u32, now: Instant) -> Option<Instant> {
-        assert!(admitted(t, &key, now));
-        t.end(&key, Outcome::Failed, now)
     }
 }

@@ -200,7 +200,7 @@ impl<'k> Exchange<'k> {
     /// When [`on_timer`](Self::on_timer) has something to do.
     pub fn next_timer(&self) -> Option<Instant> {
         match &self.state {
-            State::Challenge(c) if c.requests.len() < MAX_COPIES && c.used.len() < MAX_COPIES => Some(c.fallback_at),
+            State::Challenge(c) if c.may_ask_again() => Some(c.fallback_at),
             _ => None,
         }
     }
@@ -300,7 +300,7 @@ impl<'k> Exchange<'k> {
     /// another challenge (whose answer gets a copy).
     pub fn on_timer<R: CryptoRng + ?Sized>(&mut self, now: Instant, rng: &mut R) -> Option<Out> {
         let State::Challenge(copies) = &mut self.state else { return None };
-        if now < copies.fallback_at || copies.requests.len() >= MAX_COPIES || copies.used.len() >= MAX_COPIES {
+        if now < copies.fallback_at || !copies.may_ask_again() {
             return None;
         }
         let out = copies.request(&self.device, self.keys, rng);
@@ -329,6 +329,11 @@ impl<'k> Exchange<'k> {
 }
 
 impl Copies {
+    /// Whether another request (and the copy its answer gets) is allowed.
+    fn may_ask_again(&self) -> bool {
+        self.requests.len() < MAX_COPIES && self.used.len() < MAX_COPIES
+    }
+
     /// A challenge request for this command, remembered.
     fn request<R: CryptoRng + ?Sized>(&mut self, device: &str, keys: &DeviceKeys, rng: &mut R) -> Result<Out, String> {
         let (msg_id, out) = challenge_request(device, keys, rng)?;

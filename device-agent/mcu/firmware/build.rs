@@ -104,6 +104,19 @@ fn outcomes(v: Option<&Value>) -> Res<String> {
     Ok(format!("&[{}]", list?.join(", ")))
 }
 
+/// The list `list` of `{hex: …, num: …}` objects as a slice of
+/// `(bytes, u64)`: a receiver's outstanding challenges, its executed commands.
+fn pairs(v: &Value, list: &str, hex: &str, num: &str) -> Res<String> {
+    let items: Res<Vec<String>> = v
+        .get(list)
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|o| Ok(format!("({}, {})", bytes(s(o, hex)?)?, u(o, num)?)))
+        .collect();
+    Ok(format!("&[{}]", items?.join(", ")))
+}
+
 fn positives(code: &mut String, keys: &Value, file: &Value) -> Res<()> {
     code.push_str("pub static POSITIVE: &[Positive] = &[\n");
     for v in get(file, "vectors")?.as_array().ok_or("vectors")? {
@@ -159,25 +172,11 @@ fn negatives(code: &mut String, keys: &Value, file: &Value) -> Res<()> {
                 format!("Frame::Fill({}, {})", u(fill, "byte")?, u(fill, "len")?)
             }
         };
-        let outstanding: Res<Vec<String>> = r
-            .get("outstanding")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .map(|o| Ok(format!("({}, {})", bytes(s(o, "challenge")?)?, u(o, "issued_ms")?)))
-            .collect();
-        let executed: Res<Vec<String>> = r
-            .get("executed")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .map(|e| Ok(format!("({}, {})", bytes(s(e, "msg_id")?)?, u(e, "expires_at")?)))
-            .collect();
         writeln!(
             code,
             "    Negative {{ name: {name:?}, controller: {ctl}, device: {device:?}, key: {key}, arrived_on: {on:?}, \
              frame: {frame}, expected: {exp:?}, monotonic_ms: {mono}, unix_secs: {unix:?}, lifetime_ms: {life}, \
-             outstanding: &[{outstanding}], executed: &[{executed}], executed_floor: {floor}, registered: {reg}, challenge: {chal}, in_reply_to: {irt}, candidates: {cands} }},",
+             outstanding: {outstanding}, executed: {executed}, executed_floor: {floor}, registered: {reg}, challenge: {chal}, in_reply_to: {irt}, candidates: {cands} }},",
             name = s(v, "name")?,
             ctl = role == "challenge-controller",
             device = s(r, "device")?,
@@ -187,8 +186,8 @@ fn negatives(code: &mut String, keys: &Value, file: &Value) -> Res<()> {
             mono = r.get("monotonic_ms").and_then(Value::as_u64).unwrap_or(0),
             unix = r.get("unix_secs").and_then(Value::as_u64),
             life = r.get("lifetime_ms").and_then(Value::as_u64).unwrap_or(0),
-            outstanding = outstanding?.join(", "),
-            executed = executed?.join(", "),
+            outstanding = pairs(r, "outstanding", "challenge", "issued_ms")?,
+            executed = pairs(r, "executed", "msg_id", "expires_at")?,
             floor = r.get("executed_floor").and_then(Value::as_u64).unwrap_or(0),
             reg = registered(r.get("registered"))?,
             chal = opt_hex(r, "challenge")?,
