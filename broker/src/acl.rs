@@ -56,7 +56,7 @@ pub struct RuleSpec {
     pub subscribe: Vec<String>,
 }
 
-/// SPEC.md's defaults: a device subscribes to its own `cmd` and `chal/req`
+/// The default rules (README, "Who may do what"): a device subscribes to its own `cmd` and `chal/req`
 /// and publishes to its own `resp`, `chal` and `status`; a controller does
 /// the mirror image for every device it is granted.
 pub fn default_rules() -> Vec<RuleSpec> {

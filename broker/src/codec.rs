@@ -4,7 +4,7 @@
 //! (`rumqttd::protocol::{v4::V4, v5::V5}`), because its packet types are
 //! what the router's links take. That codec was written for rumqttd's own
 //! listeners and has traps that a client can reach (the audit in
-//! `shared/research/rumqttd-0.20-audit.md`): `unreachable!()` for a client
+//! docs/RUMQTTD.md): `unreachable!()` for a client
 //! that sends a server-only packet type, a v4 writer that panics on any
 //! property, no parser for the short v5 DISCONNECT. So this module stands in
 //! front of it:

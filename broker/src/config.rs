@@ -215,7 +215,8 @@ impl Default for ThrottleConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AclConfig {
-    /// Keep SPEC.md's device/controller rules (then `rules` add to them).
+    /// Keep the default device/controller rules (README, "Who may do
+    /// what"); `rules` add to them.
     pub defaults: bool,
     /// Extra rules.
     pub rules: Vec<RuleSpec>,

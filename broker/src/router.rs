@@ -2,7 +2,7 @@
 //!
 //! **Why in-process links.** rumqttd's listeners would give every client a
 //! second, loopback TCP connection behind the front, and the baselines in
-//! `shared/research/broker-baselines.md` show what that costs: rumqttd never
+//! docs/RUMQTTD.md show what that costs: rumqttd never
 //! sets TCP_NODELAY, so every QoS 1 request/response waits ~40 ms for a
 //! delayed ACK; its accept loop manages ~880 connections/s; and its listener
 //! code holds the crash paths of the audit. A `rumqttd::local::LinkBuilder`

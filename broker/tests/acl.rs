@@ -15,7 +15,7 @@ use mqseal_tests::mqtt::{Conn, Connect, RecvError, Version, Will};
 
 const QUIET: Duration = Duration::from_millis(700);
 
-/// The default rules of SPEC.md, seen from both protocol versions: refused
+/// The default rules (README, "Who may do what"), seen from both protocol versions: refused
 /// subscriptions get a failure code (3.1.1 0x80, v5 0x87) and deliver
 /// nothing; refused publishes are dropped (v5 PUBACK 0x87; 3.1.1 has no
 /// way to say so, its PUBACK looks like success) and counted.

@@ -9,7 +9,7 @@
 //!
 //! The front runs rumqttd's decoder under `catch_unwind` and closes the
 //! connection when it panics (rumqttd has client-reachable panics:
-//! research/rumqttd-0.20-audit.md); this target does the same, so only a
+//! docs/RUMQTTD.md); this target does the same, so only a
 //! panic in mqseal's own code is a crash.
 #![no_main]
 

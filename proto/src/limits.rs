@@ -39,7 +39,7 @@ pub const CHALLENGE_LEN: usize = 16;
 /// Length of an HMAC-SHA256 tag (never truncated).
 pub const TAG_LEN: usize = 32;
 
-/// Length of a per-device HMAC key: 256 bits, as SPEC.md requires.
+/// Length of a per-device HMAC key: 256 bits (docs/PROTOCOL.md §6.1).
 pub const HMAC_KEY_LEN: usize = 32;
 
 /// Length of an RSA key id: SHA-256 of the DER SubjectPublicKeyInfo.

@@ -118,7 +118,7 @@ async fn an_agent_killed_mid_command_never_runs_it_again_and_the_controller_lear
 }
 
 /// MongoDB stops while devices are connected, reconnect and connect for the
-/// first time: SPEC.md's behaviour — sessions already open go on, users
+/// first time: docs/SECURITY.md's "Fails closed" — sessions already open go on, users
 /// the broker has seen recently are still let in from its cache, anyone
 /// else is refused (CONNACK "server unavailable") — and when MongoDB comes
 /// back, the device that was refused gets in by itself.

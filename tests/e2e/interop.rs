@@ -158,7 +158,7 @@ async fn a_python_controller_commands_the_rust_agent_in_both_modes() {
 
 /// mosquitto_pub/sub and paho with the credentials `mqseal` made, on MQTT
 /// 3.1.1 and 5, plain and TLS: controllers read the agent's retained status
-/// and its last will; the ACL refuses what SPEC.md says.
+/// and its last will; the ACL refuses what README's "Who may do what" says.
 #[tokio::test]
 async fn third_party_clients_use_mqseal_credentials_over_tcp_and_tls() {
     let (site, tls_port, ca) = Site::start_tls().await;

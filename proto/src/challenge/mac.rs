@@ -39,9 +39,9 @@ pub const RESPONSE_LABEL: &[u8] = b"mqseal/v1 challenge-response\0";
 
 /// A device's 256-bit HMAC key.
 ///
-/// One per device, never shared across a fleet: SPEC.md's lesson from the
+/// One per device, never shared across a fleet: the lesson from the
 /// Arduino design, where one password for every device meant one stolen
-/// device unlocked them all. The key is wiped from memory when dropped and
+/// device unlocked them all (docs/SECURITY.md, "Stolen device"). The key is wiped from memory when dropped and
 /// never printed by `Debug`.
 #[derive(Clone)]
 pub struct HmacKey {
