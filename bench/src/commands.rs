@@ -465,9 +465,10 @@ pub struct Soak {
     #[arg(long)]
     broker_pid: Option<u32>,
     /// Before the measured window, send every device this many commands as
-    /// fast as the controllers go (reported apart): rumqttd matches the
-    /// first publish on each topic against every subscription, so a fresh
-    /// broker's first command per device costs far more than the next.
+    /// fast as the controllers go (reported apart): the rounds a broker
+    /// needs to reach its steady memory (rumqttd, before mqseal's own
+    /// router, matched each topic's first publish against every filter and
+    /// grew its logs for 100 rounds).
     #[arg(long, default_value_t = 1)]
     warmup_rounds: usize,
 }

@@ -1,5 +1,5 @@
-//! `mqseal-bench`: drives any MQTT 3.1.1 broker — mqseal-broker, Mosquitto,
-//! plain rumqttd — with the same traffic, so their figures can be compared
+//! `mqseal-bench`: drives any MQTT 3.1.1 broker — mqseal-broker, Mosquitto
+//! — with the same traffic, so their figures can be compared
 //! from one run.
 //!
 //! The traffic is mqseal's own shape, so that mqseal-broker runs with its
@@ -48,8 +48,8 @@ enum Command {
     Latency(Latency),
     /// N concurrent authenticated device connections opened at a given rate.
     Connections(Connections),
-    /// Ping-pong between two in-process rumqttd links: what two trips
-    /// through the router (and four thread hand-offs) cost, with no socket.
+    /// Ping-pong between two sessions of mqseal's router core: what two
+    /// trips through the router cost, with no socket.
     RouterHops(RouterHops),
     /// mqseal command round trips (plain, challenge, sealed) through a broker.
     CommandRtt(commands::CommandRtt),
@@ -536,65 +536,55 @@ async fn connections(a: Connections) -> Result<serde_json::Value, Failure> {
 }
 
 fn router_hops(a: RouterHops) -> Result<serde_json::Value, Failure> {
-    use rumqttd::local::LinkBuilder;
-    use rumqttd::{Notification, Router, RouterConfig};
-    let config = RouterConfig {
-        max_connections: 16,
-        max_outgoing_packet_count: 200,
-        max_segment_size: 1 << 20,
-        max_segment_count: 4,
-        ..RouterConfig::default()
+    use mqseal_router::{ConnectRequest, Limits, Message, Outgoing, QoS, Router, SubOptions};
+    // The same ping-pong as the rumqttd figure in docs/BENCHMARKS.md, through
+    // mqseal's router core: A publishes on hop/ping, B receives it and
+    // answers on hop/pong, A receives that. Two router passes per round trip,
+    // QoS 1 with the acks, no socket and no thread hand-off — the router is
+    // called in place, as the broker's connection tasks call it.
+    let mut router = Router::new(Limits::default());
+    let mut open = |id: &str| {
+        let req = ConnectRequest {
+            client_id: id.into(),
+            clean_start: true,
+            session_expiry_secs: 0,
+            receive_maximum: 100,
+            will: None,
+        };
+        router.connect(req, 0).conn
     };
-    let router = Router::new(0, config).spawn();
-    let link = |id: &str| LinkBuilder::new(id, router.clone()).build().map_err(|e| e.to_string());
-    let (mut a_tx, mut a_rx, _) = link("hop-a")?;
-    let (mut b_tx, mut b_rx, _) = link("hop-b")?;
-    a_tx.subscribe("hop/pong").map_err(|e| e.to_string())?;
-    b_tx.subscribe("hop/ping").map_err(|e| e.to_string())?;
-    // Wait for both SUBACKs.
-    for rx in [&mut a_rx, &mut b_rx] {
-        loop {
-            match rx.recv_deadline(Instant::now() + Duration::from_secs(5)) {
-                Ok(Some(Notification::DeviceAck(_))) => break,
-                Ok(_) => {}
-                Err(e) => return Err(e.to_string()),
-            }
+    let (ca, cb) = (open("hop-a"), open("hop-b"));
+    let q1 = SubOptions::qos(QoS::AtLeastOnce);
+    router.subscribe(ca, "hop/pong", q1, 0).map_err(|e| e.to_string())?;
+    router.subscribe(cb, "hop/ping", q1, 0).map_err(|e| e.to_string())?;
+    let payload = Bytes::from(vec![0u8; 64]);
+    let hop = |router: &mut Router, from, to, topic: &str| -> Result<(), Failure> {
+        router
+            .publish(Some(from), Message::new(topic, payload.clone(), QoS::AtLeastOnce, false), 0)
+            .map_err(|e| e.to_string())?;
+        match router.poll_transmit(to, 0) {
+            Some(Outgoing::Publish(d)) => router.puback(to, d.pkid).map(|_| ()).map_err(|e| e.to_string()),
+            other => Err(format!("expected a delivery, got {other:?}")),
         }
-    }
-    let echo = std::thread::spawn(move || {
-        while let Ok(n) = b_rx.recv() {
-            if let Some(Notification::Forward(f)) = n
-                && b_tx.publish("hop/pong", f.publish.payload).is_err()
-            {
-                break;
-            }
-        }
-    });
+    };
     let warmup = 200;
     let mut samples = Vec::with_capacity(a.round_trips);
     for i in 0..warmup + a.round_trips {
         let t0 = Instant::now();
-        a_tx.publish("hop/ping", vec![0u8; 64]).map_err(|e| e.to_string())?;
-        loop {
-            match a_rx.recv_deadline(Instant::now() + Duration::from_secs(5)) {
-                Ok(Some(Notification::Forward(_))) => break,
-                Ok(_) => {}
-                Err(e) => return Err(format!("round trip {i}: {e}")),
-            }
-        }
+        hop(&mut router, ca, cb, "hop/ping")?;
+        hop(&mut router, cb, ca, "hop/pong")?;
         if i >= warmup {
-            samples.push(t0.elapsed().as_micros() as u64);
+            samples.push(t0.elapsed().as_nanos() as u64);
         }
     }
-    drop(echo);
     samples.sort_unstable();
     let (p50, p99) = (percentile(&samples, 50.0), percentile(&samples, 99.0));
     eprintln!(
-        "[rumqttd router alone] {} round trips (two router passes each): p50 {p50} µs, p99 {p99} µs",
+        "[mqseal router core alone] {} round trips (two router passes each): p50 {p50} ns, p99 {p99} ns",
         samples.len()
     );
     Ok(
-        json!({"scenario": "router_hops", "label": "rumqttd-router", "round_trips": samples.len(), "p50_us": p50, "p99_us": p99}),
+        json!({"scenario": "router_hops", "label": "mqseal-router", "round_trips": samples.len(), "p50_ns": p50, "p99_ns": p99}),
     )
 }
 

@@ -1,13 +1,15 @@
 //! Who may publish and subscribe where.
 //!
-//! rumqttd has no per-topic hook, so every PUBLISH, SUBSCRIBE and will is
-//! checked here, at the front, before the router sees it. Rules are topic
+//! Every PUBLISH, SUBSCRIBE and will is checked here, by the per-packet
+//! policy, before the router sees it. Rules are topic
 //! patterns per role in which `{username}`, `{clientid}` and `{grant}` fill
 //! whole levels (`{grant}` stands for each device a controller is granted,
 //! and for `+` when the grant is `*`). Because usernames and client ids are
 //! validated to contain no `/ + # $` or NUL, a placeholder can never widen a
 //! rule. Admins pass every check.
 
+use mqseal_router::topic;
+pub use mqseal_router::topic::{valid_filter, valid_topic_name};
 use mqseal_store::Role;
 use serde::Deserialize;
 
@@ -206,7 +208,7 @@ fn fill<'a>(buf: &mut Vec<Concrete<'a>>, rule: &'a Rule, who: &'a Principal, gra
 
 /// `$share/group/filter` → `filter`.
 pub fn shared_inner(filter: &str) -> Option<&str> {
-    filter.strip_prefix("$share/").and_then(|rest| rest.split_once('/')).map(|(_, f)| f)
+    topic::parse_shared(filter).map(|(_, inner)| inner)
 }
 
 /// Whether every topic `filter` can match is also matched by `pattern`; for
@@ -226,32 +228,6 @@ fn covers(pattern: &[Concrete<'_>], filter: &str) -> bool {
         }
     }
     levels.next().is_none()
-}
-
-/// A topic name a client may publish to: non-empty, no wildcards, no NUL
-/// (MQTT-3.3.2-2), and short enough for one PUBLISH.
-pub fn valid_topic_name(topic: &str) -> bool {
-    !topic.is_empty() && topic.len() <= 65_535 && !topic.contains(['+', '#', '\0'])
-}
-
-/// A topic filter a client may subscribe to: `#` only as a whole last
-/// level, `+` only as a whole level, no NUL, and no `$` topics other than
-/// shared subscriptions (the router would drop the whole connection for them).
-pub fn valid_filter(filter: &str) -> bool {
-    let inner = match shared_inner(filter) {
-        Some(inner) => inner,
-        None if filter.starts_with('$') => return false,
-        None => filter,
-    };
-    if inner.is_empty() || inner.contains('\0') || inner.starts_with('$') {
-        return false;
-    }
-    let levels: Vec<&str> = inner.split('/').collect();
-    levels.iter().enumerate().all(|(i, l)| match *l {
-        "#" => i + 1 == levels.len(),
-        "+" => true,
-        l => !l.contains(['+', '#']),
-    })
 }
 
 #[cfg(test)]

@@ -1,28 +1,20 @@
-//! MQTT framing and encoding at the front.
+//! MQTT on the wire at the front: framing here, packet bodies in
+//! [`decode`] (from clients) and [`encode`] (to clients).
 //!
-//! The packet *bodies* are parsed and written by rumqttd's own codec
-//! (`rumqttd::protocol::{v4::V4, v5::V5}`), because its packet types are
-//! what the router's links take. That codec was written for rumqttd's own
-//! listeners and has traps that a client can reach (the audit in
-//! docs/RUMQTTD.md): `unreachable!()` for a client
-//! that sends a server-only packet type, a v4 writer that panics on any
-//! property, no parser for the short v5 DISCONNECT. So this module stands in
-//! front of it:
-//!
-//! * [`next_frame`] reads the fixed header itself, enforces the maximum packet
-//!   size *before* the body is buffered, and refuses packet types and flag
-//!   bits a client may not send;
-//! * PINGREQ and DISCONNECT are decoded here, never by rumqttd;
-//! * everything written to a 3.1.1 client is stripped of properties first
-//!   (the audit's crash case (a)), and CONNACK, SUBACK, DISCONNECT and the
-//!   acks for refused publishes are encoded here;
-//! * what remains goes through rumqttd inside `catch_unwind`, so a parser
-//!   bug we have not found costs one connection, not the process.
+//! [`next_frame`] reads the fixed header itself, enforces the maximum
+//! packet size *before* the body is buffered, and refuses packet types and
+//! flag bits a client may not send; the CONNECT checks that must run before
+//! anything else ([`connect_level`], [`check_connect_flags`]) read the raw
+//! bytes. Nothing here panics on input: there is no indexing (clippy denies
+//! it), and `fuzz/fuzz_targets/broker_packets.rs` drives these functions
+//! with arbitrary bytes.
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
+pub mod decode;
+pub mod encode;
 
-use bytes::{BufMut, BytesMut};
-use rumqttd::protocol::{self, Packet, Protocol};
+pub use encode::{ConnAckInfo, ack, connack, disconnect, pingresp, publish, suback, unsuback};
+
+use bytes::BytesMut;
 
 /// MQTT protocol level of a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -167,8 +159,7 @@ pub fn connect_level(frame: &Frame) -> Option<u8> {
 /// the reserved bit is zero (MQTT-3.1.2-3), a will QoS is 0-2
 /// (MQTT-3.1.2-14), will QoS and will retain are zero without a will
 /// (MQTT-3.1.2-13/15), and — 3.1.1 only — there is no password without a
-/// user name (MQTT-3.1.2-22). rumqttd's parser ignores all of these, so a
-/// client setting them would otherwise be served as if it had not.
+/// user name (MQTT-3.1.2-22).
 ///
 /// # Errors
 /// The rule the flags break, for the log line.
@@ -191,246 +182,6 @@ pub fn check_connect_flags(frame: &Frame, version: Version) -> Result<(), &'stat
         return Err("password flag set without a user name");
     }
     Ok(())
-}
-
-/// The QoS and packet id of a PUBLISH frame, read from the raw bytes
-/// because rumqttd keeps those fields private.
-pub fn publish_qos_pkid(frame: &Frame) -> Option<(u8, u16)> {
-    let qos = (frame.header >> 1) & 0b11;
-    if qos == 0 {
-        return Some((0, 0));
-    }
-    let body = frame.body();
-    let topic_len = usize::from(u16::from_be_bytes([*body.first()?, *body.get(1)?]));
-    let at = 2 + topic_len;
-    Some((qos, u16::from_be_bytes([*body.get(at)?, *body.get(at + 1)?])))
-}
-
-/// The packet id at the start of an ack frame (PUBACK/PUBREC/PUBREL/PUBCOMP).
-pub fn ack_pkid(frame: &Frame) -> Option<u16> {
-    let body = frame.body();
-    Some(u16::from_be_bytes([*body.first()?, *body.get(1)?]))
-}
-
-/// Reason code of a DISCONNECT (0 when absent, as MQTT 5 §3.14.2.1 says).
-pub fn disconnect_reason(frame: &Frame) -> u8 {
-    frame.body().first().copied().unwrap_or(0)
-}
-
-/// Why rumqttd's codec could not decode a frame.
-#[derive(Debug, thiserror::Error)]
-pub enum DecodeError {
-    /// The codec returned an error.
-    #[error("malformed {0}")]
-    Malformed(String),
-    /// The codec panicked (a bug in it): the connection is closed and the
-    /// `codec_panics` counter says so.
-    #[error("codec panicked on this packet")]
-    Panicked,
-}
-
-/// Decodes one frame with rumqttd's codec for `version`.
-pub fn decode(version: Version, frame: Frame) -> Result<Packet, DecodeError> {
-    let mut bytes = frame.bytes;
-    let max = bytes.len();
-    let result = catch_unwind(AssertUnwindSafe(|| match version {
-        Version::V4 => protocol::v4::V4.read_mut(&mut bytes, max),
-        Version::V5 => protocol::v5::V5.read_mut(&mut bytes, max),
-    }));
-    match result {
-        Ok(Ok(packet)) => Ok(packet),
-        Ok(Err(e)) => Err(DecodeError::Malformed(format!("{e:?}"))),
-        Err(_) => Err(DecodeError::Panicked),
-    }
-}
-
-/// Makes a router packet safe for `version`: 3.1.1 has no properties, and
-/// rumqttd's v4 writer panics on any (the audit's crash (a)). Returns `None`
-/// for packets 3.1.1 cannot carry (a server DISCONNECT).
-pub fn for_version(version: Version, packet: Packet) -> Option<Packet> {
-    if version == Version::V5 {
-        return Some(packet);
-    }
-    Some(match packet {
-        Packet::Publish(p, _) => Packet::Publish(p, None),
-        Packet::PubAck(p, _) => Packet::PubAck(p, None),
-        Packet::PubRec(p, _) => Packet::PubRec(p, None),
-        Packet::PubRel(p, _) => Packet::PubRel(p, None),
-        Packet::PubComp(p, _) => Packet::PubComp(p, None),
-        Packet::UnsubAck(p, _) => Packet::UnsubAck(p, None),
-        Packet::SubAck(p, _) => Packet::SubAck(p, None),
-        Packet::PingResp(p) => Packet::PingResp(p),
-        Packet::Disconnect(..) | Packet::ConnAck(..) => return None,
-        other => other,
-    })
-}
-
-/// Encodes a router packet (after [`for_version`]) with rumqttd's writer.
-pub fn encode(version: Version, packet: Packet, out: &mut BytesMut) -> Result<usize, DecodeError> {
-    let result = catch_unwind(AssertUnwindSafe(|| match version {
-        Version::V4 => protocol::v4::V4.write(packet, out),
-        Version::V5 => protocol::v5::V5.write(packet, out),
-    }));
-    match result {
-        Ok(Ok(n)) => Ok(n),
-        Ok(Err(e)) => Err(DecodeError::Malformed(format!("{e:?}"))),
-        Err(_) => Err(DecodeError::Panicked),
-    }
-}
-
-fn put_remaining_length(out: &mut BytesMut, mut len: usize) {
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        out.put_u8(byte);
-        if len == 0 {
-            break;
-        }
-    }
-}
-
-fn put_string_property(props: &mut BytesMut, id: u8, value: &str) {
-    props.put_u8(id);
-    props.put_u16(value.len().min(u16::MAX as usize) as u16);
-    props.put_slice(value.as_bytes().get(..usize::from(u16::MAX)).unwrap_or(value.as_bytes()));
-}
-
-/// What the front tells a v5 client about itself in CONNACK.
-#[derive(Debug, Default)]
-pub struct ConnAckInfo {
-    /// Largest packet the broker accepts.
-    pub max_packet_size: u32,
-    /// Id assigned to a client that sent an empty one.
-    pub assigned_client_id: Option<String>,
-    /// Human-readable reason for a refusal.
-    pub reason: Option<&'static str>,
-}
-
-/// CONNACK. `code` is the v5 reason code or the 3.1.1 return code, already
-/// chosen for `version` by the caller.
-pub fn connack(version: Version, session_present: bool, code: u8, info: &ConnAckInfo, out: &mut BytesMut) {
-    out.put_u8(0x20);
-    match version {
-        Version::V4 => {
-            out.put_u8(2);
-            out.put_u8(u8::from(session_present && code == 0));
-            out.put_u8(code);
-        }
-        Version::V5 => {
-            let mut props = BytesMut::new();
-            if code == 0 {
-                // Maximum Packet Size: a client must not send more.
-                props.put_u8(0x27);
-                props.put_u32(info.max_packet_size);
-                // Topic Alias Maximum 0: the ACL needs the real topic name of
-                // every PUBLISH, so client aliases are not accepted.
-                props.put_u8(0x22);
-                props.put_u16(0);
-                // Retain is available; shared subscriptions are too.
-                if let Some(id) = &info.assigned_client_id {
-                    put_string_property(&mut props, 0x12, id);
-                }
-            }
-            if let Some(reason) = info.reason {
-                put_string_property(&mut props, 0x1f, reason);
-            }
-            let mut len_bytes = BytesMut::new();
-            put_remaining_length(&mut len_bytes, props.len());
-            put_remaining_length(out, 2 + len_bytes.len() + props.len());
-            out.put_u8(u8::from(session_present && code == 0));
-            out.put_u8(code);
-            out.put_slice(&len_bytes);
-            out.put_slice(&props);
-        }
-    }
-}
-
-/// A server DISCONNECT (v5 only; a 3.1.1 connection is simply closed).
-pub fn disconnect(reason: u8, out: &mut BytesMut) {
-    out.put_slice(&[0xe0, 2, reason, 0]);
-}
-
-/// SUBACK with one code per filter. For 3.1.1 every refusal code becomes
-/// 0x80, the only failure code it has.
-pub fn suback(version: Version, pkid: u16, codes: &[u8], out: &mut BytesMut) {
-    out.put_u8(0x90);
-    let props = usize::from(version == Version::V5);
-    put_remaining_length(out, 2 + props + codes.len());
-    out.put_u16(pkid);
-    if version == Version::V5 {
-        out.put_u8(0);
-    }
-    for &code in codes {
-        out.put_u8(if version == Version::V4 && code >= 0x80 { 0x80 } else { code });
-    }
-}
-
-/// PUBACK, PUBREC or PUBCOMP (by `kind`) for a packet the front answers
-/// itself. 3.1.1 acks have no reason code, so a refusal looks like success
-/// there: MQTT 3.1.1 has no way to say "not authorized" for a PUBLISH.
-pub fn ack(version: Version, kind: u8, pkid: u16, reason: u8, out: &mut BytesMut) {
-    out.put_u8(kind << 4);
-    match version {
-        Version::V4 => {
-            out.put_u8(2);
-            out.put_u16(pkid);
-        }
-        Version::V5 => {
-            out.put_u8(3);
-            out.put_u16(pkid);
-            out.put_u8(reason);
-        }
-    }
-}
-
-/// PINGRESP.
-pub fn pingresp(out: &mut BytesMut) {
-    out.put_slice(&[0xd0, 0]);
-}
-
-/// A PUBLISH for the router at `qos` (a will, which the front publishes
-/// itself). rumqttd keeps `qos` and `pkid` crate-private and its only public
-/// constructor makes QoS 0, so the packet is built as wire bytes and read
-/// back through rumqttd's own v4 reader: a QoS 1 will then reaches QoS 1
-/// subscribers (and their offline queues) as one.
-pub fn router_publish(topic: &[u8], payload: &[u8], qos: u8, retain: bool) -> Option<protocol::Publish> {
-    let qos = qos.min(2);
-    let topic_len = u16::try_from(topic.len()).ok()?;
-    let mut body = BytesMut::with_capacity(topic.len() + payload.len() + 4);
-    body.put_u16(topic_len);
-    body.put_slice(topic);
-    if qos > 0 {
-        // Any id: the router acks it on a link that is about to close.
-        body.put_u16(1);
-    }
-    body.put_slice(payload);
-    let mut frame = BytesMut::with_capacity(body.len() + 5);
-    frame.put_u8(0x30 | (qos << 1) | u8::from(retain));
-    put_remaining_length(&mut frame, body.len());
-    frame.put_slice(&body);
-    let header_len = frame.len() - body.len();
-    match decode(Version::V4, Frame { header: 0x30 | (qos << 1) | u8::from(retain), header_len, bytes: frame }) {
-        Ok(Packet::Publish(publish, _)) => Some(publish),
-        _ => None,
-    }
-}
-
-/// The v5 reason code of a router SUBACK entry, for merging with the
-/// front's own refusals.
-pub fn suback_code(code: &protocol::SubscribeReasonCode) -> u8 {
-    use protocol::{QoS, SubscribeReasonCode as C};
-    match code {
-        C::QoS0 | C::Success(QoS::AtMostOnce) => 0,
-        C::QoS1 | C::Success(QoS::AtLeastOnce) => 1,
-        C::QoS2 | C::Success(QoS::ExactlyOnce) => 2,
-        C::NotAuthorized => 0x87,
-        C::TopicFilterInvalid => 0x8f,
-        C::QuotaExceeded => 0x97,
-        _ => 0x80,
-    }
 }
 
 #[cfg(test)]
@@ -456,9 +207,8 @@ mod tests {
     }
 
     #[test]
-    fn server_only_types_and_bad_flags_never_reach_rumqttd() {
-        // CONNACK, SUBACK, UNSUBACK, PINGRESP from a client: rumqttd's v5
-        // reader would hit `unreachable!()` on some of these.
+    fn server_only_types_and_bad_flags_are_refused_at_the_frame() {
+        // CONNACK, SUBACK, UNSUBACK, PINGRESP from a client.
         for header in [0x20, 0x90, 0xb0, 0xd0, 0x00] {
             assert!(matches!(frame_of(&[header, 0], 10), Err(FrameError::Malformed(_))), "{header:#x}");
         }
@@ -492,60 +242,21 @@ mod tests {
     }
 
     #[test]
-    fn decoding_garbage_never_panics_out() {
-        // Every two-byte-header body of up to 3 bytes for every client type.
-        for header in [0x10u8, 0x30, 0x32, 0x34, 0x40, 0x50, 0x62, 0x70, 0x82, 0xa2] {
-            for len in 0..4usize {
-                for fill in [0u8, 0xff, 0x05] {
+    fn decoding_garbage_never_panics() {
+        // Every short body for every client type, both versions.
+        for header in [0x10u8, 0x30, 0x32, 0x34, 0x40, 0x50, 0x62, 0x70, 0x82, 0xa2, 0xc0, 0xe0] {
+            for len in 0..6usize {
+                for fill in [0u8, 0xff, 0x05, 0x80] {
                     let mut bytes = vec![header, len as u8];
                     bytes.extend(std::iter::repeat_n(fill, len));
                     for version in [Version::V4, Version::V5] {
                         if let Ok(Some(f)) = frame_of(&bytes, 100) {
-                            let _ = decode(version, f);
+                            let _ = decode::packet(&f, version);
+                            let _ = decode::connect(&f);
                         }
                     }
                 }
             }
         }
-    }
-
-    #[test]
-    fn v4_never_sees_properties() {
-        let publish = router_publish(b"t", b"p", 0, false).unwrap();
-        let props =
-            protocol::PublishProperties { user_properties: vec![("k".into(), "v".into())], ..Default::default() };
-        let packet = for_version(Version::V4, Packet::Publish(publish, Some(props))).unwrap();
-        let mut out = BytesMut::new();
-        encode(Version::V4, packet, &mut out).unwrap();
-        assert_eq!(&out[..], &[0x30, 4, 0, 1, b't', b'p']);
-    }
-
-    #[test]
-    fn wills_keep_their_qos_through_rumqttd_types() {
-        let publish = router_publish(b"w/t", b"gone", 1, true).unwrap();
-        let mut out = BytesMut::new();
-        encode(Version::V4, Packet::Publish(publish, None), &mut out).unwrap();
-        // QoS 1, retain, topic "w/t", packet id 1, payload "gone".
-        assert_eq!(&out[..], &[0x33, 11, 0, 3, b'w', b'/', b't', 0, 1, b'g', b'o', b'n', b'e']);
-        assert!(router_publish(&[b'x'; 70_000], b"", 0, false).is_none());
-    }
-
-    #[test]
-    fn own_encoders_match_the_spec() {
-        let mut out = BytesMut::new();
-        connack(Version::V4, true, 5, &ConnAckInfo::default(), &mut out);
-        assert_eq!(&out[..], &[0x20, 2, 0, 5]);
-        out.clear();
-        connack(Version::V5, false, 0x86, &ConnAckInfo::default(), &mut out);
-        assert_eq!(&out[..], &[0x20, 3, 0, 0x86, 0]);
-        out.clear();
-        suback(Version::V4, 7, &[1, 0x87], &mut out);
-        assert_eq!(&out[..], &[0x90, 4, 0, 7, 1, 0x80]);
-        out.clear();
-        suback(Version::V5, 7, &[1, 0x87], &mut out);
-        assert_eq!(&out[..], &[0x90, 5, 0, 7, 0, 1, 0x87]);
-        out.clear();
-        ack(Version::V5, kind::PUBACK, 9, 0x87, &mut out);
-        assert_eq!(&out[..], &[0x40, 3, 0, 9, 0x87]);
     }
 }

@@ -5,7 +5,6 @@
 //! silently falling back to a default is how limits end up not being limits.
 //! Flags and environment variables (see `main.rs`) override the file.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -38,8 +37,14 @@ pub struct Config {
     pub acl: AclConfig,
     /// Prometheus endpoint.
     pub metrics: MetricsConfig,
-    /// The embedded rumqttd router's memory bounds.
-    pub router: RouterTuning,
+    /// Per-session bounds of the router: queues, inflight window, expiry.
+    pub sessions: SessionsConfig,
+    /// Bounds of the retained-message store.
+    pub retained: RetainedConfig,
+    /// rumqttd's commit-log tuning, from before mqseal's own router: kept
+    /// only to refuse it with a pointer to what replaced it.
+    #[serde(rename = "router")]
+    pub old_router: Option<toml::Value>,
 }
 
 impl Default for Config {
@@ -55,7 +60,9 @@ impl Default for Config {
             throttle: ThrottleConfig::default(),
             acl: AclConfig::default(),
             metrics: MetricsConfig::default(),
-            router: RouterTuning::default(),
+            sessions: SessionsConfig::default(),
+            retained: RetainedConfig::default(),
+            old_router: None,
         }
     }
 }
@@ -236,60 +243,66 @@ pub struct MetricsConfig {
     pub bind: Option<SocketAddr>,
 }
 
-/// `[router]`: rumqttd keeps an in-memory commit log per subscription
-/// filter, never removes one, and drops the oldest messages of a log once it
-/// is full (a subscriber that lags further behind than the log holds loses
-/// them, QoS 1 or not). These bound it.
+/// `[sessions]`: what the router holds for each client session.
 ///
-/// The defaults follow mqseal's traffic. Every device subscribes to two
-/// filters of its own (`cmd`, `chal/req`) that see a few small commands: a
-/// small log each, because ten thousand devices have twenty thousand of
-/// them — and a log, once traffic has filled it, stays full, its entries
-/// costing far more RAM than the topic and payload bytes the cap counts
-/// (10,000 devices plateau at ~2.4 GiB: docs/BENCHMARKS.md#soak). 2 × 2 KiB
-/// still queues ~25 small commands for a device that is briefly offline;
-/// commands live at most 600 s and controllers wait 10 s, so a longer
-/// backlog buys little. Controllers subscribe to the response, challenge and status topics
-/// of many devices at once: those logs get room for bursts (a broadcast's
-/// answers). `filters` keys are MQTT filters matched against each
-/// subscription filter, so `mqseal/v1/dev/+/resp` also covers a controller
-/// subscribing to one device's responses.
+/// Every session has its own queue, bounded in messages and bytes; when a
+/// message does not fit, QoS 0 goes first (the new one, else the oldest
+/// queued QoS 0) and then the oldest QoS 1/2 message, and every drop is
+/// counted in `mqseal_messages_dropped_total{reason=…}` and logged once per
+/// `drop_log_interval_secs` per client (docs/ROUTER.md). The defaults let a
+/// subscriber fall 1,000,000 messages or 256 MiB behind before anything is
+/// dropped — a QoS 1 burst of 4 publishers × 100,000 messages to a
+/// subscriber that reads as fast as it can fits — and a subscriber that
+/// never reads costs at most that.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
-pub struct RouterTuning {
-    /// Bytes per log segment, for filters not listed in `filters`.
-    pub max_segment_size: usize,
-    /// Segments kept per filter (the log holds up to size × count).
-    pub max_segment_count: usize,
-    /// Packets queued towards one client before the router pauses it.
-    pub max_outgoing_packet_count: u64,
-    /// Larger (or smaller) logs for the filters that match these patterns.
-    pub filters: BTreeMap<String, SegmentTuning>,
+pub struct SessionsConfig {
+    /// Messages queued per session beyond its inflight window.
+    pub max_queued_messages: usize,
+    /// Topic and payload bytes queued per session.
+    pub max_queued_bytes: usize,
+    /// QoS 1/2 deliveries in flight per session, when the client's Receive
+    /// Maximum is larger (3.1.1 clients always get this).
+    pub max_inflight: u16,
+    /// Unreleased QoS 2 publishes a client may have: the Receive Maximum
+    /// the broker announces to MQTT 5 clients.
+    pub receive_maximum: u16,
+    /// Longest session expiry a client may ask for, in seconds (MQTT 5
+    /// clients are told when theirs is cut; 3.1.1 persistent sessions get
+    /// this one).
+    pub max_session_expiry_secs: u32,
+    /// At most one "messages dropped" log line per client per this many seconds.
+    pub drop_log_interval_secs: u64,
 }
 
-/// One `[router.filters."pattern"]` entry.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct SegmentTuning {
-    /// Bytes per segment (at least 1024).
-    pub max_segment_size: usize,
-    /// Segments kept (at least 1).
-    pub max_segment_count: usize,
-}
-
-impl Default for RouterTuning {
+impl Default for SessionsConfig {
     fn default() -> Self {
-        let wide = |count| SegmentTuning { max_segment_size: 1024 * 1024, max_segment_count: count };
-        RouterTuning {
-            max_segment_size: 2 * 1024,
-            max_segment_count: 2,
-            max_outgoing_packet_count: 200,
-            filters: BTreeMap::from([
-                ("mqseal/v1/dev/+/resp".to_owned(), wide(16)),
-                ("mqseal/v1/dev/+/chal".to_owned(), wide(4)),
-                ("mqseal/v1/dev/+/status".to_owned(), wide(4)),
-            ]),
+        let d = mqseal_router::Limits::default();
+        SessionsConfig {
+            max_queued_messages: d.max_queued_messages,
+            max_queued_bytes: d.max_queued_bytes,
+            max_inflight: d.max_inflight,
+            receive_maximum: d.max_incoming_qos2,
+            max_session_expiry_secs: d.max_session_expiry_secs,
+            drop_log_interval_secs: d.drop_log_interval_ms / 1000,
         }
+    }
+}
+
+/// `[retained]`: the retained-message store.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetainedConfig {
+    /// Retained messages held in all; a new topic past it is refused (counted).
+    pub max_messages: usize,
+    /// Their topic and payload bytes.
+    pub max_bytes: usize,
+}
+
+impl Default for RetainedConfig {
+    fn default() -> Self {
+        let d = mqseal_router::Limits::default();
+        RetainedConfig { max_messages: d.max_retained_messages, max_bytes: d.max_retained_bytes }
     }
 }
 
@@ -340,19 +353,18 @@ impl Config {
         if self.websocket.as_ref().is_some_and(|w| w.tls) && self.tls.is_none() {
             return bad("websocket.tls = true needs the [tls] certificate (cert, key)".into());
         }
-        let segments = std::iter::once((
-            "router".to_owned(),
-            SegmentTuning {
-                max_segment_size: self.router.max_segment_size,
-                max_segment_count: self.router.max_segment_count,
-            },
-        ))
-        .chain(self.router.filters.iter().map(|(f, t)| (format!("router.filters.\"{f}\""), t.clone())));
-        for (name, t) in segments {
-            // rumqttd panics below these, in its router thread.
-            if t.max_segment_size < 1024 || t.max_segment_count == 0 {
-                return bad(format!("{name}: max_segment_size must be at least 1024 and max_segment_count at least 1"));
-            }
+        if self.old_router.is_some() {
+            return bad("[router] tuned rumqttd's commit logs, which mqseal's own router replaced: \
+                        bound queues with [sessions] (max_queued_messages, max_queued_bytes, max_inflight) \
+                        and retained messages with [retained] (max_messages, max_bytes); see config/broker.toml"
+                .into());
+        }
+        let s = &self.sessions;
+        if s.max_queued_messages == 0 || s.max_queued_bytes == 0 || s.max_inflight == 0 || s.receive_maximum == 0 {
+            return bad(
+                "sessions: max_queued_messages, max_queued_bytes, max_inflight and receive_maximum must be at least 1"
+                    .into(),
+            );
         }
         if self.auth.revalidate_secs == 0 {
             return bad("auth.revalidate_secs must be at least 1".into());
@@ -374,6 +386,21 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The router's bounds.
+    pub fn router_limits(&self) -> mqseal_router::Limits {
+        let s = &self.sessions;
+        mqseal_router::Limits {
+            max_queued_messages: s.max_queued_messages,
+            max_queued_bytes: s.max_queued_bytes,
+            max_inflight: s.max_inflight,
+            max_incoming_qos2: s.receive_maximum,
+            max_retained_messages: self.retained.max_messages,
+            max_retained_bytes: self.retained.max_bytes,
+            max_session_expiry_secs: s.max_session_expiry_secs,
+            drop_log_interval_ms: s.drop_log_interval_secs.saturating_mul(1000),
+        }
     }
 
     /// The file store's path.
@@ -398,7 +425,8 @@ mod tests {
         config.validate("config/broker.toml").unwrap();
         assert_eq!(config.listener.bind, Some(SocketAddr::from(([127, 0, 0, 1], 1883))));
         // The example spells out the defaults; they must not drift.
-        assert_eq!(config.router, RouterTuning::default());
+        assert_eq!(config.sessions, SessionsConfig::default());
+        assert_eq!(config.retained, RetainedConfig::default());
         let (limits, defaults) = (&config.limits, Limits::default());
         assert_eq!(
             (limits.max_connections, limits.max_pending_logins_percent, limits.max_pending_logins_per_address),
@@ -431,11 +459,12 @@ mod tests {
         let err = Config::parse(text, Path::new("b.toml")).unwrap().validate("b.toml").unwrap_err().to_string();
         assert!(err.contains("one week"), "{err}");
 
-        let text = "[router]\nmax_segment_size = 100\n";
+        // The old rumqttd tuning is refused, naming what replaced it.
+        let text = "[router]\nmax_segment_size = 2048\n";
         let err = Config::parse(text, Path::new("b.toml")).unwrap().validate("b.toml").unwrap_err().to_string();
-        assert!(err.contains("router: max_segment_size"), "{err}");
-        let text = "[router.filters.\"a/#\"]\nmax_segment_size = 4096\nmax_segment_count = 0\n";
+        assert!(err.contains("[router]") && err.contains("[sessions]") && err.contains("max_queued_messages"), "{err}");
+        let text = "[sessions]\nmax_queued_messages = 0\n";
         let err = Config::parse(text, Path::new("b.toml")).unwrap().validate("b.toml").unwrap_err().to_string();
-        assert!(err.contains("router.filters.\"a/#\""), "{err}");
+        assert!(err.contains("sessions: max_queued_messages"), "{err}");
     }
 }

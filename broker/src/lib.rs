@@ -1,10 +1,12 @@
-//! `mqseal-broker`: a hardened MQTT front with rumqttd routing behind it.
+//! `mqseal-broker`: a hardened MQTT broker for fleets of devices.
 //!
-//! The front ([`listener`], [`session`]) terminates TCP and TLS, parses every
-//! packet ([`codec`]), authenticates against a credential store ([`auth`],
-//! `mqseal-store`), applies per-topic rules ([`acl`]) and limits, and counts
-//! everything ([`metrics`]). What it accepts goes into an embedded rumqttd
-//! router over in-process links ([`router`]); no client can reach rumqttd.
+//! The front ([`listener`], [`connection`]) terminates TCP, TLS and
+//! WebSockets and parses every packet ([`codec`]); [`login`] authenticates
+//! against a credential store ([`auth`], `mqseal-store`); [`policy`]
+//! applies per-topic rules ([`acl`]) and limits to each packet and hands
+//! what passes to the router core (`mqseal-router`, behind [`hub`]);
+//! [`delivery`] writes what the router has for each client. Everything is
+//! counted ([`metrics`]).
 
 #![forbid(unsafe_code)]
 
@@ -12,11 +14,14 @@ pub mod acl;
 pub mod auth;
 pub mod codec;
 pub mod config;
+pub mod connection;
+pub mod delivery;
+pub mod hub;
 pub mod listener;
+pub mod login;
 pub mod metrics;
 pub mod pending;
-pub mod router;
-pub mod session;
+pub mod policy;
 pub mod throttle;
 pub mod tls;
 pub mod ws;
@@ -33,8 +38,9 @@ use tracing::{info, warn};
 use crate::acl::Acl;
 use crate::auth::{Authenticator, KickReason};
 use crate::config::Config;
+use crate::connection::{ListenerKind, Sessions, Shared};
+use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::session::{ListenerKind, Sessions, Shared};
 
 /// Why the broker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -56,9 +62,6 @@ pub enum StartError {
     /// The TLS certificate or key is unusable.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
-    /// The router's threads could not be started.
-    #[error("cannot start the router: {0}")]
-    Router(std::io::Error),
     /// A listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -159,7 +162,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     info!(store = %store.describe(), "credential store ready");
 
     let metrics = Arc::new(Metrics::default());
-    let links = router::start(&config.router, config.limits.max_connections).map_err(StartError::Router)?;
+    let hub = Arc::new(Hub::new(config.router_limits(), metrics.clone()));
     let auth = Authenticator::new(store, config.auth.clone(), &config.throttle, metrics.clone());
     let gates = listener::Gates::new(&config.limits, metrics.clone());
     let revalidate = Duration::from_secs(config.auth.revalidate_secs);
@@ -213,8 +216,15 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     };
     let running_metrics = metrics_socket.as_ref().and_then(|s| s.local_addr().ok());
 
-    let shared = Arc::new(Shared { config, auth, acl, metrics: metrics.clone(), links, sessions: Sessions::default() });
-    let mut tasks = Vec::new();
+    let shared = Arc::new(Shared {
+        config,
+        auth,
+        acl,
+        metrics: metrics.clone(),
+        hub: hub.clone(),
+        sessions: Sessions::default(),
+    });
+    let mut tasks = vec![tokio::spawn(hub.run_timers())];
     for l in listeners {
         info!(addr = ?l.socket.local_addr().ok(), listener = l.kind.name, "listening");
         tasks.push(tokio::spawn(listener::run(l, shared.clone(), gates.clone())));

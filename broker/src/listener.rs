@@ -25,9 +25,10 @@ use tracing::{debug, info, warn};
 
 use crate::codec::{self, Version};
 use crate::config::Limits;
+use crate::connection::{self, ListenerKind, Shared};
+use crate::login;
 use crate::metrics::{LogEvery, Metrics};
 use crate::pending::{Pending, PendingLogins, Refused};
-use crate::session::{self, ListenerKind, Shared};
 use crate::ws;
 
 /// Connections past the limit that still get a CONNACK.
@@ -162,9 +163,9 @@ async fn establish(
     deadline: Instant,
     tls: Option<TlsAcceptor>,
     websocket: bool,
-) -> Result<Box<dyn session::Stream>, Handshake> {
+) -> Result<Box<dyn connection::Stream>, Handshake> {
     let within = |f| tokio::time::timeout_at(deadline, f);
-    let stream: Box<dyn session::Stream> = match tls {
+    let stream: Box<dyn connection::Stream> = match tls {
         None => Box::new(socket),
         Some(acceptor) => match within(Box::pin(acceptor.accept(socket))).await {
             Ok(Ok(stream)) => Box::new(stream),
@@ -194,7 +195,7 @@ async fn handle(
     shared: Arc<Shared>,
 ) {
     match establish(socket, deadline, tls, websocket).await {
-        Ok(stream) => session::serve(stream, peer, deadline, kind, pending, shared).await,
+        Ok(stream) => connection::serve(stream, peer, deadline, kind, pending, shared).await,
         Err(Handshake::TimedOut) => {
             Metrics::inc(&shared.metrics.handshake_failures_total);
             debug!(%peer, listener = kind.name, "handshake timed out");
@@ -220,14 +221,14 @@ async fn refuse_busy(
     }
 }
 
-async fn refuse_stream(mut stream: Box<dyn session::Stream>, deadline: Instant, metrics: &Metrics) {
+async fn refuse_stream(mut stream: Box<dyn connection::Stream>, deadline: Instant, metrics: &Metrics) {
     let mut buf = BytesMut::with_capacity(256);
-    let read = session::read_frame(&mut stream, &mut buf, 4096, metrics);
-    let Ok(session::Read::Frame(frame)) = tokio::time::timeout_at(deadline, read).await else { return };
+    let read = connection::read_frame(&mut stream, &mut buf, 4096, metrics);
+    let Ok(connection::Read::Frame(frame)) = tokio::time::timeout_at(deadline, read).await else { return };
     let version = match codec::connect_level(&frame) {
         Some(5) => Version::V5,
         Some(_) => Version::V4,
         None => return,
     };
-    session::refuse(&mut stream, version, session::OVER_LIMIT, Some("connection limit reached"), deadline).await;
+    login::refuse(&mut stream, version, login::OVER_LIMIT, Some("connection limit reached"), deadline).await;
 }

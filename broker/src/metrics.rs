@@ -1,7 +1,6 @@
 //! The front's own counters, served in Prometheus text format.
 //!
-//! rumqttd exposes three router gauges; what an operator of a secure broker
-//! needs is at the front: who was refused and why, what the ACL dropped,
+//! What an operator of a secure broker needs is at the front: who was refused and why, what the ACL dropped,
 //! traffic per direction. Counters are plain atomics (one cache line each is
 //! not worth it at these rates) and the HTTP side is a few lines of tokio: a
 //! scrape is one GET, and pulling in an HTTP framework for it would double
@@ -12,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use mqseal_router::{DropReason, Stats};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -21,6 +21,9 @@ macro_rules! counters {
         #[derive(Default, Debug)]
         pub struct Metrics {
             $(#[doc = $help] pub $name: AtomicU64,)*
+            /// The router's gauges and drop counters, copied after each
+            /// router call (`hub.rs`).
+            router: Mutex<(Stats, u64)>,
         }
 
         impl Metrics {
@@ -32,6 +35,7 @@ macro_rules! counters {
                     let _ = writeln!(out, "# TYPE mqseal_{} {}", stringify!($name), $kind);
                     let _ = writeln!(out, "mqseal_{} {}", stringify!($name), self.$name.load(Ordering::Relaxed));
                 )*
+                self.render_router(&mut out);
                 out
             }
         }
@@ -59,7 +63,9 @@ counters! {
     packets_too_large_total: "counter", "Packets refused for exceeding the maximum packet size.";
     messages_discarded_too_large_total: "counter", "PUBLISH packets not sent because they exceed the receiving client's Maximum Packet Size.";
     protocol_errors_total: "counter", "Connections closed for malformed or forbidden packets.";
-    codec_panics_total: "counter", "Packets on which the embedded codec panicked (contained; connection closed).";
+    acks_unknown_total: "counter", "PUBACK, PUBREC, PUBREL or PUBCOMP packets for a packet id with nothing pending (answered as MQTT says, logged).";
+    sessions_expired_total: "counter", "Persistent sessions that ended because their session expiry ran out.";
+    wills_published_total: "counter", "Wills published (on a lost connection, after their delay, or when their session ended).";
     sessions_kicked_total: "counter", "Sessions closed because their user was disabled or deleted.";
     keepalive_timeouts_total: "counter", "Sessions closed for missing keep-alive.";
     messages_in_total: "counter", "PUBLISH packets received from clients and forwarded.";
@@ -93,6 +99,48 @@ impl LogEvery {
 }
 
 impl Metrics {
+    /// Takes a copy of the router's gauges (called with the router locked).
+    pub fn set_router(&self, stats: &Stats, events_lost: u64) {
+        if let Ok(mut r) = self.router.lock() {
+            r.0.clone_from(stats);
+            r.1 = events_lost;
+        }
+    }
+
+    fn render_router(&self, out: &mut String) {
+        let Ok(r) = self.router.lock() else { return };
+        let (s, lost) = (&r.0, r.1);
+        let gauges = [
+            ("sessions_online", "Router sessions with a connection.", s.sessions_online),
+            ("sessions_offline", "Persistent router sessions without a connection.", s.sessions_offline),
+            ("subscriptions", "Subscriptions held (each member of a shared group counts).", s.subscriptions),
+            ("retained_messages", "Retained messages held.", s.retained_messages),
+            ("retained_bytes", "Topic and payload bytes of the retained messages.", s.retained_bytes),
+            ("queued_messages", "Messages waiting in session queues, not yet sent.", s.queued_messages),
+            ("queued_bytes", "Topic and payload bytes waiting in session queues.", s.queued_bytes),
+            ("inflight_messages", "QoS 1/2 deliveries sent and not yet acknowledged.", s.inflight_messages),
+        ];
+        for (name, help, v) in gauges {
+            let _ = writeln!(out, "# HELP mqseal_{name} {help}\n# TYPE mqseal_{name} gauge\nmqseal_{name} {v}");
+        }
+        let counters = [
+            ("messages_routed_total", "Publishes routed (client publishes and wills).", s.published),
+            ("messages_unmatched_total", "Publishes that matched no subscription.", s.unmatched),
+            ("router_events_lost_total", "Router log events dropped because too many came at once.", lost),
+        ];
+        for (name, help, v) in counters {
+            let _ = writeln!(out, "# HELP mqseal_{name} {help}\n# TYPE mqseal_{name} counter\nmqseal_{name} {v}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP mqseal_messages_dropped_total Messages not delivered to a subscriber, by reason (docs/ROUTER.md).\n# TYPE mqseal_messages_dropped_total counter"
+        );
+        for reason in DropReason::ALL {
+            let _ =
+                writeln!(out, "mqseal_messages_dropped_total{{reason=\"{}\"}} {}", reason.as_str(), s.drops(reason));
+        }
+    }
+
     /// Adds one.
     pub fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);

@@ -109,7 +109,13 @@ async fn wills_are_checked_and_delivered() {
     site.human("ops", "ops-pw", Role::Controller, &["dev-a"]).await;
 
     let mut forged = login(Version::V5, "dev-a", &a);
-    forged.will = Some(Will { topic: topic("dev-b", "status"), payload: b"offline".to_vec(), qos: 1, retain: true });
+    forged.will = Some(Will {
+        topic: topic("dev-b", "status"),
+        payload: b"offline".to_vec(),
+        qos: 1,
+        retain: true,
+        properties: Vec::new(),
+    });
     assert_eq!(connack(port, &forged).await, Some(0x87));
     forged.version = Version::V4;
     assert_eq!(connack(port, &forged).await, Some(5));
@@ -117,7 +123,13 @@ async fn wills_are_checked_and_delivered() {
     let mut ops = Conn::connected(port, &Connect::new(Version::V4, "ops-1", "ops", "ops-pw")).await;
     ops.subscribe(&[(&topic("dev-a", "status"), 1)]).await.unwrap();
     let mut with_will = login(Version::V4, "dev-a", &a);
-    with_will.will = Some(Will { topic: topic("dev-a", "status"), payload: b"offline".to_vec(), qos: 1, retain: true });
+    with_will.will = Some(Will {
+        topic: topic("dev-a", "status"),
+        payload: b"offline".to_vec(),
+        qos: 1,
+        retain: true,
+        properties: Vec::new(),
+    });
     let mut dev = Conn::connected(port, &with_will).await;
     dev.publish(&topic("dev-a", "status"), b"online", 1, true).await.unwrap();
     assert_eq!(ops.next_message(T).await.unwrap().payload, b"online");

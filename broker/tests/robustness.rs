@@ -348,7 +348,8 @@ async fn connect_flags_that_break_the_rules_are_refused() {
     }
     // Will QoS 3 needs a will to be expressible.
     let mut will = root(Version::V5, "flags");
-    will.will = Some(mqtt::Will { topic: "w/t".into(), payload: b"x".to_vec(), qos: 1, retain: false });
+    will.will =
+        Some(mqtt::Will { topic: "w/t".into(), payload: b"x".to_vec(), qos: 1, retain: false, properties: Vec::new() });
     let mut bytes = will.encode();
     bytes[FLAGS] |= 0b0001_1000;
     let mut c = Conn::open(port, Version::V5).await.unwrap();
@@ -455,7 +456,13 @@ async fn keep_alive_zero_is_accepted_and_expiry_fires_the_will() {
     watcher.subscribe(&[("wills/#", 1)]).await.unwrap();
     let mut short = root(Version::V4, "short");
     short.keep_alive = 1;
-    short.will = Some(mqtt::Will { topic: "wills/short".into(), payload: b"expired".to_vec(), qos: 1, retain: false });
+    short.will = Some(mqtt::Will {
+        topic: "wills/short".into(),
+        payload: b"expired".to_vec(),
+        qos: 1,
+        retain: false,
+        properties: Vec::new(),
+    });
     let _silent = Conn::connected(port, &short).await;
     let started = Instant::now();
     let will = watcher.next_message(T).await.unwrap();

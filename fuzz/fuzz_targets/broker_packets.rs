@@ -1,139 +1,93 @@
-//! The broker's front on arbitrary client bytes, packet by packet as its
-//! session does: framing (`next_frame`, with the size limit), the first
-//! packet as CONNECT (protocol level, rumqttd's decoder, client id, user
-//! name, will topic against the ACL), then PUBLISH (QoS and packet id from
-//! the raw bytes, topic validity, the ACL), SUBSCRIBE (every filter's
-//! validity and the ACL), acks and DISCONNECT. The first byte picks the
-//! protocol version, the principal's role and how the stream is cut into
-//! reads.
+//! The broker on arbitrary client bytes, through the code a connection
+//! runs: framing (`next_frame`, with the size limit), the first packet
+//! through `login::parse_connect` (level, flags, body) and the login's
+//! synchronous checks (client id, user name, will topic against the ACL),
+//! then every later packet decoded and handed to the per-packet policy
+//! (`policy::Client::on_packet`) with a real router core behind it, and the
+//! router's deliveries written back (`Client::pull`). A second session
+//! subscribed to everything makes publishes route and queue. The first
+//! byte picks the principal's role and how the stream is cut into reads.
 //!
-//! The front runs rumqttd's decoder under `catch_unwind` and closes the
-//! connection when it panics (rumqttd has client-reachable panics:
-//! docs/RUMQTTD.md); this target does the same, so only a
-//! panic in mqseal's own code is a crash.
+//! Nothing in that path may panic, and nothing here catches one.
 #![no_main]
 
-use std::cell::Cell;
-use std::sync::Once;
+use std::net::SocketAddr;
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use mqseal_broker::acl::{Acl, Principal, default_rules, shared_inner, valid_filter, valid_topic_name};
-use mqseal_broker::codec::{self, Frame, Version, kind};
-use mqseal_broker::session::valid_client_id;
+use mqseal_broker::acl::{Acl, Principal, default_rules};
+use mqseal_broker::codec::{self, decode};
+use mqseal_broker::login::{self, valid_client_id};
+use mqseal_broker::metrics::Metrics;
+use mqseal_broker::policy::{Client, Context};
+use mqseal_router::{ConnectRequest, Limits, QoS, Router, SubOptions};
 use mqseal_store::{Role, validate_username};
-use rumqttd::protocol::Packet;
-
-thread_local! {
-    static IN_CODEC: Cell<bool> = const { Cell::new(false) };
-}
-
-/// libfuzzer-sys aborts on every panic from its hook; panics inside
-/// rumqttd's decoder must instead unwind to the front's `catch_unwind`.
-fn contain_codec_panics() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let abort = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if !IN_CODEC.with(Cell::get) {
-                abort(info);
-            }
-        }));
-    });
-}
-
-fn decode(version: Version, frame: Frame) -> Option<Packet> {
-    IN_CODEC.with(|c| c.set(true));
-    let packet = codec::decode(version, frame);
-    IN_CODEC.with(|c| c.set(false));
-    packet.ok()
-}
-
-/// One frame through the checks the session makes; `false` ends the
-/// connection.
-fn handle(frame: Frame, version: Version, connected: &mut bool, who: &Principal, acl: &Acl) -> bool {
-    let k = frame.kind();
-    if !*connected {
-        *connected = true;
-        if k != kind::CONNECT || codec::connect_level(&frame).is_none() {
-            return false;
-        }
-        let Some(Packet::Connect(connect, _, will, _, login)) = decode(version, frame) else { return false };
-        let _ = valid_client_id(&connect.client_id);
-        if let Some(login) = login {
-            let _ = validate_username(&login.username);
-        }
-        if let Some(will) = will
-            && let Ok(t) = std::str::from_utf8(&will.topic)
-            && valid_topic_name(t)
-        {
-            let _ = acl.can_publish(who, t);
-        }
-        return true;
-    }
-    match k {
-        kind::PUBLISH => {
-            if codec::publish_qos_pkid(&frame).is_none() {
-                return false;
-            }
-            let Some(Packet::Publish(p, _)) = decode(version, frame) else { return false };
-            let Ok(t) = std::str::from_utf8(&p.topic) else { return false };
-            valid_topic_name(t) && {
-                let _ = acl.can_publish(who, t);
-                true
-            }
-        }
-        kind::SUBSCRIBE | kind::UNSUBSCRIBE => match decode(version, frame) {
-            Some(Packet::Subscribe(s, _)) => {
-                for f in &s.filters {
-                    let _ = shared_inner(&f.path);
-                    if valid_filter(&f.path) {
-                        let _ = acl.can_subscribe(who, &f.path);
-                    }
-                }
-                true
-            }
-            Some(_) => true,
-            None => false,
-        },
-        kind::PUBACK | kind::PUBREC | kind::PUBREL | kind::PUBCOMP => codec::ack_pkid(&frame).is_some(),
-        kind::DISCONNECT => {
-            let _ = codec::disconnect_reason(&frame);
-            false
-        }
-        _ => decode(version, frame).is_some(),
-    }
-}
 
 fuzz_target!(|data: &[u8]| {
-    contain_codec_panics();
     let Some((&selector, stream)) = data.split_first() else { return };
-    let version = if selector & 1 == 0 { Version::V4 } else { Version::V5 };
-    let (username, role, grants) = match (selector >> 1) % 3 {
+    let (username, role, grants) = match selector % 3 {
         0 => ("dev-1", Role::Device, vec![]),
         1 => ("ops", Role::Controller, vec!["dev-1".to_owned(), "dev-2".to_owned()]),
         _ => ("fleet", Role::Controller, vec!["*".to_owned()]),
     };
     let who = Principal { username: username.into(), client_id: username.into(), role, grants };
     let Ok(acl) = Acl::new(&default_rules()) else { return };
+    let metrics = Metrics::default();
+    let ctx = Context { acl: &acl, metrics: &metrics };
+    // Small bounds, so that queues fill and the drop paths run.
+    let limits = Limits { max_queued_messages: 8, max_queued_bytes: 4096, max_inflight: 4, max_incoming_qos2: 4, ..Limits::default() };
+    let mut router = Router::new(limits.clone());
+    let watcher = router
+        .connect(ConnectRequest { client_id: "watcher".into(), clean_start: false, session_expiry_secs: 60, receive_maximum: 2, will: None }, 0)
+        .conn;
+    for f in ["#", "$share/g/#"] {
+        let _ = router.subscribe(watcher, f, SubOptions::qos(QoS::ExactlyOnce), 0);
+    }
+    let peer = SocketAddr::from(([127, 0, 0, 1], 1));
     // Reads of 1..=31 bytes, or everything at once.
     let cut = match usize::from(selector >> 3) {
         0 => stream.len().max(1),
         n => n,
     };
+    let mut now = 1_000;
     let mut buf = BytesMut::new();
-    let mut connected = false;
+    let mut out = BytesMut::new();
+    let mut client: Option<Client> = None;
     for piece in stream.chunks(cut) {
         buf.extend_from_slice(piece);
         loop {
-            match codec::next_frame(&mut buf, 64 * 1024) {
-                Err(_) => return,
-                Ok(None) => break,
-                Ok(Some(frame)) => {
-                    if !handle(frame, version, &mut connected, &who, &acl) {
-                        return;
-                    }
+            let frame = match codec::next_frame(&mut buf, 64 * 1024) {
+                Err(_) | Ok(None) => break,
+                Ok(Some(frame)) => frame,
+            };
+            now += 250;
+            let Some(c) = client.as_mut() else {
+                let Ok(connect) = login::parse_connect(&frame) else { return };
+                if !valid_client_id(&connect.client_id) || connect.username.as_deref().is_some_and(|u| validate_username(u).is_err()) {
+                    return;
                 }
+                if let Some(w) = &connect.will
+                    && !(mqseal_router::topic::valid_topic_name(&w.topic) && acl.can_publish(&who, &w.topic))
+                {
+                    return;
+                }
+                let (request, _) = login::router_request(&connect, &who, &limits);
+                let conn = router.connect(request, now).conn;
+                client = Some(Client::new(connect.version, peer, who.clone(), conn));
+                continue;
+            };
+            let ended = match decode::packet(&frame, c.version) {
+                Err(_) => true,
+                Ok(packet) => c.on_packet(&ctx, &mut router, now, packet, &mut out).is_some(),
+            };
+            c.pull(&ctx, &mut router, now, &mut out);
+            let _ = router.poll_transmit(watcher, now);
+            router.tick(now);
+            out.clear();
+            if ended {
+                let _ = router.disconnect(c.conn, mqseal_broker::policy::End::Lost.disconnect(), now);
+                router.tick(now + 3_600_000);
+                return;
             }
         }
     }

@@ -258,6 +258,12 @@ impl BrokerProc {
         self.dir.join("data").join("users.json")
     }
 
+    /// The broker's process id, while it runs.
+    #[must_use]
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

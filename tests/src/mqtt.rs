@@ -34,6 +34,8 @@ pub struct Will {
     pub qos: u8,
     /// Retained or not.
     pub retain: bool,
+    /// Raw v5 will properties (without their length; ignored for 3.1.1).
+    pub properties: Vec<u8>,
 }
 
 /// Everything a CONNECT can say.
@@ -101,7 +103,8 @@ impl Connect {
         put_str(&mut body, self.client_id.as_bytes());
         if let Some(w) = &self.will {
             if self.version == Version::V5 {
-                body.push(0);
+                put_varint(&mut body, w.properties.len());
+                body.extend_from_slice(&w.properties);
             }
             put_str(&mut body, w.topic.as_bytes());
             put_str(&mut body, &w.payload);

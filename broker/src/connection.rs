@@ -1,0 +1,336 @@
+//! One client connection, from accept to close: the I/O loop.
+//!
+//! Everything here is moving bytes and waiting: [`crate::login`] turns the
+//! first packet into a session, [`crate::policy`] decides what each packet
+//! does, [`crate::delivery`] writes what the router has for the client.
+//! Each connection is one task with its own deadlines, so a slow or silent
+//! client only ever delays itself.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tracing::{debug, info};
+
+use crate::acl::Acl;
+use crate::auth::{Authenticator, KickReason};
+use crate::codec::{self, Frame, FrameError};
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::login::{self, Opened};
+use crate::metrics::Metrics;
+use crate::pending::Pending;
+use crate::policy::{Client, Context, End, reason};
+
+/// What every connection task shares.
+pub struct Shared {
+    /// The effective configuration.
+    pub config: Config,
+    /// Login decisions.
+    pub auth: Authenticator,
+    /// Topic rules.
+    pub acl: Acl,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// The router.
+    pub hub: Arc<Hub>,
+    /// Live sessions by username, for kicking.
+    pub sessions: Sessions,
+}
+
+impl Shared {
+    /// What the per-packet policy needs.
+    pub fn context(&self) -> Context<'_> {
+        Context { acl: &self.acl, metrics: &self.metrics }
+    }
+
+    /// The router's limits, as configured.
+    pub fn hub_limits(&self) -> mqseal_router::Limits {
+        self.config.router_limits()
+    }
+}
+
+/// Live sessions, so that disabling a user can close them.
+#[derive(Default)]
+pub struct Sessions {
+    next_id: AtomicU64,
+    by_user: Mutex<HashMap<String, HashMap<u64, oneshot::Sender<KickReason>>>>,
+}
+
+impl Sessions {
+    fn register(&self, username: &str) -> (u64, oneshot::Receiver<KickReason>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut map) = self.by_user.lock() {
+            map.entry(username.to_owned()).or_default().insert(id, tx);
+        }
+        (id, rx)
+    }
+
+    fn unregister(&self, username: &str, id: u64) {
+        if let Ok(mut map) = self.by_user.lock()
+            && let Some(sessions) = map.get_mut(username)
+        {
+            sessions.remove(&id);
+            if sessions.is_empty() {
+                map.remove(username);
+            }
+        }
+    }
+
+    /// Usernames with at least one live session.
+    pub fn live_usernames(&self) -> HashSet<String> {
+        self.by_user.lock().map(|m| m.keys().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Closes every session of `username`; returns how many.
+    pub fn kick(&self, username: &str, reason: KickReason) -> usize {
+        let Ok(mut map) = self.by_user.lock() else { return 0 };
+        let sessions = map.remove(username).unwrap_or_default();
+        let n = sessions.len();
+        for (_, tx) in sessions {
+            let _ = tx.send(reason);
+        }
+        n
+    }
+
+    /// Closes every session (shutdown).
+    pub fn kick_all(&self, reason: KickReason) -> usize {
+        let names: Vec<String> = self.live_usernames().into_iter().collect();
+        names.iter().map(|n| self.kick(n, reason)).sum()
+    }
+}
+
+/// Properties of the listener a connection came in on.
+#[derive(Clone, Copy, Debug)]
+pub struct ListenerKind {
+    /// For logs: "tcp" or "tls".
+    pub name: &'static str,
+    /// Whether password logins are acceptable here (TLS, loopback, or
+    /// explicitly allowed).
+    pub passwords_allowed: bool,
+}
+
+/// A complete frame, or why there is none.
+pub(crate) enum Read {
+    Frame(Frame),
+    Eof,
+    Bad(FrameError),
+}
+
+pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+    metrics: &Metrics,
+) -> Read {
+    loop {
+        match codec::next_frame(buf, max) {
+            Ok(Some(frame)) => return Read::Frame(frame),
+            Ok(None) => {}
+            Err(e) => return Read::Bad(e),
+        }
+        match rd.read_buf(buf).await {
+            Ok(0) | Err(_) => return Read::Eof,
+            Ok(n) => Metrics::add(&metrics.bytes_in_total, n as u64),
+        }
+    }
+}
+
+/// Writes `bytes` and flushes: TCP ignores the flush, but a WebSocket
+/// message only leaves on it.
+pub(crate) async fn send<W: AsyncWrite + Unpin + ?Sized>(wr: &mut W, bytes: &[u8]) -> std::io::Result<()> {
+    wr.write_all(bytes).await?;
+    wr.flush().await
+}
+
+/// What a session runs over: TCP, TLS, WebSocket, or WebSocket over TLS.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// Serves one connection until it ends. `deadline` bounds everything up to
+/// and including CONNECT (the TLS handshake has already used part of it);
+/// `pending` is the connection's place among the logins in progress, given
+/// up once it has logged in or been refused.
+///
+/// The CONNECT phase (authentication, store calls) runs in a boxed future
+/// of its own: it is the deepest stack of awaits a connection ever has, and
+/// an idle session should not carry its size for hours.
+///
+/// The stream is boxed behind a trait object: one copy of this code serves
+/// TCP and TLS, and a TLS stream (rustls keeps kilobytes of state inline)
+/// lives on the heap once instead of inside every session's future.
+pub async fn serve(
+    stream: Box<dyn Stream>,
+    peer: SocketAddr,
+    deadline: Instant,
+    listener: ListenerKind,
+    pending: Pending,
+    shared: Arc<Shared>,
+) {
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut inbuf = BytesMut::with_capacity(256);
+    let opened = Box::pin(login::open(&mut rd, &mut wr, &mut inbuf, peer, deadline, listener, &shared)).await;
+    // Logged in (or refused and answered): no longer a login in progress.
+    drop(pending);
+    let Some(Opened { mut client, wake, keepalive, mut out }) = opened else { return };
+    let (kick_id, mut kick) = shared.sessions.register(&client.principal.username);
+    let metrics = shared.metrics.clone();
+    let max_packet = shared.config.limits.max_packet_size;
+    let write_timeout = Duration::from_millis(shared.config.limits.write_timeout_ms);
+    // One keep-alive timer for the whole session, pushed back on each read.
+    // Without keep-alive it never fires.
+    let keepalive_timer = tokio::time::sleep(keepalive.unwrap_or(Duration::MAX / 4));
+    tokio::pin!(keepalive_timer);
+
+    // A client may send its first packets right behind CONNECT without
+    // waiting for the CONNACK (paho does, over TLS often in one record):
+    // they are already in the buffer, and no further read would bring them.
+    let mut unread = !inbuf.is_empty();
+    // The router may hold more than one pull wrote.
+    let mut more = false;
+
+    let end = loop {
+        if std::mem::take(&mut unread)
+            && let Some(end) = on_bytes(&mut client, &shared, &mut inbuf, max_packet, &mut out)
+        {
+            break end;
+        }
+        if std::mem::take(&mut more) {
+            let mut locked = shared.hub.lock();
+            let now = locked.now;
+            more = client.pull(&shared.context(), locked.router(), now, &mut out);
+        }
+        if !out.is_empty() {
+            let n = out.len();
+            match tokio::time::timeout(write_timeout, send(&mut wr, &out)).await {
+                Ok(Ok(())) => Metrics::add(&metrics.bytes_out_total, n as u64),
+                _ => break End::Lost,
+            }
+            out.clear();
+            if out.capacity() > 4 * crate::delivery::OUTPUT_HIGH_WATER {
+                out = BytesMut::new();
+            }
+            if more {
+                continue;
+            }
+        }
+        tokio::select! {
+            reason = &mut kick => break End::Kicked(reason.unwrap_or(KickReason::Shutdown)),
+            () = &mut keepalive_timer => {
+                Metrics::inc(&metrics.keepalive_timeouts_total);
+                break End::KeepAlive;
+            }
+            read = rd.read_buf(&mut inbuf) => match read {
+                Ok(0) | Err(_) => break End::Lost,
+                Ok(n) => {
+                    Metrics::add(&metrics.bytes_in_total, n as u64);
+                    if let Some(k) = keepalive {
+                        keepalive_timer.as_mut().reset(Instant::now() + k);
+                    }
+                    if let Some(end) = on_bytes(&mut client, &shared, &mut inbuf, max_packet, &mut out) {
+                        break end;
+                    }
+                    shrink(&mut inbuf);
+                    more = true;
+                }
+            },
+            () = wake.notify.notified() => {
+                if wake.taken_over.load(Ordering::Acquire) {
+                    break End::TakenOver;
+                }
+                more = true;
+            }
+        }
+    };
+    let username = client.principal.username.clone();
+    finish(client, end, &shared, &mut wr, out).await;
+    shared.sessions.unregister(&username, kick_id);
+    Metrics::dec(&metrics.sessions_active);
+}
+
+/// Handles every complete frame in `inbuf` under one router lock.
+fn on_bytes(client: &mut Client, shared: &Shared, inbuf: &mut BytesMut, max: usize, out: &mut BytesMut) -> Option<End> {
+    let ctx = shared.context();
+    let mut locked = shared.hub.lock();
+    let now = locked.now;
+    loop {
+        let frame = match codec::next_frame(inbuf, max) {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return None,
+            Err(FrameError::TooLarge { size, max }) => {
+                Metrics::inc(&shared.metrics.packets_too_large_total);
+                info!(peer = %client.peer, client_id = %client.principal.client_id, user = %client.principal.username, size, max, "disconnected: packet too large");
+                if client.version == codec::Version::V5 {
+                    codec::disconnect(reason::PACKET_TOO_LARGE, out);
+                }
+                return Some(End::Protocol);
+            }
+            Err(FrameError::Malformed(why)) => return Some(client.protocol_error(&ctx, why, reason::MALFORMED, out)),
+        };
+        let packet = match codec::decode::packet(&frame, client.version) {
+            Ok(p) => p,
+            Err(e) => return Some(client.protocol_error(&ctx, e.rule(), e.reason_code(), out)),
+        };
+        if let Some(end) = client.on_packet(&ctx, locked.router(), now, packet, out) {
+            return Some(end);
+        }
+    }
+}
+
+/// An idle connection should not keep a large buffer from one big packet.
+fn shrink(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.capacity() > 64 * 1024 {
+        *buf = BytesMut::with_capacity(256);
+    }
+}
+
+/// Tells the client (v5) and the router how the session ended; the router
+/// publishes the will when the end calls for it.
+async fn finish<W: AsyncWrite + Unpin>(client: Client, end: End, shared: &Shared, wr: &mut W, mut out: BytesMut) {
+    if let (Some(code), codec::Version::V5) = (end.server_reason(), client.version) {
+        codec::disconnect(code, &mut out);
+    }
+    if let End::Kicked(why) = end {
+        Metrics::inc(&shared.metrics.sessions_kicked_total);
+        info!(peer = %client.peer, client_id = %client.principal.client_id, user = %client.principal.username, ?why, "session closed by the broker");
+    } else {
+        debug!(peer = %client.peer, client_id = %client.principal.client_id, ?end, "session ended");
+    }
+    {
+        let mut locked = shared.hub.lock();
+        let now = locked.now;
+        // A stale handle (taken over) changes nothing: the session is the
+        // newer connection's.
+        let _ = locked.router().disconnect(client.conn, end.disconnect(), now);
+        locked.unregister(client.conn);
+    }
+    if !out.is_empty() {
+        let _ = tokio::time::timeout(Duration::from_secs(2), send(wr, &out)).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), wr.shutdown()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_can_be_kicked_by_user() {
+        let s = Sessions::default();
+        let (id, mut rx) = s.register("u");
+        let (_, mut rx2) = s.register("u");
+        assert_eq!(s.live_usernames().len(), 1);
+        assert_eq!(s.kick("u", KickReason::Disabled), 2);
+        assert_eq!(rx.try_recv().unwrap(), KickReason::Disabled);
+        assert_eq!(rx2.try_recv().unwrap(), KickReason::Disabled);
+        s.unregister("u", id);
+        assert!(s.live_usernames().is_empty());
+    }
+}

@@ -1,0 +1,150 @@
+//! The router shared by every connection task, and how they are woken.
+//!
+//! **Why one lock.** The router core is a plain state machine; every
+//! connection task takes the lock for one batch of packets (everything it
+//! read in one go) or one pull of deliveries, and never across an await.
+//! Those critical sections are microseconds; on the two to eight cores a
+//! broker of this kind runs on, a sharded router would add complexity the
+//! measurements do not ask for (docs/ROUTER.md, docs/BENCHMARKS.md).
+//!
+//! After each call the hub wakes the connections the router says now have
+//! something to write (a `Notify` each, which keeps a permit, so a wake-up
+//! that comes before the task waits is not lost), logs the router's events
+//! and copies its gauges for `/metrics`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use mqseal_router::{Conn, Event, Limits, Millis, Router};
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+use crate::metrics::Metrics;
+
+/// How a connection task is woken.
+#[derive(Debug, Default)]
+pub struct Wake {
+    /// Something to write, or a takeover.
+    pub notify: Notify,
+    /// The session was taken by a newer connection.
+    pub taken_over: AtomicBool,
+}
+
+struct Inner {
+    router: Router,
+    wakers: HashMap<Conn, Arc<Wake>>,
+}
+
+/// The router and the connections' wake-ups.
+pub struct Hub {
+    inner: Mutex<Inner>,
+    metrics: Arc<Metrics>,
+}
+
+/// Wall-clock milliseconds, the router's time.
+#[must_use]
+pub fn now() -> Millis {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The router's state, while the lock is held. Dropping it wakes, logs
+/// and counts.
+pub struct Locked<'a> {
+    guard: MutexGuard<'a, Inner>,
+    metrics: &'a Metrics,
+    /// The time of this call.
+    pub now: Millis,
+}
+
+impl Locked<'_> {
+    /// The router.
+    pub fn router(&mut self) -> &mut Router {
+        &mut self.guard.router
+    }
+
+    /// Registers the task behind a new connection (and, on a takeover,
+    /// tells the old one).
+    pub fn register(&mut self, conn: Conn, taken_over: Option<Conn>) -> Arc<Wake> {
+        if let Some(old) = taken_over.and_then(|old| self.guard.wakers.remove(&old)) {
+            old.taken_over.store(true, Ordering::Release);
+            old.notify.notify_one();
+        }
+        let wake = Arc::new(Wake::default());
+        self.guard.wakers.insert(conn, Arc::clone(&wake));
+        wake
+    }
+
+    /// Forgets a connection's task.
+    pub fn unregister(&mut self, conn: Conn) {
+        self.guard.wakers.remove(&conn);
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        let inner = &mut *self.guard;
+        for conn in inner.router.take_ready() {
+            if let Some(w) = inner.wakers.get(&conn) {
+                w.notify.notify_one();
+            }
+        }
+        for event in inner.router.take_events() {
+            log_event(&event, self.metrics);
+        }
+        self.metrics.set_router(inner.router.stats(), inner.router.events_lost());
+    }
+}
+
+fn log_event(event: &Event, metrics: &Metrics) {
+    match event {
+        Event::Dropped { client_id, reason, count } => {
+            warn!(client_id = %client_id, reason = reason.as_str(), count, "messages dropped for a client (counted in mqseal_messages_dropped_total)");
+        }
+        Event::RetainedRefused { topic } => {
+            warn!(topic = %topic, "retained message not kept: [retained] limits reached");
+        }
+        Event::SessionExpired { client_id, lost } => {
+            Metrics::inc(&metrics.sessions_expired_total);
+            info!(client_id = %client_id, lost, "session expired");
+        }
+        Event::WillPublished { client_id, topic } => {
+            Metrics::inc(&metrics.wills_published_total);
+            info!(client_id = %client_id, topic = %topic, "will published");
+        }
+    }
+}
+
+impl Hub {
+    /// A hub around a new router.
+    #[must_use]
+    pub fn new(limits: Limits, metrics: Arc<Metrics>) -> Self {
+        Self { inner: Mutex::new(Inner { router: Router::new(limits), wakers: HashMap::new() }), metrics }
+    }
+
+    /// Takes the lock. A poisoned lock (a panic while it was held, which
+    /// the code forbids) is taken anyway: the router's state is updated
+    /// call by call and stays consistent between them.
+    pub fn lock(&self) -> Locked<'_> {
+        let guard = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        Locked { guard, metrics: &self.metrics, now: now() }
+    }
+
+    /// Runs the router's clocks (will delay, session expiry, retained
+    /// expiry, deferred drop logs) for as long as the broker runs.
+    pub async fn run_timers(self: Arc<Self>) {
+        // The router says when it next needs to run; a new timer (a
+        // disconnect with a will delay) may be sooner, hence the cap.
+        const MAX_SLEEP: Duration = Duration::from_millis(250);
+        loop {
+            let next = {
+                let mut locked = self.lock();
+                let now = locked.now;
+                locked.router().tick(now).map(|at| at.saturating_sub(now))
+            };
+            let sleep = next.map_or(MAX_SLEEP, |ms| Duration::from_millis(ms).min(MAX_SLEEP));
+            tokio::time::sleep(sleep.max(Duration::from_millis(5))).await;
+        }
+    }
+}
