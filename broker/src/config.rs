@@ -271,6 +271,9 @@ pub struct SessionsConfig {
     /// clients are told when theirs is cut; 3.1.1 persistent sessions get
     /// this one).
     pub max_session_expiry_secs: u32,
+    /// Subscriptions one session may hold; past it SUBACK says 0x97
+    /// (3.1.1: 0x80) for the filter.
+    pub max_subscriptions: usize,
     /// At most one "messages dropped" log line per client per this many seconds.
     pub drop_log_interval_secs: u64,
 }
@@ -284,6 +287,7 @@ impl Default for SessionsConfig {
             max_inflight: d.max_inflight,
             receive_maximum: d.max_incoming_qos2,
             max_session_expiry_secs: d.max_session_expiry_secs,
+            max_subscriptions: d.max_subscriptions,
             drop_log_interval_secs: d.drop_log_interval_ms / 1000,
         }
     }
@@ -399,6 +403,7 @@ impl Config {
             max_retained_messages: self.retained.max_messages,
             max_retained_bytes: self.retained.max_bytes,
             max_session_expiry_secs: s.max_session_expiry_secs,
+            max_subscriptions: s.max_subscriptions,
             drop_log_interval_ms: s.drop_log_interval_secs.saturating_mul(1000),
         }
     }

@@ -179,7 +179,7 @@ pub async fn serve(
     let opened = Box::pin(login::open(&mut rd, &mut wr, &mut inbuf, peer, deadline, listener, &shared)).await;
     // Logged in (or refused and answered): no longer a login in progress.
     drop(pending);
-    let Some(Opened { mut client, wake, keepalive, mut out }) = opened else { return };
+    let Some(Opened { mut client, wake, keepalive, mut out, mut more }) = opened else { return };
     let (kick_id, mut kick) = shared.sessions.register(&client.principal.username);
     let metrics = shared.metrics.clone();
     let max_packet = shared.config.limits.max_packet_size;
@@ -193,8 +193,6 @@ pub async fn serve(
     // waiting for the CONNACK (paho does, over TLS often in one record):
     // they are already in the buffer, and no further read would bring them.
     let mut unread = !inbuf.is_empty();
-    // The router may hold more than one pull wrote.
-    let mut more = false;
 
     let end = loop {
         if std::mem::take(&mut unread)

@@ -148,6 +148,8 @@ pub(crate) struct Opened {
     pub keepalive: Option<Duration>,
     /// The CONNACK, and whatever the router already has for a resumed session.
     pub out: BytesMut,
+    /// The router had more than fit behind the CONNACK.
+    pub more: bool,
 }
 
 /// Reads and checks CONNECT, authenticates, opens the router session and
@@ -252,7 +254,7 @@ where
     client.expiry_was_zero = asked_expiry == 0;
     let ctx = shared.context();
     // A resumed session's queue goes out right behind the CONNACK.
-    client.pull(&ctx, locked.router(), now, &mut out);
+    let more = client.pull(&ctx, locked.router(), now, &mut out);
     drop(locked);
 
     Metrics::inc(&metrics.logins_ok_total);
@@ -263,7 +265,7 @@ where
         0 => None,
         k => Some(Duration::from_millis(u64::from(k) * 1500)),
     };
-    Some(Opened { client, wake, keepalive, out })
+    Some(Opened { client, wake, keepalive, out, more })
 }
 
 type Admitted = (Principal, Option<String>);

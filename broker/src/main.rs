@@ -136,19 +136,13 @@ fn load_config(cli: &Cli) -> Result<(Config, String), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // jemalloc rather than glibc's malloc, measured (docs/BENCHMARKS.md): a
-    // connection's large, mostly untouched router queues cost resident
-    // pages only where written, and memory freed after a connection storm
-    // goes back to the OS. The background thread does that purging while
+    // jemalloc rather than glibc's malloc, measured (docs/BENCHMARKS.md):
+    // memory freed after a connection storm goes back to the OS. The background thread does that purging while
     // the broker is idle; without it RSS stays at the storm's peak.
     #[cfg(feature = "jemalloc")]
     let _ = tikv_jemalloc_ctl::background_thread::write(true);
     let filter = tracing_subscriber::EnvFilter::try_from_env("MQSEAL_LOG")
-        // rumqttd's router opens an ERROR-level span per event, so any
-        // filter that lets its errors through pays for a span per packet:
-        // 30% of QoS 1 throughput when measured. Its messages are the noise
-        // the audit lists; MQSEAL_LOG=info,rumqttd=warn shows them.
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=off"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colours only for a person at a terminal: a log file or journald gets
     // plain text that grep and alerting rules can match.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());

@@ -11,7 +11,7 @@
 use std::net::SocketAddr;
 
 use bytes::BytesMut;
-use mqseal_router::{Ack, Conn, Message, Millis, QoS, Received, RetainHandling, Router, SubOptions, topic};
+use mqseal_router::{Ack, Conn, Message, Millis, QoS, Received, RetainHandling, Router, SubOptions, Subscribed, topic};
 use tracing::info;
 
 use crate::acl::{Acl, Principal};
@@ -24,6 +24,8 @@ use crate::metrics::Metrics;
 pub mod reason {
     /// Normal disconnection / success.
     pub const SUCCESS: u8 = 0x00;
+    /// UNSUBACK: no subscription existed.
+    pub const NO_SUBSCRIPTION_EXISTED: u8 = 0x11;
     /// DISCONNECT with will message.
     pub const DISCONNECT_WITH_WILL: u8 = 0x04;
     /// Malformed packet.
@@ -50,6 +52,8 @@ pub mod reason {
     pub const TOPIC_ALIAS_INVALID: u8 = 0x94;
     /// Packet too large.
     pub const PACKET_TOO_LARGE: u8 = 0x95;
+    /// Quota exceeded (SUBACK: the session holds its maximum of subscriptions).
+    pub const QUOTA_EXCEEDED: u8 = 0x97;
     /// Administrative action (the user was disabled or deleted).
     pub const ADMINISTRATIVE_ACTION: u8 = 0x98;
 }
@@ -180,7 +184,10 @@ impl Client {
                     ));
                 }
                 let expiry = d.session_expiry_secs.filter(|_| self.v5());
-                Some(if self.v5() && d.reason == reason::DISCONNECT_WITH_WILL {
+                // Only a normal disconnection (0x00) discards the will;
+                // 0x04 asks for it and every error code implies it (MQTT 5
+                // §3.1.2.5, §3.14.4).
+                Some(if self.v5() && d.reason != reason::SUCCESS {
                     End::CleanWithWill(expiry)
                 } else {
                     End::Clean(expiry)
@@ -223,19 +230,22 @@ impl Client {
             }
             Packet::Subscribe(s) => self.on_subscribe(ctx, router, now, s, out),
             Packet::Unsubscribe(u) => {
-                let mut existed = Vec::with_capacity(u.filters.len());
-                for f in &u.filters {
-                    if !topic::valid_filter(f) {
-                        return Some(self.protocol_error(
-                            ctx,
-                            "invalid topic filter in UNSUBSCRIBE",
-                            reason::TOPIC_FILTER_INVALID,
-                            out,
-                        ));
-                    }
-                    existed.push(router.unsubscribe(self.conn, f).unwrap_or(false));
-                }
-                codec::unsuback(self.version, u.pkid, &existed, out);
+                // A filter that could not have been subscribed (`$SYS/#`,
+                // which tools send) is answered per filter, like SUBSCRIBE.
+                let codes: Vec<u8> = u
+                    .filters
+                    .iter()
+                    .map(|f| {
+                        if !topic::valid_filter(f) {
+                            reason::TOPIC_FILTER_INVALID
+                        } else if router.unsubscribe(self.conn, f).unwrap_or(false) {
+                            reason::SUCCESS
+                        } else {
+                            reason::NO_SUBSCRIPTION_EXISTED
+                        }
+                    })
+                    .collect();
+                codec::unsuback(self.version, u.pkid, &codes, out);
                 None
             }
         }
@@ -373,10 +383,14 @@ impl Client {
                 },
                 id: s.id.filter(|_| self.v5()),
             };
-            if router.subscribe(self.conn, filter, options, now).is_err() {
-                return Some(End::TakenOver);
+            match router.subscribe(self.conn, filter, options, now) {
+                Err(_) => return Some(End::TakenOver),
+                Ok(Subscribed::QuotaExceeded) => {
+                    info!(peer = %self.peer, client_id = %self.principal.client_id, filter = %filter, "subscription refused: sessions.max_subscriptions reached");
+                    codes.push(reason::QUOTA_EXCEEDED);
+                }
+                Ok(Subscribed::New | Subscribed::Replaced) => codes.push(qos as u8),
             }
-            codes.push(qos as u8);
         }
         codec::suback(self.version, s.pkid, &codes, out);
         None

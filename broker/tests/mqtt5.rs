@@ -470,3 +470,37 @@ async fn a_flood_on_a_lagging_devices_cmd_topic_is_queued_in_full_by_default() {
     }
     assert_eq!(seen, (0..200).collect::<Vec<_>>(), "every command, in order");
 }
+
+#[tokio::test]
+async fn a_disconnect_with_an_error_code_publishes_the_will_and_0x00_does_not() {
+    let site = site().await;
+    let port = site.port();
+    let (mut watcher, _) = connect(port, &login(Version::V5, "alice", "watcher")).await;
+    subscribe_opts(&mut watcher, "lwt/#", 1).await;
+    for (code, published) in [(0x00u8, false), (0x04, true), (0x80, true)] {
+        let mut c = login(Version::V5, "bob", &format!("leaves-{code}"));
+        c.will = will(&format!("lwt/{code}"), 1, Vec::new());
+        let (mut conn, _) = connect(port, &c).await;
+        conn.send(&frame(0xe0, &[code, 0])).await.unwrap();
+        let got = raw_publish(&mut watcher, Duration::from_millis(1500)).await;
+        assert_eq!(got.is_ok(), published, "DISCONNECT {code:#04x}: {got:?}");
+    }
+}
+
+#[tokio::test]
+async fn unsubscribing_a_filter_that_cannot_exist_is_answered_not_fatal() {
+    let site = site().await;
+    let (mut c, _) = connect(site.port(), &login(Version::V5, "alice", "tool")).await;
+    subscribe_opts(&mut c, "a/b", 1).await;
+    // UNSUBSCRIBE a/b, $SYS/#, x/y: removed, invalid, never subscribed.
+    let mut body = vec![0, 9, 0];
+    for f in ["a/b", "$SYS/#", "x/y"] {
+        body.extend_from_slice(&u16::try_from(f.len()).unwrap().to_be_bytes());
+        body.extend_from_slice(f.as_bytes());
+    }
+    c.send(&frame(0xa2, &body)).await.unwrap();
+    let ack = c.recv(T).await.unwrap();
+    assert_eq!((ack.kind(), &ack.body[..]), (11, &[0, 9, 0, 0x00, 0x8f, 0x11][..]));
+    c.send(&[0xc0, 0]).await.unwrap();
+    assert_eq!(c.recv(T).await.unwrap().kind(), 13, "still connected");
+}

@@ -27,7 +27,8 @@ pub type Slot = u32;
 #[derive(Debug, Default)]
 pub struct Holders {
     direct: HashMap<Slot, SubOptions>,
-    groups: Vec<Group>,
+    /// By group name: a client may make up any number of group names.
+    groups: HashMap<Box<str>, Group>,
 }
 
 impl Holders {
@@ -36,19 +37,13 @@ impl Holders {
     }
 
     fn len(&self) -> usize {
-        self.direct.len() + self.groups.iter().map(|g| g.members.len()).sum::<usize>()
+        self.direct.len() + self.groups.values().map(|g| g.members.len()).sum::<usize>()
     }
 
     fn insert(&mut self, group: Option<&str>, slot: Slot, opts: SubOptions) -> bool {
         let Some(name) = group else { return self.direct.insert(slot, opts).is_none() };
-        let group = match self.groups.iter_mut().position(|g| &*g.name == name) {
-            Some(i) => self.groups.get_mut(i),
-            None => {
-                self.groups.push(Group { name: name.into(), members: Vec::new(), next: 0 });
-                self.groups.last_mut()
-            }
-        };
-        let Some(group) = group else { return false };
+        let group =
+            self.groups.entry(name.into()).or_insert_with(|| Group { name: name.into(), members: Vec::new(), next: 0 });
         match group.members.iter_mut().find(|(s, _)| *s == slot) {
             Some(member) => {
                 member.1 = opts;
@@ -63,12 +58,11 @@ impl Holders {
 
     fn remove(&mut self, group: Option<&str>, slot: Slot) -> bool {
         let Some(name) = group else { return self.direct.remove(&slot).is_some() };
-        let Some(gi) = self.groups.iter().position(|g| &*g.name == name) else { return false };
-        let Some(group) = self.groups.get_mut(gi) else { return false };
+        let Some(group) = self.groups.get_mut(name) else { return false };
         let Some(mi) = group.members.iter().position(|(s, _)| *s == slot) else { return false };
         group.members.remove(mi);
         if group.members.is_empty() {
-            self.groups.swap_remove(gi);
+            self.groups.remove(name);
         }
         true
     }
@@ -77,7 +71,7 @@ impl Holders {
         for (slot, opts) in &self.direct {
             f(Hit::Direct(*slot, opts));
         }
-        for group in &mut self.groups {
+        for group in self.groups.values_mut() {
             f(Hit::Group(group));
         }
     }

@@ -28,6 +28,8 @@ pub mod stats;
 pub mod topic;
 
 pub use message::{Message, Millis, Properties, QoS, RetainHandling, SubOptions, Will};
-pub use routing::{Conn, ConnectRequest, Connected, Disconnect, Event, Limits, NEVER_EXPIRES, Router, Stale};
+pub use routing::{
+    Conn, ConnectRequest, Connected, Disconnect, Event, Limits, NEVER_EXPIRES, Router, Stale, Subscribed,
+};
 pub use session::{Ack, Delivery, Outgoing, Received};
 pub use stats::{DropReason, Stats};

@@ -7,7 +7,7 @@
 //! and bytes like every queue, and what it refuses is counted by the
 //! caller.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use crate::message::{Message, Millis};
@@ -94,6 +94,9 @@ pub enum RetainRefused {
 #[derive(Debug)]
 pub struct Retained {
     root: Node,
+    /// Messages with an expiry, by deadline: expiring them visits only
+    /// those due, not the store.
+    expiring: BTreeSet<(Millis, Arc<str>)>,
     count: usize,
     bytes: usize,
     max_messages: usize,
@@ -104,7 +107,7 @@ impl Retained {
     /// An empty store with these bounds.
     #[must_use]
     pub fn new(max_messages: usize, max_bytes: usize) -> Self {
-        Self { root: Node::default(), count: 0, bytes: 0, max_messages, max_bytes }
+        Self { root: Node::default(), expiring: BTreeSet::new(), count: 0, bytes: 0, max_messages, max_bytes }
     }
 
     /// Applies a retained publish: an empty payload clears the topic
@@ -137,7 +140,15 @@ impl Retained {
             }
             return Err(why);
         }
-        *slot = Some(message);
+        let deadline = message.expires_at;
+        if let Some(old) = slot.replace(message)
+            && let Some(at) = old.expires_at
+        {
+            self.expiring.remove(&(at, Arc::clone(&topic)));
+        }
+        if let Some(at) = deadline {
+            self.expiring.insert((at, topic));
+        }
         self.count += adds;
         self.bytes = bytes;
         Ok(())
@@ -146,6 +157,9 @@ impl Retained {
     /// Clears `topic`; returns what it held.
     pub fn remove(&mut self, topic: &str) -> Option<Arc<Message>> {
         let taken = self.root.take(topic.split('/'))?;
+        if let Some(at) = taken.expires_at {
+            self.expiring.remove(&(at, Arc::clone(&taken.topic)));
+        }
         self.count -= 1;
         self.bytes -= taken.size();
         Some(taken)
@@ -166,16 +180,17 @@ impl Retained {
 
     /// Drops every expired message; returns how many.
     pub fn expire(&mut self, now: Millis) -> usize {
-        let mut expired = Vec::new();
-        self.root.all(false, &mut |m| {
-            if m.expired(now) {
-                expired.push(Arc::clone(&m.topic));
+        let mut n = 0;
+        while let Some((at, topic)) = self.expiring.first().cloned() {
+            if at > now {
+                break;
             }
-        });
-        for topic in &expired {
-            self.remove(topic);
+            self.expiring.pop_first();
+            if self.remove(&topic).is_some() {
+                n += 1;
+            }
         }
-        expired.len()
+        n
     }
 
     /// Every retained message (for persistence and tests).

@@ -45,6 +45,9 @@ pub struct Limits {
     pub max_retained_bytes: usize,
     /// Longest session expiry a client may ask for, in seconds.
     pub max_session_expiry_secs: u32,
+    /// Subscriptions one session may hold: each costs index memory and a
+    /// visit on every matching publish.
+    pub max_subscriptions: usize,
     /// At most one drop log line per client per this many milliseconds.
     pub drop_log_interval_ms: u64,
 }
@@ -58,7 +61,8 @@ impl Default for Limits {
             max_incoming_qos2: 1024,
             max_retained_messages: 1_000_000,
             max_retained_bytes: 256 << 20,
-            max_session_expiry_secs: NEVER_EXPIRES,
+            max_session_expiry_secs: 7 * 24 * 3600,
+            max_subscriptions: 100_000,
             drop_log_interval_ms: 10_000,
         }
     }
@@ -101,6 +105,17 @@ pub struct ConnectRequest {
     pub receive_maximum: u16,
     /// Its will, if any.
     pub will: Option<Will>,
+}
+
+/// What [`Router::subscribe`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Subscribed {
+    /// A new subscription.
+    New,
+    /// The session had this filter already; its options were replaced.
+    Replaced,
+    /// The session holds `max_subscriptions` already (SUBACK 0x97).
+    QuotaExceeded,
 }
 
 /// What [`Router::connect`] did.
@@ -168,6 +183,18 @@ enum Timer {
 /// Most events held between two [`Router::take_events`] calls; beyond it
 /// events are counted in `events_lost` rather than kept.
 const MAX_EVENTS: usize = 65_536;
+
+/// Removes a session's pending will and expiry timers (a reconnect or
+/// its end makes them moot; left in place they would pile up, one per
+/// disconnect, until their deadlines).
+fn cancel_timers(timers: &mut BTreeSet<(Millis, Slot, u32, Timer)>, session: &Session, slot: Slot) {
+    if let Some(at) = session.will_at {
+        timers.remove(&(at, slot, session.generation, Timer::Will));
+    }
+    if let Some(at) = session.expires_at {
+        timers.remove(&(at, slot, session.generation, Timer::Expiry));
+    }
+}
 
 /// The session `conn` owns, if it still owns it.
 fn owned(sessions: &mut [Option<Session>], conn: Conn) -> Result<&mut Session, Stale> {
@@ -288,6 +315,7 @@ impl Router {
                 } else {
                     self.stats.sessions_offline -= 1;
                 }
+                cancel_timers(&mut self.timers, session, slot);
                 session.reconnected(window);
                 session.expiry_secs = expiry;
                 session.will = req.will;
@@ -363,7 +391,9 @@ impl Router {
 
     fn publish_will(&mut self, slot: Slot, now: Millis) {
         let Some(session) = self.sessions.get_mut(slot as usize).and_then(Option::as_mut) else { return };
-        session.will_at = None;
+        if let Some(at) = session.will_at.take() {
+            self.timers.remove(&(at, slot, session.generation, Timer::Will));
+        }
         let Some(will) = session.will.take() else { return };
         let client_id = Arc::clone(&session.client_id);
         let topic = Arc::clone(&will.message.topic);
@@ -381,6 +411,7 @@ impl Router {
             self.publish_will(slot, now);
         }
         let Some(mut session) = self.sessions.get_mut(slot as usize).and_then(Option::take) else { return 0 };
+        cancel_timers(&mut self.timers, &session, slot);
         self.free.push(slot);
         self.by_client.remove(&session.client_id);
         self.unlogged.remove(&slot);
@@ -401,12 +432,16 @@ impl Router {
 
     /// Adds or replaces a subscription (a valid filter, ACL already
     /// passed) and queues the retained messages its retain handling asks
-    /// for. Returns whether the subscription existed before.
+    /// for.
     ///
     /// # Errors
     /// [`Stale`] for a connection that no longer owns its session.
-    pub fn subscribe(&mut self, conn: Conn, filter: &str, opts: SubOptions, now: Millis) -> Result<bool, Stale> {
-        let session = self.session_mut(conn)?;
+    pub fn subscribe(&mut self, conn: Conn, filter: &str, opts: SubOptions, now: Millis) -> Result<Subscribed, Stale> {
+        let max = self.limits.max_subscriptions;
+        let session = owned(&mut self.sessions, conn)?;
+        if !session.subscriptions.contains_key(filter) && session.subscriptions.len() >= max {
+            return Ok(Subscribed::QuotaExceeded);
+        }
         let existed = session.subscriptions.insert(filter.into(), opts).is_some();
         if self.index.insert(filter, conn.slot, opts) {
             self.stats.subscriptions += 1;
@@ -425,7 +460,7 @@ impl Router {
                 self.deliver(conn.slot, item, now);
             }
         }
-        Ok(existed)
+        Ok(if existed { Subscribed::Replaced } else { Subscribed::New })
     }
 
     /// Removes a subscription; whether there was one.
@@ -722,6 +757,12 @@ impl Router {
     pub fn inflight(&self, client_id: &str) -> Option<usize> {
         let slot = *self.by_client.get(client_id)?;
         self.sessions.get(slot as usize)?.as_ref().map(Session::inflight_len)
+    }
+
+    /// Will and expiry timers pending (for tests: they must not pile up).
+    #[must_use]
+    pub fn timers_pending(&self) -> usize {
+        self.timers.len()
     }
 
     /// Whether a session exists for `client_id` (online or not).

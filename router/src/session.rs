@@ -159,7 +159,14 @@ impl Session {
 
     /// Whether the front has something to write now.
     pub fn has_output(&self) -> bool {
-        self.online && (self.unsent > 0 || self.queue.front().is_some_and(|i| self.can_send(i)))
+        self.online && (self.can_resend() || self.queue.front().is_some_and(|i| self.can_send(i)))
+    }
+
+    /// Whether an unsent inflight entry may go out: a reconnect with a
+    /// smaller Receive Maximum than before resends only as many as the new
+    /// window holds (MQTT-3.3.4-9), the rest as acks free places.
+    fn can_resend(&self) -> bool {
+        self.unsent > 0 && self.inflight.len() - self.unsent < usize::from(self.window)
     }
 
     fn can_send(&self, item: &Item) -> bool {
@@ -182,6 +189,8 @@ impl Session {
         self.window = window.max(1);
         self.expires_at = None;
         self.will_at = None;
+        // Whatever the last connection was told, this one has not been.
+        self.ready = false;
         for entry in &mut self.inflight {
             entry.sent = false;
         }
@@ -190,6 +199,7 @@ impl Session {
 
     pub fn went_offline(&mut self) {
         self.online = false;
+        self.ready = false;
         self.epoch = self.epoch.wrapping_add(1);
         for entry in &mut self.inflight {
             entry.sent = false;
@@ -271,7 +281,7 @@ impl Session {
         if !self.online {
             return (None, dropped);
         }
-        if self.unsent > 0
+        if self.can_resend()
             && let Some(entry) = self.inflight.iter_mut().find(|e| !e.sent)
         {
             entry.sent = true;
@@ -337,6 +347,10 @@ impl Session {
         match found.and_then(|i| self.inflight.get_mut(i)) {
             Some(entry) => {
                 entry.flight = Flight::Released;
+                // The caller writes the PUBREL now; a resend is not owed.
+                if !std::mem::replace(&mut entry.sent, true) {
+                    self.unsent -= 1;
+                }
                 Ack::Done
             }
             None => Ack::Unknown,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use mqseal_router::{
     Ack, Conn, ConnectRequest, Delivery, Disconnect, DropReason, Event, Limits, Message, NEVER_EXPIRES, Outgoing, QoS,
-    Received, RetainHandling, Router, Stale, SubOptions, Will,
+    Received, RetainHandling, Router, Stale, SubOptions, Subscribed, Will,
 };
 
 fn connect(r: &mut Router, id: &str, clean: bool, expiry: u32) -> Conn {
@@ -535,4 +535,82 @@ fn routing_to_one_device_among_many_touches_one_session() {
     assert_eq!(r.publish(Some(devices[5]), msg("mqseal/v1/dev/d5/resp", "r", QoS::AtLeastOnce), 0).unwrap(), 1);
     assert_eq!(r.take_ready(), vec![ctl]);
     assert_eq!(r.stats().subscriptions, 10_001);
+}
+
+#[test]
+fn a_reconnect_with_a_smaller_receive_maximum_resends_no_more_than_it_allows() {
+    let mut r = Router::new(Limits::default());
+    let c = connect_with(&mut r, "c", false, 3600, 10, None).conn;
+    r.subscribe(c, "t", SubOptions::qos(QoS::AtLeastOnce), 0).unwrap();
+    for i in 0..6 {
+        r.publish(None, msg("t", &i.to_string(), QoS::AtLeastOnce), 0).unwrap();
+    }
+    assert_eq!(publishes(&drain(&mut r, c, 0)).len(), 6);
+    r.disconnect(c, DROP, 0).unwrap();
+    let back = connect_with(&mut r, "c", false, 3600, 2, None).conn;
+    let again = drain(&mut r, back, 0);
+    assert_eq!(publishes(&again).len(), 2, "two of six resent under Receive Maximum 2");
+    r.puback(back, publishes(&again)[0].pkid).unwrap();
+    let next = drain(&mut r, back, 0);
+    assert_eq!(publishes(&next).len(), 1);
+    assert!(publishes(&next)[0].dup);
+}
+
+#[test]
+fn a_session_resumed_after_a_lost_connection_is_woken_for_what_it_holds() {
+    let mut r = Router::new(Limits::default());
+    let c = connect(&mut r, "c", false, 3600);
+    r.subscribe(c, "t", SubOptions::qos(QoS::AtLeastOnce), 0).unwrap();
+    r.publish(None, msg("t", "x", QoS::AtLeastOnce), 0).unwrap();
+    // Marked ready, never pulled: the connection went first.
+    assert_eq!(r.take_ready(), vec![c]);
+    r.disconnect(c, DROP, 0).unwrap();
+    let back = connect(&mut r, "c", false, 3600);
+    assert_eq!(r.take_ready(), vec![back], "the new connection is told, whatever the old one was");
+    r.publish(None, msg("t", "y", QoS::AtLeastOnce), 0).unwrap();
+    assert_eq!(publishes(&drain(&mut r, back, 0)).len(), 2);
+}
+
+#[test]
+fn timers_of_a_resumed_or_ended_session_do_not_pile_up() {
+    let mut r = Router::new(Limits::default());
+    for _ in 0..100 {
+        let c = connect_with(&mut r, "c", false, 3600, 10, will("lwt", 600)).conn;
+        r.disconnect(c, DROP, 0).unwrap();
+    }
+    assert_eq!(r.timers_pending(), 2, "one will and one expiry timer, not one pair per disconnect");
+    let c = connect(&mut r, "c", true, 0);
+    r.disconnect(c, CLEAN, 0).unwrap();
+    assert_eq!(r.timers_pending(), 0);
+}
+
+#[test]
+fn a_pubrec_before_the_resend_owes_one_pubrel_not_two() {
+    let mut r = Router::new(Limits::default());
+    let c = connect(&mut r, "c", false, 3600);
+    r.subscribe(c, "t", SubOptions::qos(QoS::ExactlyOnce), 0).unwrap();
+    r.publish(None, msg("t", "x", QoS::ExactlyOnce), 0).unwrap();
+    let pkid = publishes(&drain(&mut r, c, 0))[0].pkid;
+    r.disconnect(c, DROP, 0).unwrap();
+    let back = connect(&mut r, "c", false, 3600);
+    // The client answers the old delivery before the resend goes out; the
+    // caller writes that PUBREL, so nothing more is owed.
+    assert_eq!(r.pubrec(back, pkid, true).unwrap(), Ack::Done);
+    assert!(drain(&mut r, back, 0).is_empty());
+    assert_eq!(r.pubcomp(back, pkid).unwrap(), Ack::Done);
+}
+
+#[test]
+fn a_session_holds_at_most_its_subscription_quota() {
+    let mut r = Router::new(Limits { max_subscriptions: 3, ..Limits::default() });
+    let c = connect(&mut r, "c", true, 0);
+    for g in 0..3 {
+        assert_eq!(
+            r.subscribe(c, &format!("$share/{g}/t"), SubOptions::qos(QoS::AtMostOnce), 0).unwrap(),
+            Subscribed::New
+        );
+    }
+    assert_eq!(r.subscribe(c, "$share/3/t", SubOptions::qos(QoS::AtMostOnce), 0).unwrap(), Subscribed::QuotaExceeded);
+    assert_eq!(r.subscribe(c, "$share/0/t", SubOptions::qos(QoS::AtLeastOnce), 0).unwrap(), Subscribed::Replaced);
+    assert_eq!(r.stats().subscriptions, 3);
 }

@@ -135,15 +135,14 @@ pub fn suback(version: Version, pkid: u16, codes: &[u8], out: &mut BytesMut) {
     put_packet(out, 0x90, &pkid.to_be_bytes(), props, &codes);
 }
 
-/// UNSUBACK: 3.1.1 has no codes; v5 says per filter whether a
-/// subscription existed (0x00) or not (0x11).
-pub fn unsuback(version: Version, pkid: u16, existed: &[bool], out: &mut BytesMut) {
+/// UNSUBACK: 3.1.1 has no codes; v5 gets one per filter (0x00 removed,
+/// 0x11 no subscription existed, 0x8F invalid filter).
+pub fn unsuback(version: Version, pkid: u16, codes: &[u8], out: &mut BytesMut) {
     if version == Version::V4 {
         put_packet(out, 0xb0, &pkid.to_be_bytes(), None, &[]);
         return;
     }
-    let codes: Vec<u8> = existed.iter().map(|&e| if e { 0x00 } else { 0x11 }).collect();
-    put_packet(out, 0xb0, &pkid.to_be_bytes(), Some(&[]), &codes);
+    put_packet(out, 0xb0, &pkid.to_be_bytes(), Some(&[]), codes);
 }
 
 /// PUBACK, PUBREC, PUBREL or PUBCOMP (by `kind`). 3.1.1 acks have no
@@ -245,10 +244,10 @@ mod tests {
         ack(Version::V5, kind::PUBREL, 9, 0, &mut out);
         assert_eq!(&out[..], &[0x62, 2, 0, 9]);
         out.clear();
-        unsuback(Version::V5, 3, &[true, false], &mut out);
+        unsuback(Version::V5, 3, &[0x00, 0x11], &mut out);
         assert_eq!(&out[..], &[0xb0, 5, 0, 3, 0, 0x00, 0x11]);
         out.clear();
-        unsuback(Version::V4, 3, &[true], &mut out);
+        unsuback(Version::V4, 3, &[0x00], &mut out);
         assert_eq!(&out[..], &[0xb0, 2, 0, 3]);
     }
 
