@@ -212,12 +212,13 @@ pub async fn serve(
                 _ => break End::Lost,
             }
             out.clear();
-            if out.capacity() > 4 * crate::delivery::OUTPUT_HIGH_WATER {
-                out = BytesMut::new();
-            }
             if more {
                 continue;
             }
+            // About to wait: an idle connection keeps no write buffer (a
+            // fleet is mostly idle connections, and each buffer keeps the
+            // size of its largest batch). The next batch allocates anew.
+            out = BytesMut::new();
         }
         tokio::select! {
             reason = &mut kick => break End::Kicked(reason.unwrap_or(KickReason::Shutdown)),
@@ -282,9 +283,11 @@ fn on_bytes(client: &mut Client, shared: &Shared, inbuf: &mut BytesMut, max: usi
     }
 }
 
-/// An idle connection should not keep a large buffer from one big packet.
+/// An idle connection should not keep a large read buffer from one big
+/// packet or a burst: what is left once every frame is cut is brought back
+/// to the size a CONNECT started with.
 fn shrink(buf: &mut BytesMut) {
-    if buf.is_empty() && buf.capacity() > 64 * 1024 {
+    if buf.is_empty() && buf.capacity() > 1024 {
         *buf = BytesMut::with_capacity(256);
     }
 }
