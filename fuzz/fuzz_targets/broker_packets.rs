@@ -35,10 +35,25 @@ fuzz_target!(|data: &[u8]| {
     let metrics = Metrics::default();
     let ctx = Context { acl: &acl, metrics: &metrics };
     // Small bounds, so that queues fill and the drop paths run.
-    let limits = Limits { max_queued_messages: 8, max_queued_bytes: 4096, max_inflight: 4, max_incoming_qos2: 4, ..Limits::default() };
+    let limits = Limits {
+        max_queued_messages: 8,
+        max_queued_bytes: 4096,
+        max_inflight: 4,
+        max_incoming_qos2: 4,
+        ..Limits::default()
+    };
     let mut router = Router::new(limits.clone());
     let watcher = router
-        .connect(ConnectRequest { client_id: "watcher".into(), clean_start: false, session_expiry_secs: 60, receive_maximum: 2, will: None }, 0)
+        .connect(
+            ConnectRequest {
+                client_id: "watcher".into(),
+                clean_start: false,
+                session_expiry_secs: 60,
+                receive_maximum: 2,
+                will: None,
+            },
+            0,
+        )
         .conn;
     for f in ["#", "$share/g/#"] {
         let _ = router.subscribe(watcher, f, SubOptions::qos(QoS::ExactlyOnce), 0);
@@ -63,7 +78,9 @@ fuzz_target!(|data: &[u8]| {
             now += 250;
             let Some(c) = client.as_mut() else {
                 let Ok(connect) = login::parse_connect(&frame) else { return };
-                if !valid_client_id(&connect.client_id) || connect.username.as_deref().is_some_and(|u| validate_username(u).is_err()) {
+                if !valid_client_id(&connect.client_id)
+                    || connect.username.as_deref().is_some_and(|u| validate_username(u).is_err())
+                {
                     return;
                 }
                 if let Some(w) = &connect.will
