@@ -3,7 +3,7 @@
 //! These are the only implementations of MQTT's topic rules in mqseal: the
 //! broker's front validates with them before anything reaches the router,
 //! the ACL builds on them, and the subscription index is tested against
-//! [`matches`], the plain reading of the rules, which stays here as the
+//! [`matches()`], the plain reading of the rules, which stays here as the
 //! oracle (it is also what the retained store falls back on).
 
 /// Longest topic name or filter (a UTF-8 string in one MQTT field).
