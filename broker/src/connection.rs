@@ -49,11 +49,6 @@ impl Shared {
     pub fn context(&self) -> Context<'_> {
         Context { acl: &self.acl, metrics: &self.metrics }
     }
-
-    /// The router's limits, as configured.
-    pub fn hub_limits(&self) -> mqseal_router::Limits {
-        self.config.router_limits()
-    }
 }
 
 /// Live sessions, so that disabling a user can close them.
@@ -196,7 +191,7 @@ pub async fn serve(
 
     let end = loop {
         if std::mem::take(&mut unread)
-            && let Some(end) = on_bytes(&mut client, &shared, &mut inbuf, max_packet, &mut out)
+            && let Some(end) = on_bytes(&mut client, &shared, &mut inbuf, max_packet, &mut out, &mut more)
         {
             break end;
         }
@@ -233,11 +228,10 @@ pub async fn serve(
                     if let Some(k) = keepalive {
                         keepalive_timer.as_mut().reset(Instant::now() + k);
                     }
-                    if let Some(end) = on_bytes(&mut client, &shared, &mut inbuf, max_packet, &mut out) {
+                    if let Some(end) = on_bytes(&mut client, &shared, &mut inbuf, max_packet, &mut out, &mut more) {
                         break end;
                     }
                     shrink(&mut inbuf);
-                    more = true;
                 }
             },
             () = wake.notify.notified() => {
@@ -254,15 +248,27 @@ pub async fn serve(
     Metrics::dec(&metrics.sessions_active);
 }
 
-/// Handles every complete frame in `inbuf` under one router lock.
-fn on_bytes(client: &mut Client, shared: &Shared, inbuf: &mut BytesMut, max: usize, out: &mut BytesMut) -> Option<End> {
+/// Handles every complete frame in `inbuf` and then pulls what the router
+/// has for the client, all under one router lock. `more` says whether the
+/// router still holds more than fit.
+fn on_bytes(
+    client: &mut Client,
+    shared: &Shared,
+    inbuf: &mut BytesMut,
+    max: usize,
+    out: &mut BytesMut,
+    more: &mut bool,
+) -> Option<End> {
     let ctx = shared.context();
     let mut locked = shared.hub.lock();
     let now = locked.now;
     loop {
         let frame = match codec::next_frame(inbuf, max) {
             Ok(Some(frame)) => frame,
-            Ok(None) => return None,
+            Ok(None) => {
+                *more = client.pull(&ctx, locked.router(), now, out);
+                return None;
+            }
             Err(FrameError::TooLarge { size, max }) => {
                 Metrics::inc(&shared.metrics.packets_too_large_total);
                 info!(peer = %client.peer, client_id = %client.principal.client_id, user = %client.principal.username, size, max, "disconnected: packet too large");

@@ -9,8 +9,8 @@
 //!
 //! After each call the hub wakes the connections the router says now have
 //! something to write (a `Notify` each, which keeps a permit, so a wake-up
-//! that comes before the task waits is not lost), logs the router's events
-//! and copies its gauges for `/metrics`.
+//! that comes before the task waits is not lost) and logs the router's
+//! events; `/metrics` reads the router's gauges when it is scraped.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -93,7 +93,6 @@ impl Drop for Locked<'_> {
         for event in inner.router.take_events() {
             log_event(&event, self.metrics);
         }
-        self.metrics.set_router(inner.router.stats(), inner.router.events_lost());
     }
 }
 
@@ -129,6 +128,12 @@ impl Hub {
     pub fn lock(&self) -> Locked<'_> {
         let guard = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         Locked { guard, metrics: &self.metrics, now: now() }
+    }
+
+    /// A copy of the router's gauges and counters, and the events it lost.
+    pub fn stats(&self) -> (mqseal_router::Stats, u64) {
+        let inner = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        (inner.router.stats().clone(), inner.router.events_lost())
     }
 
     /// Runs the router's clocks (will delay, session expiry, retained

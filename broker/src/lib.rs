@@ -224,14 +224,14 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         hub: hub.clone(),
         sessions: Sessions::default(),
     });
-    let mut tasks = vec![tokio::spawn(hub.run_timers())];
+    let mut tasks = vec![tokio::spawn(hub.clone().run_timers())];
     for l in listeners {
         info!(addr = ?l.socket.local_addr().ok(), listener = l.kind.name, "listening");
         tasks.push(tokio::spawn(listener::run(l, shared.clone(), gates.clone())));
     }
     if let Some(socket) = metrics_socket {
         info!(addr = ?running_metrics, "metrics at /metrics");
-        tasks.push(tokio::spawn(metrics::serve(socket, metrics)));
+        tasks.push(tokio::spawn(metrics::serve(socket, metrics, hub.clone())));
     }
     let sweeper = shared.clone();
     tasks.push(tokio::spawn(async move {

@@ -232,16 +232,17 @@ where
         }
     };
 
-    let limits = shared.hub_limits();
-    let (request, asked_expiry) = router_request(&connect, &principal, &limits);
-    let expiry = request.session_expiry_secs;
     let mut locked = shared.hub.lock();
     let now = locked.now;
+    let limits = locked.router().limits();
+    let receive_maximum = limits.max_incoming_qos2;
+    let (request, asked_expiry) = router_request(&connect, &principal, limits);
+    let expiry = request.session_expiry_secs;
     let connected = locked.router().connect(request, now);
     let wake = locked.register(connected.conn, connected.taken_over);
     let info = ConnAckInfo {
         max_packet_size: u32::try_from(max).unwrap_or(u32::MAX),
-        receive_maximum: limits.max_incoming_qos2,
+        receive_maximum,
         session_expiry_secs: (version == Version::V5 && expiry != asked_expiry).then_some(expiry),
         assigned_client_id: assigned,
         reason: None,

@@ -12,6 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mqseal_router::{DropReason, Stats};
+
+use crate::hub::Hub;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -21,9 +23,6 @@ macro_rules! counters {
         #[derive(Default, Debug)]
         pub struct Metrics {
             $(#[doc = $help] pub $name: AtomicU64,)*
-            /// The router's gauges and drop counters, copied after each
-            /// router call (`hub.rs`).
-            router: Mutex<(Stats, u64)>,
         }
 
         impl Metrics {
@@ -35,7 +34,6 @@ macro_rules! counters {
                     let _ = writeln!(out, "# TYPE mqseal_{} {}", stringify!($name), $kind);
                     let _ = writeln!(out, "mqseal_{} {}", stringify!($name), self.$name.load(Ordering::Relaxed));
                 )*
-                self.render_router(&mut out);
                 out
             }
         }
@@ -99,17 +97,9 @@ impl LogEvery {
 }
 
 impl Metrics {
-    /// Takes a copy of the router's gauges (called with the router locked).
-    pub fn set_router(&self, stats: &Stats, events_lost: u64) {
-        if let Ok(mut r) = self.router.lock() {
-            r.0.clone_from(stats);
-            r.1 = events_lost;
-        }
-    }
-
-    fn render_router(&self, out: &mut String) {
-        let Ok(r) = self.router.lock() else { return };
-        let (s, lost) = (&r.0, r.1);
+    /// The router's gauges and drop counters, appended to `out`; read from
+    /// the router at scrape time (`Hub::stats`), not copied on every call.
+    pub fn render_router(s: &Stats, lost: u64, out: &mut String) {
         let gauges = [
             ("sessions_online", "Router sessions with a connection.", s.sessions_online),
             ("sessions_offline", "Persistent router sessions without a connection.", s.sessions_offline),
@@ -157,14 +147,16 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+/// Serves `GET /metrics` on `listener` until the task is dropped: the
+/// front's counters and the router's.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, hub: Arc<Hub>) {
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
         let metrics = metrics.clone();
+        let hub = hub.clone();
         tokio::spawn(async move {
             let mut request = Vec::with_capacity(512);
             let mut chunk = [0u8; 512];
@@ -184,7 +176,9 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
                 return;
             }
             let response = if request.starts_with(b"GET /metrics ") || request.starts_with(b"GET /metrics?") {
-                let body = metrics.render();
+                let mut body = metrics.render();
+                let (stats, lost) = hub.stats();
+                Metrics::render_router(&stats, lost, &mut body);
                 format!(
                     "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                     body.len()

@@ -325,7 +325,7 @@ impl Client {
             payload: p.payload,
             qos,
             retain: p.retain,
-            expires_at: p.expiry_secs.map(|s| now.saturating_add(u64::from(s) * 1000)),
+            expires_at: p.expiry_secs.map(|s| mqseal_router::secs_after(now, s)),
             properties: p.properties,
         };
         Metrics::inc(&ctx.metrics.messages_in_total);

@@ -27,7 +27,7 @@ pub mod session;
 pub mod stats;
 pub mod topic;
 
-pub use message::{Message, Millis, Properties, QoS, RetainHandling, SubOptions, Will};
+pub use message::{Message, Millis, Properties, QoS, RetainHandling, SubOptions, Will, secs_after};
 pub use routing::{
     Conn, ConnectRequest, Connected, Disconnect, Event, Limits, NEVER_EXPIRES, Router, Stale, Subscribed,
 };

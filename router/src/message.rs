@@ -10,6 +10,13 @@ use bytes::Bytes;
 /// and must mean the same thing after a restart.
 pub type Millis = u64;
 
+/// The time `secs` seconds after `now`, for the expiry intervals MQTT
+/// gives in seconds (message expiry, session expiry, will delay).
+#[must_use]
+pub fn secs_after(now: Millis, secs: u32) -> Millis {
+    now.saturating_add(u64::from(secs) * 1000)
+}
+
 /// MQTT quality of service.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum QoS {

@@ -15,7 +15,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::index::{Hit, Index, Slot};
-use crate::message::{Message, Millis, RetainHandling, SubOptions, Will};
+use crate::message::{Message, Millis, RetainHandling, SubOptions, Will, secs_after};
 use crate::retained::{RetainRefused, Retained};
 use crate::session::{Ack, Bounds, Item, Outgoing, Received, Session};
 use crate::stats::{DropReason, Stats};
@@ -372,14 +372,14 @@ impl Router {
         }
         if let Some(session) = self.sessions.get_mut(conn.slot as usize).and_then(Option::as_mut) {
             if expiry != NEVER_EXPIRES {
-                let at = now.saturating_add(u64::from(expiry) * 1000);
+                let at = secs_after(now, expiry);
                 session.expires_at = Some(at);
                 self.timers.insert((at, conn.slot, generation, Timer::Expiry));
             }
             match will_delay {
                 Some(0) => self.publish_will(conn.slot, now),
                 Some(delay) => {
-                    let at = now.saturating_add(u64::from(delay) * 1000);
+                    let at = secs_after(now, delay);
                     session.will_at = Some(at);
                     self.timers.insert((at, conn.slot, generation, Timer::Will));
                 }
@@ -398,7 +398,7 @@ impl Router {
         let client_id = Arc::clone(&session.client_id);
         let topic = Arc::clone(&will.message.topic);
         let mut message = will.message;
-        message.expires_at = will.expiry_secs.map(|s| now.saturating_add(u64::from(s) * 1000));
+        message.expires_at = will.expiry_secs.map(|s| secs_after(now, s));
         self.route(None, message, now);
         self.push_event(Event::WillPublished { client_id, topic });
     }
