@@ -41,6 +41,8 @@ pub struct Config {
     pub sessions: SessionsConfig,
     /// Bounds of the retained-message store.
     pub retained: RetainedConfig,
+    /// Persistent sessions and retained messages on disk.
+    pub persistence: PersistenceConfig,
     /// rumqttd's commit-log tuning, from before mqseal's own router: kept
     /// only to refuse it with a pointer to what replaced it.
     #[serde(rename = "router")]
@@ -62,6 +64,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             sessions: SessionsConfig::default(),
             retained: RetainedConfig::default(),
+            persistence: PersistenceConfig::default(),
             old_router: None,
         }
     }
@@ -310,6 +313,49 @@ impl Default for RetainedConfig {
     }
 }
 
+/// How `[persistence]` keeps the router's state across restarts.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PersistenceMode {
+    /// Every acknowledgement a persistent session is given (the
+    /// publisher's PUBACK/PUBREC for a message queued for it, SUBACK,
+    /// CONNACK) waits until it is committed: nothing acknowledged is lost
+    /// by a crash. Commits are grouped: all that arrives while one runs
+    /// goes in the next.
+    Durable,
+    /// A commit every `commit_interval_ms`, nobody waits: a crash loses up
+    /// to that interval, a clean stop nothing.
+    Periodic,
+    /// Memory only: a restart loses sessions and retained messages.
+    Off,
+}
+
+/// `[persistence]`: retained messages and persistent sessions
+/// (subscriptions, queued and inflight QoS 1/2 messages) in a redb file
+/// under `data_dir` (docs/ROUTER.md, "Persistence").
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PersistenceConfig {
+    /// `durable` (the default), `periodic` or `off`.
+    pub mode: PersistenceMode,
+    /// The file, relative to `data_dir`.
+    pub file: PathBuf,
+    /// Periodic mode: how often it commits. Durable mode: how long
+    /// changes nobody waits for (deletes after acknowledgements, packet
+    /// ids) may stay unwritten.
+    pub commit_interval_ms: u64,
+}
+
+impl Default for PersistenceConfig {
+    fn default() -> Self {
+        PersistenceConfig {
+            mode: PersistenceMode::Durable,
+            file: PathBuf::from("router.redb"),
+            commit_interval_ms: 1000,
+        }
+    }
+}
+
 pub use mqseal_tomlfile::ConfigError;
 
 impl Config {
@@ -370,6 +416,12 @@ impl Config {
                     .into(),
             );
         }
+        if self.persistence.commit_interval_ms == 0 || self.persistence.commit_interval_ms > 3_600_000 {
+            return bad(format!(
+                "persistence.commit_interval_ms = {}: must be 1 ms to one hour",
+                self.persistence.commit_interval_ms
+            ));
+        }
         if self.auth.revalidate_secs == 0 {
             return bad("auth.revalidate_secs must be at least 1".into());
         }
@@ -408,6 +460,11 @@ impl Config {
         }
     }
 
+    /// The persistence store's file, or `None` when persistence is off.
+    pub fn persistence_path(&self) -> Option<PathBuf> {
+        (self.persistence.mode != PersistenceMode::Off).then(|| self.data_dir.join(&self.persistence.file))
+    }
+
     /// The file store's path.
     pub fn store_path(&self) -> PathBuf {
         self.store.file_path(&self.data_dir)
@@ -432,11 +489,26 @@ mod tests {
         // The example spells out the defaults; they must not drift.
         assert_eq!(config.sessions, SessionsConfig::default());
         assert_eq!(config.retained, RetainedConfig::default());
+        assert_eq!(config.persistence, PersistenceConfig::default());
         let (limits, defaults) = (&config.limits, Limits::default());
         assert_eq!(
             (limits.max_connections, limits.max_pending_logins_percent, limits.max_pending_logins_per_address),
             (defaults.max_connections, defaults.max_pending_logins_percent, defaults.max_pending_logins_per_address)
         );
+    }
+
+    #[test]
+    fn persistence_modes_parse_and_bad_values_are_refused() {
+        let c = Config::parse("[persistence]\nmode = \"periodic\"\ncommit_interval_ms = 50\n", Path::new("b.toml"))
+            .unwrap();
+        assert_eq!(c.persistence.mode, PersistenceMode::Periodic);
+        assert_eq!(c.persistence_path(), Some(PathBuf::from("data/router.redb")));
+        let off = Config::parse("[persistence]\nmode = \"off\"\n", Path::new("b.toml")).unwrap();
+        assert_eq!(off.persistence_path(), None);
+        let err = Config::parse("[persistence]\nmode = \"sometimes\"\n", Path::new("b.toml")).unwrap_err().to_string();
+        assert!(err.contains("sometimes") && err.contains("durable"), "{err}");
+        let zero = Config::parse("[persistence]\ncommit_interval_ms = 0\n", Path::new("b.toml")).unwrap();
+        assert!(zero.validate("b.toml").unwrap_err().to_string().contains("persistence.commit_interval_ms"));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::acl::Acl;
 use crate::auth::{Authenticator, KickReason};
@@ -174,7 +174,7 @@ pub async fn serve(
     let opened = Box::pin(login::open(&mut rd, &mut wr, &mut inbuf, peer, deadline, listener, &shared)).await;
     // Logged in (or refused and answered): no longer a login in progress.
     drop(pending);
-    let Some(Opened { mut client, wake, keepalive, mut out, mut more }) = opened else { return };
+    let Some(Opened { mut client, wake, keepalive, mut out, mut more, mut owed }) = opened else { return };
     let (kick_id, mut kick) = shared.sessions.register(&client.principal.username);
     let metrics = shared.metrics.clone();
     let max_packet = shared.config.limits.max_packet_size;
@@ -191,7 +191,7 @@ pub async fn serve(
 
     let end = loop {
         if std::mem::take(&mut unread)
-            && let Some(end) = on_bytes(&mut client, &shared, &mut inbuf, max_packet, &mut out, &mut more)
+            && let Some(end) = on_bytes(&mut client, &shared, &mut inbuf, max_packet, &mut out, &mut more, &mut owed)
         {
             break end;
         }
@@ -201,6 +201,15 @@ pub async fn serve(
             more = client.pull(&shared.context(), locked.router(), now, &mut out);
         }
         if !out.is_empty() {
+            // Durable mode: acknowledgements of what a persistent session
+            // was promised leave only once it is on disk.
+            if owed > 0 {
+                if !shared.hub.wait_committed(owed, COMMIT_WAIT).await {
+                    out.clear();
+                    break End::StoreFailed;
+                }
+                owed = 0;
+            }
             let n = out.len();
             match tokio::time::timeout(write_timeout, send(&mut wr, &out)).await {
                 Ok(Ok(())) => Metrics::add(&metrics.bytes_out_total, n as u64),
@@ -228,7 +237,7 @@ pub async fn serve(
                     if let Some(k) = keepalive {
                         keepalive_timer.as_mut().reset(Instant::now() + k);
                     }
-                    if let Some(end) = on_bytes(&mut client, &shared, &mut inbuf, max_packet, &mut out, &mut more) {
+                    if let Some(end) = on_bytes(&mut client, &shared, &mut inbuf, max_packet, &mut out, &mut more, &mut owed) {
                         break end;
                     }
                     shrink(&mut inbuf);
@@ -243,14 +252,20 @@ pub async fn serve(
         }
     };
     let username = client.principal.username.clone();
-    finish(client, end, &shared, &mut wr, out).await;
+    finish(client, end, &shared, &mut wr, out, owed).await;
     shared.sessions.unregister(&username, kick_id);
     Metrics::dec(&metrics.sessions_active);
 }
 
+/// How long a durable acknowledgement waits for its commit before the
+/// connection is closed without it (a commit takes milliseconds; this is
+/// a disk that has stopped).
+const COMMIT_WAIT: Duration = Duration::from_secs(30);
+
 /// Handles every complete frame in `inbuf` and then pulls what the router
 /// has for the client, all under one router lock. `more` says whether the
-/// router still holds more than fit.
+/// router still holds more than fit; `owed` is raised to the journal
+/// version the output must wait for (durable mode).
 fn on_bytes(
     client: &mut Client,
     shared: &Shared,
@@ -258,16 +273,17 @@ fn on_bytes(
     max: usize,
     out: &mut BytesMut,
     more: &mut bool,
+    owed: &mut u64,
 ) -> Option<End> {
     let ctx = shared.context();
     let mut locked = shared.hub.lock();
     let now = locked.now;
-    loop {
+    let end = loop {
         let frame = match codec::next_frame(inbuf, max) {
             Ok(Some(frame)) => frame,
             Ok(None) => {
                 *more = client.pull(&ctx, locked.router(), now, out);
-                return None;
+                break None;
             }
             Err(FrameError::TooLarge { size, max }) => {
                 Metrics::inc(&shared.metrics.packets_too_large_total);
@@ -275,18 +291,20 @@ fn on_bytes(
                 if client.version == codec::Version::V5 {
                     codec::disconnect(reason::PACKET_TOO_LARGE, out);
                 }
-                return Some(End::Protocol);
+                break Some(End::Protocol);
             }
-            Err(FrameError::Malformed(why)) => return Some(client.protocol_error(&ctx, why, reason::MALFORMED, out)),
+            Err(FrameError::Malformed(why)) => break Some(client.protocol_error(&ctx, why, reason::MALFORMED, out)),
         };
         let packet = match codec::decode::packet(&frame, client.version) {
             Ok(p) => p,
-            Err(e) => return Some(client.protocol_error(&ctx, e.rule(), e.reason_code(), out)),
+            Err(e) => break Some(client.protocol_error(&ctx, e.rule(), e.reason_code(), out)),
         };
         if let Some(end) = client.on_packet(&ctx, locked.router(), now, packet, out) {
-            return Some(end);
+            break Some(end);
         }
-    }
+    };
+    *owed = (*owed).max(locked.owed());
+    end
 }
 
 /// An idle connection should not keep a large read buffer from one big
@@ -300,7 +318,23 @@ fn shrink(buf: &mut BytesMut) {
 
 /// Tells the client (v5) and the router how the session ended; the router
 /// publishes the will when the end calls for it.
-async fn finish<W: AsyncWrite + Unpin>(client: Client, end: End, shared: &Shared, wr: &mut W, mut out: BytesMut) {
+async fn finish<W: AsyncWrite + Unpin>(
+    client: Client,
+    end: End,
+    shared: &Shared,
+    wr: &mut W,
+    mut out: BytesMut,
+    owed: u64,
+) {
+    // What the last batch answered before the end still waits for its
+    // commit, briefly; unconfirmed, it is not sent.
+    if owed > 0 && !shared.hub.wait_committed(owed, Duration::from_secs(2)).await {
+        out.clear();
+    }
+    if let End::StoreFailed = end {
+        Metrics::inc(&shared.metrics.persist_acks_withheld_total);
+        warn!(peer = %client.peer, client_id = %client.principal.client_id, "disconnected: the persistence store did not commit in time; acknowledgements withheld");
+    }
     if let (Some(code), codec::Version::V5) = (end.server_reason(), client.version) {
         codec::disconnect(code, &mut out);
     }

@@ -11,14 +11,20 @@
 //! something to write (a `Notify` each, which keeps a permit, so a wake-up
 //! that comes before the task waits is not lost) and logs the router's
 //! events; `/metrics` reads the router's gauges when it is scraped.
+//!
+//! With persistence on, the hub is also where a durable acknowledgement
+//! waits: a [`Locked`] knows whether its calls made a change that a client
+//! is being promised ([`Locked::owed`]), wakes the writer when one was
+//! made, and [`Hub::wait_committed`] lets the connection hold its output
+//! until the writer reports that version on disk (`crate::persist`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use mqseal_router::{Conn, Event, Limits, Millis, Router};
-use tokio::sync::Notify;
+use mqseal_router::{Changes, Conn, Event, Limits, Millis, Router};
+use tokio::sync::{Notify, watch};
 use tracing::{info, warn};
 
 use crate::metrics::Metrics;
@@ -37,10 +43,21 @@ struct Inner {
     wakers: HashMap<Conn, Arc<Wake>>,
 }
 
+/// The writer's side of persistence, as the hub sees it.
+struct Journal {
+    /// Whether acknowledgements wait for commits.
+    durable: bool,
+    /// Wakes the writer when a promised change is made.
+    changed: Notify,
+    /// The journal version on disk.
+    committed: watch::Sender<u64>,
+}
+
 /// The router and the connections' wake-ups.
 pub struct Hub {
     inner: Mutex<Inner>,
     metrics: Arc<Metrics>,
+    journal: Option<Journal>,
 }
 
 /// Wall-clock milliseconds, the router's time.
@@ -54,6 +71,9 @@ pub fn now() -> Millis {
 pub struct Locked<'a> {
     guard: MutexGuard<'a, Inner>,
     metrics: &'a Metrics,
+    journal: Option<&'a Journal>,
+    /// The router's journal version when the lock was taken.
+    version: u64,
     /// The time of this call.
     pub now: Millis,
 }
@@ -80,6 +100,18 @@ impl Locked<'_> {
     pub fn unregister(&mut self, conn: Conn) {
         self.guard.wakers.remove(&conn);
     }
+
+    /// In durable mode, the journal version the store must reach before
+    /// what these calls answered may be written to the client; 0 when
+    /// nothing needs to wait.
+    #[must_use]
+    pub fn owed(&self) -> u64 {
+        let version = self.guard.router.journal_version();
+        match self.journal {
+            Some(j) if j.durable && version > self.version => version,
+            _ => 0,
+        }
+    }
 }
 
 impl Drop for Locked<'_> {
@@ -92,6 +124,11 @@ impl Drop for Locked<'_> {
         }
         for event in inner.router.take_events() {
             log_event(&event, self.metrics);
+        }
+        if let Some(journal) = self.journal
+            && inner.router.journal_version() != self.version
+        {
+            journal.changed.notify_one();
         }
     }
 }
@@ -119,7 +156,60 @@ impl Hub {
     /// A hub around a new router.
     #[must_use]
     pub fn new(limits: Limits, metrics: Arc<Metrics>) -> Self {
-        Self { inner: Mutex::new(Inner { router: Router::new(limits), wakers: HashMap::new() }), metrics }
+        Self::with_router(Router::new(limits), metrics, None)
+    }
+
+    /// A hub around a router restored from the store (journal enabled);
+    /// `durable` says whether acknowledgements wait for commits.
+    #[must_use]
+    pub fn persistent(router: Router, metrics: Arc<Metrics>, durable: bool) -> Self {
+        let version = router.journal_version();
+        let journal = Journal { durable, changed: Notify::new(), committed: watch::Sender::new(version) };
+        Self::with_router(router, metrics, Some(journal))
+    }
+
+    fn with_router(router: Router, metrics: Arc<Metrics>, journal: Option<Journal>) -> Self {
+        Self { inner: Mutex::new(Inner { router, wakers: HashMap::new() }), metrics, journal }
+    }
+
+    /// Waits until the store holds journal version `version`; false when
+    /// it did not get there within `limit` (the disk is failing).
+    pub async fn wait_committed(&self, version: u64, limit: Duration) -> bool {
+        let Some(journal) = &self.journal else { return true };
+        let mut rx = journal.committed.subscribe();
+        matches!(tokio::time::timeout(limit, rx.wait_for(|&c| c >= version)).await, Ok(Ok(_)))
+    }
+
+    /// Resolves when a promised change has been made since the writer
+    /// last looked (never without persistence).
+    pub async fn journal_changed(&self) {
+        match &self.journal {
+            Some(j) => j.changed.notified().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The journal's dirty keys with their state, for the writer.
+    pub fn take_changes(&self) -> Option<Changes> {
+        self.lock().guard.router.take_changes()
+    }
+
+    /// Gives back changes the writer could not commit.
+    pub fn requeue(&self, changes: Changes) {
+        self.lock().guard.router.requeue(changes);
+    }
+
+    /// The writer committed `version`: acknowledgements waiting for it go.
+    pub fn committed(&self, version: u64) {
+        if let Some(j) = &self.journal {
+            j.committed.send_if_modified(|c| {
+                let newer = version > *c;
+                if newer {
+                    *c = version;
+                }
+                newer
+            });
+        }
     }
 
     /// Takes the lock. A poisoned lock (a panic while it was held, which
@@ -127,7 +217,8 @@ impl Hub {
     /// call by call and stays consistent between them.
     pub fn lock(&self) -> Locked<'_> {
         let guard = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        Locked { guard, metrics: &self.metrics, now: now() }
+        let version = guard.router.journal_version();
+        Locked { guard, metrics: &self.metrics, journal: self.journal.as_ref(), version, now: now() }
     }
 
     /// A copy of the router's gauges and counters, and the events it lost.

@@ -5,7 +5,8 @@
 //! against a credential store ([`auth`], `mqseal-store`); [`policy`]
 //! applies per-topic rules ([`acl`]) and limits to each packet and hands
 //! what passes to the router core (`mqseal-router`, behind [`hub`]);
-//! [`delivery`] writes what the router has for each client. Everything is
+//! [`delivery`] writes what the router has for each client; [`persist`]
+//! keeps persistent sessions and retained messages on disk. Everything is
 //! counted ([`metrics`]).
 
 #![forbid(unsafe_code)]
@@ -21,6 +22,7 @@ pub mod listener;
 pub mod login;
 pub mod metrics;
 pub mod pending;
+pub mod persist;
 pub mod policy;
 pub mod throttle;
 pub mod tls;
@@ -37,7 +39,7 @@ use tracing::{info, warn};
 
 use crate::acl::Acl;
 use crate::auth::{Authenticator, KickReason};
-use crate::config::Config;
+use crate::config::{Config, PersistenceMode};
 use crate::connection::{ListenerKind, Sessions, Shared};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -62,6 +64,9 @@ pub enum StartError {
     /// The TLS certificate or key is unusable.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// The persistence store is damaged, newer, or cannot be opened.
+    #[error(transparent)]
+    Persist(#[from] persist::PersistError),
     /// A listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -86,6 +91,7 @@ pub struct Running {
     /// The admin credential created on this start, if any (shown once).
     pub first_admin: Option<(String, zeroize::Zeroizing<String>)>,
     shared: Arc<Shared>,
+    store: Option<Arc<persist::Store>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -101,6 +107,13 @@ impl Running {
         while self.shared.metrics.sessions_active.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // What the sessions' ends changed (offline, deletes after acks)
+        // goes to disk before the process does.
+        if let Some(store) = &self.store {
+            let failures = metrics::LogEvery::default();
+            let ok = persist::commit(&self.shared.hub, store, &self.shared.metrics, &failures).await;
+            info!(file = %store.path().display(), committed = ok, "persistence store flushed");
         }
         info!(sessions = kicked, "broker stopped");
     }
@@ -162,7 +175,16 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     info!(store = %store.describe(), "credential store ready");
 
     let metrics = Arc::new(Metrics::default());
-    let hub = Arc::new(Hub::new(config.router_limits(), metrics.clone()));
+    let (hub, state) = match config.persistence_path() {
+        Some(path) => {
+            let mut router = mqseal_router::Router::new(config.router_limits());
+            router.enable_journal();
+            let store = persist::open_and_load(&path, &mut router, hub::now())?;
+            let durable = config.persistence.mode == PersistenceMode::Durable;
+            (Arc::new(Hub::persistent(router, metrics.clone(), durable)), Some(Arc::new(store)))
+        }
+        None => (Arc::new(Hub::new(config.router_limits(), metrics.clone())), None),
+    };
     let auth = Authenticator::new(store, config.auth.clone(), &config.throttle, metrics.clone());
     let gates = listener::Gates::new(&config.limits, metrics.clone());
     let revalidate = Duration::from_secs(config.auth.revalidate_secs);
@@ -225,6 +247,15 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         sessions: Sessions::default(),
     });
     let mut tasks = vec![tokio::spawn(hub.clone().run_timers())];
+    if let Some(store) = &state {
+        let mode = if shared.config.persistence.mode == PersistenceMode::Durable {
+            persist::Mode::Durable
+        } else {
+            persist::Mode::Periodic
+        };
+        let interval = Duration::from_millis(shared.config.persistence.commit_interval_ms);
+        tasks.push(tokio::spawn(persist::run_writer(hub.clone(), store.clone(), mode, interval, metrics.clone())));
+    }
     for l in listeners {
         info!(addr = ?l.socket.local_addr().ok(), listener = l.kind.name, "listening");
         tasks.push(tokio::spawn(listener::run(l, shared.clone(), gates.clone())));
@@ -252,6 +283,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         metrics: running_metrics,
         first_admin,
         shared,
+        store: state,
         tasks,
     })
 }

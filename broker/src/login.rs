@@ -150,6 +150,8 @@ pub(crate) struct Opened {
     pub out: BytesMut,
     /// The router had more than fit behind the CONNACK.
     pub more: bool,
+    /// The journal version the CONNACK waits for (durable mode), or 0.
+    pub owed: u64,
 }
 
 /// Reads and checks CONNECT, authenticates, opens the router session and
@@ -256,6 +258,8 @@ where
     let ctx = shared.context();
     // A resumed session's queue goes out right behind the CONNACK.
     let more = client.pull(&ctx, locked.router(), now, &mut out);
+    // A new persistent session is on disk before its CONNACK (durable mode).
+    let owed = locked.owed();
     drop(locked);
 
     Metrics::inc(&metrics.logins_ok_total);
@@ -266,7 +270,7 @@ where
         0 => None,
         k => Some(Duration::from_millis(u64::from(k) * 1500)),
     };
-    Some(Opened { client, wake, keepalive, out, more })
+    Some(Opened { client, wake, keepalive, out, more, owed })
 }
 
 type Admitted = (Principal, Option<String>);

@@ -71,6 +71,12 @@ counters! {
     bytes_in_total: "counter", "Bytes read from client sockets.";
     bytes_out_total: "counter", "Bytes written to client sockets.";
     store_errors_total: "counter", "Credential store calls that failed or timed out.";
+    persist_commits_total: "counter", "Transactions committed to the persistence store (sessions, their messages, retained messages).";
+    persist_keys_written_total: "counter", "Keys written or deleted in the persistence store.";
+    persist_commit_micros_total: "counter", "Microseconds spent committing to the persistence store (divide by persist_commits_total for the mean).";
+    persist_last_commit_micros: "gauge", "How long the latest persistence commit took, in microseconds.";
+    persist_commit_failures_total: "counter", "Persistence commits that failed (their changes are retried with the next commit).";
+    persist_acks_withheld_total: "counter", "Connections closed in durable mode because the store did not commit in time; their acknowledgements were not sent.";
 }
 
 /// At most one log line per interval for something that can come in

@@ -28,6 +28,8 @@ pub mod reason {
     pub const NO_SUBSCRIPTION_EXISTED: u8 = 0x11;
     /// DISCONNECT with will message.
     pub const DISCONNECT_WITH_WILL: u8 = 0x04;
+    /// Unspecified error (the persistence store failed to commit).
+    pub const UNSPECIFIED_ERROR: u8 = 0x80;
     /// Malformed packet.
     pub const MALFORMED: u8 = 0x81;
     /// Protocol error.
@@ -75,6 +77,9 @@ pub enum End {
     Kicked(KickReason),
     /// Another connection took the session (same client id).
     TakenOver,
+    /// The persistence store did not commit what the client was about to
+    /// be told (durable mode): the acknowledgements are not sent.
+    StoreFailed,
 }
 
 impl End {
@@ -96,6 +101,7 @@ impl End {
             End::Kicked(KickReason::Shutdown) => Some(reason::SHUTTING_DOWN),
             End::Kicked(_) => Some(reason::ADMINISTRATIVE_ACTION),
             End::TakenOver => Some(reason::TAKEN_OVER),
+            End::StoreFailed => Some(reason::UNSPECIFIED_ERROR),
             _ => None,
         }
     }

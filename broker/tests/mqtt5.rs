@@ -11,11 +11,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Site, T, metric};
+use common::{Site, T, metric, raw_publish};
 use mqseal_store::Role;
 use mqseal_tests::broker::BrokerConfig;
 use mqseal_tests::free_port;
-use mqseal_tests::mqtt::{Conn, Connect, Packet, RecvError, Version, Will, frame, publish, read_varint, subscribe};
+use mqseal_tests::mqtt::{Conn, Connect, Packet, RecvError, Version, Will, frame, publish, subscribe};
 
 const PW: &str = "correct horse battery staple";
 
@@ -61,31 +61,6 @@ async fn subscribe_opts(conn: &mut Conn, filter: &str, options: u8) -> Vec<u8> {
             let skip = if conn.version == Version::V5 { 3 } else { 2 };
             return p.body[skip..].to_vec();
         }
-    }
-}
-
-/// The next PUBLISH as raw (qos, payload, properties, pkid), unacknowledged.
-async fn raw_publish(conn: &mut Conn, timeout: Duration) -> Result<(u8, Vec<u8>, Vec<u8>, u16), RecvError> {
-    loop {
-        let p = conn.recv(timeout).await?;
-        if p.kind() != 3 {
-            continue;
-        }
-        let qos = (p.header >> 1) & 3;
-        let tlen = usize::from(u16::from_be_bytes([p.body[0], p.body[1]]));
-        let mut at = 2 + tlen;
-        let mut pkid = 0;
-        if qos > 0 {
-            pkid = u16::from_be_bytes([p.body[at], p.body[at + 1]]);
-            at += 2;
-        }
-        let mut props = Vec::new();
-        if conn.version == Version::V5 {
-            let (len, used) = read_varint(&p.body[at..]).unwrap();
-            props = p.body[at + used..at + used + len].to_vec();
-            at += used + len;
-        }
-        return Ok((qos, p.body[at..].to_vec(), props, pkid));
     }
 }
 

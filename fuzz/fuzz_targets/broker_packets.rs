@@ -5,7 +5,10 @@
 //! then every later packet decoded and handed to the per-packet policy
 //! (`policy::Client::on_packet`) with a real router core behind it, and the
 //! router's deliveries written back (`Client::pull`). A second session
-//! subscribed to everything makes publishes route and queue. The first
+//! subscribed to everything makes publishes route and queue. The router
+//! journals for persistence, as the broker's does, and every change it
+//! hands out goes through the store's record encoding and back
+//! (`persist::records`), which must give back what went in. The first
 //! byte picks the principal's role and how the stream is cut into reads.
 //!
 //! Nothing in that path may panic, and nothing here catches one.
@@ -19,6 +22,7 @@ use mqseal_broker::acl::{Acl, Principal, default_rules};
 use mqseal_broker::codec::{self, decode};
 use mqseal_broker::login::{self, valid_client_id};
 use mqseal_broker::metrics::Metrics;
+use mqseal_broker::persist::records;
 use mqseal_broker::policy::{Client, Context};
 use mqseal_router::{ConnectRequest, Limits, QoS, Router, SubOptions};
 use mqseal_store::{Role, validate_username};
@@ -43,6 +47,7 @@ fuzz_target!(|data: &[u8]| {
         ..Limits::default()
     };
     let mut router = Router::new(limits.clone());
+    router.enable_journal();
     let watcher = router
         .connect(
             ConnectRequest {
@@ -100,12 +105,29 @@ fuzz_target!(|data: &[u8]| {
             c.pull(&ctx, &mut router, now, &mut out);
             let _ = router.poll_transmit(watcher, now);
             router.tick(now);
+            round_trip(&mut router);
             out.clear();
             if ended {
                 let _ = router.disconnect(c.conn, mqseal_broker::policy::End::Lost.disconnect(), now);
                 router.tick(now + 3_600_000);
+                round_trip(&mut router);
                 return;
             }
         }
     }
 });
+
+/// Every record the journal hands out decodes to what was encoded.
+fn round_trip(router: &mut Router) {
+    let Some(changes) = router.take_changes() else { return };
+    for state in &changes.sessions {
+        let back = records::decode_session(&state.client_id, &records::encode_session(state));
+        assert_eq!(back.ok().as_ref(), Some(state));
+    }
+    for item in changes.items.iter().filter_map(|(_, _, i)| i.as_ref()) {
+        assert_eq!(records::decode_item(&records::encode_item(item)).ok().as_ref(), Some(item));
+    }
+    for m in changes.retained.iter().filter_map(|(_, m)| m.as_deref()) {
+        assert_eq!(records::decode_message(&records::encode_message(m)).ok().as_ref(), Some(m));
+    }
+}

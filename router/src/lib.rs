@@ -12,6 +12,7 @@
 //! * [`index`]: exact filters in a hash map, wildcard filters in a trie.
 //! * [`retained`]: retained messages in their own trie.
 //! * [`session`]: one session's bounded queue, inflight window and acks.
+//! * [`journal`]: what a persistent store must write, as dirty keys.
 //! * [`routing`]: the [`Router`] that ties them together.
 //! * [`stats`]: gauges and drops by reason.
 //!
@@ -20,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 pub mod index;
+pub mod journal;
 pub mod message;
 pub mod retained;
 pub mod routing;
@@ -27,6 +29,7 @@ pub mod session;
 pub mod stats;
 pub mod topic;
 
+pub use journal::{Changes, SessionState, StoredItem};
 pub use message::{Message, Millis, Properties, QoS, RetainHandling, SubOptions, Will, secs_after};
 pub use routing::{
     Conn, ConnectRequest, Connected, Disconnect, Event, Limits, NEVER_EXPIRES, Router, Stale, Subscribed,

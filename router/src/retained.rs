@@ -178,19 +178,29 @@ impl Retained {
         out
     }
 
-    /// Drops every expired message; returns how many.
-    pub fn expire(&mut self, now: Millis) -> usize {
-        let mut n = 0;
+    /// Drops every expired message; returns their topics.
+    pub fn expire(&mut self, now: Millis) -> Vec<Arc<str>> {
+        let mut gone = Vec::new();
         while let Some((at, topic)) = self.expiring.first().cloned() {
             if at > now {
                 break;
             }
             self.expiring.pop_first();
             if self.remove(&topic).is_some() {
-                n += 1;
+                gone.push(topic);
             }
         }
-        n
+        gone
+    }
+
+    /// The message retained on `topic`, if any.
+    #[must_use]
+    pub fn get(&self, topic: &str) -> Option<Arc<Message>> {
+        let mut node = &self.root;
+        for level in topic.split('/') {
+            node = node.children.get(level)?;
+        }
+        node.message.clone()
     }
 
     /// Every retained message (for persistence and tests).
@@ -273,7 +283,7 @@ mod tests {
         r.apply(Arc::new(m)).unwrap();
         assert_eq!(r.matching("a", 99).len(), 1);
         assert!(r.matching("a", 100).is_empty());
-        assert_eq!(r.expire(100), 1);
+        assert_eq!(r.expire(100).len(), 1);
         assert!(r.is_empty() && r.bytes() == 0);
     }
 }

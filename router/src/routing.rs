@@ -15,6 +15,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::index::{Hit, Index, Slot};
+use crate::journal::{Changes, Journal, SessionState, StoredItem};
 use crate::message::{Message, Millis, RetainHandling, SubOptions, Will, secs_after};
 use crate::retained::{RetainRefused, Retained};
 use crate::session::{Ack, Bounds, Item, Outgoing, Received, Session};
@@ -219,6 +220,10 @@ pub struct Router {
     events: Vec<Event>,
     events_lost: u64,
     next_gen: u32,
+    /// The next copy's sequence number (see [`crate::journal`]).
+    next_seq: u64,
+    /// Dirty keys for the store, when persistence is on.
+    journal: Option<Journal>,
     stats: Stats,
 }
 
@@ -240,8 +245,179 @@ impl Router {
             events: Vec::new(),
             events_lost: 0,
             next_gen: 0,
+            next_seq: 0,
+            journal: None,
             stats: Stats::default(),
         }
+    }
+
+    /// Turns persistence on: from now on the router journals what a store
+    /// must keep ([`Router::take_changes`]). Call it on a new router,
+    /// before restoring what the store held and before the first
+    /// connection: sessions that exist already are not journaled.
+    pub fn enable_journal(&mut self) {
+        self.journal.get_or_insert_with(Journal::default);
+    }
+
+    /// Every persisted key's current state, as if all were dirty: what a
+    /// store that has applied every [`Changes`] so far must hold (for
+    /// checks, and for writing a store afresh).
+    #[must_use]
+    pub fn snapshot_all(&self) -> Changes {
+        let mut all = Changes { version: self.journal_version(), ..Changes::default() };
+        for session in self.sessions.iter().flatten().filter(|s| s.persistent) {
+            all.sessions.push(session.state());
+            for seq in session.persisted_seqs() {
+                let item = session.stored(seq);
+                all.items.push((Arc::clone(&session.client_id), seq, item));
+            }
+        }
+        all.retained = self.retained.all().into_iter().map(|m| (Arc::clone(&m.topic), Some(m))).collect();
+        all
+    }
+
+    /// How many changes that a client's acknowledgement promises have been
+    /// made so far (0 without persistence). A durable front holds such an
+    /// acknowledgement until its store has committed this version.
+    #[must_use]
+    pub fn journal_version(&self) -> u64 {
+        self.journal.as_ref().map_or(0, Journal::version)
+    }
+
+    /// The keys changed since the last call, each with its current state,
+    /// for the store's next commit; `None` without persistence.
+    pub fn take_changes(&mut self) -> Option<Changes> {
+        let dirty = self.journal.as_mut()?.take();
+        let (sessions, by_client) = (&self.sessions, &self.by_client);
+        let persisted = |client_id: &str| {
+            by_client
+                .get(client_id)
+                .and_then(|&slot| sessions.get(slot as usize))
+                .and_then(Option::as_ref)
+                .filter(|s| s.persistent)
+        };
+        let mut changes = Changes { version: dirty.version(), ..Changes::default() };
+        changes.ended = dirty.ended.into_iter().collect();
+        changes.sessions = dirty.sessions.iter().filter_map(|c| persisted(c)).map(Session::state).collect();
+        changes.items = dirty
+            .items
+            .into_iter()
+            .map(|(client_id, seq)| {
+                let item = persisted(&client_id).and_then(|s| s.stored(seq));
+                (client_id, seq, item)
+            })
+            .collect();
+        changes.retained = dirty
+            .retained
+            .into_iter()
+            .map(|topic| {
+                let message = self.retained.get(&topic);
+                (topic, message)
+            })
+            .collect();
+        Some(changes)
+    }
+
+    /// Gives back changes a store failed to commit: their keys are dirty
+    /// again, so the next snapshot carries their state as it is then.
+    pub fn requeue(&mut self, changes: Changes) {
+        let Some(journal) = self.journal.as_mut() else { return };
+        for (client, bound) in changes.ended {
+            let at = journal.ended.entry(client).or_insert(bound);
+            *at = (*at).max(bound);
+        }
+        journal.sessions.extend(changes.sessions.into_iter().map(|s| s.client_id));
+        journal.items.extend(changes.items.into_iter().map(|(client, seq, _)| (client, seq)));
+        journal.retained.extend(changes.retained.into_iter().map(|(topic, _)| topic));
+    }
+
+    /// Puts back a session read from the store, offline, with its entries
+    /// in sequence order. Its expiry clock starts now: the store does not
+    /// know how long the broker was down.
+    pub fn restore_session(&mut self, state: SessionState, items: Vec<(u64, StoredItem)>, now: Millis) {
+        if self.by_client.contains_key(&state.client_id) {
+            return;
+        }
+        let generation = self.next_gen;
+        self.next_gen = self.next_gen.wrapping_add(1);
+        let expiry = state.expiry_secs.min(self.limits.max_session_expiry_secs);
+        let mut session = Session::new(Arc::clone(&state.client_id), generation, expiry, 1);
+        session.went_offline();
+        session.persistent = self.journal.is_some() && expiry > 0;
+        let slot = self.free.pop().unwrap_or_else(|| {
+            self.sessions.push(None);
+            Slot::try_from(self.sessions.len() - 1).unwrap_or(Slot::MAX)
+        });
+        for (filter, opts) in state.subscriptions {
+            if session.subscriptions.len() >= self.limits.max_subscriptions {
+                break;
+            }
+            if self.index.insert(&filter, slot, opts) {
+                self.stats.subscriptions += 1;
+            }
+            session.subscriptions.insert(filter, opts);
+        }
+        session.restore_incoming(&state.incoming_qos2);
+        for (seq, item) in items {
+            self.next_seq = self.next_seq.max(seq.saturating_add(1));
+            session.restore(seq, item, &mut self.stats);
+        }
+        if expiry != NEVER_EXPIRES {
+            let at = secs_after(now, expiry);
+            session.expires_at = Some(at);
+            self.timers.insert((at, slot, generation, Timer::Expiry));
+        }
+        if let Some(entry) = self.sessions.get_mut(slot as usize) {
+            *entry = Some(session);
+        }
+        self.by_client.insert(state.client_id, slot);
+        self.stats.sessions_offline += 1;
+    }
+
+    /// Puts back a retained message read from the store; whether it was
+    /// kept (not expired, within the bounds).
+    pub fn restore_retained(&mut self, message: Message, now: Millis) -> bool {
+        if message.expired(now) || message.payload.is_empty() {
+            return false;
+        }
+        let kept = self.retained.apply(Arc::new(message)).is_ok();
+        self.stats.retained_messages = self.retained.len() as u64;
+        self.stats.retained_bytes = self.retained.bytes() as u64;
+        kept
+    }
+
+    /// A change a client's acknowledgement depends on, to a session's
+    /// record.
+    fn journal_session(&mut self, slot: Slot, promise: bool) {
+        let Some(journal) = self.journal.as_mut() else { return };
+        let Some(session) = self.sessions.get(slot as usize).and_then(Option::as_ref) else { return };
+        if session.persistent {
+            journal.sessions.insert(Arc::clone(&session.client_id));
+            if promise {
+                journal.promise();
+            }
+        }
+    }
+
+    /// Moves a session's touched copies into the journal.
+    fn journal_items(&mut self, slot: Slot) {
+        let Some(session) = self.sessions.get_mut(slot as usize).and_then(Option::as_mut) else { return };
+        if session.touched.is_empty() {
+            return;
+        }
+        let Some(journal) = self.journal.as_mut() else {
+            session.touched.clear();
+            return;
+        };
+        for seq in session.touched.drain(..) {
+            journal.items.insert((Arc::clone(&session.client_id), seq));
+        }
+    }
+
+    fn take_seq(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        seq
     }
 
     /// The counters and gauges.
@@ -317,10 +493,21 @@ impl Router {
                 }
                 cancel_timers(&mut self.timers, session, slot);
                 session.reconnected(window);
+                let changed = session.expiry_secs != expiry;
                 session.expiry_secs = expiry;
                 session.will = req.will;
+                if self.journal.is_some() && expiry > 0 && !session.persistent {
+                    // Resumed with an expiry it did not have: from now on
+                    // it is kept, with what it already holds.
+                    session.persistent = true;
+                    session.touched = session.persisted_seqs();
+                }
                 self.stats.sessions_online += 1;
                 let conn = Self::handle(session, slot);
+                if changed {
+                    self.journal_session(slot, true);
+                }
+                self.journal_items(slot);
                 self.mark_ready(slot);
                 return Connected { conn, session_present: true, taken_over };
             }
@@ -329,6 +516,7 @@ impl Router {
         self.next_gen = self.next_gen.wrapping_add(1);
         let mut session = Session::new(Arc::clone(&req.client_id), generation, expiry, window);
         session.will = req.will;
+        session.persistent = self.journal.is_some() && expiry > 0;
         let slot = match self.free.pop() {
             Some(slot) => slot,
             None => {
@@ -342,6 +530,7 @@ impl Router {
         }
         self.by_client.insert(req.client_id, slot);
         self.stats.sessions_online += 1;
+        self.journal_session(slot, true);
         Connected { conn, session_present: false, taken_over }
     }
 
@@ -354,6 +543,7 @@ impl Router {
     /// [`Stale`] when the connection had already been taken over.
     pub fn disconnect(&mut self, conn: Conn, how: Disconnect, now: Millis) -> Result<(), Stale> {
         let session = owned(&mut self.sessions, conn)?;
+        let changed = how.session_expiry_secs.is_some_and(|e| e != session.expiry_secs);
         if let Some(expiry) = how.session_expiry_secs {
             session.expiry_secs = expiry;
         }
@@ -369,6 +559,9 @@ impl Router {
         if expiry == 0 {
             self.end_session(conn.slot, now, true);
             return Ok(());
+        }
+        if changed {
+            self.journal_session(conn.slot, false);
         }
         if let Some(session) = self.sessions.get_mut(conn.slot as usize).and_then(Option::as_mut) {
             if expiry != NEVER_EXPIRES {
@@ -412,6 +605,14 @@ impl Router {
         }
         let Some(mut session) = self.sessions.get_mut(slot as usize).and_then(Option::take) else { return 0 };
         cancel_timers(&mut self.timers, &session, slot);
+        if session.persistent
+            && let Some(journal) = self.journal.as_mut()
+        {
+            // Everything it had in the store goes, whatever comes next
+            // under the same client id (which numbers from `next_seq`).
+            journal.ended.insert(Arc::clone(&session.client_id), self.next_seq);
+            journal.promise();
+        }
         self.free.push(slot);
         self.by_client.remove(&session.client_id);
         self.unlogged.remove(&slot);
@@ -446,6 +647,7 @@ impl Router {
         if self.index.insert(filter, conn.slot, opts) {
             self.stats.subscriptions += 1;
         }
+        self.journal_session(conn.slot, true);
         let send_retained = match opts.retain_handling {
             RetainHandling::OnSubscribe => true,
             RetainHandling::OnNewSubscription => !existed,
@@ -456,7 +658,7 @@ impl Router {
             let ids: Box<[u32]> = opts.id.into_iter().collect();
             for message in self.retained.matching(filter, now) {
                 let qos = message.qos.min(opts.qos);
-                let item = Item { message, qos, retain: true, subscription_ids: ids.clone() };
+                let item = Item { seq: self.take_seq(), message, qos, retain: true, subscription_ids: ids.clone() };
                 self.deliver(conn.slot, item, now);
             }
         }
@@ -472,6 +674,9 @@ impl Router {
         let existed = session.subscriptions.remove(filter).is_some();
         if self.index.remove(filter, conn.slot) {
             self.stats.subscriptions -= 1;
+        }
+        if existed {
+            self.journal_session(conn.slot, true);
         }
         Ok(existed)
     }
@@ -503,7 +708,12 @@ impl Router {
         let message = Arc::new(message);
         if message.retain {
             match self.retained.apply(Arc::clone(&message)) {
-                Ok(()) => {}
+                Ok(()) => {
+                    if let Some(journal) = self.journal.as_mut() {
+                        journal.retained.insert(Arc::clone(&message.topic));
+                        journal.promise();
+                    }
+                }
                 Err(RetainRefused::Full | RetainRefused::TooLarge) => {
                     self.stats.count_drop(DropReason::RetainedFull, 1);
                     self.push_event(Event::RetainedRefused { topic: Arc::clone(&message.topic) });
@@ -544,6 +754,7 @@ impl Router {
                 i += 1;
             }
             let item = Item {
+                seq: self.take_seq(),
                 message: Arc::clone(&message),
                 qos: message.qos.min(qos),
                 retain: message.retain && keep_retain,
@@ -559,8 +770,16 @@ impl Router {
     fn deliver(&mut self, slot: Slot, item: Item, now: Millis) {
         let bounds = self.bounds();
         let Some(session) = self.sessions.get_mut(slot as usize).and_then(Option::as_mut) else { return };
-        let dropped = session.push(item, bounds, &mut self.stats);
+        let persisted = session.persistent && item.qos != crate::message::QoS::AtMostOnce;
+        let (kept, dropped) = session.push(item, bounds, &mut self.stats);
         let ready = session.has_output();
+        if kept
+            && persisted
+            && let Some(journal) = self.journal.as_mut()
+        {
+            journal.promise();
+        }
+        self.journal_items(slot);
         if !dropped.is_empty() {
             self.count_drops(slot, &dropped, now);
         }
@@ -613,6 +832,7 @@ impl Router {
         if out.is_none() {
             session.ready = false;
         }
+        self.journal_items(conn.slot);
         if !dropped.is_empty() {
             self.count_drops(conn.slot, &dropped, now);
         }
@@ -634,6 +854,7 @@ impl Router {
     fn ack(&mut self, conn: Conn, f: impl FnOnce(&mut Session, &mut Stats) -> Ack) -> Result<Ack, Stale> {
         let session = owned(&mut self.sessions, conn)?;
         let ack = f(session, &mut self.stats);
+        self.journal_items(conn.slot);
         // A completed delivery frees a place in the window.
         if ack == Ack::Done {
             self.mark_ready(conn.slot);
@@ -673,7 +894,11 @@ impl Router {
     /// [`Stale`] for a connection that no longer owns its session.
     pub fn receive_qos2(&mut self, conn: Conn, pkid: u16) -> Result<Received, Stale> {
         let max = usize::from(self.limits.max_incoming_qos2);
-        Ok(self.session_mut(conn)?.receive_qos2(pkid, max))
+        let received = self.session_mut(conn)?.receive_qos2(pkid, max);
+        if received == Received::Fresh {
+            self.journal_session(conn.slot, true);
+        }
+        Ok(received)
     }
 
     /// PUBREL from the client: whether that packet id was waiting (v5
@@ -682,7 +907,11 @@ impl Router {
     /// # Errors
     /// [`Stale`] for a connection that no longer owns its session.
     pub fn release_qos2(&mut self, conn: Conn, pkid: u16) -> Result<bool, Stale> {
-        Ok(self.session_mut(conn)?.release_qos2(pkid))
+        let released = self.session_mut(conn)?.release_qos2(pkid);
+        if released {
+            self.journal_session(conn.slot, false);
+        }
+        Ok(released)
     }
 
     /// Runs the clocks up to `now`: delayed wills, session expiry,
@@ -708,9 +937,13 @@ impl Router {
                 _ => {}
             }
         }
-        if self.retained.expire(now) > 0 {
+        let expired = self.retained.expire(now);
+        if !expired.is_empty() {
             self.stats.retained_messages = self.retained.len() as u64;
             self.stats.retained_bytes = self.retained.bytes() as u64;
+            if let Some(journal) = self.journal.as_mut() {
+                journal.retained.extend(expired);
+            }
         }
         let interval = self.limits.drop_log_interval_ms;
         let due: Vec<Slot> = self

@@ -14,12 +14,16 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
+use crate::journal::{SessionState, StoredItem};
 use crate::message::{Message, Millis, QoS, SubOptions, Will};
 use crate::stats::{DropReason, Stats};
 
 /// One copy of a message for one session.
 #[derive(Clone, Debug)]
 pub(crate) struct Item {
+    /// Unique across the router's life (and restarts): the key a
+    /// persistent store keeps this copy under.
+    pub seq: u64,
     pub message: Arc<Message>,
     pub qos: QoS,
     pub retain: bool,
@@ -37,6 +41,7 @@ enum Flight {
 #[derive(Debug)]
 struct InFlight {
     pkid: u16,
+    seq: u64,
     flight: Flight,
     /// Written on the current connection. Cleared for every entry when the
     /// connection goes, so a reconnect resends them (with DUP).
@@ -122,6 +127,12 @@ pub(crate) struct Session {
     pub will_at: Option<Millis>,
     pub ready: bool,
     pub drops: DropLog,
+    /// Kept in the store (the router journals it): the session outlives
+    /// its connection and persistence is on.
+    pub persistent: bool,
+    /// Sequence numbers of persisted copies changed since the router last
+    /// moved them into its journal.
+    pub touched: Vec<u64>,
     queue: VecDeque<Item>,
     queued_bytes: usize,
     queued_qos0: usize,
@@ -146,6 +157,8 @@ impl Session {
             will_at: None,
             ready: false,
             drops: DropLog::default(),
+            persistent: false,
+            touched: Vec::new(),
             queue: VecDeque::new(),
             queued_bytes: 0,
             queued_qos0: 0,
@@ -213,7 +226,15 @@ impl Session {
         Some(item)
     }
 
+    /// Notes a change to a persisted copy, for the journal.
+    fn touch(&mut self, qos: QoS, seq: u64) {
+        if self.persistent && qos != QoS::AtMostOnce {
+            self.touched.push(seq);
+        }
+    }
+
     fn forget(&mut self, item: &Item, stats: &mut Stats) {
+        self.touch(item.qos, item.seq);
         let size = item.message.size();
         self.queued_bytes -= size;
         stats.queued_messages -= 1;
@@ -223,21 +244,22 @@ impl Session {
         }
     }
 
-    /// Queues a copy, applying the bounds; returns the drops it caused
-    /// (the copy itself or older ones), for the caller to count and log.
-    pub fn push(&mut self, item: Item, bounds: Bounds, stats: &mut Stats) -> Vec<DropReason> {
+    /// Queues a copy, applying the bounds; returns whether it was kept
+    /// and the drops it caused (the copy itself or older ones), for the
+    /// caller to count and log.
+    pub fn push(&mut self, item: Item, bounds: Bounds, stats: &mut Stats) -> (bool, Vec<DropReason>) {
         let size = item.message.size();
         if size > bounds.max_bytes {
-            return vec![DropReason::TooLargeForQueue];
+            return (false, vec![DropReason::TooLargeForQueue]);
         }
         if !self.online && item.qos == QoS::AtMostOnce {
-            return vec![DropReason::OfflineQos0];
+            return (false, vec![DropReason::OfflineQos0]);
         }
         let mut dropped = Vec::new();
         while self.queue.len() >= bounds.max_messages || self.queued_bytes + size > bounds.max_bytes {
             if item.qos == QoS::AtMostOnce {
                 dropped.push(DropReason::QueueFullQos0);
-                return dropped;
+                return (false, dropped);
             }
             let victim = if self.queued_qos0 > 0 {
                 self.queue.iter().position(|i| i.qos == QoS::AtMostOnce).and_then(|i| self.queue.remove(i))
@@ -258,8 +280,10 @@ impl Session {
         if item.qos == QoS::AtMostOnce {
             self.queued_qos0 += 1;
         }
+        // Only now: a copy the bounds refused was never persisted.
+        self.touch(item.qos, item.seq);
         self.queue.push_back(item);
-        dropped
+        (true, dropped)
     }
 
     fn next_pkid(&mut self) -> u16 {
@@ -309,6 +333,7 @@ impl Session {
                 continue;
             }
             let pkid = if item.qos == QoS::AtMostOnce { 0 } else { self.next_pkid() };
+            let seq = item.seq;
             let delivery = Delivery {
                 pkid,
                 qos: item.qos,
@@ -318,7 +343,8 @@ impl Session {
                 subscription_ids: item.subscription_ids.clone(),
             };
             if item.qos != QoS::AtMostOnce {
-                self.inflight.push_back(InFlight { pkid, flight: Flight::Publish(item), sent: true });
+                // `pop` touched it: the store learns its packet id.
+                self.inflight.push_back(InFlight { pkid, seq, flight: Flight::Publish(item), sent: true });
                 stats.inflight_messages += 1;
             }
             return (Some(Outgoing::Publish(delivery)), dropped);
@@ -347,10 +373,12 @@ impl Session {
         match found.and_then(|i| self.inflight.get_mut(i)) {
             Some(entry) => {
                 entry.flight = Flight::Released;
+                let seq = entry.seq;
                 // The caller writes the PUBREL now; a resend is not owed.
                 if !std::mem::replace(&mut entry.sent, true) {
                     self.unsent -= 1;
                 }
+                self.touch(QoS::ExactlyOnce, seq);
                 Ack::Done
             }
             None => Ack::Unknown,
@@ -369,6 +397,7 @@ impl Session {
                 if !entry.sent {
                     self.unsent -= 1;
                 }
+                self.touch(QoS::AtLeastOnce, entry.seq);
                 stats.inflight_messages -= 1;
                 Ack::Done
             }
@@ -391,6 +420,77 @@ impl Session {
     /// PUBREL from the client: whether `pkid` was waiting for it.
     pub fn release_qos2(&mut self, pkid: u16) -> bool {
         self.incoming.remove(&pkid)
+    }
+
+    /// The persisted form of the copy `seq`, if the session still holds it.
+    pub fn stored(&self, seq: u64) -> Option<StoredItem> {
+        let publish = |item: &Item, pkid| StoredItem::Publish {
+            message: Arc::clone(&item.message),
+            qos: item.qos,
+            retain: item.retain,
+            subscription_ids: item.subscription_ids.clone(),
+            pkid,
+        };
+        // The window holds at most Receive Maximum entries; the queue is
+        // in sequence order (copies are only ever appended).
+        if let Some(entry) = self.inflight.iter().find(|e| e.seq == seq) {
+            return Some(match &entry.flight {
+                Flight::Publish(item) => publish(item, Some(entry.pkid)),
+                Flight::Released => StoredItem::Released(entry.pkid),
+            });
+        }
+        let at = self.queue.binary_search_by_key(&seq, |i| i.seq).ok()?;
+        self.queue.get(at).filter(|i| i.qos != QoS::AtMostOnce).map(|i| publish(i, None))
+    }
+
+    /// Sequence numbers of every persisted copy it holds.
+    pub fn persisted_seqs(&self) -> Vec<u64> {
+        let window = self.inflight.iter().map(|e| e.seq);
+        let queue = self.queue.iter().filter(|i| i.qos != QoS::AtMostOnce).map(|i| i.seq);
+        window.chain(queue).collect()
+    }
+
+    /// The session's record for the store.
+    pub fn state(&self) -> SessionState {
+        let mut incoming_qos2: Vec<u16> = self.incoming.iter().copied().collect();
+        incoming_qos2.sort_unstable();
+        SessionState {
+            client_id: Arc::clone(&self.client_id),
+            expiry_secs: self.expiry_secs,
+            subscriptions: self.subscriptions.iter().map(|(f, o)| (f.clone(), *o)).collect(),
+            incoming_qos2,
+        }
+    }
+
+    /// Puts back an entry read from the store (in sequence order, after
+    /// the session itself): what was in flight is resent with DUP and its
+    /// packet id on the next connection; what was queued waits its turn.
+    pub fn restore(&mut self, seq: u64, stored: StoredItem, stats: &mut Stats) {
+        let (pkid, flight) = match stored {
+            StoredItem::Publish { message, qos, retain, subscription_ids, pkid } => {
+                let item = Item { seq, message, qos, retain, subscription_ids };
+                match pkid {
+                    Some(pkid) => (pkid, Flight::Publish(item)),
+                    None => {
+                        let size = item.message.size();
+                        self.queued_bytes += size;
+                        stats.queued_messages += 1;
+                        stats.queued_bytes += size as u64;
+                        self.queue.push_back(item);
+                        return;
+                    }
+                }
+            }
+            StoredItem::Released(pkid) => (pkid, Flight::Released),
+        };
+        self.inflight.push_back(InFlight { pkid, seq, flight, sent: false });
+        self.unsent += 1;
+        stats.inflight_messages += 1;
+    }
+
+    /// Restores the incoming QoS 2 ids a PUBREC was sent for.
+    pub fn restore_incoming(&mut self, ids: &[u16]) {
+        self.incoming.extend(ids.iter().copied());
     }
 
     /// Empties the queue and the window (the session ends); returns how

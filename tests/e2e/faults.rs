@@ -83,6 +83,39 @@ async fn a_broker_crash_mid_burst_loses_nothing_and_runs_nothing_twice() {
     );
 }
 
+/// `mqseal send` to a device whose agent is down: the command waits in the
+/// device's persistent session and runs, once, when the agent comes back
+/// within the command's lifetime — also when the broker crashed while it
+/// waited (the session and its queue come back from the broker's store).
+#[tokio::test]
+async fn a_command_for_an_agent_that_is_down_runs_once_when_it_comes_back() {
+    let mut site = Site::start(Store::File).await;
+    site.add_device("b-1", &[]).await;
+    site.add_mark_command("b-1");
+    // A first run leaves the agent's persistent session and subscription.
+    site.agent("b-1").await.stop().await;
+
+    let send = site.spawn_mqseal(&["send", "b-1", "mark", "--timeout", "60s"]);
+    tokio::time::sleep(2 * SECOND).await;
+    assert_eq!(site.marks("b-1"), 0, "no agent, no run");
+    let agent = site.agent("b-1").await;
+    let out = send.await.unwrap();
+    assert_eq!(out.code, 0, "{out:?}\nagent log:\n{}", agents_log(&site, "b-1"));
+    assert_eq!(site.marks("b-1"), 1);
+    agent.stop().await;
+
+    // Again, with a broker crash while the command waits for the agent.
+    let send = site.spawn_mqseal(&["send", "b-1", "mark", "--timeout", "60s"]);
+    tokio::time::sleep(2 * SECOND).await;
+    site.crash_and_restart_broker(SECOND).await;
+    assert!(site.broker.log().contains("persistence store loaded"), "{}", site.broker.log());
+    let agent = site.agent("b-1").await;
+    let out = send.await.unwrap();
+    assert_eq!(out.code, 0, "{out:?}\nagent log:\n{}", agents_log(&site, "b-1"));
+    assert_eq!(site.marks("b-1"), 2, "once each");
+    agent.stop().await;
+}
+
 fn agents_log(site: &Site, d: &str) -> String {
     std::fs::read_to_string(site.dir.join(format!("agent-{d}.log"))).unwrap_or_default()
 }

@@ -132,9 +132,9 @@ impl Site {
     }
 
     /// Kills the broker with SIGKILL, waits `down_for`, and starts it again
-    /// on the same ports, configuration and data (its file store survives;
-    /// sessions and retained messages, which live in memory, do not). The
-    /// old log is kept as `broker.log.1`.
+    /// on the same ports, configuration and data: its file store survives,
+    /// and so do persistent sessions and retained messages (its default
+    /// durable persistence). The old log is kept as `broker.log.1`.
     ///
     /// # Panics
     /// When it does not come back.

@@ -159,3 +159,40 @@ pub async fn round_trip(publisher: &mut Conn, sub: &mut Conn, topic: &str, paylo
 pub fn topic(device: &str, channel: &str) -> String {
     format!("mqseal/v1/dev/{device}/{channel}")
 }
+
+/// The next PUBLISH, unacknowledged, as raw (qos, payload, properties,
+/// pkid, dup).
+pub async fn next_publish(
+    conn: &mut Conn,
+    timeout: Duration,
+) -> Result<(u8, Vec<u8>, Vec<u8>, u16, bool), mqseal_tests::mqtt::RecvError> {
+    loop {
+        let p = conn.recv(timeout).await?;
+        if p.kind() != 3 {
+            continue;
+        }
+        let qos = (p.header >> 1) & 3;
+        let tlen = usize::from(u16::from_be_bytes([p.body[0], p.body[1]]));
+        let mut at = 2 + tlen;
+        let mut pkid = 0;
+        if qos > 0 {
+            pkid = u16::from_be_bytes([p.body[at], p.body[at + 1]]);
+            at += 2;
+        }
+        let mut props = Vec::new();
+        if conn.version == Version::V5 {
+            let (len, used) = mqseal_tests::mqtt::read_varint(&p.body[at..]).unwrap();
+            props = p.body[at + used..at + used + len].to_vec();
+            at += used + len;
+        }
+        return Ok((qos, p.body[at..].to_vec(), props, pkid, p.header & 0x08 != 0));
+    }
+}
+
+/// [`next_publish`] without the DUP flag: (qos, payload, properties, pkid).
+pub async fn raw_publish(
+    conn: &mut Conn,
+    timeout: Duration,
+) -> Result<(u8, Vec<u8>, Vec<u8>, u16), mqseal_tests::mqtt::RecvError> {
+    next_publish(conn, timeout).await.map(|(q, payload, props, pkid, _)| (q, payload, props, pkid))
+}
