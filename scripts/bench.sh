@@ -15,7 +15,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 runs=${RUNS:-3}
-scenarios=${SCENARIOS:-"throughput1 throughput0 fanout latency connections"}
+scenarios=${SCENARIOS:-"throughput1 throughput0 durable1 fanout latency connections"}
 out="$root/target/bench"
 mkdir -p "$out"
 results="$out/results.jsonl"
@@ -75,10 +75,11 @@ database = "bench"
 # comparison is lossless on both sides.
 EOF
 
-mosq_conf() { # port nodelay
+mosq_conf() { # port nodelay [persist]
   cat <<EOF
 listener $1 127.0.0.1
-persistence false
+persistence ${3:-false}
+persistence_location $work/mosq-data/
 allow_anonymous false
 password_file $work/mosq/passwd
 acl_file $work/mosq/acl
@@ -92,11 +93,20 @@ mosq_port=$(free_port)
 mosq_nd_port=$(free_port)
 mosq_conf "$mosq_port" no >"$work/mosq.conf"
 mosq_conf "$mosq_nd_port" yes >"$work/mosq-nodelay.conf"
+# For durable1: Mosquitto's own persistence (snapshots on its autosave
+# interval and at shutdown; it never waits for the disk before a PUBACK).
+mosq_persist_port=$(free_port)
+mkdir -p "$work/mosq-data"
+chmod 777 "$work/mosq-data"
+mosq_conf "$mosq_persist_port" yes true >"$work/mosq-persist.conf"
 
 # start_broker NAME -> sets PORT and PID
 start_broker() {
   case "$1" in
     mqseal)
+      # No state from an earlier scenario: durable1 leaves persistent
+      # sessions that would otherwise be restored and receive everything.
+      rm -f "$work/mqseal/data/router.redb"
       "$broker_bin" --config "$work/mqseal/broker.toml" >"$work/mqseal.out" 2>"$work/mqseal.log" &
       PID=$!; PORT=$mqseal_port ;;
     mosquitto)
@@ -105,6 +115,9 @@ start_broker() {
     mosquitto-nodelay)
       "$mosquitto" -c "$work/mosq-nodelay.conf" >/dev/null 2>&1 &
       PID=$!; PORT=$mosq_nd_port ;;
+    mosquitto-persist)
+      "$mosquitto" -c "$work/mosq-persist.conf" >/dev/null 2>&1 &
+      PID=$!; PORT=$mosq_persist_port ;;
   esac
   pids+=("$PID")
   wait_port "$PORT" || die "$1 did not start"
@@ -138,6 +151,16 @@ for round in $(seq "$runs"); do
       case "$s" in
         throughput1) run "$name" throughput --qos 1 --publishers 4 --subscribers 4 --messages 100000 --payload 256 ;;
         throughput0) run "$name" throughput --qos 0 --publishers 4 --subscribers 4 --messages 100000 --payload 256 ;;
+        durable1)
+          # QoS 1 to persistent sessions: mqseal in its default durable
+          # mode (every PUBACK after the commit), Mosquitto with
+          # `persistence true`.
+          case "$name" in
+            mqseal) run "$name" throughput --qos 1 --publishers 4 --subscribers 4 --messages 100000 --payload 256 --persistent ;;
+            mosquitto)
+              stop_broker; start_broker mosquitto-persist; sleep 0.5
+              run mosquitto-persist throughput --qos 1 --publishers 4 --subscribers 4 --messages 100000 --payload 256 --persistent ;;
+          esac ;;
         fanout) run "$name" fanout --qos 0 --subscribers 1000 --messages 1000 --payload 64 ;;
         latency)
           # Mosquitto without nodelay waits ~40 ms per delayed ACK: a few
@@ -165,11 +188,12 @@ rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 def med(xs): return statistics.median(xs) if xs else float("nan")
 groups = {}
 for r in rows:
-    key = (r["scenario"], r.get("qos"), r["label"])
+    scenario = r["scenario"] + ("/persistent" if r.get("persistent") else "")
+    key = (scenario, r.get("qos"), r["label"])
     groups.setdefault(key, []).append(r)
-print(f"\n{'scenario':<14}{'qos':>4}  {'broker':<18}{'n':>3}  median (min-max)")
+print(f"\n{'scenario':<22}{'qos':>4}  {'broker':<18}{'n':>3}  median (min-max)")
 for (scenario, qos, label), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], str(kv[0][1]), kv[0][2])):
-    if scenario in ("throughput", "fanout"):
+    if scenario in ("throughput", "throughput/persistent", "fanout"):
         xs = [r["received_per_sec"] for r in rs]
         lost = sum(r["expected"] - r["received"] for r in rs)
         text = f"{med(xs):,.0f} msg/s ({min(xs):,.0f}-{max(xs):,.0f}), lost {lost}"
@@ -190,5 +214,5 @@ for (scenario, qos, label), rs in sorted(groups.items(), key=lambda kv: (kv[0][0
                 f"after {med([r['rss_after_kib'] for r in rs]) / 1024:.1f} MiB ({med(back):+.0f}%)")
     else:
         continue
-    print(f"{scenario:<14}{str(qos):>4}  {label:<18}{len(rs):>3}  {text}")
+    print(f"{scenario:<22}{str(qos):>4}  {label:<18}{len(rs):>3}  {text}")
 PY

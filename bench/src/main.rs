@@ -126,6 +126,11 @@ struct Throughput {
     payload: usize,
     #[arg(long, default_value_t = 1)]
     qos: u8,
+    /// Subscribers keep persistent sessions (clean-session off, fresh
+    /// client ids each run): with a durable broker, every PUBACK then
+    /// waits for the message to be on disk.
+    #[arg(long)]
+    persistent: bool,
 }
 
 #[derive(Args)]
@@ -191,11 +196,22 @@ fn qos(q: u8) -> QoS {
 }
 
 fn client(t: &Target, client_id: &str, user: &str, password: &str, queue: usize) -> (AsyncClient, EventLoop) {
+    client_with(t, client_id, user, password, queue, true)
+}
+
+fn client_with(
+    t: &Target,
+    client_id: &str,
+    user: &str,
+    password: &str,
+    queue: usize,
+    clean: bool,
+) -> (AsyncClient, EventLoop) {
     let mut opts = MqttOptions::new(client_id, t.host.clone(), t.port);
     opts.set_credentials(user, password);
     opts.set_keep_alive(Duration::from_secs(60));
     opts.set_max_packet_size(1 << 20, 1 << 20);
-    opts.set_clean_session(true);
+    opts.set_clean_session(clean);
     let (client, mut eventloop) = AsyncClient::new(opts, queue);
     let mut net = NetworkOptions::new();
     // A real client of a request/response protocol turns Nagle off; the
@@ -248,8 +264,12 @@ async fn throughput(a: Throughput) -> Result<serde_json::Value, Failure> {
     let done = Arc::new(AtomicUsize::new(0));
     let all_done = Arc::new(Notify::new());
     let mut subs = Vec::new();
+    // Persistent subscribers get ids of their own each run, so that no
+    // session (or queue) of an earlier run is resumed.
+    let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
     for s in 0..a.subscribers {
-        let (c, mut el) = client(t, &format!("bench-sub-{s}"), CONTROLLER, &t.controller_password, 16);
+        let id = if a.persistent { format!("bench-sub-{s}-{run}") } else { format!("bench-sub-{s}") };
+        let (c, mut el) = client_with(t, &id, CONTROLLER, &t.controller_password, 16, !a.persistent);
         c.subscribe("mqseal/v1/dev/+/resp", qos(a.qos)).await.map_err(|e| e.to_string())?;
         until(&mut el, true, Duration::from_secs(30)).await.map_err(|e| format!("subscriber {s}: {e}"))?;
         let (received, last, done, all_done) = (received.clone(), last.clone(), done.clone(), all_done.clone());
@@ -329,9 +349,10 @@ async fn throughput(a: Throughput) -> Result<serde_json::Value, Failure> {
     }
     let rate = got as f64 / secs.max(1e-9);
     eprintln!(
-        "[{}] throughput qos{} {}x{} {}B: {} of {} received in {:.3}s = {:.0} msg/s",
+        "[{}] throughput qos{}{} {}x{} {}B: {} of {} received in {:.3}s = {:.0} msg/s",
         t.label,
         a.qos,
+        if a.persistent { " persistent" } else { "" },
         a.publishers,
         a.subscribers,
         a.payload,
@@ -340,9 +361,11 @@ async fn throughput(a: Throughput) -> Result<serde_json::Value, Failure> {
         secs,
         rate
     );
-    Ok(json!({"scenario": "throughput", "label": t.label, "qos": a.qos, "publishers": a.publishers,
+    Ok(
+        json!({"scenario": "throughput", "label": t.label, "qos": a.qos, "persistent": a.persistent, "publishers": a.publishers,
         "subscribers": a.subscribers, "payload": a.payload, "expected": expected * a.subscribers,
-        "received": got, "secs": secs, "received_per_sec": rate, "complete": finished}))
+        "received": got, "secs": secs, "received_per_sec": rate, "complete": finished}),
+    )
 }
 
 async fn fanout(a: Fanout) -> Result<serde_json::Value, Failure> {
@@ -353,6 +376,7 @@ async fn fanout(a: Fanout) -> Result<serde_json::Value, Failure> {
         messages: a.messages,
         payload: a.payload,
         qos: a.qos,
+        persistent: false,
     };
     let mut v = throughput(args).await?;
     if let Some(o) = v.as_object_mut() {

@@ -6,13 +6,13 @@
 //! Each connection is one task with its own deadlines, so a slow or silent
 //! client only ever delays itself.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -174,7 +174,9 @@ pub async fn serve(
     let opened = Box::pin(login::open(&mut rd, &mut wr, &mut inbuf, peer, deadline, listener, &shared)).await;
     // Logged in (or refused and answered): no longer a login in progress.
     drop(pending);
-    let Some(Opened { mut client, wake, keepalive, mut out, mut more, mut owed }) = opened else { return };
+    let Some(Opened { mut client, wake, keepalive, mut out, mut more, owed }) = opened else { return };
+    let mut held = Held::default();
+    held.mark(0, owed);
     let (kick_id, mut kick) = shared.sessions.register(&client.principal.username);
     let metrics = shared.metrics.clone();
     let max_packet = shared.config.limits.max_packet_size;
@@ -191,7 +193,7 @@ pub async fn serve(
 
     let end = loop {
         if std::mem::take(&mut unread)
-            && let Some(end) = on_bytes(&mut client, &shared, &mut inbuf, max_packet, &mut out, &mut more, &mut owed)
+            && let Some(end) = on_bytes(&mut client, &shared, &mut inbuf, max_packet, &mut out, &mut more, &mut held)
         {
             break end;
         }
@@ -200,44 +202,49 @@ pub async fn serve(
             let now = locked.now;
             more = client.pull(&shared.context(), locked.router(), now, &mut out);
         }
-        if !out.is_empty() {
-            // Durable mode: acknowledgements of what a persistent session
-            // was promised leave only once it is on disk.
-            if owed > 0 {
-                if !shared.hub.wait_committed(owed, COMMIT_WAIT).await {
-                    out.clear();
-                    break End::StoreFailed;
-                }
-                owed = 0;
-            }
-            let n = out.len();
-            match tokio::time::timeout(write_timeout, send(&mut wr, &out)).await {
+        // Durable mode: what answers a promise to a persistent session
+        // leaves only once the store has it, and nothing overtakes it.
+        let n = held.sendable(out.len(), shared.hub.committed_version());
+        if n > 0 {
+            match tokio::time::timeout(write_timeout, send(&mut wr, out.get(..n).unwrap_or_default())).await {
                 Ok(Ok(())) => Metrics::add(&metrics.bytes_out_total, n as u64),
                 _ => break End::Lost,
             }
-            out.clear();
+            out.advance(n);
+            held.consumed(n);
             if more {
                 continue;
             }
-            // About to wait: an idle connection keeps no write buffer (a
-            // fleet is mostly idle connections, and each buffer keeps the
-            // size of its largest batch). The next batch allocates anew.
-            out = BytesMut::new();
+            if out.is_empty() {
+                // About to wait: an idle connection keeps no write buffer
+                // (a fleet is mostly idle connections, and each buffer
+                // keeps the size of its largest batch). The next batch
+                // allocates anew.
+                out = BytesMut::new();
+            }
         }
+        // While output waits for a commit the client may go on sending
+        // (that is what groups commits), up to a bound.
+        let reading = out.len() < crate::delivery::OUTPUT_HIGH_WATER;
         tokio::select! {
             reason = &mut kick => break End::Kicked(reason.unwrap_or(KickReason::Shutdown)),
             () = &mut keepalive_timer => {
                 Metrics::inc(&metrics.keepalive_timeouts_total);
                 break End::KeepAlive;
             }
-            read = rd.read_buf(&mut inbuf) => match read {
+            committed = shared.hub.wait_committed(held.waiting_for(), held.patience()), if !held.is_empty() => {
+                if !committed {
+                    break End::StoreFailed;
+                }
+            }
+            read = rd.read_buf(&mut inbuf), if reading => match read {
                 Ok(0) | Err(_) => break End::Lost,
                 Ok(n) => {
                     Metrics::add(&metrics.bytes_in_total, n as u64);
                     if let Some(k) = keepalive {
                         keepalive_timer.as_mut().reset(Instant::now() + k);
                     }
-                    if let Some(end) = on_bytes(&mut client, &shared, &mut inbuf, max_packet, &mut out, &mut more, &mut owed) {
+                    if let Some(end) = on_bytes(&mut client, &shared, &mut inbuf, max_packet, &mut out, &mut more, &mut held) {
                         break end;
                     }
                     shrink(&mut inbuf);
@@ -252,7 +259,7 @@ pub async fn serve(
         }
     };
     let username = client.principal.username.clone();
-    finish(client, end, &shared, &mut wr, out, owed).await;
+    finish(client, end, &shared, &mut wr, out, held).await;
     shared.sessions.unregister(&username, kick_id);
     Metrics::dec(&metrics.sessions_active);
 }
@@ -262,10 +269,68 @@ pub async fn serve(
 /// a disk that has stopped).
 const COMMIT_WAIT: Duration = Duration::from_secs(30);
 
+/// Output that waits for the store (durable mode). Each mark says: from
+/// this offset of the output buffer on, bytes may leave only once the
+/// journal version is committed. Bytes before the first mark go at once,
+/// and nothing overtakes a held byte, so acknowledgements keep their order.
+/// Empty for every connection that was promised nothing, which is all of
+/// them without persistence.
+#[derive(Debug, Default)]
+struct Held {
+    marks: VecDeque<(usize, u64, Instant)>,
+}
+
+impl Held {
+    /// Output from `start` on needs `version` (0: needs nothing).
+    fn mark(&mut self, start: usize, version: u64) {
+        // A later mark with a version no higher adds nothing: its bytes
+        // already wait behind the earlier one.
+        if version == 0 || self.marks.back().is_some_and(|m| m.1 >= version) {
+            return;
+        }
+        self.marks.push_back((start, version, Instant::now()));
+    }
+
+    /// How many bytes of an output of `len` may be written now that the
+    /// store has `committed`.
+    fn sendable(&mut self, len: usize, committed: u64) -> usize {
+        while self.marks.front().is_some_and(|m| m.1 <= committed) {
+            self.marks.pop_front();
+        }
+        self.marks.front().map_or(len, |m| m.0)
+    }
+
+    /// `n` bytes were written from the front of the output.
+    fn consumed(&mut self, n: usize) {
+        for m in &mut self.marks {
+            m.0 -= n;
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.marks.is_empty()
+    }
+
+    /// The version the first held byte waits for.
+    fn waiting_for(&self) -> u64 {
+        self.marks.front().map_or(0, |m| m.1)
+    }
+
+    /// The version every held byte waits for.
+    fn waiting_for_all(&self) -> u64 {
+        self.marks.back().map_or(0, |m| m.1)
+    }
+
+    /// How much longer the first held byte may wait.
+    fn patience(&self) -> Duration {
+        self.marks.front().map_or(COMMIT_WAIT, |m| COMMIT_WAIT.saturating_sub(m.2.elapsed()))
+    }
+}
+
 /// Handles every complete frame in `inbuf` and then pulls what the router
 /// has for the client, all under one router lock. `more` says whether the
-/// router still holds more than fit; `owed` is raised to the journal
-/// version the output must wait for (durable mode).
+/// router still holds more than fit; what the store must commit before the
+/// new output may leave is marked in `held` (durable mode).
 fn on_bytes(
     client: &mut Client,
     shared: &Shared,
@@ -273,11 +338,12 @@ fn on_bytes(
     max: usize,
     out: &mut BytesMut,
     more: &mut bool,
-    owed: &mut u64,
+    held: &mut Held,
 ) -> Option<End> {
     let ctx = shared.context();
     let mut locked = shared.hub.lock();
     let now = locked.now;
+    let start = out.len();
     let end = loop {
         let frame = match codec::next_frame(inbuf, max) {
             Ok(Some(frame)) => frame,
@@ -303,7 +369,7 @@ fn on_bytes(
             break Some(end);
         }
     };
-    *owed = (*owed).max(locked.owed());
+    held.mark(start, locked.owed());
     end
 }
 
@@ -324,12 +390,13 @@ async fn finish<W: AsyncWrite + Unpin>(
     shared: &Shared,
     wr: &mut W,
     mut out: BytesMut,
-    owed: u64,
+    mut held: Held,
 ) {
-    // What the last batch answered before the end still waits for its
-    // commit, briefly; unconfirmed, it is not sent.
-    if owed > 0 && !shared.hub.wait_committed(owed, Duration::from_secs(2)).await {
-        out.clear();
+    // Output still held waits for its commit, briefly; what is still
+    // unconfirmed then is not sent.
+    if !held.is_empty() {
+        shared.hub.wait_committed(held.waiting_for_all(), Duration::from_secs(2)).await;
+        out.truncate(held.sendable(out.len(), shared.hub.committed_version()));
     }
     if let End::StoreFailed = end {
         Metrics::inc(&shared.metrics.persist_acks_withheld_total);
@@ -361,6 +428,26 @@ async fn finish<W: AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn held_output_leaves_in_order_once_its_version_is_committed() {
+        let mut h = Held::default();
+        assert_eq!(h.sendable(10, 0), 10, "nothing held, everything goes");
+        h.mark(4, 0);
+        assert!(h.is_empty(), "version 0 holds nothing");
+        h.mark(4, 7);
+        h.mark(6, 7);
+        h.mark(8, 5);
+        assert_eq!(h.marks.len(), 1, "later marks no higher than the last add nothing");
+        h.mark(9, 9);
+        assert_eq!((h.waiting_for(), h.waiting_for_all()), (7, 9));
+        assert_eq!(h.sendable(12, 6), 4, "bytes before the first mark only");
+        h.consumed(4);
+        assert_eq!(h.sendable(8, 7), 5, "version 7 frees up to the next mark, which waits for 9");
+        h.consumed(5);
+        assert_eq!(h.sendable(3, 9), 3);
+        assert!(h.is_empty());
+    }
 
     #[test]
     fn sessions_can_be_kicked_by_user() {

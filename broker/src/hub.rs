@@ -180,6 +180,12 @@ impl Hub {
         matches!(tokio::time::timeout(limit, rx.wait_for(|&c| c >= version)).await, Ok(Ok(_)))
     }
 
+    /// The journal version the store has committed (0 without one).
+    #[must_use]
+    pub fn committed_version(&self) -> u64 {
+        self.journal.as_ref().map_or(0, |j| *j.committed.borrow())
+    }
+
     /// Resolves when a promised change has been made since the writer
     /// last looked (never without persistence).
     pub async fn journal_changed(&self) {
