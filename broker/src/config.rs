@@ -344,6 +344,11 @@ pub struct PersistenceConfig {
     /// changes nobody waits for (deletes after acknowledgements, packet
     /// ids) may stay unwritten.
     pub commit_interval_ms: u64,
+    /// Memory redb may keep for pages, in MiB. The store is read once at
+    /// start and then only written, so a small cache costs little speed
+    /// (docs/BENCHMARKS.md) and redb's own default of 1 GiB would be most
+    /// of the broker's memory.
+    pub cache_mib: usize,
 }
 
 impl Default for PersistenceConfig {
@@ -352,6 +357,7 @@ impl Default for PersistenceConfig {
             mode: PersistenceMode::Durable,
             file: PathBuf::from("router.redb"),
             commit_interval_ms: 1000,
+            cache_mib: 16,
         }
     }
 }
@@ -421,6 +427,9 @@ impl Config {
                 "persistence.commit_interval_ms = {}: must be 1 ms to one hour",
                 self.persistence.commit_interval_ms
             ));
+        }
+        if self.persistence.cache_mib == 0 || self.persistence.cache_mib > 1 << 20 {
+            return bad(format!("persistence.cache_mib = {}: must be 1 MiB to 1 TiB", self.persistence.cache_mib));
         }
         if self.auth.revalidate_secs == 0 {
             return bad("auth.revalidate_secs must be at least 1".into());

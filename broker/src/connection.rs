@@ -6,20 +6,21 @@
 //! Each connection is one task with its own deadlines, so a slow or silent
 //! client only ever delays itself.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::acl::Acl;
-use crate::auth::{Authenticator, KickReason};
+use crate::auth::Authenticator;
 use crate::codec::{self, Frame, FrameError};
 use crate::config::Config;
 use crate::hub::Hub;
@@ -38,67 +39,14 @@ pub struct Shared {
     pub acl: Acl,
     /// Counters.
     pub metrics: Arc<Metrics>,
-    /// The router.
+    /// The router, and the connections' wake-ups (also for kicks).
     pub hub: Arc<Hub>,
-    /// Live sessions by username, for kicking.
-    pub sessions: Sessions,
 }
 
 impl Shared {
     /// What the per-packet policy needs.
     pub fn context(&self) -> Context<'_> {
         Context { acl: &self.acl, metrics: &self.metrics }
-    }
-}
-
-/// Live sessions, so that disabling a user can close them.
-#[derive(Default)]
-pub struct Sessions {
-    next_id: AtomicU64,
-    by_user: Mutex<HashMap<String, HashMap<u64, oneshot::Sender<KickReason>>>>,
-}
-
-impl Sessions {
-    fn register(&self, username: &str) -> (u64, oneshot::Receiver<KickReason>) {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        if let Ok(mut map) = self.by_user.lock() {
-            map.entry(username.to_owned()).or_default().insert(id, tx);
-        }
-        (id, rx)
-    }
-
-    fn unregister(&self, username: &str, id: u64) {
-        if let Ok(mut map) = self.by_user.lock()
-            && let Some(sessions) = map.get_mut(username)
-        {
-            sessions.remove(&id);
-            if sessions.is_empty() {
-                map.remove(username);
-            }
-        }
-    }
-
-    /// Usernames with at least one live session.
-    pub fn live_usernames(&self) -> HashSet<String> {
-        self.by_user.lock().map(|m| m.keys().cloned().collect()).unwrap_or_default()
-    }
-
-    /// Closes every session of `username`; returns how many.
-    pub fn kick(&self, username: &str, reason: KickReason) -> usize {
-        let Ok(mut map) = self.by_user.lock() else { return 0 };
-        let sessions = map.remove(username).unwrap_or_default();
-        let n = sessions.len();
-        for (_, tx) in sessions {
-            let _ = tx.send(reason);
-        }
-        n
-    }
-
-    /// Closes every session (shutdown).
-    pub fn kick_all(&self, reason: KickReason) -> usize {
-        let names: Vec<String> = self.live_usernames().into_iter().collect();
-        names.iter().map(|n| self.kick(n, reason)).sum()
     }
 }
 
@@ -177,7 +125,6 @@ pub async fn serve(
     let Some(Opened { mut client, wake, keepalive, mut out, mut more, owed }) = opened else { return };
     let mut held = Held::default();
     held.mark(0, owed);
-    let (kick_id, mut kick) = shared.sessions.register(&client.principal.username);
     let metrics = shared.metrics.clone();
     let max_packet = shared.config.limits.max_packet_size;
     let write_timeout = Duration::from_millis(shared.config.limits.write_timeout_ms);
@@ -190,6 +137,10 @@ pub async fn serve(
     // waiting for the CONNACK (paho does, over TLS often in one record):
     // they are already in the buffer, and no further read would bring them.
     let mut unread = !inbuf.is_empty();
+    // The wait for a commit, boxed and made only while output is held: its
+    // timer and channel would otherwise be part of every idle connection's
+    // state (docs/BENCHMARKS.md "Where the bytes go").
+    let mut commit_wait: Option<Pin<Box<dyn Future<Output = bool> + Send + '_>>> = None;
 
     let end = loop {
         if std::mem::take(&mut unread)
@@ -226,13 +177,23 @@ pub async fn serve(
         // While output waits for a commit the client may go on sending
         // (that is what groups commits), up to a bound.
         let reading = out.len() < crate::delivery::OUTPUT_HIGH_WATER;
+        if held.is_empty() {
+            commit_wait = None;
+        } else if commit_wait.is_none() {
+            commit_wait = Some(Box::pin(shared.hub.wait_committed(held.waiting_for(), held.patience())));
+        }
         tokio::select! {
-            reason = &mut kick => break End::Kicked(reason.unwrap_or(KickReason::Shutdown)),
             () = &mut keepalive_timer => {
                 Metrics::inc(&metrics.keepalive_timeouts_total);
                 break End::KeepAlive;
             }
-            committed = shared.hub.wait_committed(held.waiting_for(), held.patience()), if !held.is_empty() => {
+            committed = async {
+                match commit_wait.as_mut() {
+                    Some(wait) => wait.await,
+                    None => std::future::pending().await,
+                }
+            }, if commit_wait.is_some() => {
+                commit_wait = None;
                 if !committed {
                     break End::StoreFailed;
                 }
@@ -254,13 +215,16 @@ pub async fn serve(
                 if wake.taken_over.load(Ordering::Acquire) {
                     break End::TakenOver;
                 }
+                if let Some(reason) = wake.kicked() {
+                    break End::Kicked(reason);
+                }
                 more = true;
             }
         }
     };
-    let username = client.principal.username.clone();
-    finish(client, end, &shared, &mut wr, out, held).await;
-    shared.sessions.unregister(&username, kick_id);
+    // Boxed for the same reason as the login: its timeouts and writes
+    // would otherwise be part of every idle connection's state.
+    Box::pin(finish(client, end, &shared, &mut wr, out, held)).await;
     Metrics::dec(&metrics.sessions_active);
 }
 
@@ -377,7 +341,7 @@ fn on_bytes(
 /// packet or a burst: what is left once every frame is cut is brought back
 /// to the size a CONNECT started with.
 fn shrink(buf: &mut BytesMut) {
-    if buf.is_empty() && buf.capacity() > 1024 {
+    if buf.is_empty() && buf.capacity() > 256 {
         *buf = BytesMut::with_capacity(256);
     }
 }
@@ -447,18 +411,5 @@ mod tests {
         h.consumed(5);
         assert_eq!(h.sendable(3, 9), 3);
         assert!(h.is_empty());
-    }
-
-    #[test]
-    fn sessions_can_be_kicked_by_user() {
-        let s = Sessions::default();
-        let (id, mut rx) = s.register("u");
-        let (_, mut rx2) = s.register("u");
-        assert_eq!(s.live_usernames().len(), 1);
-        assert_eq!(s.kick("u", KickReason::Disabled), 2);
-        assert_eq!(rx.try_recv().unwrap(), KickReason::Disabled);
-        assert_eq!(rx2.try_recv().unwrap(), KickReason::Disabled);
-        s.unregister("u", id);
-        assert!(s.live_usernames().is_empty());
     }
 }

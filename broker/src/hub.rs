@@ -18,8 +18,8 @@
 //! made, and [`Hub::wait_committed`] lets the connection hold its output
 //! until the writer reports that version on disk (`crate::persist`).
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -27,15 +27,59 @@ use mqseal_router::{Changes, Conn, Event, Limits, Millis, Router};
 use tokio::sync::{Notify, watch};
 use tracing::{info, warn};
 
+use crate::auth::KickReason;
 use crate::metrics::Metrics;
 
-/// How a connection task is woken.
-#[derive(Debug, Default)]
+/// How a connection task is woken: for output, a takeover or a kick.
+///
+/// One per connection, and the only per-connection registry: kicking a
+/// user's sessions (disabled, deleted, new credentials, shutdown) walks
+/// these rather than keeping a map of channels by user name of its own —
+/// kicks are rare, and a fleet's idle connections are many (docs/BENCHMARKS.md
+/// "Where the bytes go").
+#[derive(Debug)]
 pub struct Wake {
-    /// Something to write, or a takeover.
+    /// Something to write, a takeover or a kick.
     pub notify: Notify,
     /// The session was taken by a newer connection.
     pub taken_over: AtomicBool,
+    /// Why the broker closes the session, once it does (0: it does not).
+    kicked: AtomicU8,
+    /// Whose connection it is.
+    username: Box<str>,
+}
+
+impl Wake {
+    fn new(username: &str) -> Self {
+        Self {
+            notify: Notify::new(),
+            taken_over: AtomicBool::new(false),
+            kicked: AtomicU8::new(0),
+            username: username.into(),
+        }
+    }
+
+    /// Why the broker closes the session, if it does.
+    pub fn kicked(&self) -> Option<KickReason> {
+        match self.kicked.load(Ordering::Acquire) {
+            1 => Some(KickReason::Disabled),
+            2 => Some(KickReason::Deleted),
+            3 => Some(KickReason::CredentialsChanged),
+            4 => Some(KickReason::Shutdown),
+            _ => None,
+        }
+    }
+
+    fn kick(&self, reason: KickReason) {
+        let code = match reason {
+            KickReason::Disabled => 1,
+            KickReason::Deleted => 2,
+            KickReason::CredentialsChanged => 3,
+            KickReason::Shutdown => 4,
+        };
+        self.kicked.store(code, Ordering::Release);
+        self.notify.notify_one();
+    }
 }
 
 struct Inner {
@@ -84,14 +128,14 @@ impl Locked<'_> {
         &mut self.guard.router
     }
 
-    /// Registers the task behind a new connection (and, on a takeover,
-    /// tells the old one).
-    pub fn register(&mut self, conn: Conn, taken_over: Option<Conn>) -> Arc<Wake> {
+    /// Registers the task behind `username`'s new connection (and, on a
+    /// takeover, tells the old one).
+    pub fn register(&mut self, conn: Conn, taken_over: Option<Conn>, username: &str) -> Arc<Wake> {
         if let Some(old) = taken_over.and_then(|old| self.guard.wakers.remove(&old)) {
             old.taken_over.store(true, Ordering::Release);
             old.notify.notify_one();
         }
-        let wake = Arc::new(Wake::default());
+        let wake = Arc::new(Wake::new(username));
         self.guard.wakers.insert(conn, Arc::clone(&wake));
         wake
     }
@@ -227,6 +271,27 @@ impl Hub {
         Locked { guard, metrics: &self.metrics, journal: self.journal.as_ref(), version, now: now() }
     }
 
+    fn wakers(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Closes every session of `username`; returns how many.
+    pub fn kick(&self, username: &str, reason: KickReason) -> usize {
+        let inner = self.wakers();
+        let theirs = inner.wakers.values().filter(|w| &*w.username == username);
+        theirs.map(|w| w.kick(reason)).count()
+    }
+
+    /// Closes every session (shutdown); returns how many.
+    pub fn kick_all(&self, reason: KickReason) -> usize {
+        self.wakers().wakers.values().map(|w| w.kick(reason)).count()
+    }
+
+    /// User names with at least one live session.
+    pub fn live_usernames(&self) -> HashSet<String> {
+        self.wakers().wakers.values().map(|w| w.username.to_string()).collect()
+    }
+
     /// A copy of the router's gauges and counters, and the events it lost.
     pub fn stats(&self) -> (mqseal_router::Stats, u64) {
         let inner = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -248,5 +313,44 @@ impl Hub {
             let sleep = next.map_or(MAX_SLEEP, |ms| Duration::from_millis(ms).min(MAX_SLEEP));
             tokio::time::sleep(sleep.max(Duration::from_millis(5))).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc as StdArc;
+
+    use mqseal_router::ConnectRequest;
+
+    use super::*;
+
+    fn connect(hub: &Hub, id: &str, user: &str) -> StdArc<Wake> {
+        let mut locked = hub.lock();
+        let now = locked.now;
+        let req = ConnectRequest {
+            client_id: id.into(),
+            clean_start: true,
+            session_expiry_secs: 0,
+            receive_maximum: 10,
+            will: None,
+        };
+        let c = locked.router().connect(req, now);
+        locked.register(c.conn, c.taken_over, user)
+    }
+
+    #[test]
+    fn sessions_can_be_kicked_by_user() {
+        let hub = Hub::new(Limits::default(), StdArc::new(Metrics::default()));
+        let a = connect(&hub, "a1", "u");
+        let b = connect(&hub, "a2", "u");
+        let c = connect(&hub, "c", "v");
+        assert_eq!(hub.live_usernames(), HashSet::from(["u".to_owned(), "v".to_owned()]));
+        assert_eq!(hub.kick("u", KickReason::Disabled), 2);
+        assert_eq!(
+            (a.kicked(), b.kicked(), c.kicked()),
+            (Some(KickReason::Disabled), Some(KickReason::Disabled), None)
+        );
+        assert_eq!(hub.kick_all(KickReason::Shutdown), 3);
+        assert_eq!(c.kicked(), Some(KickReason::Shutdown));
     }
 }

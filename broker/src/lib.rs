@@ -40,7 +40,7 @@ use tracing::{info, warn};
 use crate::acl::Acl;
 use crate::auth::{Authenticator, KickReason};
 use crate::config::{Config, PersistenceMode};
-use crate::connection::{ListenerKind, Sessions, Shared};
+use crate::connection::{ListenerKind, Shared};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 
@@ -102,7 +102,7 @@ impl Running {
         for task in &self.tasks {
             task.abort();
         }
-        let kicked = self.shared.sessions.kick_all(KickReason::Shutdown);
+        let kicked = self.shared.hub.kick_all(KickReason::Shutdown);
         let deadline = tokio::time::Instant::now() + grace;
         while self.shared.metrics.sessions_active.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline
         {
@@ -179,7 +179,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         Some(path) => {
             let mut router = mqseal_router::Router::new(config.router_limits());
             router.enable_journal();
-            let store = persist::open_and_load(&path, &mut router, hub::now())?;
+            let cache = config.persistence.cache_mib << 20;
+            let store = persist::open_and_load(&path, cache, &mut router, hub::now())?;
             let durable = config.persistence.mode == PersistenceMode::Durable;
             (Arc::new(Hub::persistent(router, metrics.clone(), durable)), Some(Arc::new(store)))
         }
@@ -238,14 +239,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     };
     let running_metrics = metrics_socket.as_ref().and_then(|s| s.local_addr().ok());
 
-    let shared = Arc::new(Shared {
-        config,
-        auth,
-        acl,
-        metrics: metrics.clone(),
-        hub: hub.clone(),
-        sessions: Sessions::default(),
-    });
+    let shared = Arc::new(Shared { config, auth, acl, metrics: metrics.clone(), hub: hub.clone() });
     let mut tasks = vec![tokio::spawn(hub.clone().run_timers())];
     if let Some(store) = &state {
         let mode = if shared.config.persistence.mode == PersistenceMode::Durable {
@@ -270,9 +264,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let live = sweeper.sessions.live_usernames();
+            let live = sweeper.hub.live_usernames();
             for (user, reason) in sweeper.auth.revalidate(&live).await {
-                sweeper.sessions.kick(&user, reason);
+                sweeper.hub.kick(&user, reason);
             }
         }
     }));

@@ -194,7 +194,10 @@ async fn handle(
     pending: Pending,
     shared: Arc<Shared>,
 ) {
-    match establish(socket, deadline, tls, websocket).await {
+    // Boxed: the handshake's state (TLS, WebSocket) is the largest of the
+    // task's, and unboxed it would stay allocated in every idle
+    // connection's task for as long as the connection lives.
+    match Box::pin(establish(socket, deadline, tls, websocket)).await {
         Ok(stream) => connection::serve(stream, peer, deadline, kind, pending, shared).await,
         Err(Handshake::TimedOut) => {
             Metrics::inc(&shared.metrics.handshake_failures_total);

@@ -241,7 +241,7 @@ where
     let (request, asked_expiry) = router_request(&connect, &principal, limits);
     let expiry = request.session_expiry_secs;
     let connected = locked.router().connect(request, now);
-    let wake = locked.register(connected.conn, connected.taken_over);
+    let wake = locked.register(connected.conn, connected.taken_over, &principal.username);
     let info = ConnAckInfo {
         max_packet_size: u32::try_from(max).unwrap_or(u32::MAX),
         receive_maximum,

@@ -118,7 +118,7 @@ impl Store {
     ///
     /// # Errors
     /// [`PersistError`] naming the file.
-    pub fn open(path: &Path) -> Result<Self, PersistError> {
+    pub fn open(path: &Path, cache_bytes: usize) -> Result<Self, PersistError> {
         // Errors name the file as an operator can find it, whatever the
         // working directory was.
         let path = &std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
@@ -131,6 +131,7 @@ impl Store {
         // docs/BENCHMARKS.md "Choosing the store").
         let db = Database::builder()
             .set_check_integrity_on_open(true)
+            .set_cache_size(cache_bytes)
             .create(path)
             .map_err(|source| PersistError::Open { path: shown.clone(), source })?;
         #[cfg(unix)]
@@ -365,9 +366,9 @@ pub async fn commit(hub: &Hub, store: &Arc<Store>, metrics: &Metrics, failures: 
 ///
 /// # Errors
 /// [`PersistError`] naming the file.
-pub fn open_and_load(path: &Path, router: &mut Router, now: Millis) -> Result<Store, PersistError> {
+pub fn open_and_load(path: &Path, cache_bytes: usize, router: &mut Router, now: Millis) -> Result<Store, PersistError> {
     let started = Instant::now();
-    let store = Store::open(path)?;
+    let store = Store::open(path, cache_bytes)?;
     let loaded = store.load(router, now)?;
     if loaded.discarded > 0 {
         warn!(

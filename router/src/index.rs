@@ -24,26 +24,108 @@ use crate::topic;
 pub type Slot = u32;
 
 /// Who holds one filter: plain subscribers and shared-subscription groups.
+///
+/// **Why not two hash maps.** In a fleet almost every filter has exactly
+/// one holder (a device and its own topics), and the exact index holds one
+/// of these per filter: two inline hash maps were 96 bytes and an
+/// allocation per filter, most of the index's memory (massif, 2,000
+/// agents: docs/BENCHMARKS.md "Where the bytes go"). One holder is kept
+/// inline, more in a boxed map, groups only when there are any.
 #[derive(Debug, Default)]
 pub struct Holders {
-    direct: HashMap<Slot, SubOptions>,
+    direct: Direct,
     /// By group name: a client may make up any number of group names.
-    groups: HashMap<Box<str>, Group>,
+    /// Boxed on purpose: 8 bytes inline instead of a map's 48.
+    #[allow(clippy::box_collection)]
+    groups: Option<Box<HashMap<Box<str>, Group>>>,
+}
+
+#[derive(Debug, Default)]
+enum Direct {
+    #[default]
+    None,
+    One(Slot, SubOptions),
+    /// Boxed on purpose, as `groups`.
+    #[allow(clippy::box_collection)]
+    Many(Box<HashMap<Slot, SubOptions>>),
+}
+
+impl Direct {
+    fn len(&self) -> usize {
+        match self {
+            Direct::None => 0,
+            Direct::One(..) => 1,
+            Direct::Many(m) => m.len(),
+        }
+    }
+
+    /// Adds or replaces `slot`'s options; whether it is new.
+    fn insert(&mut self, slot: Slot, opts: SubOptions) -> bool {
+        match self {
+            Direct::None => {
+                *self = Direct::One(slot, opts);
+                true
+            }
+            Direct::One(s, o) if *s == slot => {
+                *o = opts;
+                false
+            }
+            Direct::One(s, o) => {
+                let mut m = HashMap::with_capacity(2);
+                m.insert(*s, *o);
+                m.insert(slot, opts);
+                *self = Direct::Many(Box::new(m));
+                true
+            }
+            Direct::Many(m) => m.insert(slot, opts).is_none(),
+        }
+    }
+
+    fn remove(&mut self, slot: Slot) -> bool {
+        match self {
+            Direct::One(s, _) if *s == slot => {
+                *self = Direct::None;
+                true
+            }
+            Direct::None | Direct::One(..) => false,
+            Direct::Many(m) => {
+                let removed = m.remove(&slot).is_some();
+                if m.is_empty() {
+                    *self = Direct::None;
+                }
+                removed
+            }
+        }
+    }
+
+    fn visit(&self, f: &mut dyn FnMut(Hit<'_>)) {
+        match self {
+            Direct::None => {}
+            Direct::One(slot, opts) => f(Hit::Direct(*slot, opts)),
+            Direct::Many(m) => {
+                for (slot, opts) in m.iter() {
+                    f(Hit::Direct(*slot, opts));
+                }
+            }
+        }
+    }
 }
 
 impl Holders {
     fn is_empty(&self) -> bool {
-        self.direct.is_empty() && self.groups.is_empty()
+        self.direct.len() == 0 && self.groups.is_none()
     }
 
     fn len(&self) -> usize {
-        self.direct.len() + self.groups.values().map(|g| g.members.len()).sum::<usize>()
+        let grouped = self.groups.iter().flat_map(|g| g.values()).map(|g| g.members.len()).sum::<usize>();
+        self.direct.len() + grouped
     }
 
     fn insert(&mut self, group: Option<&str>, slot: Slot, opts: SubOptions) -> bool {
-        let Some(name) = group else { return self.direct.insert(slot, opts).is_none() };
+        let Some(name) = group else { return self.direct.insert(slot, opts) };
+        let groups = self.groups.get_or_insert_with(Box::default);
         let group =
-            self.groups.entry(name.into()).or_insert_with(|| Group { name: name.into(), members: Vec::new(), next: 0 });
+            groups.entry(name.into()).or_insert_with(|| Group { name: name.into(), members: Vec::new(), next: 0 });
         match group.members.iter_mut().find(|(s, _)| *s == slot) {
             Some(member) => {
                 member.1 = opts;
@@ -57,21 +139,23 @@ impl Holders {
     }
 
     fn remove(&mut self, group: Option<&str>, slot: Slot) -> bool {
-        let Some(name) = group else { return self.direct.remove(&slot).is_some() };
-        let Some(group) = self.groups.get_mut(name) else { return false };
+        let Some(name) = group else { return self.direct.remove(slot) };
+        let Some(groups) = self.groups.as_mut() else { return false };
+        let Some(group) = groups.get_mut(name) else { return false };
         let Some(mi) = group.members.iter().position(|(s, _)| *s == slot) else { return false };
         group.members.remove(mi);
         if group.members.is_empty() {
-            self.groups.remove(name);
+            groups.remove(name);
+        }
+        if groups.is_empty() {
+            self.groups = None;
         }
         true
     }
 
     fn visit(&mut self, f: &mut dyn FnMut(Hit<'_>)) {
-        for (slot, opts) in &self.direct {
-            f(Hit::Direct(*slot, opts));
-        }
-        for group in self.groups.values_mut() {
+        self.direct.visit(f);
+        for group in self.groups.iter_mut().flat_map(|g| g.values_mut()) {
             f(Hit::Group(group));
         }
     }

@@ -495,7 +495,7 @@ impl Router {
                 session.reconnected(window);
                 let changed = session.expiry_secs != expiry;
                 session.expiry_secs = expiry;
-                session.will = req.will;
+                session.will = req.will.map(Box::new);
                 if self.journal.is_some() && expiry > 0 && !session.persistent {
                     // Resumed with an expiry it did not have: from now on
                     // it is kept, with what it already holds.
@@ -515,7 +515,7 @@ impl Router {
         let generation = self.next_gen;
         self.next_gen = self.next_gen.wrapping_add(1);
         let mut session = Session::new(Arc::clone(&req.client_id), generation, expiry, window);
-        session.will = req.will;
+        session.will = req.will.map(Box::new);
         session.persistent = self.journal.is_some() && expiry > 0;
         let slot = match self.free.pop() {
             Some(slot) => slot,
@@ -587,7 +587,7 @@ impl Router {
         if let Some(at) = session.will_at.take() {
             self.timers.remove(&(at, slot, session.generation, Timer::Will));
         }
-        let Some(will) = session.will.take() else { return };
+        let Some(will) = session.will.take().map(|w| *w) else { return };
         let client_id = Arc::clone(&session.client_id);
         let topic = Arc::clone(&will.message.topic);
         let mut message = will.message;
@@ -831,6 +831,7 @@ impl Router {
         let (out, dropped) = session.poll(now, &mut self.stats);
         if out.is_none() {
             session.ready = false;
+            session.trim();
         }
         self.journal_items(conn.slot);
         if !dropped.is_empty() {
@@ -858,6 +859,11 @@ impl Router {
         // A completed delivery frees a place in the window.
         if ack == Ack::Done {
             self.mark_ready(conn.slot);
+        }
+        if let Some(session) = self.sessions.get_mut(conn.slot as usize).and_then(Option::as_mut)
+            && !session.ready
+        {
+            session.trim();
         }
         Ok(ack)
     }

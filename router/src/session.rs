@@ -123,7 +123,9 @@ pub(crate) struct Session {
     pub expiry_secs: u32,
     pub expires_at: Option<Millis>,
     pub subscriptions: HashMap<Box<str>, SubOptions>,
-    pub will: Option<Will>,
+    /// Boxed: most sessions have none, and the sessions' table holds one
+    /// of these per slot.
+    pub will: Option<Box<Will>>,
     pub will_at: Option<Millis>,
     pub ready: bool,
     pub drops: DropLog,
@@ -167,6 +169,21 @@ impl Session {
             window: window.max(1),
             next_pkid: 0,
             incoming: HashSet::new(),
+        }
+    }
+
+    /// Gives back the queue's and the window's memory once they are
+    /// empty: a fleet is mostly idle sessions, and an empty `VecDeque`
+    /// keeps the capacity of its busiest moment.
+    pub fn trim(&mut self) {
+        if self.queue.is_empty() && self.queue.capacity() > 0 {
+            self.queue = VecDeque::new();
+        }
+        if self.inflight.is_empty() && self.inflight.capacity() > 0 {
+            self.inflight = VecDeque::new();
+        }
+        if self.touched.is_empty() && self.touched.capacity() > 0 {
+            self.touched = Vec::new();
         }
     }
 
