@@ -83,7 +83,8 @@ run() { # broker args...
   if "$bench" "$@" --port "$port" --label "$name" >>"$results" 2>"$work/last.err"; then tail -n 2 "$work/last.err";
   else echo "[$name] $* failed: $(tail -n 3 "$work/last.err")" >&2; fi
 }
-brokers=(mqseal mosquitto)
+# BROKERS="mqseal" runs one side only (the other from an earlier sitting).
+read -r -a brokers <<<"${BROKERS:-mqseal mosquitto}"
 for round in $(seq "$runs"); do
   shift_by=$(( (round - 1) % ${#brokers[@]} ))
   order=("${brokers[@]:$shift_by}" "${brokers[@]:0:$shift_by}")

@@ -118,7 +118,12 @@ async fn replays_are_executed_at_most_once() {
     // Its subscriptions are back once its status is (both after CONNACK).
     tokio::time::sleep(SECOND).await;
     assert_eq!(replay_all(&site).await, first, "after a broker crash: the same receipts");
-    assert_eq!(resends(&agent), 9);
+    // The agent's session came back from the broker's store: a copy the
+    // agent had acknowledged just before the crash may be redelivered
+    // (its delete was not yet on disk; QoS 1 allows it), and is answered
+    // with the stored receipt like any replay.
+    let after_crash = resends(&agent);
+    assert!((9..=12).contains(&after_crash), "{after_crash} stored receipts re-sent:\n{}", agent.text());
 
     // QoS 1 redelivery: the same PUBLISH twice, the second with DUP set.
     let mut conn = attacker(&site, "attacker").await;
@@ -131,7 +136,7 @@ async fn replays_are_executed_at_most_once() {
         conn.send(&dup).await.unwrap();
     }
     // The broker may forward both copies (QoS 1 allows duplicates) or one.
-    assert!(agent.wait_for("re-sent its stored response", 9 + 3, 20 * SECOND).await, "{}", agent.text());
+    assert!(agent.wait_for("re-sent its stored response", after_crash + 3, 20 * SECOND).await, "{}", agent.text());
     tokio::time::sleep(SECOND).await;
     assert_eq!(site.marks("r-1"), 3, "every replay executed nothing");
 }
