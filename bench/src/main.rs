@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 mod commands;
+mod store_engines;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -58,6 +59,9 @@ enum Command {
     /// A connected fleet under a steady command rate: lost and duplicated
     /// executions, broker memory over time.
     Soak(commands::Soak),
+    /// The broker's persistence workload (group commits of a queue, a
+    /// reopen, a long queue) on redb and on fjall: one JSON object each.
+    StoreEngines(store_engines::StoreEngines),
 }
 
 #[derive(Args)]
@@ -691,9 +695,20 @@ fn main() -> ExitCode {
             Command::RouterHops(a) => {
                 tokio::task::spawn_blocking(move || router_hops(a)).await.unwrap_or_else(|e| Err(e.to_string()))
             }
+            Command::StoreEngines(a) => tokio::task::spawn_blocking(move || store_engines::store_engines(a))
+                .await
+                .unwrap_or_else(|e| Err(e.to_string())),
         }
     });
     match result {
+        // A scenario that measures several things (store-engines: one per
+        // engine) prints one object per line.
+        Ok(serde_json::Value::Array(vs)) => {
+            for v in vs {
+                println!("{v}");
+            }
+            ExitCode::SUCCESS
+        }
         Ok(v) => {
             println!("{v}");
             ExitCode::SUCCESS
