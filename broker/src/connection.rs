@@ -151,7 +151,10 @@ pub async fn serve(
         if std::mem::take(&mut more) {
             let mut locked = shared.hub.lock();
             let now = locked.now;
+            let start = out.len();
             more = client.pull(&shared.context(), locked.router(), now, &mut out);
+            // A QoS 2 delivery to a persistent session waits for its packet id.
+            held.mark(start, locked.owed());
         }
         // Durable mode: what answers a promise to a persistent session
         // leaves only once the store has it, and nothing overtakes it.
@@ -184,6 +187,13 @@ pub async fn serve(
         }
         tokio::select! {
             () = &mut keepalive_timer => {
+                // A client whose output waits for the disk is not read
+                // (beyond the high-water mark), so its PINGREQs are not
+                // seen: the commit wait has its own limit.
+                if !held.is_empty() && let Some(k) = keepalive {
+                    keepalive_timer.as_mut().reset(Instant::now() + k);
+                    continue;
+                }
                 Metrics::inc(&metrics.keepalive_timeouts_total);
                 break End::KeepAlive;
             }

@@ -147,12 +147,14 @@ impl Locked<'_> {
 
     /// In durable mode, the journal version the store must reach before
     /// what these calls answered may be written to the client; 0 when
-    /// nothing needs to wait.
-    #[must_use]
-    pub fn owed(&self) -> u64 {
-        let version = self.guard.router.journal_version();
+    /// nothing needs to wait: the current version when these calls made
+    /// a promise (the lock is exclusive, so a newer version is theirs) or
+    /// answered from one not yet committed.
+    pub fn owed(&mut self) -> u64 {
+        let router = &mut self.guard.router;
+        let (version, depends) = (router.journal_version(), router.take_journal_depends());
         match self.journal {
-            Some(j) if j.durable && version > self.version => version,
+            Some(j) if j.durable && (version > self.version || depends) => version,
             _ => 0,
         }
     }
@@ -245,7 +247,7 @@ impl Hub {
     }
 
     /// Gives back changes the writer could not commit.
-    pub fn requeue(&self, changes: Changes) {
+    pub fn requeue(&self, changes: &Changes) {
         self.lock().guard.router.requeue(changes);
     }
 
@@ -266,7 +268,10 @@ impl Hub {
     /// the code forbids) is taken anyway: the router's state is updated
     /// call by call and stays consistent between them.
     pub fn lock(&self) -> Locked<'_> {
-        let guard = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut guard = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // A dependency noted by calls nobody asked about (timers, the
+        // writer) is not these calls'.
+        let _ = guard.router.take_journal_depends();
         let version = guard.router.journal_version();
         Locked { guard, metrics: &self.metrics, journal: self.journal.as_ref(), version, now: now() }
     }

@@ -92,12 +92,18 @@ pub struct Running {
     pub first_admin: Option<(String, zeroize::Zeroizing<String>)>,
     shared: Arc<Shared>,
     store: Option<Arc<persist::Store>>,
+    /// The persistence writer and what tells it to stop.
+    writer: Option<(tokio::task::JoinHandle<()>, tokio::sync::watch::Sender<bool>)>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
     /// Stops accepting, closes every session (v5 clients get DISCONNECT
     /// 0x8B) and waits up to `grace` for them to finish.
+    ///
+    /// The persistence writer keeps running while the sessions end (their
+    /// held acknowledgements still get their commits), then stops between
+    /// two commits, and the last commit is made after it.
     pub async fn shutdown(self, grace: Duration) {
         for task in &self.tasks {
             task.abort();
@@ -107,6 +113,12 @@ impl Running {
         while self.shared.metrics.sessions_active.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if let Some((writer, stop)) = self.writer {
+            let _ = stop.send(true);
+            if tokio::time::timeout(Duration::from_secs(30), writer).await.is_err() {
+                warn!("the persistence writer did not finish its commit within 30 s");
+            }
         }
         // What the sessions' ends changed (offline, deletes after acks)
         // goes to disk before the process does.
@@ -241,6 +253,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 
     let shared = Arc::new(Shared { config, auth, acl, metrics: metrics.clone(), hub: hub.clone() });
     let mut tasks = vec![tokio::spawn(hub.clone().run_timers())];
+    let mut writer = None;
     if let Some(store) = &state {
         let mode = if shared.config.persistence.mode == PersistenceMode::Durable {
             persist::Mode::Durable
@@ -248,7 +261,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             persist::Mode::Periodic
         };
         let interval = Duration::from_millis(shared.config.persistence.commit_interval_ms);
-        tasks.push(tokio::spawn(persist::run_writer(hub.clone(), store.clone(), mode, interval, metrics.clone())));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let task =
+            tokio::spawn(persist::run_writer(hub.clone(), store.clone(), mode, interval, metrics.clone(), stopped));
+        writer = Some((task, stop));
     }
     for l in listeners {
         info!(addr = ?l.socket.local_addr().ok(), listener = l.kind.name, "listening");
@@ -278,6 +294,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         first_admin,
         shared,
         store: state,
+        writer,
         tasks,
     })
 }

@@ -14,7 +14,7 @@ use bytes::BytesMut;
 use mqseal_router::{ConnectRequest, Limits, Message, NEVER_EXPIRES, QoS, Will, topic};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::acl::Principal;
 use crate::auth::Refusal;
@@ -241,6 +241,18 @@ where
     let (request, asked_expiry) = router_request(&connect, &principal, limits);
     let expiry = request.session_expiry_secs;
     let connected = locked.router().connect(request, now);
+    if connected.session_present {
+        // The session may have been kept across a change of the rules (a
+        // restart, with the store): it keeps nothing they now deny.
+        let allowed = |f: &str| shared.acl.can_subscribe(&principal, f);
+        if let Ok((refused, dropped)) = locked.router().revoke(connected.conn, allowed, now)
+            && (!refused.is_empty() || dropped > 0)
+        {
+            Metrics::add(&metrics.subscriptions_revoked_total, refused.len() as u64);
+            warn!(%peer, client_id = %principal.client_id, user = %principal.username, ?refused, dropped,
+                  "resumed session: subscriptions and queued messages the ACL no longer allows were removed");
+        }
+    }
     let wake = locked.register(connected.conn, connected.taken_over, &principal.username);
     let info = ConnAckInfo {
         max_packet_size: u32::try_from(max).unwrap_or(u32::MAX),

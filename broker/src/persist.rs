@@ -42,10 +42,18 @@ use crate::metrics::{LogEvery, Metrics};
 /// number was written by a newer broker and is refused.
 pub const FORMAT: u64 = 1;
 
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
-const ITEMS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("session_messages");
-const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
+// Keys are bytes, not `&str`: redb decodes a `&str` key with an unwrap,
+// so a file whose checksums are right but whose keys are not UTF-8 would
+// panic the start instead of being refused (the load checks them itself).
+const META: TableDefinition<&[u8], u64> = TableDefinition::new("meta");
+const SESSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sessions");
+const ITEMS: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition::new("session_messages");
+const RETAINED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("retained");
+
+/// The highest sequence number a stored copy may carry: far beyond any
+/// run (2^62 copies), and low enough that counting on from it cannot
+/// overflow.
+const MAX_SEQ: u64 = 1 << 62;
 
 /// Why the store cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +119,9 @@ pub struct Loaded {
     /// Records dropped on the way: expired retained messages, entries of
     /// a session that is gone.
     pub discarded: usize,
+    /// Sessions not restored because their expiry is 0 (they ended with
+    /// the broker); the first commit deletes them.
+    pub ended: usize,
 }
 
 impl Store {
@@ -144,12 +155,12 @@ impl Store {
         let txn = store.db.begin_write().map_err(|e| store.io(e))?;
         {
             let mut meta = txn.open_table(META).map_err(|e| store.io(e))?;
-            let found = meta.get("format").map_err(|e| store.io(e))?.map(|v| v.value());
+            let found = meta.get(&b"format"[..]).map_err(|e| store.io(e))?.map(|v| v.value());
             match found {
                 Some(found) if found > FORMAT => return Err(PersistError::Newer { path: shown, found }),
                 Some(_) => {}
                 None => {
-                    meta.insert("format", FORMAT).map_err(|e| store.io(e))?;
+                    meta.insert(&b"format"[..], FORMAT).map_err(|e| store.io(e))?;
                 }
             }
             txn.open_table(SESSIONS).map_err(|e| store.io(e))?;
@@ -191,6 +202,14 @@ impl Store {
             for entry in items.iter().map_err(|e| self.io(e))? {
                 let (key, value) = entry.map_err(|e| self.io(e))?;
                 let (client, seq) = key.value();
+                let client = utf8(client).map_err(|e| self.damaged("session_messages", shown(client, seq), e))?;
+                if seq > MAX_SEQ {
+                    return Err(self.damaged(
+                        "session_messages",
+                        format!("{client}#{seq}"),
+                        "sequence number out of range",
+                    ));
+                }
                 let item = records::decode_item(value.value())
                     .map_err(|e| self.damaged("session_messages", format!("{client}#{seq}"), e))?;
                 by_client.entry(client.to_owned()).or_default().push((seq, item));
@@ -198,13 +217,18 @@ impl Store {
             for entry in sessions.iter().map_err(|e| self.io(e))? {
                 let (key, value) = entry.map_err(|e| self.io(e))?;
                 let client = key.value();
+                let client = utf8(client).map_err(|e| self.damaged("sessions", lossy(client), e))?;
                 let state = records::decode_session(client, value.value())
                     .map_err(|e| self.damaged("sessions", client.to_owned(), e))?;
                 // In key order already, which is sequence order.
                 let items = by_client.remove(client).unwrap_or_default();
-                loaded.sessions += 1;
-                loaded.messages += items.len();
-                router.restore_session(state, items, now);
+                let n = items.len();
+                if router.restore_session(state, items, now) {
+                    loaded.sessions += 1;
+                    loaded.messages += n;
+                } else {
+                    loaded.ended += 1;
+                }
             }
             for (client, items) in by_client {
                 orphans.extend(items.into_iter().map(|(seq, _)| (client.clone(), seq)));
@@ -213,6 +237,7 @@ impl Store {
             for entry in retained.iter().map_err(|e| self.io(e))? {
                 let (key, value) = entry.map_err(|e| self.io(e))?;
                 let topic = key.value();
+                let topic = utf8(topic).map_err(|e| self.damaged("retained", lossy(topic), e))?;
                 let message = records::decode_message(value.value())
                     .map_err(|e| self.damaged("retained", topic.to_owned(), e))?;
                 if router.restore_retained(message, now) {
@@ -228,11 +253,11 @@ impl Store {
             {
                 let mut items = txn.open_table(ITEMS).map_err(|e| self.io(e))?;
                 for (client, seq) in &orphans {
-                    items.remove((client.as_str(), *seq)).map_err(|e| self.io(e))?;
+                    items.remove((client.as_bytes(), *seq)).map_err(|e| self.io(e))?;
                 }
                 let mut retained = txn.open_table(RETAINED).map_err(|e| self.io(e))?;
                 for topic in &stale_retained {
-                    retained.remove(topic.as_str()).map_err(|e| self.io(e))?;
+                    retained.remove(topic.as_bytes()).map_err(|e| self.io(e))?;
                 }
             }
             txn.commit().map_err(|e| self.io(e))?;
@@ -254,21 +279,23 @@ impl Store {
             let mut retained = txn.open_table(RETAINED).map_err(|e| self.io(e))?;
             // Ended first: the same client id may have started again since.
             for (client, bound) in &changes.ended {
-                sessions.remove(&**client).map_err(|e| self.io(e))?;
-                items.retain_in((&**client, 0)..(&**client, *bound), |_, _| false).map_err(|e| self.io(e))?;
+                sessions.remove(client.as_bytes()).map_err(|e| self.io(e))?;
+                items
+                    .retain_in((client.as_bytes(), 0)..(client.as_bytes(), *bound), |_, _| false)
+                    .map_err(|e| self.io(e))?;
             }
             for state in &changes.sessions {
                 let bytes = records::encode_session(state);
-                sessions.insert(&*state.client_id, bytes.as_slice()).map_err(|e| self.io(e))?;
+                sessions.insert(state.client_id.as_bytes(), bytes.as_slice()).map_err(|e| self.io(e))?;
             }
             for (client, seq, item) in &changes.items {
                 match item {
                     Some(item) => {
                         let bytes = records::encode_item(item);
-                        items.insert((&**client, *seq), bytes.as_slice()).map_err(|e| self.io(e))?;
+                        items.insert((client.as_bytes(), *seq), bytes.as_slice()).map_err(|e| self.io(e))?;
                     }
                     None => {
-                        items.remove((&**client, *seq)).map_err(|e| self.io(e))?;
+                        items.remove((client.as_bytes(), *seq)).map_err(|e| self.io(e))?;
                     }
                 }
             }
@@ -276,10 +303,10 @@ impl Store {
                 match message {
                     Some(m) => {
                         let bytes = records::encode_message(m);
-                        retained.insert(&**topic, bytes.as_slice()).map_err(|e| self.io(e))?;
+                        retained.insert(topic.as_bytes(), bytes.as_slice()).map_err(|e| self.io(e))?;
                     }
                     None => {
-                        retained.remove(&**topic).map_err(|e| self.io(e))?;
+                        retained.remove(topic.as_bytes()).map_err(|e| self.io(e))?;
                     }
                 }
             }
@@ -287,6 +314,20 @@ impl Store {
         txn.commit().map_err(|e| self.io(e))?;
         Ok(changes.len())
     }
+}
+
+/// A key's text, or why it is not text.
+fn utf8(key: &[u8]) -> Result<&str, &'static str> {
+    std::str::from_utf8(key).map_err(|_| "key is not UTF-8")
+}
+
+/// A key that is not text, as an operator can read it.
+fn lossy(key: &[u8]) -> String {
+    String::from_utf8_lossy(key).into_owned()
+}
+
+fn shown(client: &[u8], seq: u64) -> String {
+    format!("{}#{seq}", lossy(client))
 }
 
 /// How the writer commits (`[persistence] mode`).
@@ -298,16 +339,31 @@ pub enum Mode {
     Periodic,
 }
 
-/// Commits the router's journal for as long as the broker runs.
-pub async fn run_writer(hub: Arc<Hub>, store: Arc<Store>, mode: Mode, interval: Duration, metrics: Arc<Metrics>) {
+/// Commits the router's journal until `stop` says so. It stops only
+/// between commits: a commit in flight lands (or is requeued) before the
+/// task ends, so the shutdown's final commit never races an older one.
+pub async fn run_writer(
+    hub: Arc<Hub>,
+    store: Arc<Store>,
+    mode: Mode,
+    interval: Duration,
+    metrics: Arc<Metrics>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     let failures = LogEvery::default();
     loop {
-        if mode == Mode::Durable {
-            // A promise wakes it at once; deletes and packet-id updates
-            // wait for the interval.
-            let _ = tokio::time::timeout(interval, hub.journal_changed()).await;
-        } else {
-            tokio::time::sleep(interval).await;
+        let wait = async {
+            if mode == Mode::Durable {
+                // A promise wakes it at once; deletes and packet-id
+                // updates wait for the interval.
+                let _ = tokio::time::timeout(interval, hub.journal_changed()).await;
+            } else {
+                tokio::time::sleep(interval).await;
+            }
+        };
+        tokio::select! {
+            () = wait => {}
+            _ = stop.wait_for(|&stop| stop) => return,
         }
         if !commit(&hub, &store, &metrics, &failures).await {
             // Do not spin on a broken disk.
@@ -325,19 +381,19 @@ pub async fn commit(hub: &Hub, store: &Arc<Store>, metrics: &Metrics, failures: 
     }
     let started = Instant::now();
     let writer = Arc::clone(store);
-    let (changes, result) = match tokio::task::spawn_blocking(move || {
-        let result = writer.apply(&changes);
-        (changes, result)
-    })
-    .await
-    {
-        Ok(done) => done,
+    // Shared with the blocking task, so that the keys survive it whatever
+    // becomes of it.
+    let changes = Arc::new(changes);
+    let applying = Arc::clone(&changes);
+    let result = match tokio::task::spawn_blocking(move || writer.apply(&applying)).await {
+        Ok(result) => result,
         Err(e) => {
-            // The blocking task itself failed (runtime shutting down);
-            // its changes are gone with it, so the next start may resend
-            // QoS 1 messages that were acknowledged.
-            error!(error = %e, "persistence writer task failed");
+            // The blocking task failed (a panic, or a runtime shutting
+            // down): its transaction did not commit, so its keys are
+            // dirty again, and nothing waiting for it is released.
+            error!(error = %e, keys = changes.len(), "persistence writer task failed; retrying");
             Metrics::inc(&metrics.persist_commit_failures_total);
+            hub.requeue(&changes);
             return false;
         }
     };
@@ -356,7 +412,7 @@ pub async fn commit(hub: &Hub, store: &Arc<Store>, metrics: &Metrics, failures: 
             if failures.due(Duration::from_secs(10)) {
                 error!(error = %e, keys = changes.len(), "persistence commit failed; retrying (counted in mqseal_persist_commit_failures_total)");
             }
-            hub.requeue(changes);
+            hub.requeue(&changes);
             false
         }
     }
@@ -373,10 +429,10 @@ pub fn open_and_load(path: &Path, cache_bytes: usize, router: &mut Router, now: 
     if loaded.discarded > 0 {
         warn!(
             discarded = loaded.discarded,
-            "persistence store: dropped expired retained messages and entries of ended sessions"
+            "persistence store: dropped retained messages that expired or are beyond the [retained] limits, and entries of ended sessions"
         );
     }
     info!(file = %path.display(), sessions = loaded.sessions, messages = loaded.messages, retained = loaded.retained,
-          ms = started.elapsed().as_millis(), "persistence store loaded");
+          ended = loaded.ended, ms = started.elapsed().as_millis(), "persistence store loaded");
     Ok(store)
 }

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::{Site, T};
-use mqseal_store::Role;
+use mqseal_store::{CredentialStore, Role, UserRecord};
 use mqseal_tests::broker::{BrokerConfig, BrokerProc};
 use mqseal_tests::free_port;
 use mqseal_tests::mqtt::{Conn, Connect, RecvError, Version, frame};
@@ -150,6 +150,123 @@ async fn in_durable_mode_nothing_acknowledged_is_lost_by_a_crash() {
         let want: Vec<u32> = (0..100).filter(|i| i % 5 == d).collect();
         assert_eq!(got, want, "d-{d}: every acknowledged command, in order");
     }
+}
+
+/// A raw QoS 2 PUBLISH (3.1.1) with packet id `pkid`.
+fn publish_qos2(topic: &str, pkid: u16, payload: &[u8]) -> Vec<u8> {
+    let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+    body.extend_from_slice(topic.as_bytes());
+    body.extend_from_slice(&pkid.to_be_bytes());
+    body.extend_from_slice(payload);
+    frame(0x34, &body)
+}
+
+/// The next packet of `kind` (4 PUBACK, 5 PUBREC, 7 PUBCOMP) and its id.
+async fn next_ack(conn: &mut Conn, kind: u8) -> u16 {
+    loop {
+        let p = conn.recv(T).await.unwrap();
+        if p.kind() == kind {
+            return u16::from_be_bytes([p.body[0], p.body[1]]);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_qos2_id_released_just_before_a_crash_is_free_after_it() {
+    // PUBCOMP tells the publisher the id is free; if the store still held
+    // it, the next QoS 2 PUBLISH with that id would be taken for a
+    // duplicate and never routed (durable mode waits for the release).
+    let site = site(BrokerConfig::default()).await;
+    let port = site.port();
+    offline_device(port, "dev-q").await;
+    let (mut p, _) = connect(port, &persistent("alice", "pub-q")).await;
+    p.send(&publish_qos2("cmd/dev-q", 1, b"first")).await.unwrap();
+    assert_eq!(next_ack(&mut p, 5).await, 1);
+    p.send(&frame(0x62, &1u16.to_be_bytes())).await.unwrap();
+    assert_eq!(next_ack(&mut p, 7).await, 1);
+    drop(p);
+
+    let site = crash_and_restart(site).await;
+    let (mut p, present) = connect(site.port(), &persistent("alice", "pub-q")).await;
+    assert!(present);
+    p.send(&publish_qos2("cmd/dev-q", 1, b"second")).await.unwrap();
+    assert_eq!(next_ack(&mut p, 5).await, 1);
+    p.send(&frame(0x62, &1u16.to_be_bytes())).await.unwrap();
+    assert_eq!(next_ack(&mut p, 7).await, 1);
+
+    let (mut dev, _) = connect(site.port(), &persistent("bob", "dev-q")).await;
+    let mut got = Vec::new();
+    while let Ok((payload, pkid, _)) = next_publish(&mut dev, Duration::from_millis(700)).await {
+        got.push(String::from_utf8(payload).unwrap());
+        puback(&mut dev, pkid).await;
+    }
+    assert_eq!(got, ["first", "second"], "the second publish with id 1 was routed");
+}
+
+#[tokio::test]
+async fn a_qos2_delivery_completed_before_a_crash_is_not_delivered_again() {
+    // The subscriber saw PUBLISH, answered PUBREC, got PUBREL, answered
+    // PUBCOMP and forgot the id: a store that had not kept the PUBREC
+    // would send the message again after the crash, as a new one.
+    let site = site(BrokerConfig::default()).await;
+    let port = site.port();
+    let (mut dev, _) = connect(port, &persistent("bob", "dev-r")).await;
+    assert_eq!(dev.subscribe(&[("cmd/dev-r", 2)]).await.unwrap(), vec![2]);
+    let (mut ctl, _) = connect(port, &Connect::new(Version::V4, "ctl", "alice", PW)).await;
+    ctl.send(&publish_qos2("cmd/dev-r", 1, b"once")).await.unwrap();
+    assert_eq!(next_ack(&mut ctl, 5).await, 1);
+    let (payload, pkid, _) = next_publish(&mut dev, T).await.unwrap();
+    assert_eq!(payload, b"once");
+    dev.send(&frame(0x50, &pkid.to_be_bytes())).await.unwrap();
+    let released = dev.recv(T).await.unwrap();
+    assert_eq!(released.kind(), 6, "PUBREL: {released:?}");
+    dev.send(&frame(0x70, &pkid.to_be_bytes())).await.unwrap();
+    drop(dev);
+
+    let site = crash_and_restart(site).await;
+    let (mut dev, present) = connect(site.port(), &persistent("bob", "dev-r")).await;
+    assert!(present);
+    match dev.recv(Duration::from_millis(800)).await {
+        Err(RecvError::Timeout) => {}
+        // A PUBREL again is allowed (its PUBCOMP may not have been stored).
+        Ok(p) if p.kind() == 6 => {}
+        other => panic!("delivered again: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_session_kept_across_a_restart_loses_what_a_withdrawn_grant_allowed() {
+    let metrics = free_port();
+    let site = site(BrokerConfig { metrics_port: Some(metrics), ..BrokerConfig::default() }).await;
+    let port = site.port();
+    site.device("dev-a").await;
+    site.device("dev-b").await;
+    site.human("ops", PW, Role::Controller, &["dev-a", "dev-b"]).await;
+    let (a, b) = (common::topic("dev-a", "resp"), common::topic("dev-b", "resp"));
+    let (mut ops, _) = connect(port, &persistent("ops", "ops-1")).await;
+    assert_eq!(ops.subscribe(&[(&a, 1), (&b, 1)]).await.unwrap(), vec![1, 1]);
+    drop(ops);
+    let (mut admin, _) = connect(port, &Connect::new(Version::V4, "adm", "alice", PW)).await;
+    admin.publish(&a, b"from a", 1, false).await.unwrap();
+    admin.publish(&b, b"from b", 1, false).await.unwrap();
+    drop(admin);
+
+    // The operator withdraws the grant for dev-b and restarts the broker.
+    let mut ops_record = UserRecord::human("ops", PW.as_bytes(), Role::Controller, 1000).unwrap();
+    ops_record.grants = vec!["dev-a".to_owned()];
+    site.users().put(&ops_record, true).await.unwrap();
+    let site = stop_and_restart(site).await;
+    let (mut ops, present) = connect(site.port(), &persistent("ops", "ops-1")).await;
+    assert!(present);
+    let m = ops.next_message(T).await.unwrap();
+    assert_eq!((m.topic.as_str(), m.payload.as_slice()), (a.as_str(), &b"from a"[..]));
+    assert_eq!(ops.next_message(Duration::from_millis(500)).await.unwrap_err(), RecvError::Timeout, "not dev-b's");
+    let (mut admin, _) = connect(site.port(), &Connect::new(Version::V4, "adm", "alice", PW)).await;
+    admin.publish(&b, b"later", 1, false).await.unwrap();
+    assert_eq!(ops.next_message(Duration::from_millis(500)).await.unwrap_err(), RecvError::Timeout, "unsubscribed");
+    assert_eq!(mqseal_tests::metric(metrics, "mqseal_subscriptions_revoked_total").await, 1);
+    assert_eq!(mqseal_tests::metric(metrics, "mqseal_messages_dropped_total{reason=\"not_allowed\"}").await, 1);
+    assert!(site.broker.log().contains("the ACL no longer allows"), "{}", site.broker.log());
 }
 
 #[tokio::test]
@@ -302,17 +419,25 @@ async fn a_damaged_store_stops_the_start_with_an_error_naming_the_file() {
     std::fs::write(&file, &damaged).unwrap();
     assert_refused(&dir, "persistence store").await;
     // A record that does not decode.
-    std::fs::write(&file, &good).unwrap();
-    {
-        let db = redb::Database::create(&file).unwrap();
-        let txn = db.begin_write().unwrap();
-        {
-            let mut t = txn.open_table(redb::TableDefinition::<&str, &[u8]>::new("retained")).unwrap();
-            t.insert("status/bad", &b"\xff\xff\xff"[..]).unwrap();
-        }
-        txn.commit().unwrap();
-    }
+    plant(&file, &good, |txn| {
+        let mut t = txn.open_table(redb::TableDefinition::<&[u8], &[u8]>::new("retained")).unwrap();
+        t.insert(&b"status/bad"[..], &b"\xff\xff\xff"[..]).unwrap();
+    });
     assert_refused(&dir, "table retained, key status/bad").await;
+    // Checksums right, a key that is not text: refused, not a panic.
+    plant(&file, &good, |txn| {
+        let mut t = txn.open_table(redb::TableDefinition::<&[u8], &[u8]>::new("sessions")).unwrap();
+        t.insert(&b"dev-\xff"[..], &b"\x00"[..]).unwrap();
+    });
+    assert_refused(&dir, "key is not UTF-8").await;
+    // A queued copy the router would never write (QoS 0), under a valid key:
+    // ItemRec::Publish { topic "t", payload "x", QoS 0, ... } in postcard.
+    plant(&file, &good, |txn| {
+        let t = redb::TableDefinition::<(&[u8], u64), &[u8]>::new("session_messages");
+        let mut t = txn.open_table(t).unwrap();
+        t.insert((&b"dev-d"[..], 1), &b"\x00\x01t\x01x\x00\x00\x00\x00\x00\x00\x00\x00"[..]).unwrap();
+    });
+    assert_refused(&dir, "table session_messages, key dev-d#1").await;
 }
 
 #[tokio::test]
@@ -324,12 +449,22 @@ async fn a_store_from_a_newer_broker_is_refused() {
         let db = redb::Database::create(file_in(&dir)).unwrap();
         let txn = db.begin_write().unwrap();
         {
-            let mut t = txn.open_table(redb::TableDefinition::<&str, u64>::new("meta")).unwrap();
-            t.insert("format", mqseal_broker::persist::FORMAT + 1).unwrap();
+            let mut t = txn.open_table(redb::TableDefinition::<&[u8], u64>::new("meta")).unwrap();
+            t.insert(&b"format"[..], mqseal_broker::persist::FORMAT + 1).unwrap();
         }
         txn.commit().unwrap();
     }
     assert_refused(&dir, "newer than this broker's").await;
+}
+
+/// Puts the good file back, then writes into it what `write` does, as a
+/// file damaged under valid checksums would hold it.
+fn plant(file: &std::path::Path, good: &[u8], write: impl FnOnce(&redb::WriteTransaction)) {
+    std::fs::write(file, good).unwrap();
+    let db = redb::Database::create(file).unwrap();
+    let txn = db.begin_write().unwrap();
+    write(&txn);
+    txn.commit().unwrap();
 }
 
 fn file_in(dir: &tempfile::TempDir) -> PathBuf {

@@ -23,10 +23,17 @@
 //! client's acknowledgement promises: a copy queued for a persistent
 //! session (the publisher's PUBACK/PUBREC), a subscription (SUBACK), a new
 //! or ended session (CONNACK), an incoming QoS 2 id (PUBREC), a retained
-//! message. A front in durable mode holds those acknowledgements until its
-//! writer has committed that version. Deletes and packet-id updates do not
-//! count: losing one to a crash means a QoS 1 message is delivered again,
-//! which QoS 1 allows.
+//! message, the release of an incoming QoS 2 id (PUBCOMP), and for QoS 2
+//! deliveries the packet id a copy is sent with and its PUBREC (the
+//! PUBLISH and the PUBREL): QoS 2 is exactly once across a crash only if
+//! the client never sees a step the store could forget. Output that
+//! answers from state an earlier, still uncommitted promise made (a PUBREC
+//! for a duplicate QoS 2 PUBLISH, the CONNACK of a resumed persistent
+//! session) *depends* on that version without making a new one
+//! ([`crate::Router::take_journal_depends`]). A front in durable mode holds such
+//! output until its writer has committed the version it needs. Deletes
+//! after PUBACK and QoS 1 packet ids promise nothing: losing one to a crash
+//! means a QoS 1 message is delivered again, which QoS 1 allows.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -106,6 +113,9 @@ impl Changes {
 #[derive(Debug, Default)]
 pub(crate) struct Journal {
     version: u64,
+    /// Output written since the front last asked answered from state an
+    /// earlier promise made.
+    depends: bool,
     pub sessions: HashSet<Arc<str>>,
     pub ended: HashMap<Arc<str>, u64>,
     pub items: HashSet<(Arc<str>, u64)>,
@@ -118,6 +128,16 @@ impl Journal {
         self.version += 1;
     }
 
+    /// Output that answers from the state as it is now, which an earlier
+    /// promise may not have committed yet.
+    pub fn depend(&mut self) {
+        self.depends = true;
+    }
+
+    pub fn take_depends(&mut self) -> bool {
+        std::mem::take(&mut self.depends)
+    }
+
     pub fn version(&self) -> u64 {
         self.version
     }
@@ -126,6 +146,7 @@ impl Journal {
     pub fn take(&mut self) -> Self {
         Self {
             version: self.version,
+            depends: self.depends,
             sessions: std::mem::take(&mut self.sessions),
             ended: std::mem::take(&mut self.ended),
             items: std::mem::take(&mut self.items),

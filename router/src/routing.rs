@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use crate::index::{Hit, Index, Slot};
 use crate::journal::{Changes, Journal, SessionState, StoredItem};
-use crate::message::{Message, Millis, RetainHandling, SubOptions, Will, secs_after};
+use crate::message::{Message, Millis, QoS, RetainHandling, SubOptions, Will, secs_after};
 use crate::retained::{RetainRefused, Retained};
 use crate::session::{Ack, Bounds, Item, Outgoing, Received, Session};
 use crate::stats::{DropReason, Stats};
@@ -284,6 +284,17 @@ impl Router {
         self.journal.as_ref().map_or(0, Journal::version)
     }
 
+    /// Whether output written since the last call answered from state an
+    /// earlier promise made, which the store may not have yet (a PUBREC for
+    /// a duplicate QoS 2 PUBLISH, the CONNACK of a resumed persistent
+    /// session, a resent QoS 2 delivery or PUBREL); clears it. A durable
+    /// front holds that output until the current
+    /// [`Router::journal_version`] is committed, as it does for output
+    /// that answers a new promise.
+    pub fn take_journal_depends(&mut self) -> bool {
+        self.journal.as_mut().is_some_and(Journal::take_depends)
+    }
+
     /// The keys changed since the last call, each with its current state,
     /// for the store's next commit; `None` without persistence.
     pub fn take_changes(&mut self) -> Option<Changes> {
@@ -320,27 +331,43 @@ impl Router {
 
     /// Gives back changes a store failed to commit: their keys are dirty
     /// again, so the next snapshot carries their state as it is then.
-    pub fn requeue(&mut self, changes: Changes) {
+    pub fn requeue(&mut self, changes: &Changes) {
         let Some(journal) = self.journal.as_mut() else { return };
-        for (client, bound) in changes.ended {
-            let at = journal.ended.entry(client).or_insert(bound);
-            *at = (*at).max(bound);
+        for (client, bound) in &changes.ended {
+            let at = journal.ended.entry(Arc::clone(client)).or_insert(*bound);
+            *at = (*at).max(*bound);
         }
-        journal.sessions.extend(changes.sessions.into_iter().map(|s| s.client_id));
-        journal.items.extend(changes.items.into_iter().map(|(client, seq, _)| (client, seq)));
-        journal.retained.extend(changes.retained.into_iter().map(|(topic, _)| topic));
+        journal.sessions.extend(changes.sessions.iter().map(|s| Arc::clone(&s.client_id)));
+        journal.items.extend(changes.items.iter().map(|(client, seq, _)| (Arc::clone(client), *seq)));
+        journal.retained.extend(changes.retained.iter().map(|(topic, _)| Arc::clone(topic)));
     }
 
     /// Puts back a session read from the store, offline, with its entries
-    /// in sequence order. Its expiry clock starts now: the store does not
-    /// know how long the broker was down.
-    pub fn restore_session(&mut self, state: SessionState, items: Vec<(u64, StoredItem)>, now: Millis) {
+    /// in sequence order; whether it was kept. Its expiry clock starts
+    /// now: the store does not know how long the broker was down.
+    ///
+    /// A session whose expiry is 0 (it was online, resumed without an
+    /// expiry, when the broker died; or `max_session_expiry_secs` is 0
+    /// now) ended with its connection: it is not kept, and the journal
+    /// deletes it from the store.
+    pub fn restore_session(&mut self, state: SessionState, items: Vec<(u64, StoredItem)>, now: Millis) -> bool {
         if self.by_client.contains_key(&state.client_id) {
-            return;
+            return false;
+        }
+        // Sequence numbers keep growing past everything the store holds,
+        // kept or not.
+        if let Some(last) = items.iter().map(|&(seq, _)| seq).max() {
+            self.next_seq = self.next_seq.max(last.saturating_add(1));
+        }
+        let expiry = state.expiry_secs.min(self.limits.max_session_expiry_secs);
+        if expiry == 0 {
+            if let Some(journal) = self.journal.as_mut() {
+                journal.ended.insert(Arc::clone(&state.client_id), self.next_seq);
+            }
+            return false;
         }
         let generation = self.next_gen;
         self.next_gen = self.next_gen.wrapping_add(1);
-        let expiry = state.expiry_secs.min(self.limits.max_session_expiry_secs);
         let mut session = Session::new(Arc::clone(&state.client_id), generation, expiry, 1);
         session.went_offline();
         session.persistent = self.journal.is_some() && expiry > 0;
@@ -359,9 +386,10 @@ impl Router {
         }
         session.restore_incoming(&state.incoming_qos2);
         for (seq, item) in items {
-            self.next_seq = self.next_seq.max(seq.saturating_add(1));
             session.restore(seq, item, &mut self.stats);
         }
+        // The bounds are today's, whatever the file was written under.
+        let over = session.fit(self.bounds(), &mut self.stats);
         if expiry != NEVER_EXPIRES {
             let at = secs_after(now, expiry);
             session.expires_at = Some(at);
@@ -372,6 +400,11 @@ impl Router {
         }
         self.by_client.insert(state.client_id, slot);
         self.stats.sessions_offline += 1;
+        self.journal_items(slot);
+        if over > 0 {
+            self.count_drops(slot, &vec![DropReason::QueueFullOldest; over], now);
+        }
+        true
     }
 
     /// Puts back a retained message read from the store; whether it was
@@ -395,6 +428,19 @@ impl Router {
             journal.sessions.insert(Arc::clone(&session.client_id));
             if promise {
                 journal.promise();
+            }
+        }
+    }
+
+    /// Output for a persistent session's client that the store must have
+    /// first: a new promise (`promise`), or what is promised so far.
+    fn journal_owe(&mut self, slot: Slot, promise: bool) {
+        let Some(journal) = self.journal.as_mut() else { return };
+        if self.sessions.get(slot as usize).and_then(Option::as_ref).is_some_and(|s| s.persistent) {
+            if promise {
+                journal.promise();
+            } else {
+                journal.depend();
             }
         }
     }
@@ -471,6 +517,36 @@ impl Router {
         }
     }
 
+    /// Takes from a resumed session what its client may no longer read
+    /// (`allowed` says, for a filter or a topic): the subscriptions it
+    /// refuses, and the queued copies on topics it refuses (counted as
+    /// [`DropReason::NotAllowed`]). A front calls it right after a
+    /// resuming [`Router::connect`], so that a session kept across an ACL
+    /// change — by a restart, with the store — keeps nothing the rules
+    /// now deny. Returns the refused filters and the dropped copies.
+    ///
+    /// # Errors
+    /// [`Stale`] for a connection that no longer owns its session.
+    pub fn revoke(
+        &mut self,
+        conn: Conn,
+        mut allowed: impl FnMut(&str) -> bool,
+        now: Millis,
+    ) -> Result<(Vec<Box<str>>, usize), Stale> {
+        let session = self.session_mut(conn)?;
+        let refused: Vec<Box<str>> = session.subscriptions.keys().filter(|f| !allowed(f)).cloned().collect();
+        for filter in &refused {
+            self.unsubscribe(conn, filter)?;
+        }
+        let session = owned(&mut self.sessions, conn)?;
+        let dropped = session.drop_queued(&mut allowed, &mut self.stats);
+        self.journal_items(conn.slot);
+        if dropped > 0 {
+            self.count_drops(conn.slot, &vec![DropReason::NotAllowed; dropped], now);
+        }
+        Ok((refused, dropped))
+    }
+
     /// A client logged in: resume its session or start one.
     pub fn connect(&mut self, req: ConnectRequest, now: Millis) -> Connected {
         let expiry = req.session_expiry_secs.min(self.limits.max_session_expiry_secs);
@@ -506,6 +582,10 @@ impl Router {
                 let conn = Self::handle(session, slot);
                 if changed {
                     self.journal_session(slot, true);
+                } else {
+                    // "Session present" is only true once the session's
+                    // record is on disk.
+                    self.journal_owe(slot, false);
                 }
                 self.journal_items(slot);
                 self.mark_ready(slot);
@@ -770,7 +850,7 @@ impl Router {
     fn deliver(&mut self, slot: Slot, item: Item, now: Millis) {
         let bounds = self.bounds();
         let Some(session) = self.sessions.get_mut(slot as usize).and_then(Option::as_mut) else { return };
-        let persisted = session.persistent && item.qos != crate::message::QoS::AtMostOnce;
+        let persisted = session.persistent && item.qos != QoS::AtMostOnce;
         let (kept, dropped) = session.push(item, bounds, &mut self.stats);
         let ready = session.has_output();
         if kept
@@ -837,6 +917,16 @@ impl Router {
         if !dropped.is_empty() {
             self.count_drops(conn.slot, &dropped, now);
         }
+        match &out {
+            // A QoS 2 copy leaves with a packet id the store must know: a
+            // store that forgot it would send the copy again under a new
+            // id, which the client takes for a new message. The promise
+            // also comes after the publisher's, so the copy cannot be
+            // received before the publisher's PUBREC is safe.
+            Some(Outgoing::Publish(d)) if d.qos == QoS::ExactlyOnce => self.journal_owe(conn.slot, !d.dup),
+            Some(Outgoing::PubRel(_)) => self.journal_owe(conn.slot, false),
+            _ => {}
+        }
         out
     }
 
@@ -882,7 +972,13 @@ impl Router {
     /// # Errors
     /// [`Stale`] for a connection that no longer owns its session.
     pub fn pubrec(&mut self, conn: Conn, pkid: u16, accepted: bool) -> Result<Ack, Stale> {
-        self.ack(conn, |s, stats| s.pubrec(pkid, accepted, stats))
+        let ack = self.ack(conn, |s, stats| s.pubrec(pkid, accepted, stats))?;
+        if ack == Ack::Done && accepted {
+            // The PUBREL lets the client forget the message: a store that
+            // forgot the PUBREC would send the PUBLISH again, as new.
+            self.journal_owe(conn.slot, true);
+        }
+        Ok(ack)
     }
 
     /// PUBCOMP from the client.
@@ -901,8 +997,12 @@ impl Router {
     pub fn receive_qos2(&mut self, conn: Conn, pkid: u16) -> Result<Received, Stale> {
         let max = usize::from(self.limits.max_incoming_qos2);
         let received = self.session_mut(conn)?.receive_qos2(pkid, max);
-        if received == Received::Fresh {
-            self.journal_session(conn.slot, true);
+        match received {
+            Received::Fresh => self.journal_session(conn.slot, true),
+            // Its PUBREC says the id is held: the record of the first
+            // PUBLISH may still be on its way to the disk.
+            Received::Duplicate => self.journal_owe(conn.slot, false),
+            Received::TooMany => {}
         }
         Ok(received)
     }
@@ -915,7 +1015,9 @@ impl Router {
     pub fn release_qos2(&mut self, conn: Conn, pkid: u16) -> Result<bool, Stale> {
         let released = self.session_mut(conn)?.release_qos2(pkid);
         if released {
-            self.journal_session(conn.slot, false);
+            // PUBCOMP frees the id for the client's next QoS 2 PUBLISH: a
+            // store that still held it would take that one for a duplicate.
+            self.journal_session(conn.slot, true);
         }
         Ok(released)
     }

@@ -261,6 +261,18 @@ impl Session {
         }
     }
 
+    /// Drops the queued copies whose topic `keep` refuses; returns how
+    /// many. Copies in flight stay: the client has had them already.
+    pub fn drop_queued(&mut self, mut keep: impl FnMut(&str) -> bool, stats: &mut Stats) -> usize {
+        let (kept, gone): (VecDeque<Item>, VecDeque<Item>) =
+            std::mem::take(&mut self.queue).into_iter().partition(|i| keep(&i.message.topic));
+        self.queue = kept;
+        for item in &gone {
+            self.forget(item, stats);
+        }
+        gone.len()
+    }
+
     /// Queues a copy, applying the bounds; returns whether it was kept
     /// and the drops it caused (the copy itself or older ones), for the
     /// caller to count and log.
@@ -503,6 +515,19 @@ impl Session {
         self.inflight.push_back(InFlight { pkid, seq, flight, sent: false });
         self.unsent += 1;
         stats.inflight_messages += 1;
+    }
+
+    /// Drops the oldest queued copies until the queue is within `bounds`
+    /// (a restart with lower bounds than the store was written under);
+    /// returns how many.
+    pub fn fit(&mut self, bounds: Bounds, stats: &mut Stats) -> usize {
+        let mut dropped = 0;
+        while self.queue.len() > bounds.max_messages || self.queued_bytes > bounds.max_bytes {
+            let Some(item) = self.queue.pop_front() else { break };
+            self.forget(&item, stats);
+            dropped += 1;
+        }
+        dropped
     }
 
     /// Restores the incoming QoS 2 ids a PUBREC was sent for.

@@ -21,11 +21,14 @@ pub enum DropReason {
     SessionEnded,
     /// A retained message the retained store had no room for.
     RetainedFull,
+    /// Queued for a session whose client may no longer read its topic
+    /// (the ACL changed while it was away): dropped when it came back.
+    NotAllowed,
 }
 
 impl DropReason {
     /// Every reason, in metric order.
-    pub const ALL: [DropReason; 7] = [
+    pub const ALL: [DropReason; 8] = [
         Self::QueueFullQos0,
         Self::QueueFullOldest,
         Self::TooLargeForQueue,
@@ -33,6 +36,7 @@ impl DropReason {
         Self::OfflineQos0,
         Self::SessionEnded,
         Self::RetainedFull,
+        Self::NotAllowed,
     ];
 
     /// The label in metrics and logs.
@@ -46,6 +50,7 @@ impl DropReason {
             Self::OfflineQos0 => "offline_qos0",
             Self::SessionEnded => "session_ended",
             Self::RetainedFull => "retained_full",
+            Self::NotAllowed => "not_allowed",
         }
     }
 

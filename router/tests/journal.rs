@@ -53,7 +53,12 @@ impl Store {
 
     /// A router as the broker builds one at start.
     fn restore(&self, now: u64) -> Router {
-        let mut r = Router::new(Limits::default());
+        self.restore_with(Limits::default(), now)
+    }
+
+    /// The same, with other limits than the store was written under.
+    fn restore_with(&self, limits: Limits, now: u64) -> Router {
+        let mut r = Router::new(limits);
         r.enable_journal();
         for (client, state) in &self.sessions {
             let items: Vec<(u64, StoredItem)> = self
@@ -104,6 +109,17 @@ fn connect(r: &mut Router, id: &str, clean: bool, expiry: u32) -> mqseal_router:
         will: None,
     };
     r.connect(req, 0)
+}
+
+/// A persistent session "dev" subscribed to "d" at QoS 1, gone, with
+/// `payloads` queued for it.
+fn offline_dev(r: &mut Router, payloads: &[&str]) {
+    let dev = connect(r, "dev", false, 60).conn;
+    r.subscribe(dev, "d", SubOptions::qos(QoS::AtLeastOnce), 0).unwrap();
+    r.disconnect(dev, LOST, 0).unwrap();
+    for p in payloads {
+        r.publish(None, msg("d", p, QoS::AtLeastOnce), 0).unwrap();
+    }
 }
 
 fn msg(topic: &str, payload: &str, qos: QoS) -> Message {
@@ -409,8 +425,131 @@ fn changes_a_store_failed_to_commit_come_back_in_the_next_snapshot() {
     r.publish(None, msg("d", "x", QoS::AtLeastOnce), 0).unwrap();
     let failed = r.take_changes().unwrap();
     assert!(!failed.is_empty());
-    r.requeue(failed);
+    r.requeue(&failed);
     store.commit(&mut r);
     store.assert_matches(&r);
     assert_eq!(store.items.len(), 1);
+}
+
+#[test]
+fn every_qos2_step_a_client_sees_waits_for_the_store() {
+    let mut r = journaled();
+    let dev = connect(&mut r, "dev", false, 60).conn;
+    r.subscribe(dev, "t", SubOptions::qos(QoS::ExactlyOnce), 0).unwrap();
+    let _ = r.take_changes();
+    let _ = r.take_journal_depends();
+
+    // Incoming: the PUBREC of a fresh id and the PUBCOMP are promises; the
+    // PUBREC of a duplicate answers from the first one's record.
+    let v = r.journal_version();
+    assert_eq!(r.receive_qos2(dev, 1).unwrap(), Received::Fresh);
+    assert!(r.journal_version() > v, "PUBREC of a fresh id");
+    let v = r.journal_version();
+    assert_eq!(r.receive_qos2(dev, 1).unwrap(), Received::Duplicate);
+    assert_eq!(r.journal_version(), v);
+    assert!(r.take_journal_depends(), "PUBREC of a duplicate");
+    assert!(!r.take_journal_depends(), "taken");
+    assert!(r.release_qos2(dev, 1).unwrap());
+    assert!(r.journal_version() > v, "PUBCOMP frees the id");
+
+    // Outgoing: the packet id a copy leaves with, and its PUBREC (PUBREL).
+    r.publish(None, msg("t", "m", QoS::ExactlyOnce), 0).unwrap();
+    let v = r.journal_version();
+    let out = payloads(&drain(&mut r, dev));
+    assert!(r.journal_version() > v, "a QoS 2 copy's packet id");
+    let v = r.journal_version();
+    assert_eq!(r.pubrec(dev, out[0].1, true).unwrap(), mqseal_router::Ack::Done);
+    assert!(r.journal_version() > v, "PUBREC → PUBREL");
+
+    // A resumed session: CONNACK "session present", and the PUBREL resent.
+    r.disconnect(dev, LOST, 0).unwrap();
+    let _ = r.take_journal_depends();
+    let v = r.journal_version();
+    let c = connect(&mut r, "dev", false, 60);
+    assert!(c.session_present);
+    assert!(r.take_journal_depends(), "CONNACK with session present");
+    assert_eq!(drain(&mut r, c.conn), [Outgoing::PubRel(out[0].1)]);
+    assert!(r.take_journal_depends(), "a resent PUBREL");
+    assert_eq!(r.journal_version(), v, "nothing new was promised");
+
+    // QoS 1 deliveries and clean sessions promise nothing and depend on nothing.
+    r.subscribe(c.conn, "one", SubOptions::qos(QoS::AtLeastOnce), 0).unwrap();
+    r.publish(None, msg("one", "x", QoS::AtLeastOnce), 0).unwrap();
+    let v = r.journal_version();
+    let _ = r.take_journal_depends();
+    drain(&mut r, c.conn);
+    assert_eq!((r.journal_version(), r.take_journal_depends()), (v, false));
+    let clean = connect(&mut r, "clean", true, 0).conn;
+    assert_eq!(r.receive_qos2(clean, 5).unwrap(), Received::Fresh);
+    assert_eq!(r.receive_qos2(clean, 5).unwrap(), Received::Duplicate);
+    assert!(r.release_qos2(clean, 5).unwrap());
+    assert_eq!((r.journal_version(), r.take_journal_depends()), (v, false));
+}
+
+#[test]
+fn a_stored_session_whose_expiry_is_now_0_is_deleted_not_restored() {
+    // Resumed without an expiry while the broker died: its record says 0.
+    let mut r = journaled();
+    let mut store = Store::default();
+    offline_dev(&mut r, &["x"]);
+    let _resumed = connect(&mut r, "dev", false, 0).conn;
+    store.commit(&mut r);
+    assert_eq!(store.sessions["dev"].expiry_secs, 0);
+    let mut back = store.restore(0);
+    assert_eq!(back.stats().sessions_offline, 0, "not restored");
+    store.commit(&mut back);
+    assert!(store.sessions.is_empty() && store.items.is_empty(), "{store:?}");
+
+    // An operator who lowers max_session_expiry_secs to 0 flushes them.
+    let mut r = journaled();
+    let mut store = Store::default();
+    offline_dev(&mut r, &["x"]);
+    store.commit(&mut r);
+    let mut back = store.restore_with(Limits { max_session_expiry_secs: 0, ..Limits::default() }, 0);
+    assert_eq!(back.stats().sessions_offline, 0, "not restored");
+    store.commit(&mut back);
+    assert!(store.sessions.is_empty() && store.items.is_empty(), "{store:?}");
+}
+
+#[test]
+fn a_resumed_session_keeps_nothing_the_rules_now_deny() {
+    let mut r = journaled();
+    let mut store = Store::default();
+    let ctl = connect(&mut r, "ctl", false, 60).conn;
+    r.subscribe(ctl, "resp/a/#", SubOptions::qos(QoS::AtLeastOnce), 0).unwrap();
+    r.subscribe(ctl, "resp/b/#", SubOptions::qos(QoS::AtLeastOnce), 0).unwrap();
+    r.disconnect(ctl, LOST, 0).unwrap();
+    for t in ["resp/a/1", "resp/b/1", "resp/b/2", "resp/a/2"] {
+        r.publish(None, msg(t, t, QoS::AtLeastOnce), 0).unwrap();
+    }
+    store.commit(&mut r);
+
+    // Restarted with rules that no longer grant device b.
+    let mut back = store.restore(0);
+    let c = connect(&mut back, "ctl", false, 60).conn;
+    let (refused, dropped) = back.revoke(c, |f| !f.starts_with("resp/b/"), 0).unwrap();
+    assert_eq!((refused, dropped), (vec![Box::from("resp/b/#")], 2));
+    assert_eq!(back.stats().drops(mqseal_router::DropReason::NotAllowed), 2);
+    let got: Vec<String> = payloads(&drain(&mut back, c)).into_iter().map(|(p, ..)| p).collect();
+    assert_eq!(got, ["resp/a/1", "resp/a/2"]);
+    back.publish(None, msg("resp/b/3", "late", QoS::AtLeastOnce), 0).unwrap();
+    assert!(drain(&mut back, c).is_empty(), "no longer routed");
+    store.commit(&mut back);
+    assert_eq!(store.sessions["ctl"].subscriptions.len(), 1, "and not in the store either");
+}
+
+#[test]
+fn a_queue_stored_under_higher_bounds_is_cut_to_todays_counting_the_drops() {
+    let mut r = journaled();
+    let mut store = Store::default();
+    offline_dev(&mut r, &["1", "2", "3", "4", "5"]);
+    store.commit(&mut r);
+    let mut back = store.restore_with(Limits { max_queued_messages: 2, ..Limits::default() }, 0);
+    assert_eq!(back.stats().queued_messages, 2);
+    assert_eq!(back.stats().drops(mqseal_router::DropReason::QueueFullOldest), 3);
+    store.commit(&mut back);
+    assert_eq!(store.items.len(), 2, "the dropped ones leave the store");
+    let c = connect(&mut back, "dev", false, 60).conn;
+    let got: Vec<String> = payloads(&drain(&mut back, c)).into_iter().map(|(p, ..)| p).collect();
+    assert_eq!(got, ["4", "5"], "the newest kept, as the queue's policy says");
 }

@@ -95,6 +95,9 @@ fn message_rec(m: &Message) -> MessageRec<'_> {
 }
 
 fn message(r: MessageRec<'_>) -> Result<Message, BadRecord> {
+    if !mqseal_router::topic::valid_topic_name(r.topic) {
+        return Err(BadRecord(format!("topic {:?}", r.topic)));
+    }
     Ok(Message {
         topic: r.topic.into(),
         payload: Bytes::copy_from_slice(r.payload),
@@ -150,13 +153,25 @@ pub fn encode_item(item: &StoredItem) -> Vec<u8> {
 /// Reads a session entry's record.
 pub fn decode_item(bytes: &[u8]) -> Result<StoredItem, BadRecord> {
     Ok(match decode(bytes)? {
-        ItemRec::Publish { message: m, qos: q, retain, subscription_ids, pkid } => StoredItem::Publish {
-            message: Arc::new(message(m)?),
-            qos: qos(q)?,
-            retain,
-            subscription_ids: subscription_ids.into_boxed_slice(),
-            pkid,
-        },
+        ItemRec::Publish { message: m, qos: q, retain, subscription_ids, pkid } => {
+            let qos = qos(q)?;
+            // The router never stores QoS 0 (its counters would not know
+            // such an entry), and packet id 0 does not exist.
+            if qos == QoS::AtMostOnce {
+                return Err(BadRecord("a QoS 0 copy".into()));
+            }
+            if pkid == Some(0) {
+                return Err(BadRecord("packet id 0".into()));
+            }
+            StoredItem::Publish {
+                message: Arc::new(message(m)?),
+                qos,
+                retain,
+                subscription_ids: subscription_ids.into_boxed_slice(),
+                pkid,
+            }
+        }
+        ItemRec::Released(0) => return Err(BadRecord("packet id 0".into())),
         ItemRec::Released(pkid) => StoredItem::Released(pkid),
     })
 }
@@ -199,6 +214,9 @@ pub fn decode_session(client_id: &str, bytes: &[u8]) -> Result<SessionState, Bad
     let r: SessionRec<'_> = decode(bytes)?;
     let mut subscriptions = Vec::with_capacity(r.subscriptions.len());
     for s in r.subscriptions {
+        if !mqseal_router::topic::valid_filter(s.filter) {
+            return Err(BadRecord(format!("filter {:?}", s.filter)));
+        }
         let opts = SubOptions {
             qos: qos(s.qos)?,
             no_local: s.no_local,
@@ -207,6 +225,12 @@ pub fn decode_session(client_id: &str, bytes: &[u8]) -> Result<SessionState, Bad
             id: s.id,
         };
         subscriptions.push((Box::from(s.filter), opts));
+    }
+    let mut ids = r.incoming_qos2.clone();
+    ids.sort_unstable();
+    ids.dedup();
+    if ids.len() != r.incoming_qos2.len() || ids.first() == Some(&0) {
+        return Err(BadRecord("incoming QoS 2 packet ids: a duplicate or 0".into()));
     }
     Ok(SessionState {
         client_id: client_id.into(),
