@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -97,14 +97,41 @@ pub(crate) async fn send<W: AsyncWrite + Unpin + ?Sized>(wr: &mut W, bytes: &[u8
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
+/// A connection's place under `limits.max_connections` and in the
+/// `connections_active` gauge. Whichever task holds the connection holds
+/// this; dropping it gives the place back.
+pub struct Admission {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+}
+
+impl Admission {
+    /// Counts the connection in from now on.
+    #[must_use]
+    pub fn new(permit: tokio::sync::OwnedSemaphorePermit, metrics: Arc<Metrics>) -> Self {
+        Metrics::inc(&metrics.connections_active);
+        Self { _permit: permit, metrics }
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        Metrics::dec(&self.metrics.connections_active);
+    }
+}
+
 /// Serves one connection until it ends. `deadline` bounds everything up to
 /// and including CONNECT (the TLS handshake has already used part of it);
 /// `pending` is the connection's place among the logins in progress, given
 /// up once it has logged in or been refused.
 ///
 /// The CONNECT phase (authentication, store calls) runs in a boxed future
-/// of its own: it is the deepest stack of awaits a connection ever has, and
-/// an idle session should not carry its size for hours.
+/// of its own: it is the deepest stack of awaits a connection ever has.
+/// Once logged in, the session moves to a task of its own ([`run`]): this
+/// task's state — the handshake's and the login's arguments, which an
+/// `async fn` keeps for as long as it runs — is then freed, and an idle
+/// session carries only what it uses (docs/BENCHMARKS.md "Where the bytes
+/// go").
 ///
 /// The stream is boxed behind a trait object: one copy of this code serves
 /// TCP and TLS, and a TLS stream (rustls keeps kilobytes of state inline)
@@ -115,6 +142,7 @@ pub async fn serve(
     deadline: Instant,
     listener: ListenerKind,
     pending: Pending,
+    admission: Admission,
     shared: Arc<Shared>,
 ) {
     let (mut rd, mut wr) = tokio::io::split(stream);
@@ -122,120 +150,148 @@ pub async fn serve(
     let opened = Box::pin(login::open(&mut rd, &mut wr, &mut inbuf, peer, deadline, listener, &shared)).await;
     // Logged in (or refused and answered): no longer a login in progress.
     drop(pending);
-    let Some(Opened { mut client, wake, keepalive, mut out, mut more, owed }) = opened else { return };
-    let mut held = Held::default();
-    held.mark(0, owed);
-    let metrics = shared.metrics.clone();
-    let max_packet = shared.config.limits.max_packet_size;
-    let write_timeout = Duration::from_millis(shared.config.limits.write_timeout_ms);
-    // One keep-alive timer for the whole session, pushed back on each read.
-    // Without keep-alive it never fires.
-    let keepalive_timer = tokio::time::sleep(keepalive.unwrap_or(Duration::MAX / 4));
-    tokio::pin!(keepalive_timer);
+    let Some(opened) = opened else { return };
+    // The CONNECT is cut off; a session that now idles keeps the small buffer.
+    shrink(&mut inbuf, true);
+    tokio::spawn(run(Live { rd, wr, inbuf, opened, shared, _admission: admission }));
+}
 
-    // A client may send its first packets right behind CONNECT without
-    // waiting for the CONNACK (paho does, over TLS often in one record):
-    // they are already in the buffer, and no further read would bring them.
-    let mut unread = !inbuf.is_empty();
-    // The wait for a commit, boxed and made only while output is held: its
-    // timer and channel would otherwise be part of every idle connection's
-    // state (docs/BENCHMARKS.md "Where the bytes go").
-    let mut commit_wait: Option<Pin<Box<dyn Future<Output = bool> + Send + '_>>> = None;
+/// What a logged-in session's task owns.
+struct Live {
+    rd: ReadHalf<Box<dyn Stream>>,
+    wr: WriteHalf<Box<dyn Stream>>,
+    inbuf: BytesMut,
+    opened: Opened,
+    shared: Arc<Shared>,
+    _admission: Admission,
+}
 
-    let end = loop {
-        if std::mem::take(&mut unread)
-            && let Some(end) = on_bytes(&mut client, &shared, &mut inbuf, max_packet, &mut out, &mut more, &mut held)
-        {
-            break end;
-        }
-        if std::mem::take(&mut more) {
-            let mut locked = shared.hub.lock();
-            let now = locked.now;
-            let start = out.len();
-            more = client.pull(&shared.context(), locked.router(), now, &mut out);
-            // A QoS 2 delivery to a persistent session waits for its packet id.
-            held.mark(start, locked.owed());
-        }
-        // Durable mode: what answers a promise to a persistent session
-        // leaves only once the store has it, and nothing overtakes it.
-        let n = held.sendable(out.len(), shared.hub.committed_version());
-        if n > 0 {
-            match tokio::time::timeout(write_timeout, send(&mut wr, out.get(..n).unwrap_or_default())).await {
-                Ok(Ok(())) => Metrics::add(&metrics.bytes_out_total, n as u64),
-                _ => break End::Lost,
+/// The session's I/O loop, until it ends.
+///
+/// A plain function around an `async` block, not an `async fn`: the block
+/// captures each part once, where an `async fn` would keep its argument
+/// and the locals moved out of it side by side (~300 B more per session).
+fn run(live: Live) -> impl Future<Output = ()> + Send {
+    let Live { mut rd, mut wr, mut inbuf, opened, shared, _admission: admission } = live;
+    let Opened { mut client, wake, keepalive, mut out, mut more, owed } = opened;
+    async move {
+        let mut held = Held::default();
+        held.mark(0, owed);
+        let metrics = shared.metrics.clone();
+        let max_packet = shared.config.limits.max_packet_size;
+        let write_timeout = Duration::from_millis(shared.config.limits.write_timeout_ms);
+        // One keep-alive timer for the whole session, pushed back on each read.
+        // Without keep-alive it never fires.
+        let keepalive_timer = tokio::time::sleep(keepalive.unwrap_or(Duration::MAX / 4));
+        tokio::pin!(keepalive_timer);
+
+        // A client may send its first packets right behind CONNECT without
+        // waiting for the CONNACK (paho does, over TLS often in one record):
+        // they are already in the buffer, and no further read would bring them.
+        let mut unread = !inbuf.is_empty();
+        // The wait for a commit, boxed and made only while output is held: its
+        // timer and channel would otherwise be part of every idle connection's
+        // state (docs/BENCHMARKS.md "Where the bytes go").
+        let mut commit_wait: Option<Pin<Box<dyn Future<Output = bool> + Send + '_>>> = None;
+
+        let end = loop {
+            if std::mem::take(&mut unread)
+                && let Some(end) =
+                    on_bytes(&mut client, &shared, &mut inbuf, max_packet, &mut out, &mut more, &mut held)
+            {
+                break end;
             }
-            out.advance(n);
-            held.consumed(n);
-            if more {
-                continue;
+            if std::mem::take(&mut more) {
+                let mut locked = shared.hub.lock();
+                let now = locked.now;
+                let start = out.len();
+                more = client.pull(&shared.context(), locked.router(), now, &mut out);
+                // A QoS 2 delivery to a persistent session waits for its packet id.
+                held.mark(start, locked.owed());
             }
-            if out.is_empty() {
-                // About to wait: an idle connection keeps no write buffer
-                // (a fleet is mostly idle connections, and each buffer
-                // keeps the size of its largest batch). The next batch
-                // allocates anew.
-                out = BytesMut::new();
-            }
-        }
-        // While output waits for a commit the client may go on sending
-        // (that is what groups commits), up to a bound.
-        let reading = out.len() < crate::delivery::OUTPUT_HIGH_WATER;
-        if held.is_empty() {
-            commit_wait = None;
-        } else if commit_wait.is_none() {
-            commit_wait = Some(Box::pin(shared.hub.wait_committed(held.waiting_for(), held.patience())));
-        }
-        tokio::select! {
-            () = &mut keepalive_timer => {
-                // A client whose output waits for the disk is not read
-                // (beyond the high-water mark), so its PINGREQs are not
-                // seen: the commit wait has its own limit.
-                if !held.is_empty() && let Some(k) = keepalive {
-                    keepalive_timer.as_mut().reset(Instant::now() + k);
+            // Durable mode: what answers a promise to a persistent session
+            // leaves only once the store has it, and nothing overtakes it.
+            let n = held.sendable(out.len(), shared.hub.committed_version());
+            if n > 0 {
+                match tokio::time::timeout(write_timeout, send(&mut wr, out.get(..n).unwrap_or_default())).await {
+                    Ok(Ok(())) => Metrics::add(&metrics.bytes_out_total, n as u64),
+                    _ => break End::Lost,
+                }
+                out.advance(n);
+                held.consumed(n);
+                if more {
                     continue;
                 }
-                Metrics::inc(&metrics.keepalive_timeouts_total);
-                break End::KeepAlive;
-            }
-            committed = async {
-                match commit_wait.as_mut() {
-                    Some(wait) => wait.await,
-                    None => std::future::pending().await,
+                if out.is_empty() {
+                    // About to wait: an idle connection keeps no write buffer
+                    // (a fleet is mostly idle connections, and each buffer
+                    // keeps the size of its largest batch). The next batch
+                    // allocates anew.
+                    out = BytesMut::new();
                 }
-            }, if commit_wait.is_some() => {
+            }
+            // While output waits for a commit the client may go on sending
+            // (that is what groups commits), up to a bound.
+            let reading = out.len() < crate::delivery::OUTPUT_HIGH_WATER;
+            let room = inbuf.capacity() - inbuf.len();
+            if held.is_empty() {
                 commit_wait = None;
-                if !committed {
-                    break End::StoreFailed;
-                }
+            } else if commit_wait.is_none() {
+                commit_wait = Some(Box::pin(shared.hub.wait_committed(held.waiting_for(), held.patience())));
             }
-            read = rd.read_buf(&mut inbuf), if reading => match read {
-                Ok(0) | Err(_) => break End::Lost,
-                Ok(n) => {
-                    Metrics::add(&metrics.bytes_in_total, n as u64);
-                    if let Some(k) = keepalive {
+            tokio::select! {
+                () = &mut keepalive_timer => {
+                    // A client whose output waits for the disk is not read
+                    // (beyond the high-water mark), so its PINGREQs are not
+                    // seen: the commit wait has its own limit.
+                    if !held.is_empty() && let Some(k) = keepalive {
                         keepalive_timer.as_mut().reset(Instant::now() + k);
+                        continue;
                     }
-                    if let Some(end) = on_bytes(&mut client, &shared, &mut inbuf, max_packet, &mut out, &mut more, &mut held) {
-                        break end;
+                    Metrics::inc(&metrics.keepalive_timeouts_total);
+                    break End::KeepAlive;
+                }
+                committed = async {
+                    match commit_wait.as_mut() {
+                        Some(wait) => wait.await,
+                        None => std::future::pending().await,
                     }
-                    shrink(&mut inbuf);
+                }, if commit_wait.is_some() => {
+                    commit_wait = None;
+                    if !committed {
+                        break End::StoreFailed;
+                    }
                 }
-            },
-            () = wake.notify.notified() => {
-                if wake.taken_over.load(Ordering::Acquire) {
-                    break End::TakenOver;
+                read = rd.read_buf(&mut inbuf), if reading => match read {
+                    Ok(0) | Err(_) => break End::Lost,
+                    Ok(n) => {
+                        Metrics::add(&metrics.bytes_in_total, n as u64);
+                        if let Some(k) = keepalive {
+                            keepalive_timer.as_mut().reset(Instant::now() + k);
+                        }
+                        if let Some(end) = on_bytes(&mut client, &shared, &mut inbuf, max_packet, &mut out, &mut more, &mut held) {
+                            break end;
+                        }
+                        shrink(&mut inbuf, n < room);
+                    }
+                },
+                () = wake.notify.notified() => {
+                    if wake.taken_over.load(Ordering::Acquire) {
+                        break End::TakenOver;
+                    }
+                    if let Some(reason) = wake.kicked() {
+                        break End::Kicked(reason);
+                    }
+                    more = true;
                 }
-                if let Some(reason) = wake.kicked() {
-                    break End::Kicked(reason);
-                }
-                more = true;
             }
-        }
-    };
-    // Boxed for the same reason as the login: its timeouts and writes
-    // would otherwise be part of every idle connection's state.
-    Box::pin(finish(client, end, &shared, &mut wr, out, held)).await;
-    Metrics::dec(&metrics.sessions_active);
+        };
+        // Boxed for the same reason as the login: its timeouts and writes
+        // would otherwise be part of every idle connection's state.
+        Box::pin(finish(client, end, &shared, &mut wr, out, held)).await;
+        Metrics::dec(&metrics.sessions_active);
+        drop(admission);
+    }
 }
 
 /// How long a durable acknowledgement waits for its commit before the
@@ -347,12 +403,19 @@ fn on_bytes(
     end
 }
 
+/// What an idle session's read buffer is brought back to. A small packet
+/// (PINGREQ, PUBACK, a short command) fits; a longer one costs a second
+/// read, sized by its header (`codec::next_frame` reserves the rest). A
+/// fleet is mostly idle sessions, each holding this.
+const IDLE_READ_BUF: usize = 64;
+
 /// An idle connection should not keep a large read buffer from one big
-/// packet or a burst: what is left once every frame is cut is brought back
-/// to the size a CONNECT started with.
-fn shrink(buf: &mut BytesMut) {
-    if buf.is_empty() && buf.capacity() > 256 {
-        *buf = BytesMut::with_capacity(256);
+/// packet or a burst. `drained`: the last read took less than the room it
+/// had, so the socket had nothing more and the connection is about to
+/// wait; in a burst (reads that fill the buffer) it keeps its size.
+fn shrink(buf: &mut BytesMut, drained: bool) {
+    if drained && buf.is_empty() && buf.capacity() > IDLE_READ_BUF {
+        *buf = BytesMut::with_capacity(IDLE_READ_BUF);
     }
 }
 

@@ -25,7 +25,7 @@ use tracing::{debug, info, warn};
 
 use crate::codec::{self, Version};
 use crate::config::Limits;
-use crate::connection::{self, ListenerKind, Shared};
+use crate::connection::{self, Admission, ListenerKind, Shared};
 use crate::login;
 use crate::metrics::{LogEvery, Metrics};
 use crate::pending::{Pending, PendingLogins, Refused};
@@ -114,13 +114,18 @@ pub async fn run(listener: Listener, shared: Arc<Shared>, gates: Gates) {
             }
             Ok(permit) => match gates.logins.admit(peer.ip()) {
                 Ok(pending) => {
-                    let shared = shared.clone();
-                    tokio::spawn(async move {
-                        Metrics::inc(&shared.metrics.connections_active);
-                        handle(socket, peer, deadline, kind, tls, websocket, pending, shared.clone()).await;
-                        Metrics::dec(&shared.metrics.connections_active);
-                        drop(permit);
-                    });
+                    let admission = Admission::new(permit, metrics.clone());
+                    tokio::spawn(handle(
+                        socket,
+                        peer,
+                        deadline,
+                        kind,
+                        tls,
+                        websocket,
+                        pending,
+                        admission,
+                        shared.clone(),
+                    ));
                     continue;
                 }
                 Err(Refused::Origin) => {
@@ -192,13 +197,14 @@ async fn handle(
     tls: Option<TlsAcceptor>,
     websocket: bool,
     pending: Pending,
+    admission: Admission,
     shared: Arc<Shared>,
 ) {
     // Boxed: the handshake's state (TLS, WebSocket) is the largest of the
     // task's, and unboxed it would stay allocated in every idle
     // connection's task for as long as the connection lives.
     match Box::pin(establish(socket, deadline, tls, websocket)).await {
-        Ok(stream) => connection::serve(stream, peer, deadline, kind, pending, shared).await,
+        Ok(stream) => connection::serve(stream, peer, deadline, kind, pending, admission, shared).await,
         Err(Handshake::TimedOut) => {
             Metrics::inc(&shared.metrics.handshake_failures_total);
             debug!(%peer, listener = kind.name, "handshake timed out");

@@ -198,7 +198,7 @@ fn cancel_timers(timers: &mut BTreeSet<(Millis, Slot, u32, Timer)>, session: &Se
 }
 
 /// The session `conn` owns, if it still owns it.
-fn owned(sessions: &mut [Option<Session>], conn: Conn) -> Result<&mut Session, Stale> {
+fn owned(sessions: &mut [Option<Box<Session>>], conn: Conn) -> Result<&mut Session, Stale> {
     match sessions.get_mut(conn.slot as usize) {
         Some(Some(s)) if s.generation == conn.generation && s.epoch == conn.epoch && s.online => Ok(s),
         _ => Err(Stale),
@@ -209,7 +209,9 @@ fn owned(sessions: &mut [Option<Session>], conn: Conn) -> Result<&mut Session, S
 #[derive(Debug)]
 pub struct Router {
     limits: Limits,
-    sessions: Vec<Option<Session>>,
+    /// Boxed: the table doubles, and an empty slot should cost a pointer,
+    /// not a session (docs/BENCHMARKS.md "Where the bytes go").
+    sessions: Vec<Option<Box<Session>>>,
     free: Vec<Slot>,
     by_client: HashMap<Arc<str>, Slot>,
     index: Index,
@@ -309,7 +311,7 @@ impl Router {
         };
         let mut changes = Changes { version: dirty.version(), ..Changes::default() };
         changes.ended = dirty.ended.into_iter().collect();
-        changes.sessions = dirty.sessions.iter().filter_map(|c| persisted(c)).map(Session::state).collect();
+        changes.sessions = dirty.sessions.iter().filter_map(|c| persisted(c)).map(|s| s.state()).collect();
         changes.items = dirty
             .items
             .into_iter()
@@ -396,7 +398,7 @@ impl Router {
             self.timers.insert((at, slot, generation, Timer::Expiry));
         }
         if let Some(entry) = self.sessions.get_mut(slot as usize) {
-            *entry = Some(session);
+            *entry = Some(Box::new(session));
         }
         self.by_client.insert(state.client_id, slot);
         self.stats.sessions_offline += 1;
@@ -606,7 +608,7 @@ impl Router {
         };
         let conn = Self::handle(&session, slot);
         if let Some(entry) = self.sessions.get_mut(slot as usize) {
-            *entry = Some(session);
+            *entry = Some(Box::new(session));
         }
         self.by_client.insert(req.client_id, slot);
         self.stats.sessions_online += 1;
@@ -1090,14 +1092,14 @@ impl Router {
     #[must_use]
     pub fn queued(&self, client_id: &str) -> Option<(usize, usize)> {
         let slot = *self.by_client.get(client_id)?;
-        self.sessions.get(slot as usize)?.as_ref().map(Session::queued)
+        self.sessions.get(slot as usize)?.as_ref().map(|s| s.queued())
     }
 
     /// QoS 1/2 deliveries awaiting acknowledgement for one session.
     #[must_use]
     pub fn inflight(&self, client_id: &str) -> Option<usize> {
         let slot = *self.by_client.get(client_id)?;
-        self.sessions.get(slot as usize)?.as_ref().map(Session::inflight_len)
+        self.sessions.get(slot as usize)?.as_ref().map(|s| s.inflight_len())
     }
 
     /// Will and expiry timers pending (for tests: they must not pile up).
