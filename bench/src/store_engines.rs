@@ -17,7 +17,8 @@
 //!   `Durability::Immediate`, its default; fjall a write batch with
 //!   `PersistMode::SyncAll`), until `--entries` inserts; the latency of
 //!   every commit, from the start of the write transaction to its durable
-//!   return. Then 1,000 commits of one insert each: a lone publisher, where
+//!   return. Then 1,000 commits of one insert each (and, from the third
+//!   on, the removal of the entry two commits earlier): a lone publisher, where
 //!   nothing is grouped.
 //! * **reopen**: the database dropped, reopened and every remaining entry
 //!   read (their number is checked).
@@ -75,7 +76,7 @@ pub enum EngineChoice {
     Both,
 }
 
-/// Commits of the lone-publisher pass (one insert each).
+/// Commits of the lone-publisher pass (one insert, and one removal, each).
 const LONE_COMMITS: usize = 1000;
 /// Distinct client ids in the keys.
 const CLIENTS: u64 = 10_000;
@@ -294,7 +295,7 @@ fn run<E: Engine>(a: &StoreEngines, base: &Path) -> Result<serde_json::Value, Fa
     let disk_after_reopen = dir_bytes(&dir)?;
     remove_dir(&dir)?;
 
-    // A lone publisher: one insert per commit, nothing grouped.
+    // A lone publisher: one insert (and one removal) per commit, nothing grouped.
     let dir = phase_dir(base, E::NAME, "lone")?;
     let mut store = E::create(&dir)?;
     let lone = run_commits(&mut store, &mut seq, LONE_COMMITS, 1, payload, Some(ACK_LAG))?;

@@ -127,7 +127,7 @@ impl Drop for Admission {
 ///
 /// The CONNECT phase (authentication, store calls) runs in a boxed future
 /// of its own: it is the deepest stack of awaits a connection ever has.
-/// Once logged in, the session moves to a task of its own ([`run`]): this
+/// Once logged in, the session moves to a task of its own (`run`): this
 /// task's state — the handshake's and the login's arguments, which an
 /// `async fn` keeps for as long as it runs — is then freed, and an idle
 /// session carries only what it uses (docs/BENCHMARKS.md "Where the bytes
@@ -152,7 +152,7 @@ pub async fn serve(
     drop(pending);
     let Some(opened) = opened else { return };
     // The CONNECT is cut off; a session that now idles keeps the small buffer.
-    shrink(&mut inbuf, true);
+    shrink(&mut inbuf);
     tokio::spawn(run(Live { rd, wr, inbuf, opened, shared, _admission: admission }));
 }
 
@@ -233,7 +233,6 @@ fn run(live: Live) -> impl Future<Output = ()> + Send {
             // While output waits for a commit the client may go on sending
             // (that is what groups commits), up to a bound.
             let reading = out.len() < crate::delivery::OUTPUT_HIGH_WATER;
-            let room = inbuf.capacity() - inbuf.len();
             if held.is_empty() {
                 commit_wait = None;
             } else if commit_wait.is_none() {
@@ -244,7 +243,7 @@ fn run(live: Live) -> impl Future<Output = ()> + Send {
                     // A client whose output waits for the disk is not read
                     // (beyond the high-water mark), so its PINGREQs are not
                     // seen: the commit wait has its own limit.
-                    if !held.is_empty() && let Some(k) = keepalive {
+                    if !reading && !held.is_empty() && let Some(k) = keepalive {
                         keepalive_timer.as_mut().reset(Instant::now() + k);
                         continue;
                     }
@@ -272,7 +271,7 @@ fn run(live: Live) -> impl Future<Output = ()> + Send {
                         if let Some(end) = on_bytes(&mut client, &shared, &mut inbuf, max_packet, &mut out, &mut more, &mut held) {
                             break end;
                         }
-                        shrink(&mut inbuf, n < room);
+                        shrink(&mut inbuf);
                     }
                 },
                 () = wake.notify.notified() => {
@@ -410,11 +409,12 @@ fn on_bytes(
 const IDLE_READ_BUF: usize = 64;
 
 /// An idle connection should not keep a large read buffer from one big
-/// packet or a burst. `drained`: the last read took less than the room it
-/// had, so the socket had nothing more and the connection is about to
-/// wait; in a burst (reads that fill the buffer) it keeps its size.
-fn shrink(buf: &mut BytesMut, drained: bool) {
-    if drained && buf.is_empty() && buf.capacity() > IDLE_READ_BUF {
+/// packet or a burst: once every frame is cut off, the buffer goes back to
+/// [`IDLE_READ_BUF`]. That includes a buffer of capacity 0, which is what
+/// is left when the last frame took all of it: it still shares the frame's
+/// allocation, and the next read would take that back whole.
+fn shrink(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.capacity() != IDLE_READ_BUF {
         *buf = BytesMut::with_capacity(IDLE_READ_BUF);
     }
 }
@@ -465,6 +465,23 @@ async fn finish<W: AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_idle_read_buffer_goes_back_to_its_small_size_after_a_long_packet() {
+        // A 303-byte PUBLISH arriving in two reads: the header's read, then
+        // exactly the rest, which `next_frame` reserved.
+        let mut packet = vec![0x30, 0xac, 0x02, 0x00, 0x01, b't'];
+        packet.resize(303, b'x');
+        let mut buf = BytesMut::with_capacity(IDLE_READ_BUF);
+        buf.extend_from_slice(&packet[..IDLE_READ_BUF]);
+        assert!(matches!(codec::next_frame(&mut buf, 1 << 20), Ok(None)));
+        buf.extend_from_slice(&packet[IDLE_READ_BUF..]);
+        let frame = codec::next_frame(&mut buf, 1 << 20);
+        assert!(matches!(frame, Ok(Some(_))), "one whole frame");
+        drop(frame);
+        shrink(&mut buf);
+        assert_eq!(buf.capacity(), IDLE_READ_BUF, "not the frame's allocation, taken back whole");
+    }
 
     #[test]
     fn held_output_leaves_in_order_once_its_version_is_committed() {

@@ -222,6 +222,13 @@ impl Store {
                     .map_err(|e| self.damaged("sessions", client.to_owned(), e))?;
                 // In key order already, which is sequence order.
                 let items = by_client.remove(client).unwrap_or_default();
+                if let Some(pkid) = repeated_pkid(&items) {
+                    return Err(self.damaged(
+                        "session_messages",
+                        client.to_owned(),
+                        format!("packet id {pkid} in flight twice"),
+                    ));
+                }
                 let n = items.len();
                 if router.restore_session(state, items, now) {
                     loaded.sessions += 1;
@@ -316,6 +323,23 @@ impl Store {
     }
 }
 
+/// A packet id two in-flight entries of one session share: one of them
+/// could never be acknowledged.
+fn repeated_pkid(items: &[(u64, StoredItem)]) -> Option<u16> {
+    let mut ids: Vec<u16> = items
+        .iter()
+        .filter_map(|(_, item)| match item {
+            StoredItem::Publish { pkid, .. } => *pkid,
+            StoredItem::Released(pkid) => Some(*pkid),
+        })
+        .collect();
+    ids.sort_unstable();
+    ids.windows(2).find_map(|w| match w {
+        [a, b] if a == b => Some(*a),
+        _ => None,
+    })
+}
+
 /// A key's text, or why it is not text.
 fn utf8(key: &[u8]) -> Result<&str, &'static str> {
     std::str::from_utf8(key).map_err(|_| "key is not UTF-8")
@@ -363,7 +387,9 @@ pub async fn run_writer(
         };
         tokio::select! {
             () = wait => {}
-            _ = stop.wait_for(|&stop| stop) => return,
+            // Only a real stop: a dropped sender (a `Running` let go
+            // without `shutdown`) leaves the writer running.
+            Ok(_) = stop.wait_for(|&stop| stop) => return,
         }
         if !commit(&hub, &store, &metrics, &failures).await {
             // Do not spin on a broken disk.

@@ -377,8 +377,12 @@ impl Router {
             self.sessions.push(None);
             Slot::try_from(self.sessions.len() - 1).unwrap_or(Slot::MAX)
         });
+        let mut over_limit = false;
         for (filter, opts) in state.subscriptions {
             if session.subscriptions.len() >= self.limits.max_subscriptions {
+                // Today's limit, whatever the file was written under; the
+                // record is rewritten without the rest.
+                over_limit = true;
                 break;
             }
             if self.index.insert(&filter, slot, opts) {
@@ -403,6 +407,9 @@ impl Router {
         self.by_client.insert(state.client_id, slot);
         self.stats.sessions_offline += 1;
         self.journal_items(slot);
+        if over_limit {
+            self.journal_session(slot, false);
+        }
         if over > 0 {
             self.count_drops(slot, &vec![DropReason::QueueFullOldest; over], now);
         }
@@ -521,8 +528,9 @@ impl Router {
 
     /// Takes from a resumed session what its client may no longer read
     /// (`allowed` says, for a filter or a topic): the subscriptions it
-    /// refuses, and the queued copies on topics it refuses (counted as
-    /// [`DropReason::NotAllowed`]). A front calls it right after a
+    /// refuses, and the copies on topics it refuses, queued or in flight
+    /// (counted as [`DropReason::NotAllowed`]; a QoS 2 copy in flight is
+    /// released without its payload). A front calls it right after a
     /// resuming [`Router::connect`], so that a session kept across an ACL
     /// change — by a restart, with the store — keeps nothing the rules
     /// now deny. Returns the refused filters and the dropped copies.
@@ -541,7 +549,7 @@ impl Router {
             self.unsubscribe(conn, filter)?;
         }
         let session = owned(&mut self.sessions, conn)?;
-        let dropped = session.drop_queued(&mut allowed, &mut self.stats);
+        let dropped = session.withhold(&mut allowed, &mut self.stats);
         self.journal_items(conn.slot);
         if dropped > 0 {
             self.count_drops(conn.slot, &vec![DropReason::NotAllowed; dropped], now);

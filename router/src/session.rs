@@ -261,16 +261,43 @@ impl Session {
         }
     }
 
-    /// Drops the queued copies whose topic `keep` refuses; returns how
-    /// many. Copies in flight stay: the client has had them already.
-    pub fn drop_queued(&mut self, mut keep: impl FnMut(&str) -> bool, stats: &mut Stats) -> usize {
+    /// Withholds the copies whose topic `keep` refuses; returns how many.
+    /// Queued ones are dropped. In-flight ones are not resent either: a
+    /// copy counts as in flight once it was pulled for the socket, which
+    /// does not mean the client got it. A QoS 1 copy is dropped; a QoS 2
+    /// copy becomes a PUBREL without its payload (a client that had the
+    /// PUBLISH completes the flow, one that did not answers PUBCOMP for an
+    /// id it does not know).
+    pub fn withhold(&mut self, mut keep: impl FnMut(&str) -> bool, stats: &mut Stats) -> usize {
         let (kept, gone): (VecDeque<Item>, VecDeque<Item>) =
             std::mem::take(&mut self.queue).into_iter().partition(|i| keep(&i.message.topic));
         self.queue = kept;
         for item in &gone {
             self.forget(item, stats);
         }
-        gone.len()
+        let mut withheld = gone.len();
+        let mut i = 0;
+        while let Some(entry) = self.inflight.get_mut(i) {
+            let denied = matches!(&entry.flight, Flight::Publish(item) if !keep(&item.message.topic));
+            if !denied {
+                i += 1;
+                continue;
+            }
+            withheld += 1;
+            let qos = match &entry.flight {
+                Flight::Publish(item) => item.qos,
+                Flight::Released => QoS::ExactlyOnce,
+            };
+            if qos == QoS::ExactlyOnce {
+                entry.flight = Flight::Released;
+                let seq = entry.seq;
+                self.touch(QoS::ExactlyOnce, seq);
+                i += 1;
+            } else {
+                self.complete(Some(i), stats);
+            }
+        }
+        withheld
     }
 
     /// Queues a copy, applying the bounds; returns whether it was kept
