@@ -250,7 +250,7 @@ where
         {
             Metrics::add(&metrics.subscriptions_revoked_total, refused.len() as u64);
             warn!(%peer, client_id = %principal.client_id, user = %principal.username, ?refused, dropped,
-                  "resumed session: subscriptions and queued messages the ACL no longer allows were removed");
+                  "resumed session: subscriptions and copies (queued or in flight) the ACL no longer allows were removed");
         }
     }
     let wake = locked.register(connected.conn, connected.taken_over, &principal.username);

@@ -76,7 +76,7 @@ counters! {
     persist_commit_micros_total: "counter", "Microseconds spent committing to the persistence store (divide by persist_commits_total for the mean).";
     persist_last_commit_micros: "gauge", "How long the latest persistence commit took, in microseconds.";
     persist_commit_failures_total: "counter", "Persistence commits that failed (their changes are retried with the next commit).";
-    subscriptions_revoked_total: "counter", "Subscriptions removed from a resumed session because the ACL no longer allows them (its queued copies on such topics count as drops, reason not_allowed).";
+    subscriptions_revoked_total: "counter", "Subscriptions removed from a resumed session because the ACL no longer allows them (its copies on such topics, queued or in flight, count as drops, reason not_allowed).";
     persist_acks_withheld_total: "counter", "Connections closed in durable mode because the store did not commit in time; their acknowledgements were not sent.";
 }
 

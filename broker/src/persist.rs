@@ -326,18 +326,10 @@ impl Store {
 /// A packet id two in-flight entries of one session share: one of them
 /// could never be acknowledged.
 fn repeated_pkid(items: &[(u64, StoredItem)]) -> Option<u16> {
-    let mut ids: Vec<u16> = items
-        .iter()
-        .filter_map(|(_, item)| match item {
-            StoredItem::Publish { pkid, .. } => *pkid,
-            StoredItem::Released(pkid) => Some(*pkid),
-        })
-        .collect();
-    ids.sort_unstable();
-    ids.windows(2).find_map(|w| match w {
-        [a, b] if a == b => Some(*a),
-        _ => None,
-    })
+    records::repeated_id(items.iter().filter_map(|(_, item)| match item {
+        StoredItem::Publish { pkid, .. } => *pkid,
+        StoredItem::Released(pkid) => Some(*pkid),
+    }))
 }
 
 /// A key's text, or why it is not text.

@@ -278,16 +278,15 @@ impl Session {
         let mut withheld = gone.len();
         let mut i = 0;
         while let Some(entry) = self.inflight.get_mut(i) {
-            let denied = matches!(&entry.flight, Flight::Publish(item) if !keep(&item.message.topic));
-            if !denied {
+            let denied = match &entry.flight {
+                Flight::Publish(item) if !keep(&item.message.topic) => Some(item.qos),
+                _ => None,
+            };
+            let Some(qos) = denied else {
                 i += 1;
                 continue;
-            }
-            withheld += 1;
-            let qos = match &entry.flight {
-                Flight::Publish(item) => item.qos,
-                Flight::Released => QoS::ExactlyOnce,
             };
+            withheld += 1;
             if qos == QoS::ExactlyOnce {
                 entry.flight = Flight::Released;
                 let seq = entry.seq;

@@ -209,6 +209,17 @@ pub fn encode_session(s: &SessionState) -> Vec<u8> {
     })
 }
 
+/// A packet id that occurs more than once, if any: two live entries with
+/// one id cannot both be acknowledged.
+pub fn repeated_id(ids: impl IntoIterator<Item = u16>) -> Option<u16> {
+    let mut ids: Vec<u16> = ids.into_iter().collect();
+    ids.sort_unstable();
+    ids.windows(2).find_map(|w| match w {
+        [a, b] if a == b => Some(*a),
+        _ => None,
+    })
+}
+
 /// Reads a session's record.
 pub fn decode_session(client_id: &str, bytes: &[u8]) -> Result<SessionState, BadRecord> {
     let r: SessionRec<'_> = decode(bytes)?;
@@ -226,11 +237,11 @@ pub fn decode_session(client_id: &str, bytes: &[u8]) -> Result<SessionState, Bad
         };
         subscriptions.push((Box::from(s.filter), opts));
     }
-    let mut ids = r.incoming_qos2.clone();
-    ids.sort_unstable();
-    ids.dedup();
-    if ids.len() != r.incoming_qos2.len() || ids.first() == Some(&0) {
-        return Err(BadRecord("incoming QoS 2 packet ids: a duplicate or 0".into()));
+    if r.incoming_qos2.contains(&0) {
+        return Err(BadRecord("incoming QoS 2 packet id 0".into()));
+    }
+    if let Some(id) = repeated_id(r.incoming_qos2.iter().copied()) {
+        return Err(BadRecord(format!("incoming QoS 2 packet id {id} twice")));
     }
     Ok(SessionState {
         client_id: client_id.into(),
@@ -243,6 +254,21 @@ pub fn decode_session(client_id: &str, bytes: &[u8]) -> Result<SessionState, Bad
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_session_record_with_a_repeated_or_zero_incoming_id_is_refused() {
+        assert_eq!(repeated_id([3, 1, 2]), None);
+        assert_eq!(repeated_id([3, 1, 3]), Some(3));
+        let state = |ids: Vec<u16>| SessionState {
+            client_id: "dev".into(),
+            expiry_secs: 60,
+            subscriptions: Vec::new(),
+            incoming_qos2: ids,
+        };
+        assert!(decode_session("dev", &encode_session(&state(vec![4, 5]))).is_ok());
+        assert!(decode_session("dev", &encode_session(&state(vec![4, 5, 4]))).is_err());
+        assert!(decode_session("dev", &encode_session(&state(vec![0]))).is_err());
+    }
 
     #[test]
     fn records_round_trip() {
