@@ -162,9 +162,9 @@ cargo test --workspace --locked
 step "cargo doc (broken links and missing docs are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 
-step "proto and the mcu agent on thumbv7em-none-eabihf: challenge path without alloc, and alloc+rsa"
+step "proto and the mcu agent on thumbv7em-none-eabihf: challenge path without alloc, and sealed mode on the rsa crate"
 cargo build -p mqseal-proto --locked --target thumbv7em-none-eabihf --no-default-features
-cargo build -p mqseal-proto --locked --target thumbv7em-none-eabihf --no-default-features --features alloc,rsa
+cargo build -p mqseal-proto --locked --target thumbv7em-none-eabihf --no-default-features --features sealed,rustcrypto
 cargo build -p mqseal-mcu-agent --locked --target thumbv7em-none-eabihf
 cargo build -p mqseal-mcu-agent --locked --target thumbv7em-none-eabihf --features sealed
 cargo build -p mqseal-mcu-agent --locked --target thumbv6m-none-eabi

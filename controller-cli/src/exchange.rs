@@ -33,7 +33,7 @@
 use std::time::Duration;
 
 use mqseal_proto::challenge::{Answer, ChallengeController, Form, Offer, Pending};
-use mqseal_proto::sealed::{PrivateKey, SealedController};
+use mqseal_proto::sealed::{PrivateKey, ReceiptKey, SealedController};
 use mqseal_proto::topic::{Channel, Topic, topic};
 use mqseal_proto::{Call, Header, MsgId, Outcome, Status};
 use rand_core::CryptoRng;
@@ -122,8 +122,9 @@ enum State {
     /// Challenge mode: the command waits for a challenge, or is out over
     /// one or more.
     Challenge(Box<Copies>),
-    /// Sealed mode: the command is out.
-    Sealed(MsgId),
+    /// Sealed mode: the command is out; its receipt will come encrypted
+    /// under `receipt_key`.
+    Sealed { msg_id: MsgId, receipt_key: ReceiptKey },
     /// Answered, or given up.
     Done(DeviceResult),
 }
@@ -249,9 +250,9 @@ impl<'k> Exchange<'k> {
 
     /// Starts a sealed-mode command with the envelope `sealed` built for
     /// it (by [`seal`], on a worker thread).
-    pub fn start_sealed(&mut self, sealed: Result<(MsgId, Out), String>) -> Option<Out> {
-        let out = sealed.map(|(msg_id, out)| {
-            self.state = State::Sealed(msg_id);
+    pub fn start_sealed(&mut self, sealed: Result<SealedOut, String>) -> Option<Out> {
+        let out = sealed.map(|SealedOut { msg_id, receipt_key, out }| {
+            self.state = State::Sealed { msg_id, receipt_key };
             Some(out)
         });
         self.sent(out)
@@ -281,8 +282,8 @@ impl<'k> Exchange<'k> {
     pub fn on_response(&mut self, arrived_on: &str, payload: &[u8], controller_key: &PrivateKey) -> bool {
         let reply = match &self.state {
             State::Challenge(copies) => copies.read_response(&self.device, self.keys, arrived_on, payload),
-            State::Sealed(msg_id) => SealedController::new(controller_key)
-                .open_response(&mut mqseal_client::rng(), payload, arrived_on, &self.device, &self.keys.public, *msg_id)
+            State::Sealed { msg_id, receipt_key } => SealedController::new(controller_key)
+                .open_response(payload, arrived_on, &self.device, &self.keys.public, *msg_id, receipt_key)
                 .ok()
                 .map(|opened| Reply { status: opened.status, code: opened.code, output: opened.output.clone() }),
             State::Pending | State::Done(_) => None,
@@ -403,8 +404,18 @@ pub fn challenge_request<R: CryptoRng + ?Sized>(
     Ok((msg_id, (t.to_string(), frame)))
 }
 
-/// The sealed command for `device`: its message id and the envelope. One
-/// RSA signature: callers spread these over the cores.
+/// A sealed command built for one target, ready for
+/// [`Exchange::start_sealed`].
+#[derive(Debug)]
+pub struct SealedOut {
+    msg_id: MsgId,
+    receipt_key: ReceiptKey,
+    out: Out,
+}
+
+/// The sealed command for `device`: its message id, the key its receipt
+/// will be encrypted under, and the envelope. One RSA signature and one
+/// encryption: callers spread these over the cores.
 ///
 /// # Errors
 /// When the command cannot be sealed (a bad key, a limit).
@@ -415,13 +426,17 @@ pub fn seal(
     request: &Request,
     call: &Call<'_>,
     unix: u64,
-) -> Result<(MsgId, Out), String> {
+) -> Result<SealedOut, String> {
     let mut rng = mqseal_client::rng();
     let fresh = Fresh::new(device, request.ttl, unix, &mut rng).map_err(|e| e.to_string())?;
-    let frame = SealedController::new(key)
+    let sealed = SealedController::new(key)
         .seal_command(&mut rng, &keys.public, &fresh.header(device), call)
         .map_err(|e| format!("sealing: {e}"))?;
-    Ok((fresh.msg_id, (fresh.topic.to_string(), frame)))
+    Ok(SealedOut {
+        msg_id: fresh.msg_id,
+        receipt_key: sealed.receipt_key,
+        out: (fresh.topic.to_string(), sealed.frame),
+    })
 }
 
 /// What every new command carries: a fresh message id, a validity window

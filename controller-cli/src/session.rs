@@ -52,7 +52,7 @@ use mqseal_proto::{Call, MsgId};
 use tokio::time::Instant;
 
 pub use crate::exchange::{DeviceResult, Mode, Reply, Request};
-use crate::exchange::{Exchange, Out, challenge_request, seal};
+use crate::exchange::{Exchange, Out, SealedOut, challenge_request, seal};
 use crate::registry::DeviceKeys;
 
 /// Why a session cannot go on.
@@ -421,7 +421,7 @@ impl Session {
         ts: &[Exchange<'_>],
         request: &Request,
         call: &Call<'_>,
-    ) -> Vec<(usize, Result<(MsgId, Out), String>)> {
+    ) -> Vec<(usize, Result<SealedOut, String>)> {
         let pending: Vec<(usize, &Exchange<'_>)> = ts.iter().enumerate().filter(|(_, t)| t.is_pending()).collect();
         let unix = unix_now();
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(pending.len().max(1));

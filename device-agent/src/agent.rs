@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 
 use mqseal_proto::challenge::{ChallengeDevice, ChallengeTable, Clock, Form, Registered, ReplyTo, command_msg_id};
-use mqseal_proto::sealed::{self, KeyId, ReplayCache, SealedDevice, SealedReplyTo};
+use mqseal_proto::sealed::{self, KeyId, ReceiptKey, ReplayCache, SealedDevice, SealedReplyTo};
 use mqseal_proto::topic::{Channel, Topic, topic};
 use mqseal_proto::{Error, Kind, MsgId, Outcome, Policy, Status, peek};
 use rand_core::CryptoRng;
@@ -96,7 +96,7 @@ pub struct Job {
 }
 
 /// What a job's receipt is bound to.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Reply {
     Sealed(SealedReplyTo),
     Challenge(ReplyTo),
@@ -112,10 +112,13 @@ impl Reply {
 
     /// The journal's copy of it.
     fn context(&self) -> ReplyContext {
-        match *self {
-            Reply::Sealed(s) => {
-                ReplyContext::Sealed { sender: s.sender.0, msg_id: s.msg_id.0, expires_at: s.expires_at }
-            }
+        match self {
+            Reply::Sealed(s) => ReplyContext::Sealed {
+                sender: s.sender.0,
+                msg_id: s.msg_id.0,
+                expires_at: s.expires_at,
+                receipt_key: s.receipt_key.to_bytes(),
+            },
             Reply::Challenge(c) => ReplyContext::Challenge {
                 msg_id: c.msg_id.0,
                 challenge: c.challenge,
@@ -126,19 +129,25 @@ impl Reply {
     }
 }
 
-impl From<ReplyContext> for Reply {
-    fn from(c: ReplyContext) -> Reply {
-        match c {
-            ReplyContext::Sealed { sender, msg_id, expires_at } => {
-                Reply::Sealed(SealedReplyTo { sender: KeyId(sender), msg_id: MsgId(msg_id), expires_at })
-            }
+impl Reply {
+    /// The receipt binding kept in the journal; `None` for a sealed command
+    /// journaled before receipt keys, which can no longer be answered.
+    fn from_context(c: ReplyContext) -> Option<Reply> {
+        Some(match c {
+            ReplyContext::Sealed { sender, msg_id, expires_at, receipt_key } => Reply::Sealed(SealedReplyTo {
+                sender: KeyId(sender),
+                msg_id: MsgId(msg_id),
+                expires_at,
+                receipt_key: ReceiptKey::from_bytes(receipt_key),
+            }),
+            ReplyContext::SealedUnkeyed { .. } => return None,
             ReplyContext::Challenge { msg_id, challenge, expires_at, hidden } => Reply::Challenge(ReplyTo {
                 msg_id: MsgId(msg_id),
                 challenge,
                 expires_at,
                 form: if hidden { Form::Hidden } else { Form::Explicit },
             }),
-        }
+        })
     }
 }
 
@@ -426,8 +435,11 @@ impl Agent {
         self.journal.prune(now.unix, self.policy.max_skew_secs);
         let ran = Agent::refusal(INTERRUPTED);
         let mut out = Vec::new();
-        for (key, context) in self.journal.unanswered() {
-            let receipt = self.respond(&Reply::from(context), &ran, now, rng);
+        // `unanswered` leaves out what cannot be answered any more.
+        for (key, reply) in
+            self.journal.unanswered().into_iter().filter_map(|(k, c)| Some((k, Reply::from_context(c)?)))
+        {
+            let receipt = self.respond(&reply, &ran, now, rng);
             if let Ok(o) = &receipt {
                 self.journal.complete(key, Stored { topic: o.topic.clone(), payload: o.payload.clone() });
             }

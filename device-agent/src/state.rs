@@ -29,10 +29,12 @@
 //! them — but they go through the journal like sealed ones.
 //!
 //! Each entry also keeps what the command's receipt is bound to (its
-//! [`ReplyContext`]: no command content, no secret), so that a command the
-//! agent was killed in the middle of still gets an answer after the
-//! restart — an authenticated `failed` saying it was interrupted and not
-//! run again — instead of leaving its sender to time out.
+//! [`ReplyContext`]: no command content), so that a command the agent was
+//! killed in the middle of still gets an answer after the restart — an
+//! authenticated `failed` saying it was interrupted and not run again —
+//! instead of leaving its sender to time out. For a sealed command that
+//! includes its receipt key, a secret that reads that one receipt: the file
+//! is 0600 in a 0700 folder, like the device's private key.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -66,9 +68,11 @@ pub struct Stored {
 /// can be made after a restart.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ReplyContext {
-    /// Sealed mode: the signing controller's key id, the command's message
-    /// id and expiry.
-    Sealed {
+    /// Sealed mode as agents before receipt keys wrote it (variant 0 of
+    /// the file format): such a command can no longer be answered — its
+    /// receipt would need the key it was never given — and is kept only
+    /// so that a copy still finds its stored response.
+    SealedUnkeyed {
         /// Key id of the controller that signed the command.
         sender: [u8; 32],
         /// The command's message id.
@@ -88,15 +92,38 @@ pub enum ReplyContext {
         /// Whether it came in hidden form.
         hidden: bool,
     },
+    /// Sealed mode: the signing controller's key id, the command's message
+    /// id and expiry, and the key its receipt is encrypted under.
+    Sealed {
+        /// Key id of the controller that signed the command.
+        sender: [u8; 32],
+        /// The command's message id.
+        msg_id: [u8; 16],
+        /// Its expiry.
+        expires_at: u64,
+        /// `proto::sealed::ReceiptKey`'s bytes.
+        receipt_key: [u8; 32],
+    },
 }
 
 impl ReplyContext {
     /// The journal key of the command this context belongs to.
     pub fn key(&self) -> [u8; 32] {
         match self {
-            ReplyContext::Sealed { sender, msg_id, .. } => sealed_key(sender, msg_id),
+            ReplyContext::Sealed { sender, msg_id, .. } | ReplyContext::SealedUnkeyed { sender, msg_id, .. } => {
+                sealed_key(sender, msg_id)
+            }
             ReplyContext::Challenge { msg_id, .. } => challenge_key(msg_id),
         }
+    }
+
+    /// Whether a receipt can still be made from it.
+    pub fn can_answer(&self) -> bool {
+        !matches!(self, ReplyContext::SealedUnkeyed { .. })
+    }
+
+    fn is_sealed(&self) -> bool {
+        !matches!(self, ReplyContext::Challenge { .. })
     }
 }
 
@@ -182,7 +209,11 @@ impl Journal {
     /// Commands accepted but never answered — the agent stopped while they
     /// ran — that can still be answered: their keys and reply contexts.
     pub fn unanswered(&self) -> Vec<([u8; 32], ReplyContext)> {
-        self.entries.iter().filter(|(_, e)| e.response.is_none()).filter_map(|(k, e)| Some((*k, e.reply?))).collect()
+        self.entries
+            .iter()
+            .filter(|(_, e)| e.response.is_none())
+            .filter_map(|(k, e)| Some((*k, e.reply.filter(ReplyContext::can_answer)?)))
+            .collect()
     }
 
     /// Records the response a command got.
@@ -200,7 +231,7 @@ impl Journal {
         while self.entries.len() > JOURNAL_CAPACITY {
             let Some(oldest) = self.entries.iter().min_by_key(|(_, e)| e.expires_at).map(|(k, _)| *k) else { break };
             if let Some(e) = self.entries.remove(&oldest)
-                && !matches!(e.reply, Some(ReplyContext::Sealed { .. }))
+                && !e.reply.is_some_and(|r| r.is_sealed())
             {
                 self.challenge_floor = self.challenge_floor.max(e.expires_at);
             }
@@ -417,11 +448,48 @@ mod tests {
         assert_eq!(j.unanswered(), vec![(challenge_key(&[3; 16]), CTX)]);
     }
 
+    /// A version 3 file written before receipt keys holds sealed entries in
+    /// the first variant, without the key: they load (a copy still finds
+    /// its stored response) but are never offered for an "interrupted"
+    /// receipt, which could not be encrypted.
+    #[test]
+    fn sealed_entries_from_before_receipt_keys_load_but_are_not_answered() {
+        /// The sealed variant as it was written then: variant 0, no key.
+        #[derive(Serialize)]
+        enum OldContext {
+            Sealed { sender: [u8; 32], msg_id: [u8; 16], expires_at: u64 },
+        }
+        type OldEntry = (u64, Option<Stored>, Option<OldContext>, Option<[u8; 32]>);
+        #[derive(Serialize)]
+        struct V3 {
+            replay: Vec<u8>,
+            journal: Vec<([u8; 32], OldEntry)>,
+            challenge_floor: u64,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let sf = StateFile::open(dir.path()).unwrap();
+        let old = OldContext::Sealed { sender: [1; 32], msg_id: [2; 16], expires_at: 90 };
+        let v3 = V3 {
+            replay: b"r".to_vec(),
+            journal: vec![(sealed_key(&[1; 32], &[2; 16]), (90, None, Some(old), None))],
+            challenge_floor: 0,
+        };
+        fs::write(dir.path().join("state.bin"), postcard::to_extend(&v3, vec![3u8]).unwrap()).unwrap();
+        let (_, j) = sf.load().unwrap().unwrap();
+        let entry = j.get(&sealed_key(&[1; 32], &[2; 16])).unwrap();
+        assert_eq!(entry.reply, Some(ReplyContext::SealedUnkeyed { sender: [1; 32], msg_id: [2; 16], expires_at: 90 }));
+        assert!(j.unanswered().is_empty());
+    }
+
     #[test]
     fn keys_are_the_commands_identity() {
-        let sealed =
-            |sender, msg_id| ReplyContext::Sealed { sender: [sender; 32], msg_id: [msg_id; 16], expires_at: 9 }.key();
+        let sealed = |sender, msg_id| {
+            ReplyContext::Sealed { sender: [sender; 32], msg_id: [msg_id; 16], expires_at: 9, receipt_key: [0; 32] }
+                .key()
+        };
         assert_eq!(sealed(1, 2), sealed_key(&[1; 32], &[2; 16]));
+        let unkeyed = ReplyContext::SealedUnkeyed { sender: [1; 32], msg_id: [2; 16], expires_at: 9 };
+        assert_eq!(unkeyed.key(), sealed(1, 2), "a command journaled before receipt keys keeps its identity");
         assert_ne!(sealed(1, 2), sealed(3, 2), "another controller's message id is another command");
         let over = |challenge| ReplyContext::Challenge { msg_id: [2; 16], challenge, expires_at: 9, hidden: true };
         assert_eq!(over([5; 16]).key(), over([6; 16]).key(), "a copy over another challenge is the same command");
@@ -474,7 +542,8 @@ mod tests {
         for i in 0..JOURNAL_CAPACITY + 5 {
             let mut id = [0u8; 16];
             id[..8].copy_from_slice(&(i as u64).to_be_bytes());
-            let ctx = ReplyContext::Sealed { sender: [1; 32], msg_id: id, expires_at: 1000 + i as u64 };
+            let ctx =
+                ReplyContext::Sealed { sender: [1; 32], msg_id: id, expires_at: 1000 + i as u64, receipt_key: [0; 32] };
             j.begin(ctx, 1000 + i as u64, [0; 32]);
         }
         j.prune(20, 5);
@@ -483,7 +552,7 @@ mod tests {
         assert_eq!(j.challenge_floor(), 100, "a forgotten challenge-mode command raised the floor");
         // Sealed ones leave it to the replay cache.
         for i in 0..10 {
-            let ctx = ReplyContext::Sealed { sender: [2; 32], msg_id: [i; 16], expires_at: 900 };
+            let ctx = ReplyContext::Sealed { sender: [2; 32], msg_id: [i; 16], expires_at: 900, receipt_key: [0; 32] };
             j.begin(ctx, 900, [0; 32]);
         }
         j.prune(20, 5);

@@ -11,7 +11,7 @@ use mqseal_agent::exec::Ran;
 use mqseal_agent::state::StateFile;
 use mqseal_client::rng;
 use mqseal_proto::challenge::HmacKey;
-use mqseal_proto::sealed::{Keyring, PrivateKey, SealedController};
+use mqseal_proto::sealed::{Keyring, PrivateKey, SealedCommand, SealedController};
 use mqseal_proto::topic::{Channel, topic};
 use mqseal_proto::{Call, Header, MsgId, Policy, Status};
 use zeroize::Zeroizing;
@@ -54,10 +54,10 @@ impl World {
     }
 
     fn command(&self, now: u64) -> Vec<u8> {
-        self.command_with_id(now, MsgId::random(&mut rng()))
+        self.command_with_id(now, MsgId::random(&mut rng())).frame
     }
 
-    fn command_with_id(&self, now: u64, msg_id: MsgId) -> Vec<u8> {
+    fn command_with_id(&self, now: u64, msg_id: MsgId) -> SealedCommand {
         let device_key = PrivateKey::from_pkcs8_pem(&self.device_pem).unwrap();
         let t = topic("dev-1", Channel::Command).unwrap();
         let header = Header { device: "dev-1", topic: &t, msg_id, issued_at: now, expires_at: now + 60 };
@@ -226,7 +226,7 @@ fn a_command_interrupted_by_a_crash_is_answered_after_the_restart_not_rerun() {
     let w = World::new();
     let dir = tempfile::tempdir().unwrap();
     let now = Now { unix: T0, mono_ms: 0 };
-    let sealed = w.command_with_id(T0, MsgId([5; 16]));
+    let SealedCommand { frame: sealed, receipt_key } = w.command_with_id(T0, MsgId([5; 16]));
     let controller = SealedController::new(&w.controller);
 
     // A challenge-mode command in hidden form too.
@@ -261,7 +261,7 @@ fn a_command_interrupted_by_a_crash_is_answered_after_the_restart_not_rerun() {
         assert_eq!(r.topic, resp.as_str());
         let device_key = PrivateKey::from_pkcs8_pem(&w.device_pem).unwrap();
         if let Ok(opened) =
-            controller.open_response(&mut rng(), &r.payload, &resp, "dev-1", device_key.public(), MsgId([5; 16]))
+            controller.open_response(&r.payload, &resp, "dev-1", device_key.public(), MsgId([5; 16]), &receipt_key)
         {
             assert_eq!(opened.status, Status::Failed);
             assert!(String::from_utf8_lossy(&opened.output).contains("not run again"));

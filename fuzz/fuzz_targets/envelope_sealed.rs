@@ -1,7 +1,7 @@
 //! Sealed mode, both ends, on arbitrary bytes: the device opening a
 //! command (parse, header, times, replay cache, signer, signature, and only
 //! then decryption) and the controller opening a receipt, with the
-//! published 2048-bit test keys.
+//! published 2048-bit test keys on the default (aws-lc) backend.
 //!
 //! Oracle beyond "no panic": only the vectors' own command and receipt are
 //! signed by these keys, so anything opened with other content is a
@@ -12,7 +12,7 @@ use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
 use mqseal_fuzz::{Counter, KEYS, SEALED, hex, vector};
-use mqseal_proto::sealed::{Keyring, PrivateKey, ReplayCache, SealedController, SealedDevice};
+use mqseal_proto::sealed::{Keyring, PrivateKey, ReceiptKey, ReplayCache, SealedController, SealedDevice};
 use mqseal_proto::{MsgId, Policy};
 
 const CMD: &str = "mqseal/v1/dev/dev-sealed/cmd";
@@ -49,8 +49,9 @@ fuzz_target!(|data: &[u8]| {
         assert!(device.open_command(&mut Counter(2), data, CMD, NOW, &mut replay).is_err(), "replay accepted");
     }
     let in_reply_to = MsgId(hex(&response["in_reply_to"]).try_into().unwrap_or([0; 16]));
+    let receipt_key = ReceiptKey::from_bytes(hex(&response["receipt_key"]).try_into().unwrap_or([0; 32]));
     let controller = SealedController::new(&k.controller);
-    if let Ok(r) = controller.open_response(&mut Counter(3), data, RESP, "dev-sealed", k.device.public(), in_reply_to) {
+    if let Ok(r) = controller.open_response(data, RESP, "dev-sealed", k.device.public(), in_reply_to, &receipt_key) {
         assert!(r.output == b"interval=30\n" && r.sender == k.device.id(), "forged receipt opened: {r:?}");
     }
 });

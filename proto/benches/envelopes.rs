@@ -3,11 +3,19 @@
 //! `cargo bench -p mqseal-proto --bench envelopes`; results and the
 //! OpenSSL reference measured in the same sitting are in docs/BENCHMARKS.md.
 //!
-//! * `sealed/seal/{bits}` — a controller sealing a command (CEK, OAEP wrap,
-//!   AEAD, PSS signature).
-//! * `sealed/open/{bits}` — a device opening it: every check, signature
-//!   verification, blinded OAEP unwrap, AEAD, decode, replay record. The
-//!   issue's target compares this with OpenSSL's private-key operation.
+//! Each sealed benchmark runs on every RSA backend built in
+//! (`{backend}` = `aws-lc`, `rustcrypto`):
+//!
+//! * `sealed/{backend}/seal/{bits}` — a controller sealing a command (CEK,
+//!   OAEP wrap, AEAD, PSS signature).
+//! * `sealed/{backend}/open/{bits}` — a device opening it: every check,
+//!   signature verification, OAEP unwrap (blinded), AEAD, decode, replay
+//!   record, receipt-key derivation. The target compares this with
+//!   OpenSSL's private-key operation.
+//! * `sealed/{backend}/receipt-seal/{bits}` — the device's receipt: HKDF'd
+//!   key, AEAD, PSS signature.
+//! * `sealed/{backend}/receipt-open/{bits}` — the controller checking it:
+//!   signature verification and AEAD, no private-key operation.
 //! * `challenge/tag` — a controller building an explicit challenge command.
 //! * `challenge/verify` — a device verifying one (decode, header, table
 //!   lookup, one HMAC, consume). Target: under 2 µs.
@@ -25,18 +33,28 @@ use std::hint::black_box;
 use common::{Keys, Script, VectorRng};
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use mqseal_proto::challenge::{ChallengeController, ChallengeDevice, ChallengeTable, Clock, Form, HmacKey, Registered};
+use mqseal_proto::sealed::backend::{self, Backend};
 use mqseal_proto::sealed::{Keyring, ReplayCache, SealedController, SealedDevice};
 use mqseal_proto::topic::{Channel, topic};
-use mqseal_proto::{Call, Header, MsgId, Policy};
+use mqseal_proto::{Call, Header, MsgId, Outcome, Policy, Status};
 
 const NOW: u64 = 1_800_000_000;
 const DEV: &str = "bench-dev";
 
 fn sealed(c: &mut Criterion) {
+    for b in backend::ALL {
+        sealed_on(c, *b);
+    }
+}
+
+/// `sealed/{backend}/…`: sealing and opening a command, and the receipt's
+/// two ends, on one RSA backend.
+fn sealed_on(c: &mut Criterion, backend: &'static dyn Backend) {
     let cmd_topic = topic(DEV, Channel::Command).unwrap();
+    let resp_topic = topic(DEV, Channel::Response).unwrap();
     let call = Call::new("set-interval", &["30", "valve-3"]).unwrap();
-    let keys = Keys::load();
-    let mut g = c.benchmark_group("sealed");
+    let keys = Keys::load_with(backend);
+    let mut g = c.benchmark_group(format!("sealed/{}", backend.name()));
     g.sample_size(30);
     for bits in [2048, 3072, 4096] {
         let ring: Keyring = [keys.public(&format!("controller-{bits}")).clone()].into_iter().collect();
@@ -60,12 +78,32 @@ fn sealed(c: &mut Criterion) {
         let mut open_rng = VectorRng::new(b"open");
         g.bench_function(format!("open/{bits}"), |b| {
             b.iter_batched(
-                || (next(&mut rng), ReplayCache::new(4, Policy::default())),
+                || (next(&mut rng).frame, ReplayCache::new(4, Policy::default())),
                 |(frame, mut cache)| {
                     black_box(opener.open_command(&mut open_rng, &frame, &cmd_topic, NOW + 1, &mut cache).unwrap())
                 },
                 BatchSize::SmallInput,
             )
+        });
+        // The receipt: one signature on the device, one verification on
+        // the controller (no unwrap on either side any more).
+        let sealed = next(&mut rng);
+        let mut cache = ReplayCache::new(4, Policy::default());
+        let opened = opener.open_command(&mut open_rng, &sealed.frame, &cmd_topic, NOW + 1, &mut cache).unwrap();
+        let outcome = Outcome { status: Status::Ok, code: 0, output: b"interval=30\n" };
+        let receipt =
+            |rng: &mut VectorRng| opener.seal_response(rng, &opened, &outcome, MsgId([9; 16]), NOW + 1).unwrap();
+        g.bench_function(format!("receipt-seal/{bits}"), |b| b.iter(|| black_box(receipt(&mut rng))));
+        let frame = receipt(&mut rng);
+        let device_pub = keys.public(&format!("device-{bits}"));
+        g.bench_function(format!("receipt-open/{bits}"), |b| {
+            b.iter(|| {
+                black_box(
+                    sealer
+                        .open_response(&frame, &resp_topic, DEV, device_pub, opened.header.msg_id, &sealed.receipt_key)
+                        .unwrap(),
+                )
+            })
         });
     }
     g.finish();

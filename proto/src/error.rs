@@ -25,6 +25,15 @@ pub enum Error {
     /// The second byte names no known envelope kind.
     #[error("unknown envelope kind {0}")]
     UnknownKind(u8),
+    /// The second byte names a kind this version once had and has retired
+    /// (see [`crate::RETIRED_KINDS`]): kind 2, a sealed response whose
+    /// key is RSA-wrapped to the controller, from an agent that predates
+    /// receipt keys.
+    #[error(
+        "envelope kind {0} is retired: a sealed response must be kind 7, encrypted under the key derived from its \
+         command (docs/PROTOCOL.md §5.4); upgrade the sender's agent"
+    )]
+    RetiredKind(u8),
     /// A well-formed envelope of another kind than the receiver expects:
     /// mode confusion (a challenge envelope given to a sealed-mode device, a
     /// response where a command belongs).
@@ -123,6 +132,7 @@ impl Error {
             Error::TooLarge { .. } => "too_large",
             Error::UnsupportedVersion(_) => "unsupported_version",
             Error::UnknownKind(_) => "unknown_kind",
+            Error::RetiredKind(_) => "retired_kind",
             Error::WrongKind { .. } => "wrong_kind",
             Error::Truncated => "truncated",
             Error::Malformed(_) => "malformed",

@@ -12,12 +12,14 @@
 //!
 //! ## Two envelope modes
 //!
-//! * [`sealed`] (feature `rsa`): hybrid encryption and a signature. A fresh
-//!   content key encrypts the command with ChaCha20-Poly1305, is wrapped for
-//!   the device with RSA-OAEP-SHA256, and the sender signs the whole envelope
-//!   with RSA-PSS-SHA256. The device checks the signature *before* any
-//!   private-key operation (RUSTSEC-2023-0071 is a timing side channel in
-//!   RSA decryption; we never decrypt unauthenticated input).
+//! * [`sealed`] (feature `sealed`): hybrid encryption and a signature. A
+//!   fresh content key encrypts the command with ChaCha20-Poly1305, is
+//!   wrapped for the device with RSA-OAEP-SHA256, and the sender signs the
+//!   whole envelope with RSA-PSS-SHA256. The device checks the signature
+//!   *before* any private-key operation (RUSTSEC-2023-0071 is a timing side
+//!   channel in the `rsa` crate's decryption; we never decrypt
+//!   unauthenticated input). Its receipt is encrypted under a key derived
+//!   from the command's and signed by the device.
 //! * [`challenge`]: HMAC-SHA256 challenge-response for devices too small for
 //!   RSA. The device hands out single-use challenges; the controller answers
 //!   with a tag over the challenge, the device id and the command. Needs no
@@ -30,9 +32,13 @@
 //!
 //! * no default features: the challenge path, `#![no_std]`, no allocator.
 //! * `alloc`: `Vec`-returning encoders.
-//! * `rsa` (implies `alloc`): sealed mode and the replay cache.
-//! * `std` (default, with `rsa`): `alloc`, plus std support in the
-//!   dependencies that have it (postcard, the rsa crate's encoders).
+//! * `sealed` (implies `alloc`): sealed mode and the replay cache, with one
+//!   or both RSA backends ([`sealed::backend`]):
+//!   * `aws-lc` (default): aws-lc-rs, constant-time, at OpenSSL's speed or
+//!     better; needs `std` and a C compiler at build time;
+//!   * `rustcrypto`: the pure-Rust `rsa` crate, for `no_std` targets.
+//! * `std` (default, with `sealed` and `aws-lc`): `alloc`, plus std support
+//!   in the dependencies that have it.
 //!
 //! The byte-level format is specified in `docs/PROTOCOL.md`, with test
 //! vectors in `proto/tests/vectors/`.
@@ -73,15 +79,18 @@ mod error;
 mod header;
 mod ids;
 pub mod limits;
-#[cfg(feature = "rsa")]
+#[cfg(feature = "sealed")]
 pub mod sealed;
+
+#[cfg(all(feature = "sealed", not(any(feature = "aws-lc", feature = "rustcrypto"))))]
+compile_error!("sealed mode needs an RSA backend: enable `aws-lc` (std) or `rustcrypto` (no_std)");
 pub mod topic;
 mod wire;
 
 pub use error::Error;
 pub use header::{Header, Policy};
 pub use ids::{MsgId, validate_id};
-pub use wire::{Args, Call, Kind, Outcome, Status, VERSION, peek};
+pub use wire::{Args, Call, Kind, Outcome, RETIRED_KINDS, Status, VERSION, peek};
 
 /// Every fallible function in this crate returns this.
 pub type Result<T, E = Error> = core::result::Result<T, E>;

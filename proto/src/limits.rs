@@ -51,5 +51,8 @@ pub const RSA_MIN_BITS: usize = 2048;
 /// Largest RSA modulus accepted, in bits.
 pub const RSA_MAX_BITS: usize = 4096;
 
+/// What a key outside [`RSA_MIN_BITS`]..=[`RSA_MAX_BITS`] is refused with.
+pub const RSA_RANGE: &str = "RSA modulus must be 2048 to 4096 bits";
+
 /// RSA modulus size mqseal generates unless told otherwise, in bits.
 pub const RSA_DEFAULT_BITS: usize = 3072;

@@ -31,8 +31,9 @@ pub const VERSION: u8 = 1;
 pub enum Kind {
     /// Sealed mode, controller to device.
     SealedCommand = 1,
-    /// Sealed mode, device to controller.
-    SealedResponse = 2,
+    /// Sealed mode, device to controller: the receipt, encrypted under a key
+    /// derived from the command's (docs/PROTOCOL.md §5.4).
+    SealedResponse = 7,
     /// Challenge mode: a controller asks for a challenge.
     ChallengeRequest = 3,
     /// Challenge mode: the device hands one out.
@@ -49,11 +50,11 @@ impl Kind {
     pub const fn from_byte(b: u8) -> Option<Kind> {
         Some(match b {
             1 => Kind::SealedCommand,
-            2 => Kind::SealedResponse,
             3 => Kind::ChallengeRequest,
             4 => Kind::Challenge,
             5 => Kind::ChallengeCommand,
             6 => Kind::ChallengeResponse,
+            7 => Kind::SealedResponse,
             _ => return None,
         })
     }
@@ -78,6 +79,11 @@ impl fmt::Display for Kind {
     }
 }
 
+/// Kinds that version 1 once had and no longer accepts. Kind 2 was the
+/// first sealed response, whose key was RSA-wrapped to the controller: a
+/// second private-key operation on each side that kind 7 does without.
+pub const RETIRED_KINDS: &[u8] = &[2];
+
 /// Reads the version and kind bytes of an envelope without decoding the rest.
 ///
 /// Receivers call this first to route an envelope to the right opener. It
@@ -85,13 +91,14 @@ impl fmt::Display for Kind {
 ///
 /// # Errors
 /// [`Error::TooLarge`], [`Error::Truncated`], [`Error::UnsupportedVersion`],
-/// [`Error::UnknownKind`].
+/// [`Error::RetiredKind`], [`Error::UnknownKind`].
 pub fn peek(frame: &[u8]) -> Result<Kind> {
     if frame.len() > MAX_FRAME {
         return Err(Error::TooLarge { len: frame.len(), max: MAX_FRAME });
     }
     match frame {
         [] | [_] => Err(Error::Truncated),
+        [VERSION, kind, ..] if RETIRED_KINDS.contains(kind) => Err(Error::RetiredKind(*kind)),
         [VERSION, kind, ..] => Kind::from_byte(*kind).ok_or(Error::UnknownKind(*kind)),
         [version, ..] => Err(Error::UnsupportedVersion(*version)),
     }
@@ -545,7 +552,16 @@ mod tests {
         assert_eq!(peek(&[1]), Err(Error::Truncated));
         assert_eq!(peek(&[2, 1]), Err(Error::UnsupportedVersion(2)));
         assert_eq!(peek(&[1, 0]), Err(Error::UnknownKind(0)));
-        assert_eq!(peek(&[1, 7]), Err(Error::UnknownKind(7)));
+        assert_eq!(peek(&[1, 7]), Ok(Kind::SealedResponse));
+        assert_eq!(peek(&[1, 8]), Err(Error::UnknownKind(8)));
+        assert_eq!(peek(&[1, 2, 0]), Err(Error::RetiredKind(2)));
+        // Every kind byte names its kind, and no kind has a retired byte.
+        for b in 0..=u8::MAX {
+            if let Some(k) = Kind::from_byte(b) {
+                assert_eq!(k as u8, b);
+                assert!(!RETIRED_KINDS.contains(&b));
+            }
+        }
         let big = [1u8; MAX_FRAME + 1];
         assert_eq!(peek(&big), Err(Error::TooLarge { len: MAX_FRAME + 1, max: MAX_FRAME }));
     }

@@ -12,7 +12,8 @@ use common::{Keys, Script, VectorRng, enc, resign};
 use mqseal_proto::challenge::{
     Answer, ChallengeController, ChallengeDevice, ChallengeTable, Clock, Form, Pending, Registered,
 };
-use mqseal_proto::sealed::{Keyring, ReplayCache, SealedController, SealedDevice};
+use mqseal_proto::sealed::backend::{self, Backend, RustCrypto};
+use mqseal_proto::sealed::{Keyring, ReplayCache, SealedCommand, SealedController, SealedDevice};
 use mqseal_proto::topic::{Channel, Topic, topic};
 use mqseal_proto::{Call, Error, Header, MsgId, Outcome, Policy, Status};
 
@@ -39,7 +40,10 @@ struct Sealed {
 
 impl Sealed {
     fn new() -> Self {
-        let keys = Keys::load();
+        Sealed::on(&RustCrypto)
+    }
+    fn on(backend: &'static dyn Backend) -> Self {
+        let keys = Keys::load_with(backend);
         let ring =
             [keys.public("controller-2048").clone(), keys.public("controller-3072").clone()].into_iter().collect();
         Sealed { keys, ring }
@@ -48,6 +52,9 @@ impl Sealed {
         SealedDevice::new(DEV, self.keys.private("device-2048"), &self.ring, Policy::default()).unwrap()
     }
     fn command(&self, signer: &str, msg: u8) -> Vec<u8> {
+        self.sealed_command(signer, msg).frame
+    }
+    fn sealed_command(&self, signer: &str, msg: u8) -> SealedCommand {
         let cmd = t(Channel::Command);
         SealedController::new(self.keys.private(signer))
             .seal_command(
@@ -72,7 +79,11 @@ impl Sealed {
 /// Nothing is recorded either: the genuine envelope still opens afterwards.
 #[test]
 fn every_byte_flip_of_a_sealed_command_is_refused_before_decryption() {
-    let s = Sealed::new();
+    backend::ALL.iter().for_each(|b| byte_flips_of_a_command(*b));
+}
+
+fn byte_flips_of_a_command(b: &'static dyn Backend) {
+    let s = Sealed::on(b);
     let frame = s.command("controller-2048", 1);
     let mut cache = ReplayCache::new(64, Policy::default());
     for i in 0..frame.len() {
@@ -93,8 +104,13 @@ fn every_byte_flip_of_a_sealed_command_is_refused_before_decryption() {
 /// The receipt direction: every byte of a sealed response, flipped, is refused.
 #[test]
 fn every_byte_flip_of_a_sealed_response_is_refused() {
-    let s = Sealed::new();
-    let frame = s.command("controller-2048", 2);
+    backend::ALL.iter().for_each(|b| byte_flips_of_a_response(*b));
+}
+
+fn byte_flips_of_a_response(b: &'static dyn Backend) {
+    let s = Sealed::on(b);
+    let sealed = s.sealed_command("controller-2048", 2);
+    let frame = sealed.frame;
     let mut cache = ReplayCache::new(64, Policy::default());
     let dev = s.device();
     let opened = dev.open_command(&mut VectorRng::new(b"b"), &frame, &t(Channel::Command), NOW, &mut cache).unwrap();
@@ -103,12 +119,12 @@ fn every_byte_flip_of_a_sealed_response_is_refused() {
     let ctl = SealedController::new(s.keys.private("controller-2048"));
     let open = |f: &[u8]| {
         ctl.open_response(
-            &mut VectorRng::new(b"b"),
             f,
             &t(Channel::Response),
             DEV,
             s.keys.public("device-2048"),
             MsgId([2; 16]),
+            &sealed.receipt_key,
         )
     };
     let ok = open(&resp).unwrap();

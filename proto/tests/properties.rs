@@ -15,7 +15,7 @@ use common::{Keys, Script, VectorRng};
 use mqseal_proto::challenge::{
     ChallengeController, ChallengeDevice, ChallengeTable, Clock, Form, HmacKey, Pending, Registered,
 };
-use mqseal_proto::sealed::{Keyring, ReplayCache, SealedController, SealedDevice};
+use mqseal_proto::sealed::{Keyring, ReceiptKey, ReplayCache, SealedController, SealedDevice};
 use mqseal_proto::topic::{Channel, topic};
 use mqseal_proto::{Call, Header, MsgId, Outcome, Policy, Status, peek};
 use proptest::prelude::*;
@@ -31,6 +31,7 @@ struct World {
     ring: Keyring,
     hmac: HmacKey,
     sealed: Vec<u8>,
+    receipt_key: ReceiptKey,
     explicit: Vec<u8>,
     hidden: Vec<u8>,
     response: Vec<u8>,
@@ -46,6 +47,8 @@ static WORLD: LazyLock<World> = LazyLock::new(|| {
     let sealed = SealedController::new(keys.private("controller-2048"))
         .seal_command(&mut VectorRng::new(b"p"), keys.public("device-2048"), &hd, &call)
         .unwrap();
+    let receipt_key = sealed.receipt_key;
+    let sealed = sealed.frame;
     let ctl = ChallengeController::new(DEV, &hmac).unwrap();
     let mut buf = [0u8; 1024];
     let n = ctl.command(&hd, &CHALLENGE, &call, Form::Explicit, &mut buf).unwrap();
@@ -61,7 +64,7 @@ static WORLD: LazyLock<World> = LazyLock::new(|| {
         let n = dev.respond(&v.reply_to(), Form::Explicit, &outcome, MsgId([2; 16]), None, &mut buf).unwrap();
         buf[..n].to_vec()
     };
-    World { keys, ring, hmac, sealed, explicit, hidden, response }
+    World { keys, ring, hmac, sealed, receipt_key, explicit, hidden, response }
 });
 
 /// Every opener, fed `frame`. Returns how many accepted it. Panics are what
@@ -75,7 +78,7 @@ fn accepted_by_any(frame: &[u8]) -> usize {
     let mut cache = ReplayCache::new(8, Policy::default());
     let a = sdev.open_command(&mut VectorRng::new(b"b"), frame, &cmd, NOW, &mut cache).is_ok();
     let b = SealedController::new(w.keys.private("controller-2048"))
-        .open_response(&mut VectorRng::new(b"b"), frame, &resp, DEV, w.keys.public("device-2048"), MsgId([1; 16]))
+        .open_response(frame, &resp, DEV, w.keys.public("device-2048"), MsgId([1; 16]), &w.receipt_key)
         .is_ok();
     let cdev = ChallengeDevice::new(DEV, &w.hmac, Policy::default()).unwrap();
     let mut table = ChallengeTable::<2>::new(1000);

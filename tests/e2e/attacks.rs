@@ -286,7 +286,7 @@ async fn forged_stale_and_malformed_commands_are_refused_by_the_agent() {
         let t = topic(to, "cmd");
         let h =
             Header { device: to, topic: &t, msg_id: MsgId::random(&mut rng()), issued_at: issued, expires_at: expires };
-        SealedController::new(signer).seal_command(&mut rng(), &public(to), &h, &mark).unwrap()
+        SealedController::new(signer).seal_command(&mut rng(), &public(to), &h, &mark).unwrap().frame
     };
     let mut conn = attacker(&site, "attacker").await;
     let mut chal = attacker(&site, "challenges").await;
@@ -649,7 +649,8 @@ async fn re_spelt_commands_are_refused_and_the_genuine_one_is_answered() {
     challenge_cmd.truncate(n);
     let sealed_cmd = SealedController::new(&controller)
         .seal_command(&mut rng(), &device_key, &header(MsgId::random(&mut rng())), &mark)
-        .unwrap();
+        .unwrap()
+        .frame;
 
     for (what, genuine, prefix) in [("challenge", &challenge_cmd, 2), ("sealed", &sealed_cmd, 2 + 32 + 32)] {
         let before = agent.count("rejected:");
@@ -694,7 +695,8 @@ async fn reset_state_refuses_the_past_and_accepts_new_sealed_commands() {
         Header { device: "z-1", topic: &cmd, msg_id: MsgId::random(&mut rng()), issued_at: now, expires_at: now + 600 };
     let held_back = SealedController::new(&controller)
         .seal_command(&mut rng(), &device_key, &h, &Call::new("mark", &[]).unwrap())
-        .unwrap();
+        .unwrap()
+        .frame;
     // The operator's way out of a damaged state file: start over.
     agent.stop().await;
     let reset_at = Instant::now();

@@ -1,20 +1,26 @@
 //! RSA keys, their ids, and the keyring of trusted signers.
 
+use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use alloc::string::String;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
 
+use pem_rfc7468::LineEnding;
 use rand_core::CryptoRng;
-use rsa::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, LineEnding};
-use rsa::traits::PublicKeyParts;
-use rsa::{RsaPrivateKey, RsaPublicKey, pss};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-use crate::limits::{KEY_ID_LEN, RSA_MAX_BITS, RSA_MIN_BITS};
+use super::backend::{self, Backend, RsaPrivate, RsaPublic};
+use crate::limits::{KEY_ID_LEN, RSA_MAX_BITS, RSA_MIN_BITS, RSA_RANGE};
 use crate::{Error, Result};
+
+/// PEM label of a `SubjectPublicKeyInfo`.
+const PUBLIC_LABEL: &str = "PUBLIC KEY";
+/// PEM label of a PKCS#8 private key.
+const PRIVATE_LABEL: &str = "PRIVATE KEY";
 
 /// Names an RSA public key: SHA-256 of its DER `SubjectPublicKeyInfo`.
 ///
@@ -38,56 +44,81 @@ impl fmt::Display for KeyId {
 }
 
 /// An RSA public key mqseal accepts: 2048 to 4096 bits, exponent 65537.
+///
+/// It remembers the [`Backend`] that read it, which does its arithmetic;
+/// cloning shares the backend's key.
 #[derive(Clone)]
 pub struct PublicKey {
-    verifying: pss::VerifyingKey<Sha256>,
+    ops: Arc<dyn RsaPublic>,
+    backend: &'static dyn Backend,
     id: KeyId,
     der: Vec<u8>,
+    bits: usize,
 }
 
 /// Refuses keys outside the protocol's range.
 ///
 /// The exponent is pinned to 65537 — what every mainstream tool generates —
 /// so that no odd key (e = 3, or a huge e that makes verification slow)
-/// slips into a keyring.
-fn check_public(key: &RsaPublicKey) -> Result<()> {
-    let bits = key.n().bits() as usize;
+/// slips into a keyring. One check, whichever backend read the key.
+fn check_public(key: &dyn RsaPublic) -> Result<usize> {
+    let bits = key.modulus_bits();
     if !(RSA_MIN_BITS..=RSA_MAX_BITS).contains(&bits) {
-        return Err(Error::InvalidKey("RSA modulus must be 2048 to 4096 bits"));
+        return Err(Error::InvalidKey(RSA_RANGE));
     }
-    if *key.e_bytes() != [0x01, 0x00, 0x01] {
+    if key.exponent() != [0x01, 0x00, 0x01] {
         return Err(Error::InvalidKey("RSA public exponent must be 65537"));
     }
-    Ok(())
+    Ok(bits)
 }
 
 impl PublicKey {
-    fn from_rsa(key: RsaPublicKey) -> Result<Self> {
-        check_public(&key)?;
-        let der = key.to_public_key_der().map_err(|_| Error::InvalidKey("cannot encode the public key"))?.into_vec();
+    fn from_ops(backend: &'static dyn Backend, ops: Box<dyn RsaPublic>) -> Result<Self> {
+        let bits = check_public(&*ops)?;
+        // The id covers the key as encoded afresh, so every spelling of one
+        // key (and both backends) give it one id.
+        let der = ops.spki_der()?;
         let id = KeyId(Sha256::digest(&der).into());
-        // PSS with a 32-byte salt (the digest length), checked strictly so
-        // that every implementation agrees on what is a valid signature.
-        let verifying = pss::VerifyingKey::<Sha256>::new_with_salt_len(key, 32);
-        Ok(PublicKey { verifying, id, der })
+        Ok(PublicKey { ops: Arc::from(ops), backend, id, der, bits })
     }
 
-    /// Reads a DER `SubjectPublicKeyInfo`.
+    /// Reads a DER `SubjectPublicKeyInfo` with the [default backend](backend::DEFAULT).
     ///
     /// # Errors
     /// [`Error::InvalidKey`] for anything but an RSA key in range.
     pub fn from_der(der: &[u8]) -> Result<Self> {
-        let key = RsaPublicKey::from_public_key_der(der).map_err(|_| Error::InvalidKey("not a DER RSA public key"))?;
-        PublicKey::from_rsa(key)
+        PublicKey::from_der_with(backend::DEFAULT, der)
     }
 
-    /// Reads a PEM `PUBLIC KEY` (SubjectPublicKeyInfo).
+    /// Reads a DER `SubjectPublicKeyInfo` with `backend`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidKey`] for anything but an RSA key in range.
+    pub fn from_der_with(backend: &'static dyn Backend, der: &[u8]) -> Result<Self> {
+        PublicKey::from_ops(backend, backend.public_key(der)?)
+    }
+
+    /// Reads a PEM `PUBLIC KEY` (SubjectPublicKeyInfo) with the default backend.
     ///
     /// # Errors
     /// [`Error::InvalidKey`] for anything but an RSA key in range.
     pub fn from_pem(pem: &str) -> Result<Self> {
-        let key = RsaPublicKey::from_public_key_pem(pem).map_err(|_| Error::InvalidKey("not a PEM RSA public key"))?;
-        PublicKey::from_rsa(key)
+        let der = pem_body(pem, PUBLIC_LABEL, "not a PEM RSA public key")?;
+        PublicKey::from_der(&der)
+    }
+
+    /// The same key, read by `backend`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidKey`] if that backend refuses it.
+    pub fn with_backend(&self, backend: &'static dyn Backend) -> Result<Self> {
+        PublicKey::from_der_with(backend, &self.der)
+    }
+
+    /// The backend that does this key's arithmetic.
+    #[must_use]
+    pub fn backend(&self) -> &'static dyn Backend {
+        self.backend
     }
 
     /// The key as PEM `PUBLIC KEY`.
@@ -95,7 +126,8 @@ impl PublicKey {
     /// # Errors
     /// [`Error::InvalidKey`] if encoding fails.
     pub fn to_pem(&self) -> Result<String> {
-        self.rsa().to_public_key_pem(LineEnding::LF).map_err(|_| Error::InvalidKey("cannot encode the public key"))
+        pem_rfc7468::encode_string(PUBLIC_LABEL, LineEnding::LF, &self.der)
+            .map_err(|_| Error::InvalidKey("cannot encode the public key"))
     }
 
     /// The DER `SubjectPublicKeyInfo` the id is computed from.
@@ -113,28 +145,34 @@ impl PublicKey {
     /// Modulus size in bits.
     #[must_use]
     pub fn bits(&self) -> usize {
-        self.rsa().n().bits() as usize
+        self.bits
     }
 
     /// Modulus size in bytes: the length of every signature by, and every
     /// key wrapped for, this key.
     #[must_use]
     pub fn size(&self) -> usize {
-        self.rsa().size()
+        self.bits.div_ceil(8)
     }
 
-    pub(crate) fn rsa(&self) -> &RsaPublicKey {
-        self.verifying.as_ref()
+    pub(crate) fn ops(&self) -> &dyn RsaPublic {
+        &*self.ops
     }
+}
 
-    pub(crate) fn verifying(&self) -> &pss::VerifyingKey<Sha256> {
-        &self.verifying
+/// The body of a PEM document with `label`.
+fn pem_body(pem: &str, label: &str, wrong: &'static str) -> Result<Zeroizing<Vec<u8>>> {
+    let (found, der) = pem_rfc7468::decode_vec(pem.as_bytes()).map_err(|_| Error::InvalidKey(wrong))?;
+    let der = Zeroizing::new(der);
+    if found != label {
+        return Err(Error::InvalidKey(wrong));
     }
+    Ok(der)
 }
 
 impl fmt::Debug for PublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "PublicKey({} bits, {})", self.bits(), self.id)
+        write!(f, "PublicKey({} bits, {}, {})", self.bits(), self.id, self.backend.name())
     }
 }
 
@@ -148,50 +186,74 @@ impl Eq for PublicKey {}
 /// An RSA private key: a controller's signing key, or a device's key that
 /// content keys are wrapped for (and that signs its receipts).
 ///
-/// The rsa crate wipes the key material when it is dropped; `Debug` shows
-/// only the public half.
+/// Its PKCS#8 bytes are kept in memory that is wiped on drop, and the
+/// backends wipe their own copies; `Debug` shows only the public half.
 pub struct PrivateKey {
-    signing: pss::SigningKey<Sha256>,
+    ops: Box<dyn RsaPrivate>,
+    pkcs8: Zeroizing<Vec<u8>>,
     public: PublicKey,
 }
 
 impl PrivateKey {
-    fn from_rsa(key: RsaPrivateKey) -> Result<Self> {
-        key.validate().map_err(|_| Error::InvalidKey("RSA private key is inconsistent"))?;
-        let public = PublicKey::from_rsa(key.to_public_key())?;
-        Ok(PrivateKey { signing: pss::SigningKey::<Sha256>::new_with_salt_len(key, 32), public })
+    /// Reads a PKCS#8 DER private key with `backend`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidKey`].
+    pub fn from_pkcs8_der_with(backend: &'static dyn Backend, der: &[u8]) -> Result<Self> {
+        let ops = backend.private_key(der)?;
+        let public = PublicKey::from_ops(backend, ops.public()?)?;
+        Ok(PrivateKey { ops, pkcs8: Zeroizing::new(der.to_vec()), public })
     }
 
     /// Generates a key of `bits` bits (2048 to 4096; mqseal's default is
-    /// [`crate::limits::RSA_DEFAULT_BITS`]).
+    /// [`crate::limits::RSA_DEFAULT_BITS`]) with the default backend.
     ///
     /// # Errors
-    /// [`Error::InvalidKey`] for a size out of range, [`Error::Crypto`] if
-    /// generation fails.
+    /// [`Error::InvalidKey`] for a size out of range (the aws-lc backend
+    /// makes 2048, 3072 and 4096 only), [`Error::Crypto`] if generation fails.
     pub fn generate<R: CryptoRng + ?Sized>(rng: &mut R, bits: usize) -> Result<Self> {
-        if !(RSA_MIN_BITS..=RSA_MAX_BITS).contains(&bits) {
-            return Err(Error::InvalidKey("RSA modulus must be 2048 to 4096 bits"));
-        }
-        let key = RsaPrivateKey::new(rng, bits).map_err(|_| Error::Crypto("RSA key generation failed"))?;
-        PrivateKey::from_rsa(key)
+        PrivateKey::generate_with(backend::DEFAULT, rng, bits)
     }
 
-    /// Reads a PKCS#8 DER private key.
+    /// [`generate`](Self::generate) with `backend`.
+    ///
+    /// # Errors
+    /// As [`generate`](Self::generate).
+    pub fn generate_with<R: CryptoRng + ?Sized>(
+        backend: &'static dyn Backend,
+        mut rng: &mut R,
+        bits: usize,
+    ) -> Result<Self> {
+        if !(RSA_MIN_BITS..=RSA_MAX_BITS).contains(&bits) {
+            return Err(Error::InvalidKey(RSA_RANGE));
+        }
+        let der = backend.generate(&mut rng, bits)?;
+        PrivateKey::from_pkcs8_der_with(backend, &der)
+    }
+
+    /// Reads a PKCS#8 DER private key with the [default backend](backend::DEFAULT).
     ///
     /// # Errors
     /// [`Error::InvalidKey`].
     pub fn from_pkcs8_der(der: &[u8]) -> Result<Self> {
-        let key = RsaPrivateKey::from_pkcs8_der(der).map_err(|_| Error::InvalidKey("not a PKCS#8 RSA private key"))?;
-        PrivateKey::from_rsa(key)
+        PrivateKey::from_pkcs8_der_with(backend::DEFAULT, der)
     }
 
-    /// Reads a PKCS#8 PEM (`PRIVATE KEY`) private key.
+    /// Reads a PKCS#8 PEM (`PRIVATE KEY`) private key with the default backend.
     ///
     /// # Errors
     /// [`Error::InvalidKey`].
     pub fn from_pkcs8_pem(pem: &str) -> Result<Self> {
-        let key = RsaPrivateKey::from_pkcs8_pem(pem).map_err(|_| Error::InvalidKey("not a PKCS#8 RSA private key"))?;
-        PrivateKey::from_rsa(key)
+        let der = pem_body(pem, PRIVATE_LABEL, "not a PKCS#8 RSA private key")?;
+        PrivateKey::from_pkcs8_der(&der)
+    }
+
+    /// The same key, read by `backend`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidKey`] if that backend refuses it.
+    pub fn with_backend(&self, backend: &'static dyn Backend) -> Result<Self> {
+        PrivateKey::from_pkcs8_der_with(backend, &self.pkcs8)
     }
 
     /// The key as PKCS#8 PEM, in memory that is wiped when dropped.
@@ -199,7 +261,9 @@ impl PrivateKey {
     /// # Errors
     /// [`Error::InvalidKey`] if encoding fails.
     pub fn to_pkcs8_pem(&self) -> Result<Zeroizing<String>> {
-        self.rsa().to_pkcs8_pem(LineEnding::LF).map_err(|_| Error::InvalidKey("cannot encode the private key"))
+        pem_rfc7468::encode_string(PRIVATE_LABEL, LineEnding::LF, &self.pkcs8)
+            .map(Zeroizing::new)
+            .map_err(|_| Error::InvalidKey("cannot encode the private key"))
     }
 
     /// The public half.
@@ -214,12 +278,8 @@ impl PrivateKey {
         self.public.id
     }
 
-    pub(crate) fn rsa(&self) -> &RsaPrivateKey {
-        self.signing.as_ref()
-    }
-
-    pub(crate) fn signing(&self) -> &pss::SigningKey<Sha256> {
-        &self.signing
+    pub(crate) fn ops(&self) -> &dyn RsaPrivate {
+        &*self.ops
     }
 }
 

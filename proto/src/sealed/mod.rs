@@ -14,17 +14,29 @@
 //! 5. the sender signs [`SIGNATURE_LABEL`] ‖ everything so far with
 //!    RSA-PSS (SHA-256, MGF1-SHA-256, 32-byte salt) and appends the signature.
 //!
-//! Responses (execution receipts) are built the same way in the other
-//! direction — encrypted to the controller, signed by the device — and name
-//! the command they answer.
+//! Responses (execution receipts, kind 7) go the other way with one
+//! private-key operation instead of two: the device encrypts the outcome
+//! under a **receipt key** derived from the command's CEK, which both ends
+//! already hold —
+//! `HKDF-SHA256(ikm = CEK, salt = none, info = RECEIPT_KEY_LABEL ‖ command msg_id)`
+//! — with the receipt's own message id as the nonce, and signs the receipt
+//! as before: the signature is the device's non-repudiable statement that
+//! it ran the command. A round trip holds three private-key operations
+//! (controller signs; device unwraps; device signs), not four. The first
+//! form of receipts (kind 2, its key RSA-wrapped to the controller) is
+//! refused with [`Error::RetiredKind`].
 //!
 //! Opening follows a fixed order: parse → header checks (device, topic,
 //! recipient, times, replay lookup) → signer lookup → **signature check →
 //! only then** CEK unwrap and decryption → decode → record as seen. No
 //! private-key operation ever runs on unauthenticated input: the `rsa`
 //! crate's decryption has a timing side channel (RUSTSEC-2023-0071, the
-//! Marvin attack) that needs exactly such an oracle. Decryption is
-//! additionally blinded with the caller's RNG.
+//! Marvin attack) that needs exactly such an oracle, and the order costs
+//! nothing with the constant-time [`backend::AwsLc`] either. Decryption is
+//! additionally blinded (with the caller's RNG, on the `rsa` crate).
+//!
+//! The RSA arithmetic itself is behind [`backend`]: the checks above are
+//! written once, here, whichever library signs and unwraps.
 //!
 //! Why sign the ciphertext (encrypt-then-sign) rather than the plaintext:
 //! the device can reject forgeries with one public-key operation before
@@ -33,7 +45,9 @@
 //! itself — fails here because the sender's key id is in the associated
 //! data, which only the holder of the CEK can re-encrypt under.
 
+pub mod backend;
 mod keys;
+mod receipt;
 mod replay;
 
 use alloc::string::String;
@@ -42,14 +56,12 @@ use alloc::vec::Vec;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 use rand_core::CryptoRng;
-use rsa::Oaep;
-use rsa::signature::SignatureEncoding;
-use rsa::signature::hazmat::{PrehashVerifier, RandomizedPrehashSigner};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use zeroize::{Zeroize, Zeroizing};
 
 pub use keys::{KeyId, Keyring, PrivateKey, PublicKey};
+pub use receipt::{RECEIPT_KEY_LABEL, ReceiptKey};
 pub use replay::ReplayCache;
 
 use crate::topic::{Channel, topic};
@@ -88,14 +100,14 @@ impl<'a> Decode<'a> for CommandPrefix<'a> {
     }
 }
 
-/// Everything of a sealed response before the ciphertext.
+/// Everything of a sealed response before the ciphertext. Its key comes
+/// from the command (see [`ReceiptKey`]), so nothing is wrapped.
 #[derive(Serialize)]
 struct ResponsePrefix<'a> {
     sender: KeyId,
     recipient: KeyId,
     header: Header<'a>,
     in_reply_to: MsgId,
-    wrapped_key: &'a [u8],
 }
 
 impl<'a> Decode<'a> for ResponsePrefix<'a> {
@@ -105,7 +117,6 @@ impl<'a> Decode<'a> for ResponsePrefix<'a> {
             recipient: KeyId(r.array()?),
             header: Header::read(r)?,
             in_reply_to: MsgId(r.array()?),
-            wrapped_key: r.bytes()?,
         })
     }
 }
@@ -151,81 +162,80 @@ fn signed_digest(signed: &[u8]) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// Checks the lengths the keys fix, then the signature.
-fn verify_signature<P>(view: &View<'_, P>, wrapped_key: &[u8], signer: &PublicKey, me: &PrivateKey) -> Result<()> {
-    // Lengths first: both are fixed by the keys, and checking them costs nothing.
+/// Checks the signature's length, which the signer's key fixes, then the
+/// signature.
+fn verify_signature<P>(view: &View<'_, P>, signer: &PublicKey) -> Result<()> {
     if view.signature.len() != signer.size() {
         return Err(Error::Malformed("signature length differs from the signer's modulus"));
     }
-    if wrapped_key.len() != me.public().size() {
-        return Err(Error::Malformed("wrapped key length differs from the recipient's modulus"));
-    }
-    let signature = rsa::pss::Signature::try_from(view.signature).map_err(|_| Error::BadSignature)?;
-    signer.verifying().verify_prehash(&signed_digest(view.signed), &signature).map_err(|_| Error::BadSignature)
+    signer.ops().verify_pss_sha256(&signed_digest(view.signed), view.signature)
 }
 
-/// Checks the signature, then (and only then) unwraps the CEK and decrypts.
-fn verify_then_decrypt<P, R: CryptoRng + ?Sized>(
-    view: &View<'_, P>,
-    wrapped_key: &[u8],
+/// Checks the signature, then (and only then) unwraps the CEK.
+fn verify_then_unwrap<R: CryptoRng + ?Sized>(
+    view: &View<'_, CommandPrefix<'_>>,
     signer: &PublicKey,
     me: &PrivateKey,
-    rng: &mut R,
-) -> Result<Zeroizing<Vec<u8>>> {
-    verify_signature(view, wrapped_key, signer, me)?;
+    mut rng: &mut R,
+) -> Result<Zeroizing<[u8; CEK_LEN]>> {
+    // A length the recipient's key fixes: checking it costs nothing.
+    if view.prefix.wrapped_key.len() != me.public().size() {
+        return Err(Error::Malformed("wrapped key length differs from the recipient's modulus"));
+    }
+    verify_signature(view, signer)?;
 
     // Authenticated from here on.
-    let cek = Zeroizing::new(
-        me.rsa()
-            .decrypt_blinded(rng, Oaep::<Sha256>::new_with_label(OAEP_LABEL), wrapped_key)
-            .map_err(|_| Error::DecryptFailed)?,
-    );
-    let cek: &[u8; CEK_LEN] = cek.as_slice().try_into().map_err(|_| Error::DecryptFailed)?;
-    let aead = ChaCha20Poly1305::new(&Key::from(*cek));
+    let cek = me.ops().decrypt_oaep_sha256(&mut rng, OAEP_LABEL, view.prefix.wrapped_key)?;
+    let cek: [u8; CEK_LEN] = cek.as_slice().try_into().map_err(|_| Error::DecryptFailed)?;
+    Ok(Zeroizing::new(cek))
+}
+
+/// Opens an envelope's ciphertext with `key` and `nonce`.
+fn decrypt<P>(view: &View<'_, P>, key: &[u8; 32], nonce: &[u8; 12]) -> Result<Zeroizing<Vec<u8>>> {
+    let aead = ChaCha20Poly1305::new(&Key::from(*key));
     let plaintext = aead
-        .decrypt(&Nonce::default(), Payload { msg: view.ciphertext, aad: view.aad })
+        .decrypt(&Nonce::from(*nonce), Payload { msg: view.ciphertext, aad: view.aad })
         .map_err(|_| Error::DecryptFailed)?;
     Ok(Zeroizing::new(plaintext))
 }
 
-/// Builds a sealed envelope. `write_prefix(wrapped_key, frame)` appends the
-/// kind's prefix, which becomes the associated data.
-fn seal<R, F>(
-    rng: &mut R,
-    kind: Kind,
+/// A command's single-use CEK encrypts one message: its nonce is all zeros.
+const COMMAND_NONCE: [u8; 12] = [0; 12];
+
+/// The nonce of a receipt: the first 12 bytes of its own message id, so
+/// that two receipts for one command (one key) never share a nonce.
+fn receipt_nonce(msg_id: &MsgId) -> [u8; 12] {
+    let mut nonce = [0u8; 12];
+    nonce.iter_mut().zip(msg_id.0).for_each(|(n, m)| *n = m);
+    nonce
+}
+
+/// Finishes a sealed envelope whose prefix (the associated data) is
+/// `frame`: encrypts, then signs everything.
+fn encrypt_and_sign<R: CryptoRng + ?Sized>(
+    mut rng: &mut R,
     signer: &PrivateKey,
-    recipient: &PublicKey,
-    write_prefix: F,
+    frame: Vec<u8>,
+    key: &[u8; 32],
+    nonce: &[u8; 12],
     plaintext: &[u8],
-) -> Result<Vec<u8>>
-where
-    R: CryptoRng + ?Sized,
-    F: FnOnce(&[u8], Vec<u8>) -> Result<Vec<u8>>,
-{
-    let mut cek = Zeroizing::new([0u8; CEK_LEN]);
-    rng.fill_bytes(cek.as_mut());
-    let wrapped = recipient
-        .rsa()
-        .encrypt(rng, Oaep::<Sha256>::new_with_label(OAEP_LABEL), cek.as_ref())
-        .map_err(|_| Error::Crypto("RSA-OAEP encryption failed"))?;
-
-    let mut frame = Vec::with_capacity(256 + plaintext.len() + 2 * recipient.size().max(signer.public().size()));
-    frame.extend_from_slice(&[VERSION, kind as u8]);
-    let mut frame = write_prefix(&wrapped, frame)?;
-
-    let aead = ChaCha20Poly1305::new(&Key::from(*cek));
+) -> Result<Vec<u8>> {
+    let aead = ChaCha20Poly1305::new(&Key::from(*key));
     let ciphertext = aead
-        .encrypt(&Nonce::default(), Payload { msg: plaintext, aad: &frame })
+        .encrypt(&Nonce::from(*nonce), Payload { msg: plaintext, aad: &frame })
         .map_err(|_| Error::Crypto("AEAD encryption failed"))?;
-    frame = wire::append(frame, &ciphertext.as_slice())?;
-
-    let signature = signer
-        .signing()
-        .sign_prehash_with_rng(rng, &signed_digest(&frame))
-        .map_err(|_| Error::Crypto("RSA-PSS signing failed"))?;
-    frame = wire::append(frame, &&*signature.to_bytes())?;
+    let frame = wire::append(frame, &ciphertext.as_slice())?;
+    let signature = signer.ops().sign_pss_sha256(&mut rng, &signed_digest(&frame))?;
+    let frame = wire::append(frame, &signature.as_slice())?;
     wire::check_frame_len(frame.len())?;
     Ok(frame)
+}
+
+/// The first two bytes of every envelope, with room for the rest.
+fn start_frame(kind: Kind, capacity: usize) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(capacity);
+    frame.extend_from_slice(&[VERSION, kind as u8]);
+    frame
 }
 
 /// Encodes a value into memory that is wiped when dropped.
@@ -262,13 +272,15 @@ impl OwnedHeader {
 }
 
 /// The parts of an opened command its receipt is bound to: who signed it
-/// (the receipt is encrypted to that controller), its message id and its
-/// expiry.
+/// (the receipt names that controller as its recipient), its message id,
+/// its expiry, and the key the receipt is encrypted under.
 ///
-/// Small, `Copy` and free of the command's content, so an agent can keep it
-/// on disk beside the command's journal entry and still answer — after a
-/// crash in the middle of running it — with a receipt saying so.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Free of the command's content, so an agent can keep it on disk beside
+/// the command's journal entry and still answer — after a crash in the
+/// middle of running it — with a receipt saying so. The receipt key is a
+/// secret (it reads that one receipt): keep it as the agent keeps its
+/// state, 0600.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SealedReplyTo {
     /// Key id of the controller that signed the command.
     pub sender: KeyId,
@@ -276,6 +288,18 @@ pub struct SealedReplyTo {
     pub msg_id: MsgId,
     /// The command's expiry, repeated in the receipt's header.
     pub expires_at: u64,
+    /// Derived from the command's content key.
+    pub receipt_key: ReceiptKey,
+}
+
+/// A sealed command ready to publish, and the key its receipt will be
+/// encrypted under: the controller keeps the key until the receipt comes.
+#[derive(Debug)]
+pub struct SealedCommand {
+    /// The envelope.
+    pub frame: Vec<u8>,
+    /// For [`SealedController::open_response`].
+    pub receipt_key: ReceiptKey,
 }
 
 /// A command that passed every check and has been recorded as seen.
@@ -292,13 +316,20 @@ pub struct OpenedCommand {
     pub name: String,
     /// Arguments.
     pub args: Vec<String>,
+    /// What its receipt is encrypted under.
+    receipt_key: ReceiptKey,
 }
 
 impl OpenedCommand {
     /// What its receipt is bound to.
     #[must_use]
     pub fn reply_to(&self) -> SealedReplyTo {
-        SealedReplyTo { sender: self.sender, msg_id: self.header.msg_id, expires_at: self.header.expires_at }
+        SealedReplyTo {
+            sender: self.sender,
+            msg_id: self.header.msg_id,
+            expires_at: self.header.expires_at,
+            receipt_key: self.receipt_key.clone(),
+        }
     }
 }
 
@@ -372,7 +403,8 @@ impl<'a> SealedDevice<'a> {
         replay.check(&p.sender, &p.header.msg_id, p.header.issued_at, p.header.expires_at)?;
         let signer = self.controllers.get(&p.sender).ok_or(Error::UnknownSigner)?;
 
-        let plaintext = verify_then_decrypt(&view, p.wrapped_key, signer, self.key, rng)?;
+        let cek = verify_then_unwrap(&view, signer, self.key, rng)?;
+        let plaintext = decrypt(&view, &cek, &COMMAND_NONCE)?;
         let call: Call<'_> = wire::decode(&plaintext)?;
         call.validate()?;
 
@@ -382,6 +414,7 @@ impl<'a> SealedDevice<'a> {
             header: OwnedHeader::from_header(&p.header),
             name: call.name.into(),
             args: call.args.iter().map(String::from).collect(),
+            receipt_key: ReceiptKey::derive(&cek, &p.header.msg_id),
         })
     }
 
@@ -395,16 +428,21 @@ impl<'a> SealedDevice<'a> {
     /// before it re-sends the stored receipt. A copy is never a reason to
     /// execute anything.
     ///
+    /// Returns the command's identity, as [`command_id`] does.
+    ///
     /// # Errors
     /// As [`open_command`](Self::open_command), without the replay and
     /// decryption errors.
-    pub fn authenticate_copy(&self, frame: &[u8], arrived_on: &str, now: u64) -> Result<SealedReplyTo> {
+    pub fn authenticate_copy(&self, frame: &[u8], arrived_on: &str, now: u64) -> Result<(KeyId, MsgId)> {
         let view = parse::<CommandPrefix<'_>>(frame, Kind::SealedCommand)?;
         let p = &view.prefix;
         self.check_prefix(p, arrived_on, now)?;
         let signer = self.controllers.get(&p.sender).ok_or(Error::UnknownSigner)?;
-        verify_signature(&view, p.wrapped_key, signer, self.key)?;
-        Ok(SealedReplyTo { sender: p.sender, msg_id: p.header.msg_id, expires_at: p.header.expires_at })
+        if p.wrapped_key.len() != self.key.public().size() {
+            return Err(Error::Malformed("wrapped key length differs from the recipient's modulus"));
+        }
+        verify_signature(&view, signer)?;
+        Ok((p.sender, p.header.msg_id))
     }
 
     /// Steps 2 and 3 of opening (docs/PROTOCOL.md §5.3): header, recipient, times.
@@ -447,23 +485,17 @@ impl<'a> SealedDevice<'a> {
         now: u64,
     ) -> Result<Vec<u8>> {
         outcome.validate()?;
+        // The receipt names its recipient, which must still be trusted.
         let controller = self.controllers.get(&to.sender).ok_or(Error::UnknownSigner)?;
         let resp_topic = topic(self.id, Channel::Response)?;
         let header =
             Header { device: self.id, topic: &resp_topic, msg_id, issued_at: now, expires_at: to.expires_at.max(now) };
         let plaintext = encode_secret(outcome)?;
-        let (sender, recipient) = (self.key.id(), controller.id());
-        seal(
-            rng,
-            Kind::SealedResponse,
-            self.key,
-            controller,
-            |wrapped_key, frame| {
-                let in_reply_to = to.msg_id;
-                wire::append(frame, &ResponsePrefix { sender, recipient, header, in_reply_to, wrapped_key })
-            },
-            &plaintext,
-        )
+        let prefix =
+            ResponsePrefix { sender: self.key.id(), recipient: controller.id(), header, in_reply_to: to.msg_id };
+        let frame =
+            wire::append(start_frame(Kind::SealedResponse, 256 + plaintext.len() + self.key.public().size()), &prefix)?;
+        encrypt_and_sign(rng, self.key, frame, to.receipt_key.as_key(), &receipt_nonce(&msg_id), &plaintext)
     }
 }
 
@@ -486,49 +518,58 @@ impl<'a> SealedController<'a> {
     /// window; its topic should be
     /// [`topic(device, Channel::Command)`](crate::topic::topic). The RNG
     /// supplies, in this order, the content key (32 bytes), the OAEP seed
-    /// (32 bytes) and the PSS salt (32 bytes), then blinding values.
+    /// (32 bytes) and the PSS salt (32 bytes), then blinding values — the
+    /// last three only on a backend that takes the caller's RNG
+    /// ([`backend::RustCrypto`]).
     ///
     /// # Errors
     /// [`Error::InvalidId`], [`Error::LimitExceeded`], [`Error::Crypto`].
     pub fn seal_command<R: CryptoRng + ?Sized>(
         &self,
-        rng: &mut R,
+        mut rng: &mut R,
         device_key: &PublicKey,
         header: &Header<'_>,
         call: &Call<'_>,
-    ) -> Result<Vec<u8>> {
+    ) -> Result<SealedCommand> {
         header.validate()?;
         call.validate()?;
         let plaintext = encode_secret(call)?;
-        let (sender, recipient) = (self.key.id(), device_key.id());
-        seal(
-            rng,
-            Kind::SealedCommand,
-            self.key,
-            device_key,
-            |wrapped_key, frame| {
-                wire::append(frame, &CommandPrefix { sender, recipient, header: *header, wrapped_key })
-            },
-            &plaintext,
-        )
+        let mut cek = Zeroizing::new([0u8; CEK_LEN]);
+        rng.fill_bytes(cek.as_mut());
+        let wrapped_key = device_key.ops().encrypt_oaep_sha256(&mut rng, OAEP_LABEL, cek.as_ref())?;
+        let prefix = CommandPrefix {
+            sender: self.key.id(),
+            recipient: device_key.id(),
+            header: *header,
+            wrapped_key: &wrapped_key,
+        };
+        let capacity = 256 + plaintext.len() + device_key.size() + self.key.public().size();
+        let frame = wire::append(start_frame(Kind::SealedCommand, capacity), &prefix)?;
+        let frame = encrypt_and_sign(rng, self.key, frame, &cek, &COMMAND_NONCE, &plaintext)?;
+        Ok(SealedCommand { frame, receipt_key: ReceiptKey::derive(&cek, &header.msg_id) })
     }
 
     /// Opens the response of `device` (whose key is `device_key`) to the
-    /// command `in_reply_to`, which arrived on `arrived_on`.
+    /// command `in_reply_to`, which arrived on `arrived_on`; `receipt_key`
+    /// is what [`seal_command`](Self::seal_command) returned for that
+    /// command. No private-key operation: the receipt's signature is
+    /// checked with the device's public key, its content decrypted with
+    /// the receipt key.
     ///
     /// # Errors
     /// [`Error::WrongDevice`], [`Error::WrongTopic`],
     /// [`Error::WrongRecipient`], [`Error::UnknownSigner`] (signed by another
     /// key than the device's), [`Error::UnexpectedReply`],
-    /// [`Error::BadSignature`], [`Error::DecryptFailed`], decoding errors.
-    pub fn open_response<R: CryptoRng + ?Sized>(
+    /// [`Error::BadSignature`], [`Error::DecryptFailed`], decoding errors;
+    /// [`Error::RetiredKind`] for a receipt in the first form (kind 2).
+    pub fn open_response(
         &self,
-        rng: &mut R,
         frame: &[u8],
         arrived_on: &str,
         device: &str,
         device_key: &PublicKey,
         in_reply_to: MsgId,
+        receipt_key: &ReceiptKey,
     ) -> Result<OpenedResponse> {
         let view = parse::<ResponsePrefix<'_>>(frame, Kind::SealedResponse)?;
         let p = &view.prefix;
@@ -542,7 +583,8 @@ impl<'a> SealedController<'a> {
         if p.in_reply_to != in_reply_to {
             return Err(Error::UnexpectedReply);
         }
-        let plaintext = verify_then_decrypt(&view, p.wrapped_key, device_key, self.key, rng)?;
+        verify_signature(&view, device_key)?;
+        let plaintext = decrypt(&view, receipt_key.as_key(), &receipt_nonce(&p.header.msg_id))?;
         let outcome: Outcome<'_> = wire::decode(&plaintext)?;
         outcome.validate()?;
         Ok(OpenedResponse {

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use mqseal_proto::challenge::HmacKey;
+use mqseal_proto::sealed::backend::{Backend, RustCrypto};
 use mqseal_proto::sealed::{PrivateKey, PublicKey};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -85,15 +86,23 @@ pub struct Keys {
 }
 
 impl Keys {
+    /// The keys on the `rsa` crate: the backend that takes the caller's
+    /// RNG, so that what they seal is reproducible.
     pub fn load() -> Self {
+        Keys::load_with(&RustCrypto)
+    }
+
+    /// The keys on `backend`.
+    pub fn load_with(backend: &'static dyn Backend) -> Self {
         let text = std::fs::read_to_string(vectors_dir().join("keys.json")).unwrap();
         let file: KeyFile = serde_json::from_str(&text).unwrap();
         let rsa = file
             .rsa
             .into_iter()
             .map(|(name, e)| {
-                let private = PrivateKey::from_pkcs8_pem(&e.private_pkcs8_pem).unwrap();
-                let public = PublicKey::from_pem(&e.public_spki_pem).unwrap();
+                let private = PrivateKey::from_pkcs8_pem(&e.private_pkcs8_pem).unwrap().with_backend(backend).unwrap();
+                let public = PublicKey::from_pem(&e.public_spki_pem).unwrap().with_backend(backend).unwrap();
+                assert_eq!(private.public().backend().name(), backend.name());
                 assert_eq!(private.public(), &public, "{name}: halves must match");
                 assert_eq!(public.bits(), e.bits, "{name}");
                 (name, (private, public))
@@ -204,4 +213,49 @@ pub fn enc(f: impl FnOnce(&mut [u8]) -> mqseal_proto::Result<usize>) -> Vec<u8> 
     let n = f(&mut buf).unwrap();
     buf.truncate(n);
     buf
+}
+
+/// A receipt in the first, retired form (kind 2, docs/PROTOCOL.md §5.4):
+/// a fresh content key RSA-wrapped to the controller, built the way agents
+/// before receipt keys built it — what the refusal of that form is tested
+/// against.
+pub fn old_form_receipt(
+    device: &str,
+    controller: &str,
+    header: &mqseal_proto::Header<'_>,
+    in_reply_to: [u8; 16],
+    outcome: &mqseal_proto::Outcome<'_>,
+) -> Vec<u8> {
+    use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+    use rsa::pkcs8::DecodePrivateKey;
+    use rsa::signature::SignatureEncoding;
+    use rsa::signature::hazmat::RandomizedPrehashSigner;
+    let mut rng = VectorRng::new(b"old-form receipt");
+    let signer = rsa::RsaPrivateKey::from_pkcs8_pem(&keys_pem(device)).unwrap();
+    let recipient = rsa::RsaPrivateKey::from_pkcs8_pem(&keys_pem(controller)).unwrap().to_public_key();
+    let id = |name: &str| PrivateKey::from_pkcs8_pem(&keys_pem(name)).unwrap().id().0;
+    let mut cek = [0u8; 32];
+    rand_core::Rng::fill_bytes(&mut rng, &mut cek);
+    let oaep = rsa::Oaep::<Sha256>::new_with_label(mqseal_proto::sealed::OAEP_LABEL);
+    let wrapped = recipient.encrypt(&mut rng, oaep, &cek).unwrap();
+    let mut frame = vec![1u8, 2];
+    frame.extend_from_slice(&id(device));
+    frame.extend_from_slice(&id(controller));
+    frame.extend(postcard::to_allocvec(header).unwrap());
+    frame.extend_from_slice(&in_reply_to);
+    frame.extend(varint(wrapped.len()));
+    frame.extend_from_slice(&wrapped);
+    let aead = chacha20poly1305::ChaCha20Poly1305::new(&cek.into());
+    let plaintext = postcard::to_allocvec(outcome).unwrap();
+    let ct = aead.encrypt(&Default::default(), Payload { msg: &plaintext, aad: &frame }).unwrap();
+    frame.extend(varint(ct.len()));
+    frame.extend_from_slice(&ct);
+    let mut hh = Sha256::new();
+    hh.update(mqseal_proto::sealed::SIGNATURE_LABEL);
+    hh.update(&frame);
+    let sk = rsa::pss::SigningKey::<Sha256>::new_with_salt_len(signer, 32);
+    let sig = sk.sign_prehash_with_rng(&mut rng, &hh.finalize()).unwrap().to_bytes();
+    frame.extend(varint(sig.len()));
+    frame.extend_from_slice(&sig);
+    frame
 }

@@ -4,10 +4,11 @@ implementation (mqseal.py), the way another implementation would:
 * challenge mode: every MAC input, tag and frame rebuilt byte for byte from
   its fields; each frame decoded and verified by a device or controller of
   this implementation;
-* sealed mode: CEK, OAEP seed and PSS salt drawn from the vector RNG, and
-  every frame reproduced byte for byte (RFC 8017 encodings over raw RSA);
-  each frame then opened with `cryptography`'s OAEP, PSS and
-  ChaCha20-Poly1305 by the receiver the vector names;
+* sealed mode: CEK, OAEP seed and PSS salt drawn from the vector RNG, each
+  command's receipt key derived with `cryptography`'s HKDF, and every frame
+  reproduced byte for byte (RFC 8017 encodings over raw RSA); each frame
+  then opened with `cryptography`'s OAEP, PSS and ChaCha20-Poly1305 by the
+  receiver the vector names;
 * negative vectors: each receiver, in the state the vector gives, rejects
   the frame with exactly the expected code.
 
@@ -118,13 +119,15 @@ def check_challenge(v: dict, keys: Keys) -> None:
     raise AssertionError(f"unknown challenge vector kind {kind}")
 
 
+# Receipt keys of the command vectors checked so far, by msg_id: the
+# response vector answers one of them.
+RECEIPT_KEYS: dict[bytes, bytes] = {}
+
+
 def check_sealed(v: dict, keys: Keys) -> None:
     signer, recipient = keys.private(v["signer"]), keys.private(v["recipient"])
     expect(m.key_id(signer.public_key()).hex() == v["sender_key_id"], "sender key id")
     expect(m.key_id(recipient.public_key()).hex() == v["recipient_key_id"], "recipient key id")
-    drawn = m.vector_rng(bytes.fromhex(v["rng_seed"]), 96)
-    cek, seed, salt = drawn[:32], drawn[32:64], drawn[64:]
-    expect((cek.hex(), seed.hex(), salt.hex()) == (v["cek"], v["oaep_seed"], v["pss_salt"]), "RNG draw order")
     h = header(v["header"])
     frame = bytes.fromhex(v["frame"])
     response = v["kind"] == "sealed-response"
@@ -132,6 +135,21 @@ def check_sealed(v: dict, keys: Keys) -> None:
     expect(plaintext.hex() == v["plaintext"], "plaintext encoding")
     kind = m.SEALED_RESPONSE if response else m.SEALED_COMMAND
     in_reply_to = bytes.fromhex(v["in_reply_to"]) if response else None
+    if response:
+        # A response draws only its PSS salt; its key is the answered command's.
+        salt = m.vector_rng(bytes.fromhex(v["rng_seed"]), 32)
+        expect(salt.hex() == v["pss_salt"] and "cek" not in v and "oaep_seed" not in v, "RNG draw order")
+        key = bytes.fromhex(v["receipt_key"])
+        expect(RECEIPT_KEYS.get(in_reply_to) == key, "the answered command's receipt key")
+        expect(m.response_nonce(h.msg_id).hex() == v["nonce"], "nonce")
+        seed = None
+    else:
+        drawn = m.vector_rng(bytes.fromhex(v["rng_seed"]), 96)
+        key, seed, salt = drawn[:32], drawn[32:64], drawn[64:]
+        expect((key.hex(), seed.hex(), salt.hex()) == (v["cek"], v["oaep_seed"], v["pss_salt"]), "RNG draw order")
+        receipt = m.receipt_key(key, h.msg_id)
+        expect(receipt.hex() == v["receipt_key"], "receipt key derived from the CEK")
+        RECEIPT_KEYS[h.msg_id] = receipt
     rebuilt = m.seal(
         kind,
         signer,
@@ -139,7 +157,7 @@ def check_sealed(v: dict, keys: Keys) -> None:
         h,
         plaintext,
         in_reply_to=in_reply_to,
-        cek=cek,
+        cek=key,
         wrap=lambda pub, k: m.oaep_encrypt_with_seed(pub, k, seed),
         sign=lambda priv, msg: m.pss_sign_with_salt(priv, msg, salt),
     )
@@ -148,23 +166,28 @@ def check_sealed(v: dict, keys: Keys) -> None:
     expect((len(view.aad), len(view.signed)) == (v["aad_len"], v["signed_len"]), "aad and signed spans")
     if response:
         got_h, got_reply, got_o = m.open_sealed_response(
-            frame, h.topic, recipient, h.device, signer.public_key(), {in_reply_to}
+            frame, h.topic, recipient, h.device, signer.public_key(), {in_reply_to: key}
         )
         expect((got_h, got_reply, got_o) == (h, in_reply_to, outcome(v["outcome"])), "controller opens it")
+        fresh = m.seal(kind, signer, recipient.public_key(), h, plaintext, in_reply_to=in_reply_to, cek=key)
+        expect(fresh != frame and len(fresh) == len(frame), "random sealing differs, same length")
+        got = m.open_sealed_response(fresh, h.topic, recipient, h.device, signer.public_key(), {in_reply_to: key})
+        expect(got[2] == outcome(v["outcome"]), "fresh response opens")
     else:
         dev = m.SealedDevice(h.device, recipient, [signer.public_key()], m.ReplayCache())
-        got_h, got_c, sender = dev.open_command(frame, h.topic, h.issued_at)
+        got_h, got_c, sender, got_key = dev.open_command(frame, h.topic, h.issued_at)
         expect((got_h, got_c, sender.hex()) == (h, call(v["call"]), v["sender_key_id"]), "device opens it")
+        expect(got_key.hex() == v["receipt_key"], "device derives the receipt key")
         try:
             dev.open_command(frame, h.topic, h.issued_at)
             raise AssertionError("a replay was accepted")
         except m.Rejected as e:
             expect(e.code == "replayed", f"replay: {e.code}")
-    # A fresh envelope sealed by cryptography's own OAEP/PSS opens too.
-    fresh = m.seal(kind, signer, recipient.public_key(), h, plaintext, in_reply_to=in_reply_to)
-    expect(fresh != frame and len(fresh) == len(frame), "random sealing differs, same length")
-    view = m.parse_sealed(fresh, kind)
-    expect(m.verify_then_decrypt(view, signer.public_key(), recipient) == plaintext, "fresh envelope opens")
+        # A fresh envelope sealed by cryptography's own OAEP/PSS opens too.
+        fresh = m.seal(kind, signer, recipient.public_key(), h, plaintext)
+        expect(fresh != frame and len(fresh) == len(frame), "random sealing differs, same length")
+        view = m.parse_sealed(fresh, kind)
+        expect(m.verify_then_decrypt(view, signer.public_key(), recipient)[0] == plaintext, "fresh envelope opens")
 
 
 def negative(v: dict, keys: Keys) -> str:
@@ -195,7 +218,7 @@ def negative(v: dict, keys: Keys) -> str:
                 keys.private(r["key"]),
                 r["device"],
                 keys.public(r["device_key"]),
-                {bytes.fromhex(r["in_reply_to"])},
+                {bytes.fromhex(r["in_reply_to"]): bytes.fromhex(r["receipt_key"])},
             )
         elif role == "challenge-device":
             dev = m.ChallengeDevice(

@@ -108,8 +108,9 @@ def first_answer(b: Broker, device: str, until: float, open_response):
 
 def send_sealed(b: Broker, a, controller, device_key, call: m.Call, deadline: float):
     header = fresh_header(a.device, a.ttl)
-    frame = m.seal(m.SEALED_COMMAND, controller, device_key, header, call.encode())
-    pending = {header.msg_id}
+    cek = os.urandom(32)
+    frame = m.seal(m.SEALED_COMMAND, controller, device_key, header, call.encode(), cek=cek)
+    pending = {header.msg_id: m.receipt_key(cek, header.msg_id)}
     b.publish(header.topic, frame)
 
     def open_response(payload: bytes, topic: str) -> m.Outcome:

@@ -7,7 +7,8 @@ it to every published test vector; `controller.py` uses it to command a
 running Rust agent through a real broker.
 
 Cryptography comes from the `cryptography` package (OpenSSL): RSA-OAEP,
-RSA-PSS, ChaCha20-Poly1305. The standard library gives SHA-256 and HMAC.
+RSA-PSS, ChaCha20-Poly1305, HKDF. The standard library gives SHA-256 and
+HMAC.
 `cryptography` draws OAEP seeds and PSS salts itself, so to reproduce the
 sealed vectors byte for byte `oaep_encrypt_with_seed` and
 `pss_sign_with_salt` implement the two encodings of RFC 8017 by hand over
@@ -26,16 +27,19 @@ from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 # §3.1 framing
 VERSION = 1
 SEALED_COMMAND = 1
-SEALED_RESPONSE = 2
+RETIRED_SEALED_RESPONSE = 2
 CHALLENGE_REQUEST = 3
 CHALLENGE = 4
 CHALLENGE_COMMAND = 5
 CHALLENGE_RESPONSE = 6
-KINDS = range(1, 7)
+SEALED_RESPONSE = 7
+KINDS = frozenset({1, 3, 4, 5, 6, 7})
+RETIRED_KINDS = frozenset({RETIRED_SEALED_RESPONSE})
 
 # §10 limits
 MAX_FRAME = 65536
@@ -51,6 +55,7 @@ RSA_MAX_BITS = 4096
 # §5.2 and §6 labels
 SIGNATURE_LABEL = b"mqseal/v1 sealed-envelope\0"
 OAEP_LABEL = b"mqseal/v1 content-key"
+RECEIPT_KEY_LABEL = b"mqseal/v1 receipt-key\0"
 COMMAND_LABEL = b"mqseal/v1 challenge-command\0"
 RESPONSE_LABEL = b"mqseal/v1 challenge-response\0"
 HIDDEN, EXPLICIT = 0, 1
@@ -182,6 +187,8 @@ def frame_body(frame: bytes, accepted: tuple[int, ...]) -> Reader:
         raise Rejected("truncated")
     if frame[0] != VERSION:
         raise Rejected("unsupported_version")
+    if frame[1] in RETIRED_KINDS:
+        raise Rejected("retired_kind")
     if frame[1] not in KINDS:
         raise Rejected("unknown_kind")
     if frame[1] not in accepted:
@@ -334,6 +341,16 @@ PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
 ZERO_NONCE = bytes(12)
 
 
+def receipt_key(cek: bytes, command_msg_id: bytes) -> bytes:
+    """§5.2: the key a command's response is encrypted under."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=RECEIPT_KEY_LABEL + command_msg_id).derive(cek)
+
+
+def response_nonce(msg_id: bytes) -> bytes:
+    """§5.4: the first 12 bytes of the response's own msg_id."""
+    return msg_id[:12]
+
+
 def seal(
     kind: int,
     signer: rsa.RSAPrivateKey,
@@ -345,18 +362,25 @@ def seal(
     wrap=None,
     sign=None,
 ) -> bytes:
-    """Builds a sealed envelope (§5.3 steps 1-4; §5.4 adds `in_reply_to`).
+    """Builds a sealed envelope (§5.3 steps 1-4; §5.4).
 
-    `cek`, `wrap` and `sign` default to a fresh key, OAEP and PSS from
+    For a command, `cek` and `wrap` default to a fresh key and OAEP from
+    `cryptography`. For a response, `cek` is the answered command's receipt
+    key (required) and nothing is wrapped. `sign` defaults to PSS from
     `cryptography`; the vector check passes deterministic ones.
     """
-    cek = cek if cek is not None else os.urandom(32)
-    wrapped = wrap(recipient, cek) if wrap else recipient.encrypt(cek, OAEP)
     aad = bytes([VERSION, kind]) + key_id(signer.public_key()) + key_id(recipient) + header.encode()
     if kind == SEALED_RESPONSE:
+        if cek is None or in_reply_to is None:
+            raise ValueError("a response needs its command's receipt key and msg_id")
         aad += in_reply_to
-    aad += enc_bytes(wrapped)
-    ciphertext = ChaCha20Poly1305(cek).encrypt(ZERO_NONCE, plaintext, aad)
+        nonce = response_nonce(header.msg_id)
+    else:
+        cek = cek if cek is not None else os.urandom(32)
+        wrapped = wrap(recipient, cek) if wrap else recipient.encrypt(cek, OAEP)
+        aad += enc_bytes(wrapped)
+        nonce = ZERO_NONCE
+    ciphertext = ChaCha20Poly1305(cek).encrypt(nonce, plaintext, aad)
     signed = aad + enc_bytes(ciphertext)
     message = SIGNATURE_LABEL + signed
     signature = sign(signer, message) if sign else signer.sign(message, PSS, hashes.SHA256())
@@ -371,7 +395,7 @@ class SealedView:
     recipient: bytes
     header: Header
     in_reply_to: bytes | None
-    wrapped_key: bytes
+    wrapped_key: bytes | None
     ciphertext: bytes
     signature: bytes
     aad: bytes
@@ -385,7 +409,7 @@ def parse_sealed(frame: bytes, kind: int) -> SealedView:
     recipient = r.take(32)
     header = Header.read(r)
     in_reply_to = r.take(16) if kind == SEALED_RESPONSE else None
-    wrapped_key = r.bytes_()
+    wrapped_key = r.bytes_() if kind == SEALED_COMMAND else None
     aad_end = r.pos
     ciphertext = r.bytes_()
     signed_end = r.pos
@@ -396,20 +420,27 @@ def parse_sealed(frame: bytes, kind: int) -> SealedView:
     )
 
 
-def verify_then_decrypt(view: SealedView, signer: rsa.RSAPublicKey, own: rsa.RSAPrivateKey) -> bytes:
-    """§5.3 steps 6-7, in that order: no private-key operation before the
-    signature verifies."""
-    if len(view.signature) != modulus_len(signer) or len(view.wrapped_key) != modulus_len(own):
-        raise Rejected("malformed", "signature or wrapped key length")
+def verify(view: SealedView, signer: rsa.RSAPublicKey) -> None:
+    """§5.3 step 6 / §5.4: the signature's length, then the signature."""
+    if len(view.signature) != modulus_len(signer):
+        raise Rejected("malformed", "signature length")
     try:
         signer.verify(view.signature, SIGNATURE_LABEL + view.signed, PSS, hashes.SHA256())
     except InvalidSignature:
         raise Rejected("bad_signature") from None
+
+
+def verify_then_decrypt(view: SealedView, signer: rsa.RSAPublicKey, own: rsa.RSAPrivateKey) -> tuple[bytes, bytes]:
+    """§5.3 steps 6-7, in that order: no private-key operation before the
+    signature verifies. Returns the plaintext and the CEK."""
+    if view.wrapped_key is None or len(view.wrapped_key) != modulus_len(own):
+        raise Rejected("malformed", "wrapped key length")
+    verify(view, signer)
     try:
         cek = own.decrypt(view.wrapped_key, OAEP)
         if len(cek) != 32:
             raise ValueError("CEK length")
-        return ChaCha20Poly1305(cek).decrypt(ZERO_NONCE, view.ciphertext, view.aad)
+        return ChaCha20Poly1305(cek).decrypt(ZERO_NONCE, view.ciphertext, view.aad), cek
     except (ValueError, InvalidTag):
         raise Rejected("decrypt_failed") from None
 
@@ -442,7 +473,9 @@ class SealedDevice:
         self.trusted = {key_id(k): k for k in trusted}
         self.replay = replay
 
-    def open_command(self, frame: bytes, arrived_on: str, now: int) -> tuple[Header, Call, bytes]:
+    def open_command(self, frame: bytes, arrived_on: str, now: int) -> tuple[Header, Call, bytes, bytes]:
+        """Returns the header, the call, the signer's key id and the
+        command's receipt key (§5.2), which its response is sealed under."""
         v = parse_sealed(frame, SEALED_COMMAND)
         v.header.check_received(self.device, arrived_on)
         if v.recipient != key_id(self.key.public_key()):
@@ -452,13 +485,13 @@ class SealedDevice:
         signer = self.trusted.get(v.sender)
         if signer is None:
             raise Rejected("unknown_signer")
-        plaintext = verify_then_decrypt(v, signer, self.key)
+        plaintext, cek = verify_then_decrypt(v, signer, self.key)
         r = Reader(plaintext)
         call = Call.read(r)
         r.end()
         call.validate()
         self.replay.record(v.sender, v.header.msg_id, v.header.expires_at)
-        return v.header, call, v.sender
+        return v.header, call, v.sender, receipt_key(cek, v.header.msg_id)
 
 
 def open_sealed_response(
@@ -467,9 +500,10 @@ def open_sealed_response(
     controller: rsa.RSAPrivateKey,
     device: str,
     device_key: rsa.RSAPublicKey,
-    pending: set[bytes],
+    pending: dict[bytes, bytes],
 ) -> tuple[Header, bytes, Outcome]:
-    """The controller side of §5.4."""
+    """The controller side of §5.4. `pending` maps the msg_id of each
+    command waiting for an answer to its receipt key."""
     v = parse_sealed(frame, SEALED_RESPONSE)
     v.header.check_response(device, arrived_on)
     if v.recipient != key_id(controller.public_key()):
@@ -478,7 +512,13 @@ def open_sealed_response(
         raise Rejected("unknown_signer")
     if v.in_reply_to not in pending:
         raise Rejected("unexpected_reply")
-    plaintext = verify_then_decrypt(v, device_key, controller)
+    verify(v, device_key)
+    try:
+        plaintext = ChaCha20Poly1305(pending[v.in_reply_to]).decrypt(
+            response_nonce(v.header.msg_id), v.ciphertext, v.aad
+        )
+    except InvalidTag:
+        raise Rejected("decrypt_failed") from None
     r = Reader(plaintext)
     outcome = Outcome.read(r)
     r.end()
