@@ -9,13 +9,15 @@
 #    with the agent's replay state fsync'd to disk. Modes rotate each round.
 # 2. fleet: FLEET simulated devices in one process (the agent core each),
 #    and `mqseal broadcast noop --all` as its own process: its wall and CPU
-#    time are the controller's part.
+#    time are the controller's part. Challenge mode for FLEET devices, and
+#    sealed mode (3072-bit) for SEALED_FLEET of them.
 # 3. `openssl speed rsa3072` in the same sitting, for the sealed-mode budget.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 runs=${RUNS:-3}
 fleet=${FLEET:-10000}
+sealed_fleet=${SEALED_FLEET:-1000}
 rtts=${RTTS:-300}
 out="$root/target/bench"
 mkdir -p "$out"
@@ -60,6 +62,7 @@ for round in $(seq "$runs"); do
 done
 for round in $(seq "$runs"); do
   run fleet --devices "$fleet" --mode challenge --mqseal "$root/target/release/mqseal"
+  run fleet --devices "$sealed_fleet" --mode sealed --bits 3072 --mqseal "$root/target/release/mqseal"
 done
 echo "== openssl speed rsa3072 (same sitting)"
 openssl speed -seconds 3 rsa3072 2>/dev/null | tail -n 2 | tee "$work/openssl.txt"

@@ -32,7 +32,7 @@
 //! private-key operation ever runs on unauthenticated input: the `rsa`
 //! crate's decryption has a timing side channel (RUSTSEC-2023-0071, the
 //! Marvin attack) that needs exactly such an oracle, and the order costs
-//! nothing with the constant-time [`backend::AwsLc`] either. Decryption is
+//! nothing with the constant-time `backend::AwsLc` either. Decryption is
 //! additionally blinded (with the caller's RNG, on the `rsa` crate).
 //!
 //! The RSA arithmetic itself is behind [`backend`]: the checks above are
@@ -520,7 +520,7 @@ impl<'a> SealedController<'a> {
     /// supplies, in this order, the content key (32 bytes), the OAEP seed
     /// (32 bytes) and the PSS salt (32 bytes), then blinding values — the
     /// last three only on a backend that takes the caller's RNG
-    /// ([`backend::RustCrypto`]).
+    /// (`backend::RustCrypto`).
     ///
     /// # Errors
     /// [`Error::InvalidId`], [`Error::LimitExceeded`], [`Error::Crypto`].

@@ -11,7 +11,7 @@
 //! AWS-LC takes no caller RNG: it draws OAEP seeds, PSS salts and blinding
 //! values from its own generator, so envelopes it seals are correct but not
 //! reproducible. The vectors' byte-for-byte check runs on the
-//! [`RustCrypto`](super::RustCrypto) backend; this one is held to opening
+//! `RustCrypto` backend; this one is held to opening
 //! every vector and to round trips with the other.
 //!
 //! Key material lives inside AWS-LC, which wipes it when the key is freed

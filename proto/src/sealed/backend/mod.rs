@@ -7,13 +7,13 @@
 //! exactly those, the way rustls's `CryptoProvider` names the pieces a TLS
 //! stack needs, so that the same envelope code runs on
 //!
-//! * [`AwsLc`] (feature `aws-lc`, the default where there is `std`):
+//! * `AwsLc` (feature `aws-lc`, the default where there is `std`):
 //!   aws-lc-rs, rustls's default provider. Its private-key operations are
 //!   constant-time and measured at 0.35–1.2× OpenSSL's time on this
 //!   project's machines (docs/BENCHMARKS.md "Sealed mode against
 //!   OpenSSL"), against 2.5–2.8× for the pure-Rust crate; a round trip
 //!   holds three of them.
-//! * [`RustCrypto`] (feature `rustcrypto`): the pure-Rust `rsa` crate, for
+//! * `RustCrypto` (feature `rustcrypto`): the pure-Rust `rsa` crate, for
 //!   the microcontroller agent (`no_std` + `alloc`), where no C library
 //!   builds. Its decryption has a known timing side channel
 //!   (RUSTSEC-2023-0071), which sealed mode's order keeps out of an
