@@ -673,13 +673,7 @@ fn generate(keys: &Keys) -> Generated {
     let mut rng = VectorRng::new(seed.as_bytes());
     let response = sdev.seal_response(&mut rng, &opened, &outcome, MsgId(seq(0x70)), NOW + 1).unwrap();
     let sealed_resp_topic = topic_s(SEALED_DEV, Channel::Response);
-    let resp_hd = Header {
-        device: SEALED_DEV,
-        topic: &sealed_resp_topic,
-        msg_id: MsgId(seq(0x70)),
-        issued_at: NOW + 1,
-        expires_at: NOW + 300,
-    };
+    let resp_hd = response_header(&sealed_resp_topic, 0x70);
     assert_eq!(opened.reply_to().receipt_key, receipt_key, "both ends derive one receipt key");
     sealed.push(sealed_vector(
         keys,
@@ -706,6 +700,8 @@ fn generate(keys: &Keys) -> Generated {
             response: &response,
             receipt_key: &receipt_key,
             reply_to: &opened.reply_to(),
+            device: &sdev,
+            outcome: &outcome,
             explicit: &explicit,
             hidden: &hidden,
             explicit_resp: &explicit_resp,
@@ -781,11 +777,20 @@ fn receipt_key_of(cek: &[u8], command_msg_id: &[u8]) -> [u8; 32] {
     hmac_sha256(&prk, &[RECEIPT_KEY_LABEL, command_msg_id, &[1]].concat())
 }
 
+/// The header of `dev-sealed`'s response with message id `seq(msg)`,
+/// issued a second after the vectors' commands and expiring with them.
+fn response_header(topic: &str, msg: u8) -> Header<'_> {
+    Header { device: SEALED_DEV, topic, msg_id: MsgId(seq(msg)), issued_at: NOW + 1, expires_at: NOW + 300 }
+}
+
 struct Bases<'a> {
     sealed: &'a [u8],
     response: &'a [u8],
     receipt_key: &'a ReceiptKey,
     reply_to: &'a SealedReplyTo,
+    /// The device that opened `command-2048` and sealed `response-2048`, and what it answered.
+    device: &'a SealedDevice<'a>,
+    outcome: &'a Outcome<'a>,
     explicit: &'a [u8],
     hidden: &'a [u8],
     explicit_resp: &'a [u8],
@@ -1276,29 +1281,21 @@ fn negatives(keys: &Keys, out: &mut Vec<NegativeVector>, b: &Bases<'_>) {
     // Signed by the device, but encrypted under a key not derived from the
     // pending command's CEK: what a device that never opened it would send.
     let other_key = SealedReplyTo { receipt_key: ReceiptKey::from_bytes([0x5a; 32]), ..b.reply_to.clone() };
-    let trusted: Keyring = [keys.public("controller-2048").clone()].into_iter().collect();
-    let sdev = SealedDevice::new(SEALED_DEV, keys.private("device-2048"), &trusted, Policy::default()).unwrap();
-    let outcome = Outcome { status: Status::Ok, code: 0, output: b"interval=30\n" };
     out.push(neg(
         "response-wrong-receipt-key",
         "signed by the device but encrypted under another key than the command's receipt key",
         sctl(seq(0x60), &s_resp),
-        sdev.seal_response_to(&mut VectorRng::new(b"other key"), &other_key, &outcome, MsgId(seq(0x71)), NOW + 1)
+        b.device
+            .seal_response_to(&mut VectorRng::new(b"other key"), &other_key, b.outcome, MsgId(seq(0x71)), NOW + 1)
             .unwrap(),
         "decrypt_failed",
     ));
-    let resp_hd = Header {
-        device: SEALED_DEV,
-        topic: &s_resp,
-        msg_id: MsgId(seq(0x72)),
-        issued_at: NOW + 1,
-        expires_at: NOW + 300,
-    };
+    let resp_hd = response_header(&s_resp, 0x72);
     out.push(neg(
         "response-retired-form",
         "a genuine receipt in the first form (kind 2: content key RSA-wrapped to the controller)",
         sctl(seq(0x60), &s_resp),
-        old_form_receipt("device-2048", "controller-2048", &resp_hd, seq(0x60), &outcome),
+        old_form_receipt("device-2048", "controller-2048", &resp_hd, seq(0x60), b.outcome),
         "retired_kind",
     ));
     let cctl = |challenge: [u8; 16], in_reply_to: [u8; 16]| Receiver::ChallengeController {

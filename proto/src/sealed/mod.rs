@@ -171,6 +171,15 @@ fn verify_signature<P>(view: &View<'_, P>, signer: &PublicKey) -> Result<()> {
     signer.ops().verify_pss_sha256(&signed_digest(view.signed), view.signature)
 }
 
+/// A command's signature, after the wrapped key's length, which the
+/// recipient's key fixes (checking it costs nothing).
+fn verify_command(view: &View<'_, CommandPrefix<'_>>, signer: &PublicKey, me: &PrivateKey) -> Result<()> {
+    if view.prefix.wrapped_key.len() != me.public().size() {
+        return Err(Error::Malformed("wrapped key length differs from the recipient's modulus"));
+    }
+    verify_signature(view, signer)
+}
+
 /// Checks the signature, then (and only then) unwraps the CEK.
 fn verify_then_unwrap<R: CryptoRng + ?Sized>(
     view: &View<'_, CommandPrefix<'_>>,
@@ -178,11 +187,7 @@ fn verify_then_unwrap<R: CryptoRng + ?Sized>(
     me: &PrivateKey,
     mut rng: &mut R,
 ) -> Result<Zeroizing<[u8; CEK_LEN]>> {
-    // A length the recipient's key fixes: checking it costs nothing.
-    if view.prefix.wrapped_key.len() != me.public().size() {
-        return Err(Error::Malformed("wrapped key length differs from the recipient's modulus"));
-    }
-    verify_signature(view, signer)?;
+    verify_command(view, signer, me)?;
 
     // Authenticated from here on.
     let cek = me.ops().decrypt_oaep_sha256(&mut rng, OAEP_LABEL, view.prefix.wrapped_key)?;
@@ -438,10 +443,7 @@ impl<'a> SealedDevice<'a> {
         let p = &view.prefix;
         self.check_prefix(p, arrived_on, now)?;
         let signer = self.controllers.get(&p.sender).ok_or(Error::UnknownSigner)?;
-        if p.wrapped_key.len() != self.key.public().size() {
-            return Err(Error::Malformed("wrapped key length differs from the recipient's modulus"));
-        }
-        verify_signature(&view, signer)?;
+        verify_command(&view, signer, self.key)?;
         Ok((p.sender, p.header.msg_id))
     }
 

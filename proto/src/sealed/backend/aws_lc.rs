@@ -63,9 +63,14 @@ fn rejected(e: &KeyRejected, otherwise: &'static str) -> Error {
     }
 }
 
+/// What an unreadable public key is refused with.
+const NOT_RSA: &str = "not a DER RSA public key";
+/// What an unreadable private key is refused with.
+const BAD_PRIVATE: &str = "not a consistent PKCS#8 RSA private key";
+
 fn public_from_spki(spki_der: &[u8]) -> Result<Public> {
-    const NOT_RSA: Error = Error::InvalidKey("not a DER RSA public key");
-    let key = PublicEncryptingKey::from_der(spki_der).map_err(|e| rejected(&e, "not a DER RSA public key"))?;
+    const NOT_RSA: Error = Error::InvalidKey(self::NOT_RSA);
+    let key = PublicEncryptingKey::from_der(spki_der).map_err(|e| rejected(&e, self::NOT_RSA))?;
     let exponent = aws_lc_rs::rsa::PublicKey::from_der(spki_der)
         .map_err(|_| NOT_RSA)?
         .exponent()
@@ -90,9 +95,8 @@ impl Backend for AwsLc {
     fn private_key(&self, pkcs8_der: &[u8]) -> Result<Box<dyn RsaPrivate>> {
         // Both parsers run AWS-LC's RSA_check_key: an inconsistent key is
         // refused here, as the other backend's `validate` does.
-        const BAD: Error = Error::InvalidKey("not a consistent PKCS#8 RSA private key");
-        let decrypting = PrivateDecryptingKey::from_pkcs8(pkcs8_der)
-            .map_err(|e| rejected(&e, "not a consistent PKCS#8 RSA private key"))?;
+        const BAD: Error = Error::InvalidKey(BAD_PRIVATE);
+        let decrypting = PrivateDecryptingKey::from_pkcs8(pkcs8_der).map_err(|e| rejected(&e, BAD_PRIVATE))?;
         let public_der = decrypting.public_key().as_der().map_err(|_| BAD)?.as_ref().to_vec();
         Ok(Box::new(Private {
             signing: RsaKeyPair::from_pkcs8(pkcs8_der).map_err(|_| BAD)?,
