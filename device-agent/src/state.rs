@@ -66,12 +66,16 @@ pub struct Stored {
 
 /// What an accepted command's receipt is bound to, kept so that a receipt
 /// can be made after a restart.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// `Debug` leaves out the receipt key: journals end up in logs and panic
+/// messages, and the key is as secret as the command it answers.
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ReplyContext {
-    /// Sealed mode as agents before receipt keys wrote it (variant 0 of
-    /// the file format): such a command can no longer be answered — its
-    /// receipt would need the key it was never given — and is kept only
-    /// so that a copy still finds its stored response.
+    /// Sealed mode without a receipt key: as agents before receipt keys
+    /// wrote it (variant 0 of the file format), or a command already
+    /// answered, whose key is dropped with the stored receipt
+    /// ([`Journal::complete`]). Such a command cannot be answered anew and
+    /// is kept only so that a copy still finds its stored response.
     SealedUnkeyed {
         /// Key id of the controller that signed the command.
         sender: [u8; 32],
@@ -104,6 +108,33 @@ pub enum ReplyContext {
         /// `proto::sealed::ReceiptKey`'s bytes.
         receipt_key: [u8; 32],
     },
+}
+
+impl std::fmt::Debug for ReplyContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplyContext::SealedUnkeyed { sender, msg_id, expires_at } => f
+                .debug_struct("SealedUnkeyed")
+                .field("sender", sender)
+                .field("msg_id", msg_id)
+                .field("expires_at", expires_at)
+                .finish(),
+            ReplyContext::Challenge { msg_id, challenge, expires_at, hidden } => f
+                .debug_struct("Challenge")
+                .field("msg_id", msg_id)
+                .field("challenge", challenge)
+                .field("expires_at", expires_at)
+                .field("hidden", hidden)
+                .finish(),
+            ReplyContext::Sealed { sender, msg_id, expires_at, .. } => f
+                .debug_struct("Sealed")
+                .field("sender", sender)
+                .field("msg_id", msg_id)
+                .field("expires_at", expires_at)
+                .field("receipt_key", &"<redacted>")
+                .finish(),
+        }
+    }
 }
 
 impl ReplyContext {
@@ -220,6 +251,12 @@ impl Journal {
     pub fn complete(&mut self, key: [u8; 32], response: Stored) {
         if let Some(e) = self.entries.get_mut(&key) {
             e.response = Some(response);
+            // A copy gets the stored receipt; no new one will be made, so
+            // the key that would make one need not outlive this call on
+            // disk.
+            if let Some(ReplyContext::Sealed { sender, msg_id, expires_at, .. }) = e.reply {
+                e.reply = Some(ReplyContext::SealedUnkeyed { sender, msg_id, expires_at });
+            }
         }
     }
 
@@ -481,10 +518,36 @@ mod tests {
         assert!(j.unanswered().is_empty());
     }
 
+    /// A sealed command's receipt key is journaled so that an
+    /// "interrupted" receipt can be made after a crash. Once the receipt is
+    /// stored it is no longer needed, so it leaves the journal (and the
+    /// file) with that; and `Debug` never prints it.
+    #[test]
+    fn a_receipt_key_leaves_the_journal_once_answered_and_is_never_printed() {
+        let ctx = ReplyContext::Sealed { sender: [1; 32], msg_id: [2; 16], expires_at: 90, receipt_key: [0x5a; 32] };
+        let shown = format!("{ctx:?}");
+        assert!(shown.contains("<redacted>") && !shown.contains("90, 90, 90"), "{shown}");
+        let dir = tempfile::tempdir().unwrap();
+        let sf = StateFile::open(dir.path()).unwrap();
+        let mut j = Journal::default();
+        j.begin(ctx, 90, [7; 32]);
+        sf.save(b"r", &j).unwrap();
+        let (_, loaded) = sf.load().unwrap().unwrap();
+        assert_eq!(loaded.unanswered(), vec![(ctx.key(), ctx)], "kept, with its key, while unanswered");
+        j.complete(ctx.key(), Stored { topic: "t".into(), payload: b"receipt".to_vec() });
+        sf.save(b"r", &j).unwrap();
+        let file = fs::read(dir.path().join("state.bin")).unwrap();
+        assert!(!file.windows(32).any(|w| w == [0x5a; 32]), "the key is not on disk once answered");
+        let (_, loaded) = sf.load().unwrap().unwrap();
+        let entry = loaded.get(&ctx.key()).unwrap();
+        assert_eq!(entry.reply, Some(ReplyContext::SealedUnkeyed { sender: [1; 32], msg_id: [2; 16], expires_at: 90 }));
+        assert_eq!(entry.response.as_ref().map(|r| r.payload.as_slice()), Some(&b"receipt"[..]));
+    }
+
     #[test]
     fn keys_are_the_commands_identity() {
         let sealed = |sender, msg_id| {
-            ReplyContext::Sealed { sender: [sender; 32], msg_id: [msg_id; 16], expires_at: 9, receipt_key: [0; 32] }
+            ReplyContext::Sealed { sender: [sender; 32], msg_id: [msg_id; 16], expires_at: 9, receipt_key: [0x5a; 32] }
                 .key()
         };
         assert_eq!(sealed(1, 2), sealed_key(&[1; 32], &[2; 16]));
@@ -542,8 +605,12 @@ mod tests {
         for i in 0..JOURNAL_CAPACITY + 5 {
             let mut id = [0u8; 16];
             id[..8].copy_from_slice(&(i as u64).to_be_bytes());
-            let ctx =
-                ReplyContext::Sealed { sender: [1; 32], msg_id: id, expires_at: 1000 + i as u64, receipt_key: [0; 32] };
+            let ctx = ReplyContext::Sealed {
+                sender: [1; 32],
+                msg_id: id,
+                expires_at: 1000 + i as u64,
+                receipt_key: [0x5a; 32],
+            };
             j.begin(ctx, 1000 + i as u64, [0; 32]);
         }
         j.prune(20, 5);
@@ -552,7 +619,8 @@ mod tests {
         assert_eq!(j.challenge_floor(), 100, "a forgotten challenge-mode command raised the floor");
         // Sealed ones leave it to the replay cache.
         for i in 0..10 {
-            let ctx = ReplyContext::Sealed { sender: [2; 32], msg_id: [i; 16], expires_at: 900, receipt_key: [0; 32] };
+            let ctx =
+                ReplyContext::Sealed { sender: [2; 32], msg_id: [i; 16], expires_at: 900, receipt_key: [0x5a; 32] };
             j.begin(ctx, 900, [0; 32]);
         }
         j.prune(20, 5);

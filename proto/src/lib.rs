@@ -34,8 +34,9 @@
 //! * `alloc`: `Vec`-returning encoders.
 //! * `sealed` (implies `alloc`): sealed mode and the replay cache, with one
 //!   or both RSA backends ([`sealed::backend`]):
-//!   * `aws-lc` (default): aws-lc-rs, constant-time, at OpenSSL's speed or
-//!     better; needs `std` and a C compiler at build time;
+//!   * `aws-lc` (default): aws-lc-rs, constant-time, within 1.14× of
+//!     OpenSSL 3.0 at 2048 bits and 2.5× faster at 3072 and 4096
+//!     (docs/BENCHMARKS.md); needs `std` and a C compiler at build time;
 //!   * `rustcrypto`: the pure-Rust `rsa` crate, for `no_std` targets.
 //! * `std` (default, with `sealed` and `aws-lc`): `alloc`, plus std support
 //!   in the dependencies that have it.

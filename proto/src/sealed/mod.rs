@@ -7,8 +7,9 @@
 //! 2. the CEK is wrapped for the device with RSA-OAEP (SHA-256, MGF1-SHA-256,
 //!    label [`OAEP_LABEL`]);
 //! 3. `version ‖ kind ‖ sender key id ‖ recipient key id ‖ header ‖
-//!    [in_reply_to] ‖ wrapped key` is written: these bytes are the AEAD's
-//!    associated data;
+//!    wrapped key` is written: these bytes are the AEAD's associated data
+//!    (a receipt has `in_reply_to` in place of the wrapped key, and is
+//!    encrypted under the receipt key derived from the command's CEK);
 //! 4. the command is encrypted with ChaCha20-Poly1305 under the CEK (a
 //!    single-use key, so the nonce is all zeros) and appended;
 //! 5. the sender signs [`SIGNATURE_LABEL`] ‖ everything so far with
@@ -456,8 +457,11 @@ impl<'a> SealedDevice<'a> {
         self.policy.check_times(p.header.issued_at, p.header.expires_at, now)
     }
 
-    /// Seals the receipt for `to`: encrypted to the controller that signed
-    /// the command, signed by this device, naming `to`'s message id.
+    /// Seals the receipt for `to`: encrypted under the receipt key the
+    /// command's CEK gave (only that command's controller and this device
+    /// hold it), signed by this device, naming `to`'s message id. `msg_id`
+    /// must be freshly random: its first 12 bytes are the AEAD nonce, and
+    /// every receipt to one command shares the key.
     ///
     /// # Errors
     /// [`Error::UnknownSigner`] if that controller has since been removed
