@@ -297,10 +297,15 @@ pub async fn command_rtt(a: CommandRtt) -> Result<serde_json::Value, Failure> {
             let _ = tokio::time::timeout(think, async { while cel.poll().await.is_ok() {} }).await;
         }
     } else {
-        let mut session =
-            Session::connect(&controller_endpoint(t), std::path::Path::new("."), "bench-rtt", material.controller)
-                .await
-                .map_err(|e| e.to_string())?;
+        let mut session = Session::connect(
+            &controller_endpoint(t),
+            std::path::Path::new("."),
+            "bench-rtt",
+            material.controller,
+            Duration::ZERO,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
         session.set_prefetch(a.mode == RttMode::ChallengePrefetch);
         let keys = DeviceKeys { public: material.device.public().clone(), hmac: hmac.clone() };
         let targets = [(dev.clone(), &keys)];
@@ -514,10 +519,15 @@ pub async fn soak(a: Soak) -> Result<serde_json::Value, Failure> {
     let mut workers = Vec::new();
     for w in 0..a.controllers {
         let key = PrivateKey::from_pkcs8_pem(&key_pem).map_err(|e| e.to_string())?;
-        let mut session =
-            Session::connect(&endpoint, std::path::Path::new("."), &format!("{CONTROLLER}-soak-{w}"), key)
-                .await
-                .map_err(|e| format!("controller {w}: {e}"))?;
+        let mut session = Session::connect(
+            &endpoint,
+            std::path::Path::new("."),
+            &format!("{CONTROLLER}-soak-{w}"),
+            key,
+            Duration::ZERO,
+        )
+        .await
+        .map_err(|e| format!("controller {w}: {e}"))?;
         session.set_prefetch(a.mode == Mode::Challenge);
         let (rx, keys, outcomes, mode) = (batch_rx.clone(), keys.clone(), outcomes.clone(), a.mode);
         let timeout = Duration::from_secs(a.timeout_secs);

@@ -29,6 +29,19 @@
 //! copy executes. Its response is tagged over that
 //! copy's challenge, so a response is checked against every challenge
 //! used. At most [`MAX_COPIES`] copies and as many requests per command.
+//!
+//! # Both modes: re-sends
+//!
+//! A broker may drop a message and still acknowledge it (a 3.1.1 PUBACK
+//! says nothing of delivery; Mosquitto drops past `max_queued_messages`,
+//! mqseal's router past its queue bound) — the command, or the device's
+//! answer. So the last envelope of an unanswered exchange is sent again,
+//! *the same bytes*, [`RESEND_EVERY`] after it was sent, then at doubling
+//! intervals up to [`RESEND_MAX`]; after the connection was lost and
+//! re-established, at once ([`Exchange::on_reconnect`]). Identical bytes
+//! are what make this safe: a device that already ran the command answers
+//! the copy with its stored receipt, and one still running it refuses the
+//! copy (docs/PROTOCOL.md §9.1) — nothing runs twice.
 
 use std::time::Duration;
 
@@ -115,6 +128,23 @@ pub const MAX_COPIES: usize = 8;
 /// or evicted challenge.
 pub const FALLBACK_AFTER: Duration = Duration::from_secs(3);
 
+/// No answer this long after an envelope was sent: send it again. Long
+/// enough that a device answering normally (milliseconds) is not sent a
+/// copy; short enough that a dropped message costs an operator seconds.
+pub const RESEND_EVERY: Duration = Duration::from_secs(2);
+
+/// The longest wait between re-sends of one envelope: the interval doubles
+/// up to this, so a device that is offline for the whole of a long
+/// deadline collects a handful of copies in its queue, not hundreds.
+pub const RESEND_MAX: Duration = Duration::from_secs(16);
+
+/// When the last envelope is due to be sent again, and the wait after that.
+#[derive(Debug, Clone, Copy)]
+struct Resend {
+    at: Instant,
+    every: Duration,
+}
+
 /// Where one target stands.
 enum State {
     /// Nothing sent yet.
@@ -149,14 +179,16 @@ pub struct Exchange<'k> {
     device: String,
     keys: &'k DeviceKeys,
     state: State,
-    /// The last envelope sent, for re-sending after the connection was lost.
+    /// The last envelope sent, for re-sending while it goes unanswered.
     last: Option<Out>,
+    /// When to send `last` again.
+    resend: Option<Resend>,
 }
 
 impl<'k> Exchange<'k> {
     /// An exchange with `device` that has sent nothing yet.
     pub fn new(device: &str, keys: &'k DeviceKeys) -> Exchange<'k> {
-        Exchange { device: device.to_owned(), keys, state: State::Pending, last: None }
+        Exchange { device: device.to_owned(), keys, state: State::Pending, last: None, resend: None }
     }
 
     /// The device.
@@ -192,17 +224,22 @@ impl<'k> Exchange<'k> {
         self.state = State::Done(result);
     }
 
-    /// The last envelope sent, to send again after a reconnect: the same
-    /// bytes, never a new command.
-    pub fn last(&self) -> Option<&Out> {
-        self.last.as_ref().filter(|_| !self.is_done())
-    }
-
     /// When [`on_timer`](Self::on_timer) has something to do.
     pub fn next_timer(&self) -> Option<Instant> {
-        match &self.state {
+        let fallback = match &self.state {
             State::Challenge(c) if c.may_ask_again() => Some(c.fallback_at),
             _ => None,
+        };
+        let resend = self.resend.filter(|_| !self.is_done() && self.last.is_some()).map(|r| r.at);
+        fallback.into_iter().chain(resend).min()
+    }
+
+    /// The connection was lost and is back: whatever the broker held for
+    /// this exchange may be gone, so the last envelope is due again now,
+    /// and then at the usual intervals.
+    pub fn on_reconnect(&mut self, now: Instant) {
+        if !self.is_done() && self.last.is_some() {
+            self.resend = Some(Resend { at: now, every: RESEND_EVERY });
         }
     }
 
@@ -245,17 +282,17 @@ impl<'k> Exchange<'k> {
             (None, None) => copies.request(&self.device, self.keys, rng).map(Some),
         };
         self.state = State::Challenge(Box::new(copies));
-        self.sent(out)
+        self.sent(out, now)
     }
 
     /// Starts a sealed-mode command with the envelope `sealed` built for
     /// it (by [`seal`], on a worker thread).
-    pub fn start_sealed(&mut self, sealed: Result<SealedOut, String>) -> Option<Out> {
+    pub fn start_sealed(&mut self, sealed: Result<SealedOut, String>, now: Instant) -> Option<Out> {
         let out = sealed.map(|SealedOut { msg_id, receipt_key, out }| {
             self.state = State::Sealed { msg_id, receipt_key };
             Some(out)
         });
-        self.sent(out)
+        self.sent(out, now)
     }
 
     /// A challenge from the device: a copy over it, if it answers one of
@@ -272,7 +309,7 @@ impl<'k> Exchange<'k> {
         }
         let out = copies.copy_over(&self.device, self.keys, &offer.challenge, request, call);
         copies.fallback_at = now + copies.fallback_every;
-        self.sent(out.map(Some))
+        self.sent(out.map(Some), now)
     }
 
     /// A response from the device, published on `arrived_on`: ends the
@@ -298,16 +335,23 @@ impl<'k> Exchange<'k> {
     }
 
     /// Time has passed: with no response by the fallback time, ask for
-    /// another challenge (whose answer gets a copy).
+    /// another challenge (whose answer gets a copy); otherwise, when a
+    /// re-send is due, the last envelope again.
     pub fn on_timer<R: CryptoRng + ?Sized>(&mut self, now: Instant, rng: &mut R) -> Option<Out> {
-        let State::Challenge(copies) = &mut self.state else { return None };
-        if now < copies.fallback_at || !copies.may_ask_again() {
-            return None;
+        if let State::Challenge(copies) = &mut self.state
+            && now >= copies.fallback_at
+            && copies.may_ask_again()
+        {
+            let out = copies.request(&self.device, self.keys, rng);
+            copies.fallback_every = copies.fallback_every.saturating_mul(2);
+            copies.fallback_at = now + copies.fallback_every;
+            // The request is now the last envelope; its re-sends start over.
+            return self.sent(out.map(Some), now);
         }
-        let out = copies.request(&self.device, self.keys, rng);
-        copies.fallback_every = copies.fallback_every.saturating_mul(2);
-        copies.fallback_at = now + copies.fallback_every;
-        self.sent(out.map(Some))
+        let due = self.resend.filter(|r| now >= r.at && !self.is_done())?;
+        let last = self.last.clone()?;
+        self.resend = Some(Resend { at: now + due.every, every: due.every.saturating_mul(2).min(RESEND_MAX) });
+        Some(last)
     }
 
     fn fail(&mut self, why: String) -> Option<Out> {
@@ -315,12 +359,13 @@ impl<'k> Exchange<'k> {
         None
     }
 
-    /// Remembers what is sent; an envelope that could not be built ends
-    /// the exchange with the reason.
-    fn sent(&mut self, out: Result<Option<Out>, String>) -> Option<Out> {
+    /// Remembers what is sent, to send again if it goes unanswered; an
+    /// envelope that could not be built ends the exchange with the reason.
+    fn sent(&mut self, out: Result<Option<Out>, String>, now: Instant) -> Option<Out> {
         match out {
             Ok(Some(o)) => {
                 self.last = Some(o.clone());
+                self.resend = Some(Resend { at: now + RESEND_EVERY, every: RESEND_EVERY });
                 Some(o)
             }
             Ok(None) => None,
@@ -583,7 +628,12 @@ mod tests {
             dev.challenge(&flood);
         }
         assert_eq!(dev.command(&first).unwrap_err(), mqseal_proto::Error::UnknownChallenge, "evicted");
-        assert_eq!(x.on_timer(now + FALLBACK_AFTER / 2, rng), None, "too early for a fallback");
+        assert_eq!(x.on_timer(now + RESEND_EVERY / 2, rng), None, "too early for anything");
+        // First the copy again, the same bytes (had the broker dropped it,
+        // this would be enough) — refused again: its challenge is gone.
+        assert_eq!(x.next_timer(), Some(now + RESEND_EVERY));
+        assert_eq!(x.on_timer(now + RESEND_EVERY, rng).as_ref(), Some(&first), "a re-send is the same envelope");
+        assert_eq!(dev.command(&first).unwrap_err(), mqseal_proto::Error::UnknownChallenge);
         assert_eq!(x.next_timer(), Some(now + FALLBACK_AFTER));
         let again = x.on_timer(now + FALLBACK_AFTER, rng).unwrap();
         assert!(again.0.ends_with("/chal/req"));
@@ -609,19 +659,62 @@ mod tests {
         assert!(dev.command(&a).is_ok());
         assert_eq!(dev.command(&b).unwrap_err(), mqseal_proto::Error::Replayed);
         assert_eq!(dev.ran, 1);
-        let more = (0..20u8).filter(|&i| x.on_challenge(&forged(&chal_req, i), &req, &call, now).is_some()).count();
-        assert_eq!(more, MAX_COPIES - 2);
-        assert_eq!(x.next_timer(), None, "no fallback once the copies are spent");
-        // Fallbacks on their own: 3 s, then 6, 12 … later, at most MAX_COPIES requests.
-        let (mut y, _) = start(&keys, &req, &call, now);
-        let mut at = now;
-        let mut requests = 1;
-        while let Some(next) = y.next_timer() {
-            assert_eq!(next - at, FALLBACK_AFTER * 2u32.pow(requests - 1), "backs off");
-            at = next;
-            assert!(y.on_timer(at, rng).is_some());
-            requests += 1;
+        let more: Vec<Out> =
+            (0..20u8).filter_map(|i| x.on_challenge(&forged(&chal_req, i), &req, &call, now)).collect();
+        assert_eq!(more.len(), MAX_COPIES - 2);
+        assert_eq!(x.next_timer(), Some(now + RESEND_EVERY), "no fallback once the copies are spent");
+        assert_eq!(x.on_timer(now + RESEND_EVERY, rng).as_ref(), more.last(), "only re-sends of the last copy");
+        // Fallbacks on their own: 3 s, then 6, 12 … later, at most
+        // MAX_COPIES requests; between them, re-sends of the last request.
+        let (mut y, first) = start(&keys, &req, &call, now);
+        let (mut last, mut fallbacks, mut resends) = (first, vec![Duration::ZERO], Vec::new());
+        for _ in 0..100 {
+            let at = y.next_timer().expect("an unanswered exchange always has a timer");
+            let out = y.on_timer(at, rng).expect("something is due at its timer");
+            if out == last {
+                resends.push(at - now);
+            } else {
+                assert!(out.0.ends_with("/chal/req"), "{out:?}");
+                fallbacks.push(at - now);
+            }
+            last = out;
         }
-        assert_eq!(requests, u32::try_from(MAX_COPIES).unwrap());
+        let backing_off: Vec<Duration> =
+            (0..u32::try_from(MAX_COPIES).unwrap()).map(|k| FALLBACK_AFTER * (2u32.pow(k) - 1)).collect();
+        assert_eq!(fallbacks, backing_off);
+        assert_eq!(resends.first(), Some(&RESEND_EVERY));
+        let gaps: Vec<Duration> = resends.windows(2).map(|w| w[1] - w[0]).collect();
+        assert_eq!(gaps.last(), Some(&RESEND_MAX), "re-sends back off to RESEND_MAX and keep going");
+    }
+
+    /// A broker that drops a sealed command (or its receipt) and still
+    /// acknowledges it: the exchange sends the same bytes again at 2, 4,
+    /// 8, 16 s … after, every 16 s at most, until the receipt verifies.
+    /// After a reconnect the envelope is due at once. Nothing new is ever
+    /// built: a copy of one envelope cannot run twice on the device.
+    #[test]
+    fn a_sealed_command_is_sent_again_the_same_bytes_until_answered() {
+        let (keys, rng) = (keys(), &mut mqseal_client::rng());
+        let controller = PrivateKey::generate(rng, 2048).unwrap();
+        let req = Request { mode: Mode::Sealed, ..request() };
+        let call = Call::new("go", &[]).unwrap();
+        let now = Instant::now();
+        let mut x = Exchange::new("dev-1", &keys);
+        let sent = x.start_sealed(seal(&controller, "dev-1", &keys, &req, &call, 1_800_000_000), now).unwrap();
+        let mut at = Vec::new();
+        for _ in 0..8 {
+            let t = x.next_timer().unwrap();
+            assert_eq!(x.on_timer(t, rng).as_ref(), Some(&sent), "the same envelope");
+            at.push((t - now).as_secs());
+        }
+        assert_eq!(at, [2, 4, 8, 16, 32, 48, 64, 80]);
+        let later = now + Duration::from_secs(81);
+        x.on_reconnect(later);
+        assert_eq!(x.next_timer(), Some(later), "due at once after a reconnect");
+        assert_eq!(x.on_timer(later, rng).as_ref(), Some(&sent));
+        assert_eq!(x.next_timer(), Some(later + RESEND_EVERY), "then from the start of the back-off");
+        x.finish(DeviceResult::TimedOut);
+        assert_eq!(x.next_timer(), None, "an exchange that has ended sends nothing");
+        assert_eq!(x.on_timer(later + RESEND_MAX, rng), None);
     }
 }

@@ -117,7 +117,8 @@ struct CommandArgs {
     /// Challenge mode: send only the tag; the device recognises the command.
     #[arg(long)]
     hidden: bool,
-    /// How long to wait for the answer (e.g. 10s, 500ms, 2m).
+    /// How long to wait for the answer (e.g. 10s, 500ms, 2m); a broker that
+    /// cannot be reached is tried again for as long before giving up.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     timeout: Duration,
     /// How long the command stays valid.
@@ -520,7 +521,7 @@ async fn device_status(
     }
     let endpoint = c.broker().map_err(Failure::local)?;
     let key = load_key(c)?;
-    let mut session = Session::connect(endpoint, &c.base, &client_id(&endpoint.username), key).await?;
+    let mut session = Session::connect(endpoint, &c.base, &client_id(&endpoint.username), key, wait).await?;
     let topics: Vec<String> = ids
         .iter()
         .filter_map(|id| mqseal_proto::topic::topic(id, mqseal_proto::topic::Channel::Status).ok())
@@ -622,7 +623,10 @@ async fn send(
     request.validate().map_err(|e| Failure::usage(format!("command: {e}")))?;
 
     let started = std::time::Instant::now();
-    let mut session = Session::connect(endpoint, &c.base, &client_id(&endpoint.username), key).await?;
+    // A broker that is restarting is waited for as long as the answers
+    // would be: the connect is retried within --timeout, then the wait for
+    // answers gets its own --timeout.
+    let mut session = Session::connect(endpoint, &c.base, &client_id(&endpoint.username), key, cmd.timeout).await?;
     let bar = (broadcast && !json && std::io::stderr().is_terminal()).then(|| {
         let b = ProgressBar::new(targets.len() as u64);
         if let Ok(style) = ProgressStyle::with_template("{bar:40} {pos}/{len} answered {elapsed}") {

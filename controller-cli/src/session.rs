@@ -8,14 +8,18 @@
 //! command and one to check the answer (challenge mode), and the publishes
 //! are pipelined.
 //!
-//! Sealed mode costs one RSA signature per device (and one RSA decryption
-//! per answer); those are spread over the machine's cores, but remain the
-//! bill for confidentiality and non-repudiation. docs/BENCHMARKS.md has the
-//! numbers for both.
+//! Sealed mode costs one RSA signature per device (and one signature check
+//! per answer; the receipt's key comes from the command's, so no RSA
+//! decryption); the signatures are spread over the machine's cores, but
+//! remain the bill for confidentiality and non-repudiation.
+//! docs/BENCHMARKS.md has the numbers for both.
 //!
 //! A 3.1.1 broker acknowledges even publishes it drops, so nothing the
 //! broker says counts as an answer: a target is done only when its device's
-//! response verifies, and otherwise times out.
+//! response verifies, and otherwise times out. Until then its exchange
+//! sends its last envelope again from time to time (the same bytes:
+//! [`crate::exchange`] has the rule), which gets a command through a broker
+//! that dropped it or its answer.
 //!
 //! What happens per target — which challenge answers which command, copies
 //! over other challenges, what verifies — is [`crate::exchange`]'s, without
@@ -25,15 +29,19 @@
 //!
 //! A broker restart loses every in-flight message and every subscription.
 //! [`Session::run`] reconnects (with backoff, within its deadline),
-//! subscribes again, and from then on re-sends each unanswered target's
-//! last envelope — the *same bytes*, never a new command — every
-//! [`RESEND_EVERY`] until it is answered, because the devices come back on
+//! subscribes again, and re-sends each unanswered target's last envelope at
+//! once and then on its usual back-off, because the devices come back on
 //! their own schedule. Identical bytes are what make this safe: a device
 //! that already ran the command answers the copy with its stored receipt
 //! (docs/PROTOCOL.md §9.1), so nothing runs twice and nothing is lost while
 //! the command is valid. A challenge-mode command that stays unanswered
 //! also falls back to fresh challenges ([`crate::exchange`]), which the
 //! device's memory of message ids makes safe too.
+//!
+//! The first connection is no different: a broker that is restarting when
+//! the controller connects (refusing TCP, or resetting the connection
+//! before its CONNACK) is tried again with the same back-off until the
+//! caller's deadline. Only a refused login ends it at once.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
@@ -52,7 +60,7 @@ use mqseal_proto::{Call, MsgId};
 use tokio::time::Instant;
 
 pub use crate::exchange::{DeviceResult, Mode, Reply, Request};
-use crate::exchange::{Exchange, Out, SealedOut, challenge_request, seal};
+use crate::exchange::{Exchange, SealedOut, challenge_request, seal};
 use crate::registry::DeviceKeys;
 
 /// Why a session cannot go on.
@@ -126,9 +134,6 @@ fn offer_usable(since_request: Duration, ttl_ms: u32) -> bool {
 /// answer older than this may have been read too late to be usable.
 const PREFETCH_WAIT: Duration = Duration::from_secs(2);
 
-/// How often, after a reconnect, unanswered envelopes are sent again.
-pub const RESEND_EVERY: Duration = Duration::from_secs(2);
-
 /// Targets' timers, earliest first; an entry whose target has moved its
 /// timer since is skipped when it comes up.
 type Timers = BinaryHeap<Reverse<(Instant, usize)>>;
@@ -140,42 +145,46 @@ fn schedule(timers: &mut Timers, t: &Exchange<'_>, i: usize) {
 }
 
 impl Session {
-    /// Connects as `client_id` and waits for the broker's CONNACK.
+    /// Connects as `client_id` and waits for the broker's CONNACK, trying
+    /// again with back-off for up to `within` (at least the endpoint's
+    /// connect timeout and 5 s) while the broker is unreachable or drops the
+    /// connection: the same rule as for a connection lost later.
     ///
     /// # Errors
-    /// [`SessionError`] saying whether the broker refused or was unreachable.
+    /// [`SessionError`] saying whether the broker refused (at once) or was
+    /// unreachable (the last error, once `within` has passed).
     pub async fn connect(
         endpoint: &BrokerEndpoint,
         base: &Path,
         client_id: &str,
         key: PrivateKey,
+        within: Duration,
     ) -> Result<Session, SessionError> {
         let mut options = endpoint.mqtt_options(client_id, base)?;
         options.set_clean_session(true).set_request_channel_capacity(4096).set_inflight(1000);
         let (client, mut events) = AsyncClient::new(options, 4096);
         events.set_network_options(endpoint.network_options());
         let address = endpoint.address();
-        let deadline = Instant::now() + Duration::from_secs(endpoint.connect_timeout_secs.max(1) + 5);
-        loop {
-            match tokio::time::timeout_at(deadline, events.poll()).await {
-                Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
-                    return Ok(Session {
-                        client,
-                        events,
-                        key,
-                        address,
-                        subscribed: HashSet::new(),
-                        prefetch: false,
-                        prefetching: HashMap::new(),
-                        offers: HashMap::new(),
-                    });
-                }
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(connection_error(&address, e)),
-                Err(_) => {
-                    return Err(SessionError::Unreachable { address, error: "no CONNACK in time".into() });
-                }
-            }
+        let deadline = Instant::now() + within.max(Duration::from_secs(endpoint.connect_timeout_secs.max(1) + 5));
+        let first = match tokio::time::timeout_at(deadline, first_connack(&mut events)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(connection_error(&address, e)),
+            Err(_) => Err(SessionError::Unreachable { address: address.clone(), error: "no CONNACK in time".into() }),
+        };
+        let mut session = Session {
+            client,
+            events,
+            key,
+            address,
+            subscribed: HashSet::new(),
+            prefetch: false,
+            prefetching: HashMap::new(),
+            offers: HashMap::new(),
+        };
+        match first {
+            Ok(()) => Ok(session),
+            Err(e) if e.is_auth() => Err(e),
+            Err(e) => session.reconnect(deadline, e).await.map(|()| session),
         }
     }
 
@@ -250,7 +259,7 @@ impl Session {
         let call_args: Vec<&str> = request.args.iter().map(String::as_str).collect();
         let call = Call::new(&request.name, &call_args).map_err(SessionError::InvalidCommand)?;
         let index: HashMap<String, usize> = ts.iter().enumerate().map(|(i, t)| (t.device().to_owned(), i)).collect();
-        self.subscribe(&mut ts, request.mode, deadline).await?;
+        self.subscribe_through(&mut ts, request.mode, deadline).await?;
 
         let mut queue = VecDeque::new();
         let mut timers = Timers::new();
@@ -274,7 +283,8 @@ impl Session {
             Mode::Sealed => {
                 for (i, sealed) in self.seal_all(&ts, request, &call) {
                     if let Some(t) = ts.get_mut(i) {
-                        queue.extend(t.start_sealed(sealed));
+                        queue.extend(t.start_sealed(sealed, Instant::now()));
+                        schedule(&mut timers, t, i);
                     }
                 }
                 // A sealing worker that died leaves its targets unsent.
@@ -287,15 +297,8 @@ impl Session {
         let mut done = ts.iter().filter(|t| t.is_done()).count();
         progress(done, total);
 
-        // Set once the connection was lost and re-established: when each
-        // unanswered target's last envelope is due to be sent again.
-        let mut resend_at: Vec<Option<Instant>> = vec![None; ts.len()];
-        let mut next_resend: Option<Instant> = None;
         while done < total {
             let now = Instant::now();
-            if next_resend.is_some_and(|at| now >= at) {
-                next_resend = resend_due(&ts, &mut resend_at, &mut queue);
-            }
             while let Some(&Reverse((at, i))) = timers.peek()
                 && at <= now
             {
@@ -308,11 +311,7 @@ impl Session {
                 }
             }
             self.drain(&mut queue);
-            let wake = [Some(deadline), next_resend, timers.peek().map(|Reverse((at, _))| *at)]
-                .into_iter()
-                .flatten()
-                .min()
-                .unwrap_or(deadline);
+            let wake = timers.peek().map_or(deadline, |Reverse((at, _))| (*at).min(deadline));
             let event = match tokio::time::timeout_at(wake, self.events.poll()).await {
                 Err(_) if Instant::now() >= deadline => break,
                 Err(_) => continue,
@@ -323,12 +322,12 @@ impl Session {
                     }
                     self.reconnect(deadline, lost).await?;
                     self.subscribed.clear();
-                    self.subscribe(&mut ts, request.mode, deadline).await?;
+                    self.subscribe_through(&mut ts, request.mode, deadline).await?;
                     let now = Instant::now();
-                    for (t, at) in ts.iter().zip(resend_at.iter_mut()) {
-                        *at = (!t.is_done()).then_some(now);
+                    for (i, t) in ts.iter_mut().enumerate() {
+                        t.on_reconnect(now);
+                        schedule(&mut timers, t, i);
                     }
-                    next_resend = Some(now);
                     done = ts.iter().filter(|t| t.is_done()).count();
                     progress(done, total);
                     continue;
@@ -350,15 +349,6 @@ impl Session {
             match channel {
                 Channel::Challenge => {
                     if let Some(out) = t.on_challenge(&p.payload, request, &call, Instant::now()) {
-                        // A copy over a fresh challenge: after a reconnect it
-                        // is re-sent like everything else.
-                        if next_resend.is_some() {
-                            let at = Instant::now() + RESEND_EVERY;
-                            if let Some(r) = resend_at.get_mut(i) {
-                                *r = Some(at);
-                            }
-                            next_resend = next_resend.map(|n| n.min(at));
-                        }
                         queue.push_back(out);
                     }
                     schedule(&mut timers, t, i);
@@ -440,6 +430,26 @@ impl Session {
                 .collect();
             handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
         })
+    }
+
+    /// [`subscribe`](Self::subscribe), reconnecting (within `deadline`)
+    /// and starting over when the connection drops on the way: a clean
+    /// session loses its subscriptions with the connection.
+    async fn subscribe_through(
+        &mut self,
+        ts: &mut [Exchange<'_>],
+        mode: Mode,
+        deadline: Instant,
+    ) -> Result<(), SessionError> {
+        loop {
+            match self.subscribe(ts, mode, deadline).await {
+                Err(lost @ SessionError::Unreachable { .. }) if Instant::now() < deadline => {
+                    self.reconnect(deadline, lost).await?;
+                    self.subscribed.clear();
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Subscribes to the response (and challenge) topics of every target
@@ -608,22 +618,13 @@ impl Session {
     }
 }
 
-/// Re-queues the last envelope of every unanswered target whose re-send is
-/// due and schedules its next; returns the earliest next one (`None` once
-/// nothing is left to re-send).
-fn resend_due(ts: &[Exchange<'_>], resend_at: &mut [Option<Instant>], queue: &mut VecDeque<Out>) -> Option<Instant> {
-    let now = Instant::now();
-    for (t, at) in ts.iter().zip(resend_at.iter_mut()) {
-        if t.is_done() {
-            *at = None;
-        } else if at.is_some_and(|due| due <= now) {
-            *at = t.last().map(|last| {
-                queue.push_back(last.clone());
-                now + RESEND_EVERY
-            });
+/// Polls until the broker's CONNACK.
+async fn first_connack(events: &mut EventLoop) -> Result<(), ConnectionError> {
+    loop {
+        if let Event::Incoming(Packet::ConnAck(_)) = events.poll().await? {
+            return Ok(());
         }
     }
-    resend_at.iter().flatten().min().copied()
 }
 
 fn connection_error(address: &str, e: ConnectionError) -> SessionError {

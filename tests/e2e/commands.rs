@@ -443,7 +443,7 @@ async fn a_prefetching_controller_keeps_working_across_idle_gaps() {
     let key = mqseal_proto::sealed::PrivateKey::from_pkcs8_pem(&key_pem).unwrap();
     let mut endpoint = mqseal_client::BrokerEndpoint::new("127.0.0.1", site.broker.port(), "operator");
     endpoint.password_file = Some(site.dir.join("operator.pw"));
-    let mut session = Session::connect(&endpoint, &site.dir, "operator-prefetch", key).await.unwrap();
+    let mut session = Session::connect(&endpoint, &site.dir, "operator-prefetch", key, Duration::ZERO).await.unwrap();
     session.set_prefetch(true);
     let request = Request { name: "mark".into(), args: vec![], mode: Mode::Challenge, hidden: false, ttl: 60 * SECOND };
     let targets = [("p-1".to_owned(), &keys)];

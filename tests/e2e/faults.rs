@@ -1,5 +1,6 @@
-//! Faults: the broker crashes mid-burst, MongoDB goes away, an agent is
-//! killed mid-command, the agent's state directory fills up or turns
+//! Faults: the broker crashes mid-burst or is down when a controller
+//! starts, copies of a running command arrive, MongoDB goes away, an agent
+//! is killed mid-command, the agent's state directory fills up or turns
 //! read-only. Real processes, real signals, real filesystems; executions are
 //! counted on the device's side by the programs the agent runs.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
@@ -81,6 +82,75 @@ async fn a_broker_crash_mid_burst_loses_nothing_and_runs_nothing_twice() {
     eprintln!(
         "broker crash: {started_before_crash} of 12 commands had started when it died; all 12 ran once and were answered"
     );
+}
+
+/// `mqseal send` started while the broker is down (a restart, a deploy)
+/// keeps trying within its `--timeout`, as it would after losing a
+/// connection later, and the command runs once when the broker is back.
+/// Before, it exited 5 at once ("Connection refused", or "Connection reset
+/// by peer" when the broker died between accept and CONNACK).
+#[tokio::test]
+async fn a_controller_started_while_the_broker_is_down_waits_for_it() {
+    let mut site = Site::start(Store::File).await;
+    site.add_device("w-1", &[]).await;
+    site.add_mark_command("w-1");
+    let agent = site.agent("w-1").await;
+    site.kill_broker().await;
+    let forms: [&[&str]; 2] = [&["--mode", "sealed"], &["--mode", "challenge"]];
+    let sends: Vec<_> = forms
+        .iter()
+        .map(|form| {
+            let mut args = vec!["send", "w-1", "mark", "--timeout", "30s"];
+            args.extend_from_slice(form);
+            site.spawn_mqseal(&args)
+        })
+        .collect();
+    tokio::time::sleep(3 * SECOND).await;
+    assert!(sends.iter().all(|s| !s.is_finished()), "a controller gave up while the broker was down");
+    site.restart_broker().await;
+    for (send, form) in sends.into_iter().zip(forms) {
+        let out = send.await.unwrap();
+        assert_eq!(out.code, 0, "{form:?}: {out:?}\nagent log:\n{}", agents_log(&site, "w-1"));
+    }
+    assert_eq!(site.marks("w-1"), 2, "each command ran once");
+    agent.stop().await;
+}
+
+/// A command that runs longer than the controller's re-send interval: while
+/// it runs, copies of its envelope reach the device — the same bytes again
+/// at 2 s and 4 s, and in challenge mode copies over fresh challenges from
+/// 3 s — and the device refuses each as a duplicate of a command still
+/// running. It runs once, and its answer ends the wait when it finishes.
+/// This is what makes re-sending while connected (for a broker that drops
+/// messages) safe.
+#[tokio::test]
+async fn copies_of_a_command_still_running_do_not_run_it_again() {
+    let site = Site::start(Store::File).await;
+    let runs = |d: &str| (site.dir.join(format!("start-{d}")), site.dir.join(format!("done-{d}")));
+    let devices = [("r-1", "sealed"), ("r-2", "challenge")];
+    let mut agents = Vec::new();
+    for (d, _) in devices {
+        site.add_device(d, &[]).await;
+        let (start, done) = runs(d);
+        site.add_slow_command(d, "slow", 6.0, &start, &done);
+        agents.push(site.agent(d).await);
+    }
+    let sends: Vec<_> = devices
+        .iter()
+        .map(|(d, mode)| site.spawn_mqseal(&["send", d, "slow", "--mode", mode, "--timeout", "40s"]))
+        .collect();
+    for ((send, (d, mode)), agent) in sends.into_iter().zip(devices).zip(&agents) {
+        let out = send.await.unwrap();
+        assert_eq!(out.code, 0, "{mode}: {out:?}\nagent log:\n{}", agent.text());
+        let copies = agent.count("duplicate of a command still running");
+        assert!(copies >= 2, "{mode}: the device saw {copies} copies while it ran:\n{}", agent.text());
+        let (start, done) = runs(d);
+        assert_eq!((lines(&start), lines(&done)), (1, 1), "{mode}: ran once");
+    }
+    tokio::time::sleep(3 * SECOND).await;
+    for (d, _) in devices {
+        assert_eq!(lines(&runs(d).0), 1, "{d}: never again");
+    }
 }
 
 /// `mqseal send` to a device whose agent is down: the command waits in the

@@ -139,10 +139,27 @@ impl Site {
     /// # Panics
     /// When it does not come back.
     pub async fn crash_and_restart_broker(&mut self, down_for: Duration) {
-        self.broker.kill().await;
-        let dir = self.broker.dir.clone();
-        let _ = std::fs::rename(dir.join("broker.log"), dir.join("broker.log.1"));
+        self.kill_broker().await;
         tokio::time::sleep(down_for).await;
+        self.restart_broker().await;
+    }
+
+    /// The first half of [`Site::crash_and_restart_broker`]: SIGKILL, the
+    /// log kept as `broker.log.1`. Nothing listens on the port until
+    /// [`Site::restart_broker`].
+    pub async fn kill_broker(&mut self) {
+        self.broker.kill().await;
+        let dir = &self.broker.dir;
+        let _ = std::fs::rename(dir.join("broker.log"), dir.join("broker.log.1"));
+    }
+
+    /// The second half: the broker again, on the same ports, configuration
+    /// and data.
+    ///
+    /// # Panics
+    /// When it does not come back.
+    pub async fn restart_broker(&mut self) {
+        let dir = self.broker.dir.clone();
         self.broker = BrokerProc::start(&workspace_bin("mqseal-broker"), &dir, self.broker.config.clone())
             .await
             .unwrap_or_else(|e| panic!("broker did not come back: {e:?}"));
