@@ -102,12 +102,20 @@ pub fn free_port() -> u16 {
 
 /// Waits until something accepts connections on `127.0.0.1:port`.
 ///
+/// A connection whose local address is its peer's does not count: the ports
+/// `free_port` hands out lie in the ephemeral range, and a connect to one
+/// nobody listens on yet can be given that very port as its source and
+/// "connect" to itself (TCP simultaneous open). CI saw exactly that: the wait
+/// returned before Mosquitto listened and `mosquitto_pub` was refused.
+///
 /// # Errors
 /// When nothing does within `timeout`.
 pub async fn wait_for_port(port: u16, timeout: Duration) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+        if let Ok(stream) = TcpStream::connect(("127.0.0.1", port)).await
+            && !is_self_connected(&stream)
+        {
             return Ok(());
         }
         if tokio::time::Instant::now() >= deadline {
@@ -115,6 +123,11 @@ pub async fn wait_for_port(port: u16, timeout: Duration) -> Result<(), String> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Whether `stream` is connected to itself rather than to a listener.
+fn is_self_connected(stream: &TcpStream) -> bool {
+    matches!((stream.local_addr(), stream.peer_addr()), (Ok(local), Ok(peer)) if local == peer)
 }
 
 /// A Mosquitto broker of our own on a free loopback port, stopped on drop.
