@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use mqseal_tests::broker::{BrokerConfig, Store, unique_database};
-use mqseal_tests::site::{Output, Site, mqseal_in, start_agent, workspace_bin};
+use mqseal_tests::site::{AgentProc, Output, Site, mqseal_in, start_agent, workspace_bin};
 use mqseal_tests::{Mosquitto, exec, free_port, mongodb_uri, python_script, require_program, spawn_until, topic};
 use serde_json::Value;
 use tokio::process::Command;
@@ -307,60 +307,117 @@ async fn third_party_clients_use_mqseal_credentials_over_tcp_and_tls() {
     assert_eq!((out.code, out.stdout.trim()), (27, format!("{d2_status} online").as_str()), "{out:?}");
 }
 
+/// `mqseal` with Debian's Mosquitto as the broker: Mosquitto's own password
+/// file (hashed by `mosquitto_passwd`) and an ACL file saying what mqseal's
+/// default rules say, a controller `operator` granted `devices` (and
+/// Mosquitto's `$SYS` counters), the devices' bundles made by `mqseal
+/// device add`. `mqseal`'s own store only records what it made.
+struct OnMosquitto {
+    dir: tempfile::TempDir,
+    mosq: Mosquitto,
+    config: PathBuf,
+}
+
+impl OnMosquitto {
+    /// `extra` is appended to Mosquitto's config.
+    async fn start(devices: &[&str], extra: &str) -> OnMosquitto {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let passwd = d.join("passwd");
+        let acl = d.join("acl");
+        write(&passwd, "");
+        write(&acl, &format!("{}topic read $SYS/#\n", mosquitto_acl("operator", devices)));
+        let mosq = Mosquitto::start(&format!(
+            "allow_anonymous false\npassword_file {}\nacl_file {}\n{extra}",
+            passwd.display(),
+            acl.display()
+        ))
+        .await;
+        write(&d.join("operator.pw"), "operator-password-1\n");
+        let config = write(
+            &d.join("mqseal.toml"),
+            &format!(
+                "data_dir = \"ctl\"\nkey = \"controller.key.pem\"\npbkdf2_iterations = 1000\n\n\
+                 [broker]\nhost = \"127.0.0.1\"\nport = {}\nusername = \"operator\"\npassword_file = \"operator.pw\"\n\n\
+                 [store]\nkind = \"file\"\npath = \"{}\"\n",
+                mosq.port(),
+                d.join("records.json").display()
+            ),
+        );
+        let site = OnMosquitto { dir, mosq, config };
+        assert_eq!(site.mqseal(&["keygen", "--bits", "2048"]).await.code, 0);
+        for id in devices {
+            let out = site.mqseal(&["device", "add", id, "--bits", "2048"]).await;
+            assert_eq!(out.code, 0, "{out:?}");
+        }
+        // Mosquitto's own tool hashes the passwords into its own file.
+        let mosquitto_passwd = require_program("mosquitto_passwd").display().to_string();
+        let passwd_s = passwd.display().to_string();
+        let mut users = vec![("operator".to_owned(), "operator-password-1".to_owned())];
+        users.extend(devices.iter().map(|id| ((*id).to_owned(), bundle_password(&site.bundle(id)))));
+        for (user, pw) in users {
+            let out = tool(&mosquitto_passwd, &["-b", &passwd_s, &user, &pw]).await;
+            assert_eq!(out.code, 0, "{out:?}");
+        }
+        // Mosquitto reads its password file at start and on SIGHUP.
+        site.mosq.reload().await;
+        site
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn bundle(&self, id: &str) -> PathBuf {
+        self.path().join("ctl/agents").join(format!("{id}.toml"))
+    }
+
+    async fn mqseal(&self, args: &[&str]) -> Output {
+        mqseal_in(self.path(), &self.config, args).await
+    }
+
+    /// `mqseal ARGS` in the background.
+    fn spawn_mqseal(&self, args: &[&str]) -> tokio::task::JoinHandle<Output> {
+        let (dir, config) = (self.path().to_owned(), self.config.clone());
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        tokio::spawn(async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            mqseal_in(&dir, &config, &args).await
+        })
+    }
+
+    async fn agent(&self, id: &str) -> AgentProc {
+        start_agent(&self.bundle(id), &self.path().join(format!("agent-{id}.log"))).await
+    }
+
+    /// Mosquitto's `$SYS` counter `name` as the operator reads it (it is
+    /// published every `sys_interval`).
+    async fn sys_counter(&self, name: &str) -> u64 {
+        let port = self.mosq.port().to_string();
+        let t = format!("$SYS/broker/{name}");
+        let out = tool(
+            "mosquitto_sub",
+            &["-p", &port, "-u", "operator", "-P", "operator-password-1", "-t", &t, "-C", "1", "-W", "10"],
+        )
+        .await;
+        assert_eq!(out.code, 0, "{t}: {out:?}");
+        out.stdout.trim().parse().unwrap_or_else(|e| panic!("{t}: {e}: {out:?}"))
+    }
+}
+
 /// The mqseal CLI and agent need nothing of mqseal's broker: through
 /// Debian's Mosquitto, with Mosquitto's own password file and an ACL file
 /// that says what mqseal's default rules say, both envelope modes work end
 /// to end, and Mosquitto's ACL keeps a device out of another's topics.
 #[tokio::test]
 async fn agent_and_cli_work_through_mosquitto() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    // Mosquitto as the broker; `mqseal`'s own store only records what it made.
-    let passwd = d.join("passwd");
-    let acl = d.join("acl");
-    write(&passwd, "");
-    write(&acl, &mosquitto_acl("operator", &["m-1", "m-2"]));
-    let mosq = Mosquitto::start(&format!(
-        "allow_anonymous false\npassword_file {}\nacl_file {}\n",
-        passwd.display(),
-        acl.display()
-    ))
-    .await;
-    write(&d.join("operator.pw"), "operator-password-1\n");
-    let config = write(
-        &d.join("mqseal.toml"),
-        &format!(
-            "data_dir = \"ctl\"\nkey = \"controller.key.pem\"\npbkdf2_iterations = 1000\n\n\
-             [broker]\nhost = \"127.0.0.1\"\nport = {}\nusername = \"operator\"\npassword_file = \"operator.pw\"\n\n\
-             [store]\nkind = \"file\"\npath = \"{}\"\n",
-            mosq.port(),
-            d.join("records.json").display()
-        ),
-    );
+    let site = OnMosquitto::start(&["m-1", "m-2"], "").await;
+    let (d, mosq) = (site.path(), &site.mosq);
+    let bundle = |id: &str| site.bundle(id);
     let mqseal = |args: Vec<&'static str>| {
-        let config = config.clone();
-        let d = d.to_owned();
-        async move { mqseal_in(&d, &config, &args).await }
+        let site = &site;
+        async move { site.mqseal(&args).await }
     };
-    assert_eq!(mqseal(vec!["keygen", "--bits", "2048"]).await.code, 0);
-    for id in ["m-1", "m-2"] {
-        let out = mqseal_in(d, &config, &["device", "add", id, "--bits", "2048"]).await;
-        assert_eq!(out.code, 0, "{out:?}");
-    }
-    // Mosquitto's own tool hashes the passwords into its own file.
-    let mosquitto_passwd = require_program("mosquitto_passwd").display().to_string();
-    let passwd_s = passwd.display().to_string();
-    let bundle = |id: &str| d.join("ctl/agents").join(format!("{id}.toml"));
-    for (user, pw) in [
-        ("operator", "operator-password-1".to_owned()),
-        ("m-1", bundle_password(&bundle("m-1"))),
-        ("m-2", bundle_password(&bundle("m-2"))),
-    ] {
-        let out = tool(&mosquitto_passwd, &["-b", &passwd_s, user, &pw]).await;
-        assert_eq!(out.code, 0, "{out:?}");
-    }
-    // Mosquitto reads its password file at start and on SIGHUP.
-    mosq.reload().await;
 
     let mut agent = start_agent(&bundle("m-1"), &d.join("agent-m-1.log")).await;
     let out = mqseal(vec!["send", "m-1", "echo", "via mosquitto"]).await;
@@ -397,31 +454,68 @@ async fn agent_and_cli_work_through_mosquitto() {
     assert!(out.stderr.contains("Not authorized"), "v5 PUBACK says so: {out:?}");
     let out = mqseal(vec!["send", "m-1", "noop", "--mode", "challenge"]).await;
     assert_eq!(out.code, 0, "{out:?}");
-    let out = tool(
-        "mosquitto_pub",
-        &[
-            "-p",
-            &port,
-            "-u",
-            "operator",
-            "-P",
-            "operator-password-1",
-            "-q",
-            "1",
-            "-t",
-            &topic("m-2", "cmd"),
-            "-m",
-            "probe",
-        ],
-    )
-    .await;
+    let out = operator_publish(&port, &topic("m-2", "cmd"), "probe").await;
     assert_eq!(out.code, 0, "{out:?}");
     let spied = spy.finish(T).await;
     assert_eq!(payloads(&spied), ["probe"], "m-2 received only its own: {spied:?}");
     assert_eq!(agent.count("executing verified command"), executed + 1, "only the genuine command ran");
     assert!(!agent.text().contains("forged"), "the forged publish never reached m-1");
     assert!(agent.is_running());
-    drop(mosq);
+}
+
+/// A broker that drops a command and says nothing of it: Mosquitto holds
+/// at most `max_queued_messages` for a client that is offline and drops
+/// the rest (counting them in `$SYS/broker/publish/messages/dropped`),
+/// while the sender's PUBACK only says the broker has the message. Here the
+/// device's queue is already full when the sealed command comes, so the
+/// command is dropped; once the device is back, the controller's re-send
+/// (the same envelope, 2 s, 4 s, 8 s … after) is what reaches it, and it
+/// runs once. Without re-sends the controller timed out (exit 4).
+#[tokio::test]
+async fn a_command_mosquitto_dropped_gets_through_on_a_re_send() {
+    let site = OnMosquitto::start(&["q-1"], "max_inflight_messages 1\nmax_queued_messages 1\nsys_interval 1\n").await;
+    let marks = site.path().join("marks-q-1");
+    let bundle = site.bundle("q-1");
+    let mut text = std::fs::read_to_string(&bundle).unwrap();
+    text.push_str(&format!(
+        "\n[commands.mark]\nprogram = [\"/bin/sh\", \"-c\", \"echo x >> '{}'\"]\n",
+        marks.display()
+    ));
+    write(&bundle, &text);
+    // A first run leaves the agent's persistent session (and its queue) at
+    // Mosquitto.
+    site.agent("q-1").await.stop().await;
+    let dropped_before = site.sys_counter("publish/messages/dropped").await;
+    let port = site.mosq.port().to_string();
+    for i in 0..4 {
+        let out = operator_publish(&port, &topic("q-1", "cmd"), &format!("filler {i}")).await;
+        assert_eq!(out.code, 0, "{out:?}");
+    }
+    let send = site.spawn_mqseal(&["send", "q-1", "mark", "--mode", "sealed", "--timeout", "60s"]);
+    // The command, and its first re-send, meet the full queue.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut dropped = site.sys_counter("publish/messages/dropped").await;
+    while dropped < dropped_before + 4 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        dropped = site.sys_counter("publish/messages/dropped").await;
+    }
+    assert!(dropped >= dropped_before + 4, "Mosquitto dropped {} messages", dropped - dropped_before);
+    assert!(!send.is_finished());
+    let agent = site.agent("q-1").await;
+    let out = send.await.unwrap();
+    assert_eq!(out.code, 0, "{out:?}\nagent log:\n{}", agent.text());
+    assert_eq!(std::fs::read_to_string(&marks).unwrap().lines().count(), 1, "ran once");
+    assert!(agent.count("rejected:") >= 1, "the queued fillers reached the agent first:\n{}", agent.text());
+    assert_eq!(agent.count("executing verified command"), 1, "{}", agent.text());
+    agent.stop().await;
+}
+
+/// `mosquitto_pub` as the operator, QoS 1: raw bytes on a topic the
+/// operator's credential may write.
+async fn operator_publish(port: &str, topic: &str, message: &str) -> Output {
+    let args = ["-p", port, "-u", "operator", "-P", "operator-password-1", "-q", "1", "-t", topic, "-m", message];
+    tool("mosquitto_pub", &args).await
 }
 
 /// What mqseal's default rules (broker/src/acl.rs) say, in Mosquitto's
