@@ -24,7 +24,7 @@ use mqseal_agent::exec::Ran;
 use mqseal_agent::state::StateFile;
 use mqseal_client::{BrokerEndpoint, rng};
 use mqseal_controller::registry::DeviceKeys;
-use mqseal_controller::session::{DeviceResult, Mode, Request, Session};
+use mqseal_controller::session::{DeviceResult, Finished, Mode, Request, Session};
 use mqseal_proto::challenge::HmacKey;
 use mqseal_proto::sealed::{Keyring, PrivateKey};
 use mqseal_proto::{Policy, Status};
@@ -321,7 +321,7 @@ pub async fn command_rtt(a: CommandRtt) -> Result<serde_json::Value, Failure> {
             let r = session.run(&targets, &request, Duration::from_secs(5), &mut |_, _| {}).await;
             let elapsed = t0.elapsed();
             match r.as_deref() {
-                Ok([DeviceResult::Answered(reply)]) if reply.status == Status::Ok => {
+                Ok([Finished { result: DeviceResult::Answered(reply), .. }]) if reply.status == Status::Ok => {
                     if i >= warmup {
                         samples.push(elapsed.as_micros() as u64);
                     }
@@ -564,7 +564,7 @@ pub async fn soak(a: Soak) -> Result<serde_json::Value, Failure> {
                     match results {
                         Ok(rs) => {
                             for r in rs {
-                                match r {
+                                match r.result {
                                     DeviceResult::Answered(reply) if reply.status == Status::Ok => o.0 += 1,
                                     DeviceResult::TimedOut => o.1 += 1,
                                     _ => o.2 += 1,

@@ -55,7 +55,7 @@ use tokio::time::Instant;
 use crate::registry::DeviceKeys;
 
 /// Which envelope mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// RSA: encrypted, signed both ways (the paper's design).
@@ -93,6 +93,17 @@ impl Request {
     }
 }
 
+/// A status as the CLI and the audit log spell it.
+pub fn status_name(s: Status) -> &'static str {
+    match s {
+        Status::Ok => "ok",
+        Status::Failed => "failed",
+        Status::TimedOut => "timed_out",
+        Status::UnknownCommand => "unknown_command",
+        Status::BadArguments => "bad_arguments",
+    }
+}
+
 /// A device's authenticated answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
@@ -102,6 +113,22 @@ pub struct Reply {
     pub code: i32,
     /// Output (empty in hidden form).
     pub output: Vec<u8>,
+    /// What the device sent, kept so that the answer can be checked again
+    /// later (the audit log).
+    pub evidence: Evidence,
+}
+
+/// A device's answer as it arrived: the bytes its signature or tag covers,
+/// and what else checking them again needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Evidence {
+    /// The response frame, byte for byte.
+    pub frame: Vec<u8>,
+    /// Challenge mode: the challenge the response's tag was computed over
+    /// (one of the command's copies').
+    pub challenge: Option<[u8; 16]>,
+    /// When it verified (Unix ms).
+    pub at_ms: u64,
 }
 
 /// How one target ended.
@@ -183,12 +210,14 @@ pub struct Exchange<'k> {
     last: Option<Out>,
     /// When to send `last` again.
     resend: Option<Resend>,
+    /// The command's message id, once it is built.
+    msg_id: Option<MsgId>,
 }
 
 impl<'k> Exchange<'k> {
     /// An exchange with `device` that has sent nothing yet.
     pub fn new(device: &str, keys: &'k DeviceKeys) -> Exchange<'k> {
-        Exchange { device: device.to_owned(), keys, state: State::Pending, last: None, resend: None }
+        Exchange { device: device.to_owned(), keys, state: State::Pending, last: None, resend: None, msg_id: None }
     }
 
     /// The device.
@@ -199,6 +228,13 @@ impl<'k> Exchange<'k> {
     /// The device's keys.
     pub fn keys(&self) -> &'k DeviceKeys {
         self.keys
+    }
+
+    /// The command's message id (every copy and re-send carries it), once
+    /// it is built: what the device's receipt answers, and what the audit
+    /// log names the command by.
+    pub fn msg_id(&self) -> Option<MsgId> {
+        self.msg_id
     }
 
     /// Whether nothing has been sent yet.
@@ -263,6 +299,7 @@ impl<'k> Exchange<'k> {
             Ok(f) => f,
             Err(e) => return self.fail(format!("building the command: {e}")),
         };
+        self.msg_id = Some(fresh.msg_id);
         let mut copies = Copies {
             fresh,
             requests: Vec::new(),
@@ -289,6 +326,7 @@ impl<'k> Exchange<'k> {
     /// it (by [`seal`], on a worker thread).
     pub fn start_sealed(&mut self, sealed: Result<SealedOut, String>, now: Instant) -> Option<Out> {
         let out = sealed.map(|SealedOut { msg_id, receipt_key, out }| {
+            self.msg_id = Some(msg_id);
             self.state = State::Sealed { msg_id, receipt_key };
             Some(out)
         });
@@ -312,17 +350,25 @@ impl<'k> Exchange<'k> {
         self.sent(out.map(Some), now)
     }
 
-    /// A response from the device, published on `arrived_on`: ends the
-    /// exchange if it verifies. Anything that does not verify is ignored —
-    /// another controller's, or forged; neither ends the wait for the
-    /// genuine answer.
-    pub fn on_response(&mut self, arrived_on: &str, payload: &[u8], controller_key: &PrivateKey) -> bool {
+    /// A response from the device, published on `arrived_on` and read at
+    /// `unix_ms`: ends the exchange if it verifies. Anything that does not
+    /// verify is ignored — another controller's, or forged; neither ends
+    /// the wait for the genuine answer.
+    pub fn on_response(&mut self, arrived_on: &str, payload: &[u8], controller_key: &PrivateKey, unix_ms: u64) -> bool {
+        let evidence = |challenge| Evidence { frame: payload.to_vec(), challenge, at_ms: unix_ms };
         let reply = match &self.state {
-            State::Challenge(copies) => copies.read_response(&self.device, self.keys, arrived_on, payload),
+            State::Challenge(copies) => copies.read_response(&self.device, self.keys, arrived_on, payload).map(
+                |(status, code, output, challenge)| Reply { status, code, output, evidence: evidence(Some(challenge)) },
+            ),
             State::Sealed { msg_id, receipt_key } => SealedController::new(controller_key)
                 .open_response(payload, arrived_on, &self.device, &self.keys.public, *msg_id, receipt_key)
                 .ok()
-                .map(|opened| Reply { status: opened.status, code: opened.code, output: opened.output.clone() }),
+                .map(|opened| Reply {
+                    status: opened.status,
+                    code: opened.code,
+                    output: opened.output.clone(),
+                    evidence: evidence(None),
+                }),
             State::Pending | State::Done(_) => None,
         };
         match reply {
@@ -408,22 +454,29 @@ impl Copies {
         Ok((self.fresh.topic.to_string(), frame))
     }
 
-    /// The reply in `payload` if it verifies over one of the challenges used.
-    fn read_response(&self, device: &str, keys: &DeviceKeys, arrived_on: &str, payload: &[u8]) -> Option<Reply> {
+    /// The outcome in `payload` (status, code, output) and the challenge
+    /// it verified over, if it verifies over one of the challenges used.
+    fn read_response(
+        &self,
+        device: &str,
+        keys: &DeviceKeys,
+        arrived_on: &str,
+        payload: &[u8],
+    ) -> Option<(Status, i32, Vec<u8>, [u8; 16])> {
         let controller = ChallengeController::new(device, &keys.hmac).ok()?;
         let candidates = hidden_candidates();
         self.used.iter().find_map(|challenge| {
             let pending = Pending { challenge: *challenge, msg_id: self.fresh.msg_id };
             match controller.read_response(payload, arrived_on, &pending, &candidates).ok()? {
-                Answer::Explicit(o) => Some(Reply { status: o.status, code: o.code, output: o.output.to_vec() }),
-                Answer::Hidden(i) => Some(Reply { status: candidates.get(i)?.status, code: 0, output: vec![] }),
+                Answer::Explicit(o) => Some((o.status, o.code, o.output.to_vec(), *challenge)),
+                Answer::Hidden(i) => Some((candidates.get(i)?.status, 0, vec![], *challenge)),
             }
         })
     }
 }
 
 /// The outcomes a hidden-form answer can confirm: a status, nothing else.
-fn hidden_candidates() -> [Outcome<'static>; 5] {
+pub fn hidden_candidates() -> [Outcome<'static>; 5] {
     [Status::Ok, Status::Failed, Status::TimedOut, Status::UnknownCommand, Status::BadArguments].map(|status| Outcome {
         status,
         code: 0,
@@ -558,8 +611,13 @@ mod tests {
 
     /// A challenge nobody issued, answering `request` as if it were the
     /// device's: what a malicious broker can publish.
+    /// The message id of a challenge request to dev-1.
+    fn request_id(request: &Out) -> MsgId {
+        MsgId(request.1[2 + 1 + 5..2 + 1 + 5 + 16].try_into().unwrap())
+    }
+
     fn forged(request: &Out, challenge: u8) -> Vec<u8> {
-        let id = MsgId(request.1[2 + 1 + 5..2 + 1 + 5 + 16].try_into().unwrap());
+        let id = request_id(request);
         let mut out = vec![1u8, 4, 5];
         out.extend(b"dev-1");
         out.extend(id.0);
@@ -605,10 +663,16 @@ mod tests {
         assert_eq!(over_forged.0, over_genuine.0);
         assert_eq!(dev.command(&over_forged).unwrap_err(), mqseal_proto::Error::UnknownChallenge);
         let response = dev.command(&over_genuine).unwrap();
-        assert!(x.on_response(RESP, &response, &PrivateKey::generate(rng, 2048).unwrap()));
+        assert!(x.on_response(RESP, &response, &PrivateKey::generate(rng, 2048).unwrap(), 7));
+        let genuine_challenge = ChallengeController::new("dev-1", &keys.hmac)
+            .unwrap()
+            .read_challenge(&genuine, request_id(&chal_req))
+            .unwrap()
+            .challenge;
         assert!(
-            matches!(x.into_result(), DeviceResult::Answered(r) if r.output == b"done"),
-            "the response verified over the second challenge"
+            matches!(x.into_result(), DeviceResult::Answered(r) if r.output == b"done"
+                && r.evidence == Evidence { frame: response.clone(), challenge: Some(genuine_challenge), at_ms: 7 }),
+            "the response verified over the second challenge, and that is what is kept"
         );
         assert_eq!(dev.ran, 1);
     }
@@ -640,7 +704,7 @@ mod tests {
         let later = now + FALLBACK_AFTER;
         let copy = x.on_challenge(&dev.challenge(&again), &req, &call, later).unwrap();
         let response = dev.command(&copy).unwrap();
-        assert!(x.on_response(RESP, &response, &PrivateKey::generate(rng, 2048).unwrap()));
+        assert!(x.on_response(RESP, &response, &PrivateKey::generate(rng, 2048).unwrap(), 0));
         assert_eq!(dev.ran, 1);
     }
 

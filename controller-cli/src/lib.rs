@@ -2,6 +2,8 @@
 //!
 //! The `mqseal` binary is a thin command line over these modules:
 //!
+//! * [`audit`] — the record of every command sent and the device's
+//!   answer, and checking it again.
 //! * [`config`] — `mqseal.toml`, with environment overrides.
 //! * [`registry`] — what the controller knows of each device (public key,
 //!   HMAC key), 0600.
@@ -12,6 +14,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod config;
 pub mod exchange;
 pub mod provision;

@@ -52,14 +52,14 @@ use mqseal_client::rumqttc::{
     self, AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, Outgoing, Packet, QoS, SubscribeFilter,
     SubscribeReasonCode,
 };
-use mqseal_client::{BrokerEndpoint, rng, unix_now};
+use mqseal_client::{BrokerEndpoint, rng, unix_ms, unix_now};
 use mqseal_proto::challenge::{ChallengeController, HmacKey, Offer};
 use mqseal_proto::sealed::PrivateKey;
 use mqseal_proto::topic::{Channel, parse, topic};
 use mqseal_proto::{Call, MsgId};
 use tokio::time::Instant;
 
-pub use crate::exchange::{DeviceResult, Mode, Reply, Request};
+pub use crate::exchange::{DeviceResult, Evidence, Mode, Reply, Request};
 use crate::exchange::{Exchange, SealedOut, challenge_request, seal};
 use crate::registry::DeviceKeys;
 
@@ -96,6 +96,16 @@ impl SessionError {
     pub fn is_auth(&self) -> bool {
         matches!(self, SessionError::Refused { .. })
     }
+}
+
+/// How one target ended, and the message id of the command it was sent
+/// (none if none was built): what the audit log names it by.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    /// The command's message id.
+    pub msg_id: Option<MsgId>,
+    /// How it ended.
+    pub result: DeviceResult,
 }
 
 /// Targets above this are subscribed to with one wildcard filter, if the
@@ -253,7 +263,7 @@ impl Session {
         request: &Request,
         timeout: Duration,
         progress: &mut (dyn FnMut(usize, usize) + Send),
-    ) -> Result<Vec<DeviceResult>, SessionError> {
+    ) -> Result<Vec<Finished>, SessionError> {
         let deadline = Instant::now() + timeout;
         let mut ts: Vec<Exchange<'_>> = targets.iter().map(|(d, k)| Exchange::new(d, k)).collect();
         let call_args: Vec<&str> = request.args.iter().map(String::as_str).collect();
@@ -354,7 +364,7 @@ impl Session {
                     schedule(&mut timers, t, i);
                 }
                 Channel::Response => {
-                    if !t.on_response(&p.topic, &p.payload, &self.key) {
+                    if !t.on_response(&p.topic, &p.payload, &self.key, unix_ms()) {
                         continue;
                     }
                     done += 1;
@@ -371,7 +381,7 @@ impl Session {
             }
         }
         self.drain(&mut queue);
-        Ok(ts.into_iter().map(Exchange::into_result).collect())
+        Ok(ts.into_iter().map(|t| Finished { msg_id: t.msg_id(), result: t.into_result() }).collect())
     }
 
     /// After the connection dropped: reconnects with backoff until the

@@ -13,7 +13,7 @@ use mqseal_proto::challenge::{
     Answer, ChallengeController, ChallengeDevice, ChallengeTable, Clock, Form, Pending, Registered,
 };
 use mqseal_proto::sealed::backend::{self, Backend, RustCrypto};
-use mqseal_proto::sealed::{Keyring, ReplayCache, SealedCommand, SealedController, SealedDevice};
+use mqseal_proto::sealed::{Keyring, ReplayCache, SealedCommand, SealedController, SealedDevice, verify_receipt};
 use mqseal_proto::topic::{Channel, Topic, topic};
 use mqseal_proto::{Call, Error, Header, MsgId, Outcome, Policy, Status};
 
@@ -140,6 +140,41 @@ fn byte_flips_of_a_response(b: &'static dyn Backend) {
             }
         }
     }
+}
+
+/// An audit log keeps receipts long after their commands: one is checked
+/// again with public keys alone (no controller key, no receipt key), and
+/// every byte flip of it, another command's id, another recipient or
+/// another device's key is refused.
+#[test]
+fn a_stored_receipt_verifies_with_public_keys_alone_and_not_once_changed() {
+    backend::ALL.iter().for_each(|b| stored_receipt(*b));
+}
+
+fn stored_receipt(b: &'static dyn Backend) {
+    let s = Sealed::on(b);
+    let sealed = s.sealed_command("controller-2048", 3);
+    let mut cache = ReplayCache::new(64, Policy::default());
+    let dev = s.device();
+    let opened =
+        dev.open_command(&mut VectorRng::new(b"b"), &sealed.frame, &t(Channel::Command), NOW, &mut cache).unwrap();
+    let outcome = Outcome { status: Status::Failed, code: 7, output: b"disk full" };
+    let resp = dev.seal_response(&mut VectorRng::new(b"r"), &opened, &outcome, MsgId([8; 16]), NOW).unwrap();
+    let (device_key, controller) = (s.keys.public("device-2048"), s.keys.public("controller-2048").id());
+    let facts = verify_receipt(&resp, DEV, device_key, controller, MsgId([3; 16])).unwrap();
+    assert_eq!((facts.sender, facts.recipient, facts.in_reply_to), (device_key.id(), controller, MsgId([3; 16])));
+    assert_eq!((facts.header.device.as_str(), facts.header.msg_id), (DEV, MsgId([8; 16])));
+    for i in 0..resp.len() {
+        let mut f = resp.clone();
+        f[i] ^= 0x01;
+        assert!(verify_receipt(&f, DEV, device_key, controller, MsgId([3; 16])).is_err(), "byte {i} flipped");
+    }
+    assert_eq!(verify_receipt(&resp, DEV, device_key, controller, MsgId([4; 16])), Err(Error::UnexpectedReply));
+    let other = s.keys.public("controller-3072").id();
+    assert_eq!(verify_receipt(&resp, DEV, device_key, other, MsgId([3; 16])), Err(Error::WrongRecipient));
+    let impostor = s.keys.public("device-3072");
+    assert_eq!(verify_receipt(&resp, DEV, impostor, controller, MsgId([3; 16])), Err(Error::UnknownSigner));
+    assert_eq!(verify_receipt(&resp, "dev-2", device_key, controller, MsgId([3; 16])), Err(Error::WrongDevice));
 }
 
 /// Replays are refused immediately and after a restart (export/restore).

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::{AnyStore, FileStore, StoreError};
+use crate::{AnyStore, AuditLog, FileStore, StoreError};
 #[cfg(feature = "mongodb")]
 use crate::{LegacyLayout, MongoConfig, MongoStore};
 
@@ -47,6 +47,8 @@ pub struct StoreConfig {
     pub legacy_collection: String,
     /// Deadline for every store call.
     pub timeout_ms: u64,
+    /// MongoDB collection of the controllers' audit log.
+    pub audit_collection: String,
 }
 
 impl Default for StoreConfig {
@@ -61,6 +63,7 @@ impl Default for StoreConfig {
             legacy_database: "IOT".into(),
             legacy_collection: "login_info".into(),
             timeout_ms: 2_000,
+            audit_collection: "mqseal_audit".into(),
         }
     }
 }
@@ -69,6 +72,29 @@ impl StoreConfig {
     /// The file store's path: `path`, else `data_dir/users.json`.
     pub fn file_path(&self, data_dir: &Path) -> PathBuf {
         self.path.clone().unwrap_or_else(|| data_dir.join("users.json"))
+    }
+
+    /// The audit log that goes with this store: `file` when the store is a
+    /// file, the collection `audit_collection` of the same MongoDB database
+    /// when it is MongoDB (every controller of a deployment then writes to
+    /// one log).
+    ///
+    /// # Errors
+    /// [`StoreError`] naming the MongoDB address.
+    pub async fn open_audit(&self, file: PathBuf) -> Result<AuditLog, StoreError> {
+        match self.kind {
+            StoreKind::File => Ok(AuditLog::File(file)),
+            #[cfg(not(feature = "mongodb"))]
+            StoreKind::Mongodb => Err(StoreError::Mongo {
+                address: "-".into(),
+                message: "this build has no MongoDB support (feature `mongodb`)".into(),
+            }),
+            #[cfg(feature = "mongodb")]
+            StoreKind::Mongodb => match self.open(Path::new(".")).await? {
+                AnyStore::Mongo(m) => Ok(m.audit_log(&self.audit_collection)),
+                AnyStore::File(_) => Err(StoreError::InvalidRecord("a MongoDB store opened as a file".into())),
+            },
+        }
     }
 
     /// Opens the configured store (connecting to MongoDB if that is the kind).

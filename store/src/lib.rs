@@ -13,6 +13,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod audit;
 mod config;
 mod file;
 pub mod hash;
@@ -25,6 +26,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+pub use audit::{AuditError, AuditLog, AuditQuery, Stored};
 pub use config::{StoreConfig, StoreKind};
 pub use file::{FileStore, write_private};
 pub use hash::Algorithm;

@@ -82,6 +82,17 @@ impl MongoStore {
         Ok(store)
     }
 
+    /// The audit log collection `name` in the same database, on the same
+    /// client.
+    pub fn audit_log(&self, name: &str) -> crate::AuditLog {
+        let db = self.users.namespace().db;
+        crate::AuditLog::Mongo {
+            records: self.users.client().database(&db).collection(name),
+            address: self.address.clone(),
+            timeout: self.timeout,
+        }
+    }
+
     /// Creates the unique index now, failing if MongoDB cannot be reached:
     /// for tools (the CLI) that want to know at once.
     pub async fn ensure_index(&self) -> Result<(), StoreError> {

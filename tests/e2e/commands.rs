@@ -450,7 +450,7 @@ async fn a_prefetching_controller_keeps_working_across_idle_gaps() {
     for round in 1..=3 {
         let results = session.run(&targets, &request, 10 * SECOND, &mut |_, _| {}).await.unwrap();
         assert!(
-            matches!(&results[0], mqseal_controller::session::DeviceResult::Answered(r) if r.status == mqseal_proto::Status::Ok),
+            matches!(&results[0].result, mqseal_controller::session::DeviceResult::Answered(r) if r.status == mqseal_proto::Status::Ok),
             "round {round}: {results:?}"
         );
         // Idle without reading: the prefetched challenge expires unread.

@@ -346,6 +346,77 @@ impl Drop for OpenedCommand {
     }
 }
 
+/// What a receipt's signature proves without its key: who signed it, for
+/// which controller, in answer to which command, and when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiptFacts {
+    /// Key id of the device that signed it.
+    pub sender: KeyId,
+    /// Key id of the controller it is addressed to.
+    pub recipient: KeyId,
+    /// The signed header (device, topic, message id, times).
+    pub header: OwnedHeader,
+    /// The command it answers.
+    pub in_reply_to: MsgId,
+}
+
+/// Checks a stored receipt's signature and bindings again, long after its
+/// command: that `device` (whose key is `device_key`) signed it, addressed
+/// to the controller key `recipient`, on its response topic, in answer to
+/// the command `in_reply_to`. The same checks, in the same order, as
+/// [`SealedController::open_response`] makes before decrypting — it needs
+/// neither the controller's private key nor the receipt key, so an auditor
+/// holding only public keys can run it (`mqseal audit verify`).
+///
+/// The outcome inside stays encrypted: the signature binds the device to
+/// the ciphertext, and only the holder of the receipt key can read it.
+///
+/// # Errors
+/// As for [`SealedController::open_response`], except decryption.
+pub fn verify_receipt(
+    frame: &[u8],
+    device: &str,
+    device_key: &PublicKey,
+    recipient: KeyId,
+    in_reply_to: MsgId,
+) -> Result<ReceiptFacts> {
+    let arrived_on = topic(device, Channel::Response)?;
+    let view = authenticate_receipt(frame, arrived_on.as_str(), device, device_key, recipient, in_reply_to)?;
+    let p = &view.prefix;
+    Ok(ReceiptFacts {
+        sender: p.sender,
+        recipient: p.recipient,
+        header: OwnedHeader::from_header(&p.header),
+        in_reply_to: p.in_reply_to,
+    })
+}
+
+/// A receipt parsed and authenticated, in the fixed order: header, recipient,
+/// signer, the command it answers, signature.
+fn authenticate_receipt<'a>(
+    frame: &'a [u8],
+    arrived_on: &str,
+    device: &str,
+    device_key: &PublicKey,
+    recipient: KeyId,
+    in_reply_to: MsgId,
+) -> Result<View<'a, ResponsePrefix<'a>>> {
+    let view = parse::<ResponsePrefix<'_>>(frame, Kind::SealedResponse)?;
+    let p = &view.prefix;
+    p.header.check_response(device, arrived_on)?;
+    if p.recipient != recipient {
+        return Err(Error::WrongRecipient);
+    }
+    if p.sender != device_key.id() {
+        return Err(Error::UnknownSigner);
+    }
+    if p.in_reply_to != in_reply_to {
+        return Err(Error::UnexpectedReply);
+    }
+    verify_signature(&view, device_key)?;
+    Ok(view)
+}
+
 /// A verified response: the device's signed execution receipt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OpenedResponse {
@@ -577,19 +648,8 @@ impl<'a> SealedController<'a> {
         in_reply_to: MsgId,
         receipt_key: &ReceiptKey,
     ) -> Result<OpenedResponse> {
-        let view = parse::<ResponsePrefix<'_>>(frame, Kind::SealedResponse)?;
+        let view = authenticate_receipt(frame, arrived_on, device, device_key, self.key.id(), in_reply_to)?;
         let p = &view.prefix;
-        p.header.check_response(device, arrived_on)?;
-        if p.recipient != self.key.id() {
-            return Err(Error::WrongRecipient);
-        }
-        if p.sender != device_key.id() {
-            return Err(Error::UnknownSigner);
-        }
-        if p.in_reply_to != in_reply_to {
-            return Err(Error::UnexpectedReply);
-        }
-        verify_signature(&view, device_key)?;
         let plaintext = decrypt(&view, receipt_key.as_key(), &receipt_nonce(&p.header.msg_id))?;
         let outcome: Outcome<'_> = wire::decode(&plaintext)?;
         outcome.validate()?;
