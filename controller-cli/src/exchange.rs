@@ -201,6 +201,57 @@ struct Copies {
     fallback_every: Duration,
 }
 
+/// What resuming an exchange needs after the controller stopped while it
+/// was out: the command's identity, its last envelope (to send again, the
+/// same bytes) and whatever verifies its answer — the receipt key (sealed)
+/// or every challenge a copy was tagged over and every request a
+/// challenge may answer (challenge mode). A job's journal keeps one per
+/// device, written before the envelope is published (`crate::job`). Byte
+/// strings are hex, for a JSON journal; the receipt key is a secret, and
+/// the journal is 0600 like the registry that holds the HMAC keys.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Snapshot {
+    /// The command's message id.
+    pub msg_id: String,
+    /// Its validity window (Unix seconds).
+    pub issued_at: u64,
+    /// See `issued_at`.
+    pub expires_at: u64,
+    /// The last envelope's topic.
+    pub topic: String,
+    /// The last envelope.
+    pub frame: String,
+    /// Sealed mode: the key the receipt comes encrypted under.
+    pub receipt_key: Option<String>,
+    /// Challenge mode: the requests sent for the command.
+    pub requests: Vec<String>,
+    /// Challenge mode: the challenges a copy was tagged over.
+    pub challenges: Vec<String>,
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("msg_id", &self.msg_id)
+            .field("topic", &self.topic)
+            .field("receipt_key", &self.receipt_key.as_ref().map(|_| "<redacted>"))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        if let Some(k) = &mut self.receipt_key {
+            zeroize::Zeroize::zeroize(k);
+        }
+    }
+}
+
+fn unhex<const N: usize>(text: &str, what: &str) -> Result<[u8; N], String> {
+    let bytes = hex::decode(text).map_err(|_| format!("{what} is not hex"))?;
+    bytes.try_into().map_err(|_| format!("{what} is not {N} bytes"))
+}
+
 /// One target's exchange.
 pub struct Exchange<'k> {
     device: String,
@@ -212,12 +263,111 @@ pub struct Exchange<'k> {
     resend: Option<Resend>,
     /// The command's message id, once it is built.
     msg_id: Option<MsgId>,
+    /// A new envelope was built since the last [`Exchange::take_snapshot`].
+    changed: bool,
+    /// When to stop waiting and end as [`DeviceResult::TimedOut`].
+    give_up_at: Option<Instant>,
 }
 
 impl<'k> Exchange<'k> {
     /// An exchange with `device` that has sent nothing yet.
     pub fn new(device: &str, keys: &'k DeviceKeys) -> Exchange<'k> {
-        Exchange { device: device.to_owned(), keys, state: State::Pending, last: None, resend: None, msg_id: None }
+        Exchange {
+            device: device.to_owned(),
+            keys,
+            state: State::Pending,
+            last: None,
+            resend: None,
+            msg_id: None,
+            changed: false,
+            give_up_at: None,
+        }
+    }
+
+    /// An exchange taken up again from `snapshot` (see [`Snapshot`]) at
+    /// `now`: its last envelope is due at once, then at the usual
+    /// intervals, and a challenge-mode command falls back to fresh
+    /// challenges as any does.
+    ///
+    /// # Errors
+    /// A snapshot that does not parse, or names another device's topics.
+    pub fn resume(
+        device: &str,
+        keys: &'k DeviceKeys,
+        snapshot: &Snapshot,
+        now: Instant,
+    ) -> Result<Exchange<'k>, String> {
+        let mut x = Exchange::new(device, keys);
+        let msg_id = MsgId(unhex(&snapshot.msg_id, "msg_id")?);
+        let frame = hex::decode(&snapshot.frame).map_err(|_| "frame is not hex".to_owned())?;
+        match mqseal_proto::topic::parse(&snapshot.topic) {
+            Some((d, _)) if d == device => {}
+            _ => return Err(format!("topic {:?} is not one of {device}'s", snapshot.topic)),
+        }
+        x.state = match &snapshot.receipt_key {
+            Some(k) => State::Sealed { msg_id, receipt_key: ReceiptKey::from_bytes(unhex(k, "receipt_key")?) },
+            None => {
+                let fresh = Fresh {
+                    topic: topic(device, Channel::Command).map_err(|e| e.to_string())?,
+                    msg_id,
+                    issued_at: snapshot.issued_at,
+                    expires_at: snapshot.expires_at,
+                };
+                let requests =
+                    snapshot.requests.iter().map(|r| unhex(r, "request").map(MsgId)).collect::<Result<_, _>>()?;
+                let used = snapshot.challenges.iter().map(|c| unhex(c, "challenge")).collect::<Result<_, _>>()?;
+                State::Challenge(Box::new(Copies {
+                    fresh,
+                    requests,
+                    used,
+                    fallback_at: now + FALLBACK_AFTER,
+                    fallback_every: FALLBACK_AFTER,
+                }))
+            }
+        };
+        x.msg_id = Some(msg_id);
+        x.last = Some((snapshot.topic.clone(), frame));
+        x.on_reconnect(now);
+        Ok(x)
+    }
+
+    /// What [`Exchange::resume`] needs, if a new envelope was built since
+    /// the last call (a re-send of the same bytes changes nothing): a
+    /// caller that must survive its own crash stores it before
+    /// publishing.
+    pub fn take_snapshot(&mut self) -> Option<Snapshot> {
+        if !std::mem::take(&mut self.changed) {
+            return None;
+        }
+        let (topic, frame) = self.last.as_ref()?;
+        let msg_id = hex::encode(self.msg_id?.0);
+        let mut snap = Snapshot {
+            msg_id,
+            issued_at: 0,
+            expires_at: 0,
+            topic: topic.clone(),
+            frame: hex::encode(frame),
+            receipt_key: None,
+            requests: Vec::new(),
+            challenges: Vec::new(),
+        };
+        match &self.state {
+            State::Sealed { receipt_key, .. } => snap.receipt_key = Some(hex::encode(receipt_key.to_bytes())),
+            State::Challenge(c) => {
+                snap.issued_at = c.fresh.issued_at;
+                snap.expires_at = c.fresh.expires_at;
+                snap.requests = c.requests.iter().map(|r| hex::encode(r.0)).collect();
+                snap.challenges = c.used.iter().map(hex::encode).collect();
+            }
+            State::Pending | State::Done(_) => return None,
+        }
+        Some(snap)
+    }
+
+    /// Ends the exchange as [`DeviceResult::TimedOut`] at `at` if it has
+    /// not ended by then ([`Exchange::on_timer`] does it).
+    pub fn give_up_at(&mut self, at: Instant) {
+        self.give_up_at = Some(at);
     }
 
     /// The device.
@@ -247,6 +397,14 @@ impl<'k> Exchange<'k> {
         matches!(self.state, State::Done(_))
     }
 
+    /// How it ended, if it has.
+    pub fn result(&self) -> Option<&DeviceResult> {
+        match &self.state {
+            State::Done(r) => Some(r),
+            _ => None,
+        }
+    }
+
     /// How it ended: [`DeviceResult::TimedOut`] if it has not.
     pub fn into_result(self) -> DeviceResult {
         match self.state {
@@ -262,12 +420,15 @@ impl<'k> Exchange<'k> {
 
     /// When [`on_timer`](Self::on_timer) has something to do.
     pub fn next_timer(&self) -> Option<Instant> {
+        if self.is_done() {
+            return None;
+        }
         let fallback = match &self.state {
             State::Challenge(c) if c.may_ask_again() => Some(c.fallback_at),
             _ => None,
         };
-        let resend = self.resend.filter(|_| !self.is_done() && self.last.is_some()).map(|r| r.at);
-        fallback.into_iter().chain(resend).min()
+        let resend = self.resend.filter(|_| self.last.is_some()).map(|r| r.at);
+        fallback.into_iter().chain(resend).chain(self.give_up_at).min()
     }
 
     /// The connection was lost and is back: whatever the broker held for
@@ -384,6 +545,10 @@ impl<'k> Exchange<'k> {
     /// another challenge (whose answer gets a copy); otherwise, when a
     /// re-send is due, the last envelope again.
     pub fn on_timer<R: CryptoRng + ?Sized>(&mut self, now: Instant, rng: &mut R) -> Option<Out> {
+        if self.give_up_at.is_some_and(|at| now >= at) && !self.is_done() {
+            self.state = State::Done(DeviceResult::TimedOut);
+            return None;
+        }
         if let State::Challenge(copies) = &mut self.state
             && now >= copies.fallback_at
             && copies.may_ask_again()
@@ -410,6 +575,7 @@ impl<'k> Exchange<'k> {
     fn sent(&mut self, out: Result<Option<Out>, String>, now: Instant) -> Option<Out> {
         match out {
             Ok(Some(o)) => {
+                self.changed = true;
                 self.last = Some(o.clone());
                 self.resend = Some(Resend { at: now + RESEND_EVERY, every: RESEND_EVERY });
                 Some(o)
@@ -780,5 +946,54 @@ mod tests {
         x.finish(DeviceResult::TimedOut);
         assert_eq!(x.next_timer(), None, "an exchange that has ended sends nothing");
         assert_eq!(x.on_timer(later + RESEND_MAX, rng), None);
+    }
+
+    /// A controller that stopped mid-command (a job killed) takes the
+    /// exchange up from its snapshot: the same bytes go out again at once,
+    /// and the device's answer to the *earlier* copy — tagged over the
+    /// challenge recorded in the snapshot — ends it. Re-sends change no
+    /// snapshot; a copy over a new challenge does.
+    #[test]
+    fn a_resumed_exchange_sends_the_same_envelope_and_accepts_the_answer_to_it() {
+        let (keys, req, call) = (keys(), request(), Call::new("go", &[]).unwrap());
+        let (mut dev, now, rng) = (Device::new(), Instant::now(), &mut mqseal_client::rng());
+        let (mut x, chal_req) = start(&keys, &req, &call, now);
+        assert!(x.take_snapshot().is_some_and(|s| s.challenges.is_empty() && s.requests.len() == 1));
+        assert!(x.take_snapshot().is_none(), "nothing new");
+        let copy = x.on_challenge(&dev.challenge(&chal_req), &req, &call, now).unwrap();
+        let snap = x.take_snapshot().unwrap();
+        assert_eq!((snap.challenges.len(), snap.frame.clone()), (1, hex::encode(&copy.1)));
+        assert_eq!(x.on_timer(now + RESEND_EVERY, rng).as_ref(), Some(&copy));
+        assert!(x.take_snapshot().is_none(), "a re-send is not a new envelope");
+        let response = dev.command(&copy).unwrap();
+        drop(x);
+
+        let later = now + Duration::from_secs(30);
+        let mut y = Exchange::resume("dev-1", &keys, &snap, later).unwrap();
+        assert_eq!(y.msg_id(), Some(request_id_of(&snap)));
+        assert_eq!(y.next_timer(), Some(later));
+        assert_eq!(y.on_timer(later, rng).as_ref(), Some(&copy), "the same bytes");
+        assert!(y.on_response(RESP, &response, &PrivateKey::generate(rng, 2048).unwrap(), 1));
+        assert_eq!(dev.ran, 1);
+        let mut other = snap.clone();
+        other.topic = "mqseal/v1/dev/dev-2/cmd".into();
+        assert!(Exchange::resume("dev-1", &keys, &other, later).is_err(), "another device's envelope");
+    }
+
+    fn request_id_of(snap: &Snapshot) -> MsgId {
+        MsgId(hex::decode(&snap.msg_id).unwrap().try_into().unwrap())
+    }
+
+    /// An exchange given a time to give up at ends there as timed out.
+    #[test]
+    fn an_exchange_gives_up_at_its_time() {
+        let (keys, req, call) = (keys(), request(), Call::new("go", &[]).unwrap());
+        let (now, rng) = (Instant::now(), &mut mqseal_client::rng());
+        let (mut x, _) = start(&keys, &req, &call, now);
+        x.give_up_at(now + Duration::from_secs(1));
+        assert_eq!(x.next_timer(), Some(now + Duration::from_secs(1)));
+        assert_eq!(x.on_timer(now + Duration::from_secs(1), rng), None);
+        assert!(x.is_done());
+        assert_eq!(x.into_result(), DeviceResult::TimedOut);
     }
 }

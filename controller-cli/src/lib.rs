@@ -7,6 +7,8 @@
 //! * [`config`] — `mqseal.toml`, with environment overrides.
 //! * [`registry`] — what the controller knows of each device (public key,
 //!   HMAC key), 0600.
+//! * [`job`] — a command rolled out to many devices: rate, retries,
+//!   offline delivery, abort rule, a journal to resume from.
 //! * [`provision`] — creating, rotating and removing device credentials,
 //!   and writing agent bundles.
 //! * [`session`] — sending commands to one or many devices over one MQTT
@@ -17,6 +19,7 @@
 pub mod audit;
 pub mod config;
 pub mod exchange;
+pub mod job;
 pub mod provision;
 pub mod registry;
 pub mod session;

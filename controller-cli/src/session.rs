@@ -60,7 +60,7 @@ use mqseal_proto::{Call, MsgId};
 use tokio::time::Instant;
 
 pub use crate::exchange::{DeviceResult, Evidence, Mode, Reply, Request};
-use crate::exchange::{Exchange, SealedOut, challenge_request, seal};
+use crate::exchange::{Exchange, Out, SealedOut, Snapshot, challenge_request, seal};
 use crate::registry::DeviceKeys;
 
 /// Why a session cannot go on.
@@ -89,6 +89,10 @@ pub enum SessionError {
     /// argument count): nothing was sent.
     #[error("command: {0}")]
     InvalidCommand(mqseal_proto::Error),
+    /// The driver could not store what it must before envelopes go out (a
+    /// job's journal): nothing more was sent.
+    #[error("journal: {0}")]
+    Journal(String),
 }
 
 impl SessionError {
@@ -106,6 +110,121 @@ pub struct Finished {
     pub msg_id: Option<MsgId>,
     /// How it ended.
     pub result: DeviceResult,
+}
+
+/// A target to start.
+#[derive(Debug, Clone)]
+pub struct Start {
+    /// The device.
+    pub device: String,
+    /// Take up the exchange from here (a job resumed after its controller
+    /// stopped) instead of building a new command.
+    pub resume: Option<Snapshot>,
+    /// How long to wait for its answer.
+    pub give_up_after: Duration,
+}
+
+/// What decides which targets [`Session::drive`] starts and when, and hears
+/// how each ends — the policy around the loop, without I/O of its own
+/// except [`Driver::flush`].
+pub trait Driver {
+    /// Every device this run may send to: subscribed to before anything is
+    /// sent (and again after a reconnect), so that no answer goes unheard.
+    fn devices(&self) -> Vec<String>;
+    /// Whether to subscribe to the devices' retained status too (and hear
+    /// it in [`Driver::status`]).
+    fn wants_status(&self) -> bool {
+        false
+    }
+    /// Whether [`Driver::sending`] is wanted (it costs a snapshot per new
+    /// envelope).
+    fn wants_snapshots(&self) -> bool {
+        false
+    }
+    /// The targets to start at `now`, and when to be asked again (it is
+    /// also asked after every answer and status).
+    fn due(&mut self, now: Instant) -> (Vec<Start>, Option<Instant>);
+    /// A new envelope for `device` is about to be published.
+    fn sending(&mut self, _device: &str, _snapshot: Snapshot) {}
+    /// A target ended.
+    fn finished(&mut self, device: &str, finished: Finished);
+    /// A retained status from `device`.
+    fn status(&mut self, _device: &str, _payload: &[u8]) {}
+    /// Makes what `sending` and `finished` were told durable: called before
+    /// every batch of envelopes is published.
+    ///
+    /// # Errors
+    /// What could not be stored; the run stops before sending more.
+    fn flush(&mut self) -> impl Future<Output = Result<(), String>> + Send {
+        std::future::ready(Ok(()))
+    }
+    /// Whether the run is over.
+    fn is_done(&self) -> bool;
+    /// The latest the run may go on: reconnects give up then, and whatever
+    /// has not answered has timed out.
+    fn deadline(&self) -> Instant;
+}
+
+/// [`Session::run`]'s policy: every target at once, one deadline.
+struct AllAtOnce<'p> {
+    devices: Vec<String>,
+    results: HashMap<String, Finished>,
+    started: bool,
+    timeout: Duration,
+    deadline: Instant,
+    progress: &'p mut (dyn FnMut(usize, usize) + Send),
+}
+
+impl<'p> AllAtOnce<'p> {
+    fn new(devices: Vec<String>, timeout: Duration, progress: &'p mut (dyn FnMut(usize, usize) + Send)) -> Self {
+        progress(0, devices.len());
+        let deadline = Instant::now() + timeout;
+        AllAtOnce { devices, results: HashMap::new(), started: false, timeout, deadline, progress }
+    }
+
+    /// In the order of the targets; one that never ended timed out.
+    fn results(mut self) -> Vec<Finished> {
+        let devices = std::mem::take(&mut self.devices);
+        devices
+            .iter()
+            .map(|d| self.results.remove(d).unwrap_or(Finished { msg_id: None, result: DeviceResult::TimedOut }))
+            .collect()
+    }
+}
+
+impl Driver for AllAtOnce<'_> {
+    fn devices(&self) -> Vec<String> {
+        self.devices.clone()
+    }
+    fn due(&mut self, _now: Instant) -> (Vec<Start>, Option<Instant>) {
+        if std::mem::replace(&mut self.started, true) {
+            return (Vec::new(), None);
+        }
+        let give_up_after = self.deadline.saturating_duration_since(Instant::now()).min(self.timeout);
+        let starts = self.devices.iter().map(|d| Start { device: d.clone(), resume: None, give_up_after }).collect();
+        (starts, None)
+    }
+    fn finished(&mut self, device: &str, finished: Finished) {
+        self.results.insert(device.to_owned(), finished);
+        (self.progress)(self.results.len(), self.devices.len());
+    }
+    fn is_done(&self) -> bool {
+        self.started && self.results.len() >= self.devices.len()
+    }
+    fn deadline(&self) -> Instant {
+        self.deadline
+    }
+}
+
+/// Tells the driver about target `i` once, when it has ended.
+fn report<D: Driver>(ts: &[Exchange<'_>], reported: &mut [bool], i: usize, driver: &mut D) {
+    let (Some(t), Some(r)) = (ts.get(i), reported.get_mut(i)) else { return };
+    if *r || !t.is_done() {
+        return;
+    }
+    *r = true;
+    let result = t.result().cloned().unwrap_or(DeviceResult::TimedOut);
+    driver.finished(t.device(), Finished { msg_id: t.msg_id(), result });
 }
 
 /// Targets above this are subscribed to with one wildcard filter, if the
@@ -256,7 +375,7 @@ impl Session {
     /// finish. Results are in the order of `targets`.
     ///
     /// # Errors
-    /// [`SessionError`] if the connection is lost.
+    /// [`SessionError`] if the connection is lost for good.
     pub async fn run(
         &mut self,
         targets: &[(String, &DeviceKeys)],
@@ -264,51 +383,93 @@ impl Session {
         timeout: Duration,
         progress: &mut (dyn FnMut(usize, usize) + Send),
     ) -> Result<Vec<Finished>, SessionError> {
-        let deadline = Instant::now() + timeout;
-        let mut ts: Vec<Exchange<'_>> = targets.iter().map(|(d, k)| Exchange::new(d, k)).collect();
+        let keys: HashMap<String, &DeviceKeys> = targets.iter().map(|(d, k)| (d.clone(), *k)).collect();
+        let mut all = AllAtOnce::new(targets.iter().map(|(d, _)| d.clone()).collect(), timeout, progress);
+        self.drive(&mut all, &keys, request).await?;
+        Ok(all.results())
+    }
+
+    /// The one loop that moves a command's envelopes while it is out:
+    /// `driver` says which targets start when and hears how each ends;
+    /// [`Exchange`] decides, per target, what to send and what verifies;
+    /// this loop only reads the connection, keeps the timers and publishes.
+    /// `run` drives it with every target at once, a job
+    /// (`crate::job`) at a rate, as devices come online.
+    ///
+    /// # Errors
+    /// [`SessionError`] if the connection is lost for good (past the
+    /// driver's deadline, or the login is refused), or the driver could not
+    /// store what it must before envelopes go out
+    /// ([`SessionError::Journal`]).
+    pub async fn drive<'k, D: Driver>(
+        &mut self,
+        driver: &mut D,
+        keys: &HashMap<String, &'k DeviceKeys>,
+        request: &Request,
+    ) -> Result<(), SessionError> {
+        let deadline = driver.deadline();
         let call_args: Vec<&str> = request.args.iter().map(String::as_str).collect();
         let call = Call::new(&request.name, &call_args).map_err(SessionError::InvalidCommand)?;
-        let index: HashMap<String, usize> = ts.iter().enumerate().map(|(i, t)| (t.device().to_owned(), i)).collect();
-        self.subscribe_through(&mut ts, request.mode, deadline).await?;
+        let devices = driver.devices();
+        let mut refused = self.subscribe_through(&devices, request.mode, driver.wants_status(), deadline).await?;
 
+        let mut ts: Vec<Exchange<'k>> = Vec::new();
+        let mut reported: Vec<bool> = Vec::new();
+        let mut index: HashMap<String, usize> = HashMap::new();
         let mut queue = VecDeque::new();
         let mut timers = Timers::new();
+        let mut touched: Vec<usize> = Vec::new();
         let mut rng = rng();
-        match request.mode {
-            Mode::Challenge => {
-                let (now, unix) = (Instant::now(), unix_now());
-                for (i, t) in ts.iter_mut().enumerate().filter(|(_, t)| t.is_pending()) {
-                    let offer = self.take_offer(t.device());
-                    // Requested ahead and still on its way: wait for it.
-                    let requested = offer
-                        .is_none()
-                        .then(|| self.prefetching.remove(t.device()))
-                        .flatten()
-                        .filter(|(_, _, requested)| requested.elapsed() < PREFETCH_WAIT)
-                        .map(|(id, _, _)| id);
-                    queue.extend(t.start_challenge(request, &call, offer, requested, now, unix, &mut rng));
-                    schedule(&mut timers, t, i);
+        let mut next_due = Some(Instant::now());
+
+        loop {
+            let now = Instant::now();
+            if next_due.is_some_and(|at| at <= now) {
+                let (starts, next) = driver.due(now);
+                next_due = next;
+                for start in starts {
+                    let Some(keys) = keys.get(&start.device) else {
+                        let error = DeviceResult::Error(format!("no keys for {}", start.device));
+                        driver.finished(&start.device, Finished { msg_id: None, result: error });
+                        continue;
+                    };
+                    let mut x = match &start.resume {
+                        Some(snap) => match Exchange::resume(&start.device, keys, snap, now) {
+                            Ok(x) => x,
+                            Err(e) => {
+                                let error = DeviceResult::Error(format!("cannot resume: {e}"));
+                                driver.finished(&start.device, Finished { msg_id: None, result: error });
+                                continue;
+                            }
+                        },
+                        None => Exchange::new(&start.device, keys),
+                    };
+                    x.give_up_at(now + start.give_up_after);
+                    if refused.contains(&start.device) {
+                        x.finish(DeviceResult::Error("the broker refused the subscription: not granted".into()));
+                    }
+                    let i = match index.get(&start.device) {
+                        Some(&i) => i,
+                        None => {
+                            index.insert(start.device.clone(), ts.len());
+                            ts.push(Exchange::new(&start.device, keys));
+                            reported.push(true);
+                            ts.len() - 1
+                        }
+                    };
+                    if let (Some(slot), Some(r)) = (ts.get_mut(i), reported.get_mut(i)) {
+                        *slot = x;
+                        *r = false;
+                    }
+                    touched.push(i);
                 }
-            }
-            Mode::Sealed => {
-                for (i, sealed) in self.seal_all(&ts, request, &call) {
-                    if let Some(t) = ts.get_mut(i) {
-                        queue.extend(t.start_sealed(sealed, Instant::now()));
+                self.start_pending(&mut ts, &touched, request, &call, &mut queue, &mut rng);
+                for &i in &touched {
+                    if let Some(t) = ts.get(i) {
                         schedule(&mut timers, t, i);
                     }
                 }
-                // A sealing worker that died leaves its targets unsent.
-                for t in ts.iter_mut().filter(|t| t.is_pending()) {
-                    t.finish(DeviceResult::Error("sealing did not complete".into()));
-                }
             }
-        }
-        let total = ts.len();
-        let mut done = ts.iter().filter(|t| t.is_done()).count();
-        progress(done, total);
-
-        while done < total {
-            let now = Instant::now();
             while let Some(&Reverse((at, i))) = timers.peek()
                 && at <= now
             {
@@ -318,10 +479,29 @@ impl Session {
                 {
                     queue.extend(t.on_timer(now, &mut rng));
                     schedule(&mut timers, t, i);
+                    touched.push(i);
                 }
             }
+            for i in touched.drain(..) {
+                let Some(t) = ts.get_mut(i) else { continue };
+                if driver.wants_snapshots()
+                    && let Some(snap) = t.take_snapshot()
+                {
+                    driver.sending(t.device(), snap);
+                }
+                report(&ts, &mut reported, i, driver);
+            }
+            // What resuming needs is stored before the envelopes it
+            // describes leave.
+            driver.flush().await.map_err(SessionError::Journal)?;
             self.drain(&mut queue);
-            let wake = timers.peek().map_or(deadline, |Reverse((at, _))| (*at).min(deadline));
+            if driver.is_done() {
+                break;
+            }
+            let mut wake = timers.peek().map_or(deadline, |Reverse((at, _))| (*at).min(deadline));
+            if let Some(at) = next_due {
+                wake = wake.min(at);
+            }
             let event = match tokio::time::timeout_at(wake, self.events.poll()).await {
                 Err(_) if Instant::now() >= deadline => break,
                 Err(_) => continue,
@@ -332,14 +512,12 @@ impl Session {
                     }
                     self.reconnect(deadline, lost).await?;
                     self.subscribed.clear();
-                    self.subscribe_through(&mut ts, request.mode, deadline).await?;
+                    refused = self.subscribe_through(&devices, request.mode, driver.wants_status(), deadline).await?;
                     let now = Instant::now();
                     for (i, t) in ts.iter_mut().enumerate() {
                         t.on_reconnect(now);
                         schedule(&mut timers, t, i);
                     }
-                    done = ts.iter().filter(|t| t.is_done()).count();
-                    progress(done, total);
                     continue;
                 }
                 Ok(Ok(ev)) => ev,
@@ -349,6 +527,11 @@ impl Session {
             // A challenge answering a prefetch is kept for the next command
             // to that device, whether or not it is a target of this run.
             if channel == Channel::Challenge && self.take_prefetched(device, &p.payload) {
+                continue;
+            }
+            if channel == Channel::Status {
+                driver.status(device, &p.payload);
+                next_due = Some(Instant::now());
                 continue;
             }
             let Some(&i) = index.get(device) else { continue };
@@ -362,13 +545,15 @@ impl Session {
                         queue.push_back(out);
                     }
                     schedule(&mut timers, t, i);
+                    touched.push(i);
                 }
                 Channel::Response => {
                     if !t.on_response(&p.topic, &p.payload, &self.key, unix_ms()) {
                         continue;
                     }
-                    done += 1;
-                    progress(done, total);
+                    touched.push(i);
+                    // A finished target may free a place for the next.
+                    next_due = Some(Instant::now());
                     if self.prefetch
                         && request.mode == Mode::Challenge
                         && let Ok((req, out)) = challenge_request(t.device(), t.keys(), &mut rng)
@@ -380,8 +565,64 @@ impl Session {
                 _ => {}
             }
         }
+        // Past the deadline: whatever has not answered has timed out.
+        for i in 0..ts.len() {
+            if let Some(t) = ts.get_mut(i)
+                && !t.is_done()
+            {
+                t.finish(DeviceResult::TimedOut);
+            }
+            report(&ts, &mut reported, i, driver);
+        }
+        driver.flush().await.map_err(SessionError::Journal)?;
         self.drain(&mut queue);
-        Ok(ts.into_iter().map(|t| Finished { msg_id: t.msg_id(), result: t.into_result() }).collect())
+        Ok(())
+    }
+
+    /// Builds the first envelope of every target in `which` that has sent
+    /// nothing yet: challenge mode over a challenge in hand or with a
+    /// request; sealed mode sealed on all cores at once.
+    fn start_pending(
+        &mut self,
+        ts: &mut [Exchange<'_>],
+        which: &[usize],
+        request: &Request,
+        call: &Call<'_>,
+        queue: &mut VecDeque<Out>,
+        rng: &mut impl rand_core::CryptoRng,
+    ) {
+        let pending: Vec<usize> =
+            which.iter().copied().filter(|&i| ts.get(i).is_some_and(Exchange::is_pending)).collect();
+        match request.mode {
+            Mode::Challenge => {
+                let (now, unix) = (Instant::now(), unix_now());
+                for &i in &pending {
+                    let Some(t) = ts.get_mut(i) else { continue };
+                    let offer = self.take_offer(t.device());
+                    // Requested ahead and still on its way: wait for it.
+                    let requested = offer
+                        .is_none()
+                        .then(|| self.prefetching.remove(t.device()))
+                        .flatten()
+                        .filter(|(_, _, requested)| requested.elapsed() < PREFETCH_WAIT)
+                        .map(|(id, _, _)| id);
+                    queue.extend(t.start_challenge(request, call, offer, requested, now, unix, rng));
+                }
+            }
+            Mode::Sealed => {
+                for (i, sealed) in self.seal_all(ts, &pending, request, call) {
+                    if let Some(t) = ts.get_mut(i) {
+                        queue.extend(t.start_sealed(sealed, Instant::now()));
+                    }
+                }
+                // A sealing worker that died leaves its targets unsent.
+                for &i in &pending {
+                    if let Some(t) = ts.get_mut(i).filter(|t| t.is_pending()) {
+                        t.finish(DeviceResult::Error("sealing did not complete".into()));
+                    }
+                }
+            }
+        }
     }
 
     /// After the connection dropped: reconnects with backoff until the
@@ -413,16 +654,17 @@ impl Session {
         }
     }
 
-    /// Seals the command for every pending target, spread over the cores
+    /// Seals the command for the targets `which`, spread over the cores
     /// (one RSA signature each).
     #[allow(clippy::type_complexity)]
     fn seal_all(
         &self,
         ts: &[Exchange<'_>],
+        which: &[usize],
         request: &Request,
         call: &Call<'_>,
     ) -> Vec<(usize, Result<SealedOut, String>)> {
-        let pending: Vec<(usize, &Exchange<'_>)> = ts.iter().enumerate().filter(|(_, t)| t.is_pending()).collect();
+        let pending: Vec<(usize, &Exchange<'_>)> = which.iter().filter_map(|&i| Some((i, ts.get(i)?))).collect();
         let unix = unix_now();
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(pending.len().max(1));
         let chunk = pending.len().div_ceil(workers).max(1);
@@ -444,15 +686,17 @@ impl Session {
 
     /// [`subscribe`](Self::subscribe), reconnecting (within `deadline`)
     /// and starting over when the connection drops on the way: a clean
-    /// session loses its subscriptions with the connection.
+    /// session loses its subscriptions with the connection. Returns the
+    /// devices the broker refused.
     async fn subscribe_through(
         &mut self,
-        ts: &mut [Exchange<'_>],
+        devices: &[String],
         mode: Mode,
+        status: bool,
         deadline: Instant,
-    ) -> Result<(), SessionError> {
+    ) -> Result<HashSet<String>, SessionError> {
         loop {
-            match self.subscribe(ts, mode, deadline).await {
+            match self.subscribe(devices, mode, status, deadline).await {
                 Err(lost @ SessionError::Unreachable { .. }) if Instant::now() < deadline => {
                     self.reconnect(deadline, lost).await?;
                     self.subscribed.clear();
@@ -462,38 +706,49 @@ impl Session {
         }
     }
 
-    /// Subscribes to the response (and challenge) topics of every target
-    /// not yet covered on this connection, and marks the ones the broker
-    /// refuses.
-    async fn subscribe(&mut self, ts: &mut [Exchange<'_>], mode: Mode, deadline: Instant) -> Result<(), SessionError> {
-        let channels: &[Channel] = match mode {
-            Mode::Sealed => &[Channel::Response],
-            Mode::Challenge => &[Channel::Response, Channel::Challenge],
+    /// Subscribes to the response (and challenge, and if asked status)
+    /// topics of every device not yet covered on this connection; returns
+    /// the devices whose filters the broker refused (the controller is not
+    /// granted them).
+    async fn subscribe(
+        &mut self,
+        devices: &[String],
+        mode: Mode,
+        status: bool,
+        deadline: Instant,
+    ) -> Result<HashSet<String>, SessionError> {
+        let mut channels: Vec<Channel> = match mode {
+            Mode::Sealed => vec![Channel::Response],
+            Mode::Challenge => vec![Channel::Response, Channel::Challenge],
         };
+        if status {
+            channels.push(Channel::Status);
+        }
         let wildcard = |c: &Channel| format!("{}+/{}", mqseal_proto::topic::ROOT, c.suffix());
         if channels.iter().all(|c| self.subscribed.contains(&wildcard(c))) {
-            return Ok(());
+            return Ok(HashSet::new());
         }
-        if ts.len() > WILDCARD_ABOVE {
+        if devices.len() > WILDCARD_ABOVE {
             let filters: Vec<SubscribeFilter> =
                 channels.iter().map(|c| SubscribeFilter::new(wildcard(c), QoS::AtLeastOnce)).collect();
             if self.subscribe_batches(vec![filters], deadline).await?.first().is_some_and(|ok| *ok) {
                 self.subscribed.extend(channels.iter().map(wildcard));
-                return Ok(());
+                return Ok(HashSet::new());
             }
         }
         let mut wanted: Vec<(String, String)> = Vec::new();
-        for t in ts.iter() {
-            for c in channels {
-                if let Ok(f) = topic(t.device(), *c)
+        for d in devices {
+            for c in &channels {
+                if let Ok(f) = topic(d, *c)
                     && !self.subscribed.contains(f.as_str())
                 {
-                    wanted.push((t.device().to_owned(), f.to_string()));
+                    wanted.push((d.clone(), f.to_string()));
                 }
             }
         }
+        let mut refused = HashSet::new();
         if wanted.is_empty() {
-            return Ok(());
+            return Ok(refused);
         }
         let groups: Vec<Vec<(String, String)>> = wanted.chunks(FILTERS_PER_SUBSCRIBE).map(<[_]>::to_vec).collect();
         let batches = groups
@@ -501,8 +756,6 @@ impl Session {
             .map(|g| g.iter().map(|(_, f)| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)).collect())
             .collect();
         let results = self.subscribe_batches(batches, deadline).await?;
-        // A refused filter means the controller is not granted that device.
-        let mut refused = HashSet::new();
         for (group, ok) in groups.into_iter().zip(results) {
             for (device, filter) in group {
                 if ok {
@@ -512,10 +765,7 @@ impl Session {
                 }
             }
         }
-        for t in ts.iter_mut().filter(|t| refused.contains(t.device())) {
-            t.finish(DeviceResult::Error("the broker refused the subscription: not granted".into()));
-        }
-        Ok(())
+        Ok(refused)
     }
 
     /// Sends each batch as one SUBSCRIBE; returns per batch whether every

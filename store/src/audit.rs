@@ -10,6 +10,12 @@
 //! is opened for appending only, created 0600, and each batch is written
 //! under the same kind of cross-process lock as the credential file and
 //! synced before the call returns: a record the CLI reported is on disk.
+//!
+//! MongoDB may be down while the broker still lets a controller in from
+//! its cache (docs/SECURITY.md, "Fails closed"), and a command sent then
+//! must not lose its record: records MongoDB does not take are kept in a
+//! local *spool* file beside the controller's registry and forwarded at
+//! the next append that reaches MongoDB. Reads show spooled records too.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -83,6 +89,23 @@ pub enum AuditLog {
         address: String,
         /// Deadline for each call.
         timeout: Duration,
+        /// Where records wait while MongoDB cannot be reached.
+        spool: PathBuf,
+    },
+}
+
+/// Where appended records went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Appended {
+    /// Into the log.
+    Stored,
+    /// MongoDB could not be reached: into the spool file, to be forwarded
+    /// by a later append.
+    Spooled {
+        /// The spool file.
+        spool: PathBuf,
+        /// Why MongoDB did not take them.
+        why: String,
     },
 }
 
@@ -101,38 +124,49 @@ impl AuditLog {
     /// Appends `records` (JSON objects), durably, before returning.
     ///
     /// # Errors
-    /// [`AuditError`] naming the file or the MongoDB address; nothing is
-    /// half-written to the file (one write of whole lines under the lock).
-    pub async fn append(&self, records: &[Value]) -> Result<(), AuditError> {
+    /// [`AuditError`] naming the file; nothing is half-written to it (one
+    /// write of whole lines under the lock). MongoDB being unreachable is
+    /// not an error: the records are spooled ([`Appended::Spooled`]).
+    pub async fn append(&self, records: &[Value]) -> Result<Appended, AuditError> {
         if records.is_empty() {
-            return Ok(());
+            return Ok(Appended::Stored);
         }
+        let text = lines(records)?;
         match self {
-            AuditLog::File(path) => {
-                let mut text = String::new();
-                for r in records {
-                    if !r.is_object() {
-                        return Err(AuditError::Encode("not a JSON object".into()));
-                    }
-                    text.push_str(&r.to_string());
-                    text.push('\n');
-                }
-                let path = path.clone();
-                tokio::task::spawn_blocking(move || append_lines(&path, text.as_bytes()))
-                    .await
-                    .map_err(|e| AuditError::Encode(format!("writer task: {e}")))?
-            }
+            AuditLog::File(path) => write_lines(path, text).await.map(|()| Appended::Stored),
             #[cfg(feature = "mongodb")]
-            AuditLog::Mongo { records: coll, address, timeout } => {
-                let docs = records
-                    .iter()
-                    .map(|r| mongodb::bson::to_document(r).map_err(|e| AuditError::Encode(e.to_string())))
-                    .collect::<Result<Vec<_>, _>>()?;
-                let mongo = |message: String| AuditError::Mongo { address: address.clone(), message };
+            AuditLog::Mongo { records: coll, address, timeout, spool } => {
+                // Spooled records first, so the log keeps its order.
+                let waiting = read_file(spool, "spool")?;
+                let mut docs = Vec::new();
+                let mut damaged = false;
+                for s in &waiting {
+                    match &s.record {
+                        Ok(v) => docs.push(to_document(v)?),
+                        Err(_) => damaged = true,
+                    }
+                }
+                for r in records {
+                    docs.push(to_document(r)?);
+                }
                 match tokio::time::timeout(*timeout, coll.insert_many(docs)).await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err(e)) => Err(mongo(e.to_string())),
-                    Err(_) => Err(mongo(format!("no answer within {timeout:?}"))),
+                    Ok(Ok(_)) => {
+                        if !waiting.is_empty() {
+                            // A damaged line (a torn write) is kept aside for
+                            // a person, not dropped and not forwarded.
+                            let gone = if damaged {
+                                fs::rename(spool, spool.with_extension("damaged"))
+                            } else {
+                                fs::remove_file(spool)
+                            };
+                            gone.map_err(|source| AuditError::File { path: spool.display().to_string(), source })?;
+                        }
+                        Ok(Appended::Stored)
+                    }
+                    Ok(Err(e)) => spool_them(spool, text, format!("MongoDB at {address}: {e}")).await,
+                    Err(_) => {
+                        spool_them(spool, text, format!("MongoDB at {address}: no answer within {timeout:?}")).await
+                    }
                 }
             }
         }
@@ -146,28 +180,66 @@ impl AuditLog {
     /// [`AuditError`] when the log cannot be read at all. A missing file is
     /// an empty log.
     pub async fn read(&self, query: &AuditQuery) -> Result<Vec<Stored>, AuditError> {
+        let keep = |s: &Stored| s.record.as_ref().map_or(true, |r| query.matches(r));
         match self {
-            AuditLog::File(path) => {
-                let text = match fs::read_to_string(path) {
-                    Ok(t) => t,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-                    Err(source) => return Err(AuditError::File { path: path.display().to_string(), source }),
-                };
-                Ok(text
-                    .lines()
-                    .enumerate()
-                    .filter(|(_, l)| !l.trim().is_empty())
-                    .map(|(i, l)| Stored {
-                        at: format!("line {}", i + 1),
-                        record: serde_json::from_str::<Value>(l).map_err(|e| format!("not a JSON record: {e}")),
-                    })
-                    .filter(|s| s.record.as_ref().map_or(true, |r| query.matches(r)))
-                    .collect())
-            }
+            AuditLog::File(path) => Ok(read_file(path, "line")?.into_iter().filter(keep).collect()),
             #[cfg(feature = "mongodb")]
-            AuditLog::Mongo { records, address, timeout } => read_mongo(records, address, *timeout, query).await,
+            AuditLog::Mongo { records, address, timeout, spool } => {
+                let mut all = read_mongo(records, address, *timeout, query).await?;
+                all.extend(read_file(spool, "spool line")?.into_iter().filter(keep));
+                Ok(all)
+            }
         }
     }
+}
+
+/// `records` as JSON Lines.
+fn lines(records: &[Value]) -> Result<String, AuditError> {
+    let mut text = String::new();
+    for r in records {
+        if !r.is_object() {
+            return Err(AuditError::Encode("not a JSON object".into()));
+        }
+        text.push_str(&r.to_string());
+        text.push('\n');
+    }
+    Ok(text)
+}
+
+async fn write_lines(path: &Path, text: String) -> Result<(), AuditError> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || append_lines(&path, text.as_bytes()))
+        .await
+        .map_err(|e| AuditError::Encode(format!("writer task: {e}")))?
+}
+
+#[cfg(feature = "mongodb")]
+async fn spool_them(spool: &Path, text: String, why: String) -> Result<Appended, AuditError> {
+    write_lines(spool, text).await.map(|()| Appended::Spooled { spool: spool.to_owned(), why })
+}
+
+#[cfg(feature = "mongodb")]
+fn to_document(v: &Value) -> Result<mongodb::bson::Document, AuditError> {
+    mongodb::bson::to_document(v).map_err(|e| AuditError::Encode(e.to_string()))
+}
+
+/// The records of a JSON Lines file, each labelled `{label} N`; a missing
+/// file has none.
+fn read_file(path: &Path, label: &str) -> Result<Vec<Stored>, AuditError> {
+    let text = match fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(AuditError::File { path: path.display().to_string(), source }),
+    };
+    Ok(text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| Stored {
+            at: format!("{label} {}", i + 1),
+            record: serde_json::from_str::<Value>(l).map_err(|e| format!("not a JSON record: {e}")),
+        })
+        .collect())
 }
 
 /// One locked, synced append of whole lines to a 0600 file.

@@ -77,7 +77,8 @@ impl StoreConfig {
     /// The audit log that goes with this store: `file` when the store is a
     /// file, the collection `audit_collection` of the same MongoDB database
     /// when it is MongoDB (every controller of a deployment then writes to
-    /// one log).
+    /// one log), with `audit-spool.jsonl` beside `file` for records written
+    /// while MongoDB cannot be reached.
     ///
     /// # Errors
     /// [`StoreError`] naming the MongoDB address.
@@ -91,7 +92,7 @@ impl StoreConfig {
             }),
             #[cfg(feature = "mongodb")]
             StoreKind::Mongodb => match self.open(Path::new(".")).await? {
-                AnyStore::Mongo(m) => Ok(m.audit_log(&self.audit_collection)),
+                AnyStore::Mongo(m) => Ok(m.audit_log(&self.audit_collection, file.with_file_name("audit-spool.jsonl"))),
                 AnyStore::File(_) => Err(StoreError::InvalidRecord("a MongoDB store opened as a file".into())),
             },
         }

@@ -26,7 +26,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-pub use audit::{AuditError, AuditLog, AuditQuery, Stored};
+pub use audit::{Appended, AuditError, AuditLog, AuditQuery, Stored};
 pub use config::{StoreConfig, StoreKind};
 pub use file::{FileStore, write_private};
 pub use hash::Algorithm;

@@ -83,13 +83,14 @@ impl MongoStore {
     }
 
     /// The audit log collection `name` in the same database, on the same
-    /// client.
-    pub fn audit_log(&self, name: &str) -> crate::AuditLog {
+    /// client, spooling to `spool` while MongoDB cannot be reached.
+    pub fn audit_log(&self, name: &str, spool: std::path::PathBuf) -> crate::AuditLog {
         let db = self.users.namespace().db;
         crate::AuditLog::Mongo {
             records: self.users.client().database(&db).collection(name),
             address: self.address.clone(),
             timeout: self.timeout,
+            spool,
         }
     }
 

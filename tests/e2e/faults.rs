@@ -243,6 +243,10 @@ async fn a_mongodb_outage_fails_closed_for_new_logins_and_recovers_by_itself() {
     // A live session keeps routing; the controller, seen a moment ago, logs in from the cache.
     let out = site.mqseal(&["send", "o-1", "ping", "--mode", "challenge"]).await;
     assert_eq!((out.code, out.stdout.trim()), (0, "pong"), "{out:?}");
+    // Its audit record waits in the spool rather than being lost.
+    assert!(out.stderr.contains("audit log unreachable"), "{out:?}");
+    let spool = site.dir.join("ctl/audit-spool.jsonl");
+    assert!(spool.exists());
     // A device that reconnects during the outage is let in from the cache.
     a2.kill().await;
     let _a2 = site.agent("o-2").await;
@@ -275,6 +279,14 @@ async fn a_mongodb_outage_fails_closed_for_new_logins_and_recovers_by_itself() {
     }
     let out = site.mqseal(&["send", "o-3", "echo", "back"]).await;
     assert_eq!((out.code, out.stdout.trim()), (0, "back"), "{out:?}");
+    // The spooled records went to MongoDB ahead of the new one, and verify.
+    assert!(!spool.exists(), "the spool was forwarded");
+    let out = site.mqseal(&["audit", "verify", "--json"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(v["summary"]["verified"], 4, "{v}");
+    let devices: Vec<&str> = v["records"].as_array().unwrap().iter().filter_map(|r| r["device"].as_str()).collect();
+    assert_eq!(devices, ["o-1", "o-1", "o-2", "o-3"]);
     let _ = a3.start_kill();
 }
 

@@ -61,6 +61,7 @@ impl From<SessionError> for Failure {
     fn from(e: SessionError) -> Failure {
         match e {
             SessionError::Client(c) => Failure::local(c),
+            e @ SessionError::Journal(_) => Failure::local(e),
             e @ SessionError::InvalidCommand(_) => Failure::usage(e),
             other => Failure { exit: Exit::Broker, message: other.to_string() },
         }

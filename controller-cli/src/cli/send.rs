@@ -12,7 +12,7 @@ use mqseal_controller::exchange::status_name;
 use mqseal_controller::registry::DeviceKeys;
 use mqseal_controller::session::{DeviceResult, Finished, Mode, Request, Session};
 use mqseal_proto::Status;
-use mqseal_store::AuditLog;
+use mqseal_store::{Appended, AuditLog};
 use serde_json::json;
 
 use super::{Exit, Failure, audit_log, client_id, load_key, parse_duration, registry};
@@ -118,7 +118,18 @@ pub(super) async fn append_records(
         .map(|((d, k), f)| serde_json::to_value(audit::record(sending, d, k, f, now)))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string())?;
-    log.append(&records).await.map_err(|e| format!("the command was sent but its audit records were not written: {e}"))
+    match log.append(&records).await {
+        Ok(Appended::Stored) => Ok(()),
+        Ok(Appended::Spooled { spool, why }) => {
+            eprintln!(
+                "mqseal: audit log unreachable ({why}): {} records kept in {}, forwarded at the next run",
+                records.len(),
+                spool.display()
+            );
+            Ok(())
+        }
+        Err(e) => Err(format!("the command was sent but its audit records were not written: {e}")),
+    }
 }
 
 /// How long a send or broadcast took, from connecting to the last answer.

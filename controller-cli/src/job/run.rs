@@ -1,0 +1,182 @@
+//! A job driven over a [`Session`](crate::session::Session): the
+//! [`Driver`] that joins the job's policy ([`Job`]), its journal and the
+//! audit log to the session's one loop.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::Duration;
+
+use mqseal_client::unix_ms;
+use mqseal_proto::sealed::KeyId;
+use mqseal_store::AuditLog;
+use serde_json::Value;
+use tokio::time::Instant;
+
+use super::journal::Journal;
+use super::{Counts, Job};
+use crate::audit::{self, Sending};
+use crate::exchange::{Request, Snapshot};
+use crate::registry::DeviceKeys;
+use crate::session::{Driver, Finished, Start};
+
+/// How often a running job looks for a cancel request.
+const CANCEL_CHECK: Duration = Duration::from_millis(500);
+
+/// A job being run by this process.
+pub struct JobRun<'a> {
+    job: Job,
+    journal: Journal,
+    request: Request,
+    audit: &'a AuditLog,
+    operator: String,
+    controller_key: KeyId,
+    keys: &'a HashMap<String, &'a DeviceKeys>,
+    /// Audit records not yet written (kept, and tried again, if the log
+    /// fails).
+    records: Vec<Value>,
+    /// The last time the audit log failed, and why.
+    audit_error: Option<String>,
+    progress: &'a mut (dyn FnMut(&Counts) + Send),
+    deadline: Instant,
+    cancel_checked: Instant,
+}
+
+impl<'a> JobRun<'a> {
+    /// Runs `job` (new, or as its journal left it) with the journal it was
+    /// read from, writing audit records to `audit` as `operator` with the
+    /// controller key `controller_key`.
+    pub fn new(
+        job: Job,
+        journal: Journal,
+        audit: &'a AuditLog,
+        operator: &str,
+        controller_key: KeyId,
+        keys: &'a HashMap<String, &'a DeviceKeys>,
+        progress: &'a mut (dyn FnMut(&Counts) + Send),
+    ) -> JobRun<'a> {
+        let left = Duration::from_millis(job.spec().deadline_at.saturating_sub(unix_ms()));
+        let request = job.spec().request();
+        progress(&job.counts());
+        JobRun {
+            job,
+            journal,
+            request,
+            audit,
+            operator: operator.to_owned(),
+            controller_key,
+            keys,
+            records: Vec::new(),
+            audit_error: None,
+            progress,
+            // A little past the job's deadline, so the last attempts'
+            // answers are heard before the session gives up.
+            deadline: Instant::now() + left + Duration::from_secs(5),
+            cancel_checked: Instant::now(),
+        }
+    }
+
+    /// What each attempt sends.
+    pub fn request(&self) -> &Request {
+        &self.request
+    }
+
+    /// The job as it stands.
+    pub fn job(&self) -> &Job {
+        &self.job
+    }
+
+    /// Writes the audit records still waiting, once more: what failed,
+    /// if it fails again.
+    pub async fn finish(mut self) -> (Job, Option<String>) {
+        if !self.records.is_empty() {
+            match self.audit.append(&self.records).await {
+                Ok(_) => self.audit_error = None,
+                Err(e) => {
+                    self.audit_error = Some(format!("{} audit records were not written: {e}", self.records.len()));
+                }
+            }
+        }
+        (self.job, self.audit_error)
+    }
+}
+
+impl Driver for JobRun<'_> {
+    fn devices(&self) -> Vec<String> {
+        self.job.spec().devices.clone()
+    }
+
+    fn wants_status(&self) -> bool {
+        true
+    }
+
+    fn wants_snapshots(&self) -> bool {
+        true
+    }
+
+    fn due(&mut self, now: Instant) -> (Vec<Start>, Option<Instant>) {
+        if now.duration_since(self.cancel_checked) >= CANCEL_CHECK {
+            self.cancel_checked = now;
+            if self.journal.cancel_requested() {
+                self.job.cancel(unix_ms());
+            }
+        }
+        self.job.due(now, unix_ms())
+    }
+
+    fn sending(&mut self, device: &str, snapshot: Snapshot) {
+        self.job.sending(device, snapshot, unix_ms());
+    }
+
+    fn finished(&mut self, device: &str, finished: Finished) {
+        let now = unix_ms();
+        let sent_at = self.job.devices().find(|(d, _)| *d == device).and_then(|(_, p)| p.sent_at).unwrap_or(now);
+        if let Some(keys) = self.keys.get(device) {
+            let s = Sending {
+                via: "job",
+                operator: &self.operator,
+                controller_key: self.controller_key,
+                request: &self.request,
+                sent_at,
+            };
+            if let Ok(v) = serde_json::to_value(audit::record(&s, device, keys, &finished, now)) {
+                self.records.push(v);
+            }
+        }
+        self.job.finished(device, &finished, now);
+        (self.progress)(&self.job.counts());
+    }
+
+    fn status(&mut self, device: &str, payload: &[u8]) {
+        self.job.on_status(device, payload);
+    }
+
+    fn flush(&mut self) -> impl Future<Output = Result<(), String>> + Send {
+        let journalled = self.journal.append(&self.job.take_events()).map_err(|e| format!("job journal: {e}"));
+        let records = std::mem::take(&mut self.records);
+        let audit = self.audit;
+        let failed = &mut self.records;
+        let audit_error = &mut self.audit_error;
+        async move {
+            journalled?;
+            if !records.is_empty() {
+                match audit.append(&records).await {
+                    Ok(_) => *audit_error = None,
+                    // The job goes on; the records are tried again.
+                    Err(e) => {
+                        *audit_error = Some(e.to_string());
+                        failed.extend(records);
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+
+    fn is_done(&self) -> bool {
+        self.job.is_ended()
+    }
+
+    fn deadline(&self) -> Instant {
+        self.deadline
+    }
+}
