@@ -216,6 +216,15 @@ impl Driver for AllAtOnce<'_> {
     }
 }
 
+/// The topics a run listens on: its devices' responses (and challenges,
+/// in challenge mode, and retained status, if asked).
+#[derive(Clone, Copy)]
+struct Wanted<'a> {
+    devices: &'a [String],
+    mode: Mode,
+    status: bool,
+}
+
 /// Tells the driver about target `i` once, when it has ended.
 fn report<D: Driver>(ts: &[Exchange<'_>], reported: &mut [bool], i: usize, driver: &mut D) {
     let (Some(t), Some(r)) = (ts.get(i), reported.get_mut(i)) else { return };
@@ -249,7 +258,17 @@ pub struct Session {
     /// Challenges in hand: device → (offer, the request it answered, when
     /// that was sent).
     offers: HashMap<String, (Offer, MsgId, Instant)>,
+    /// Publishes that arrived while waiting for something else (a SUBACK:
+    /// retained statuses follow each granted SUBSCRIBE at once), kept for
+    /// the loop that reads them instead of dropped; at most [`HELD_MAX`].
+    held: VecDeque<rumqttc::Publish>,
+    /// Publishes not kept because `held` was full.
+    held_dropped: u64,
 }
+
+/// Publishes kept while waiting for SUBACKs: enough for every retained
+/// status and challenge of a large fleet, not unbounded.
+const HELD_MAX: usize = 100_000;
 
 /// Whether a prefetched challenge requested `since_request` ago, with a
 /// lifetime of `ttl_ms`, may still carry a command: only in the first half
@@ -308,6 +327,8 @@ impl Session {
             subscribed: HashSet::new(),
             prefetch: false,
             prefetching: HashMap::new(),
+            held: VecDeque::new(),
+            held_dropped: 0,
             offers: HashMap::new(),
         };
         match first {
@@ -333,15 +354,17 @@ impl Session {
     pub async fn idle(&mut self, wait: Duration) -> Result<(), SessionError> {
         let deadline = Instant::now() + wait;
         loop {
-            match tokio::time::timeout_at(deadline, self.events.poll()).await {
-                Err(_) => return Ok(()),
-                Ok(Err(e)) => return Err(connection_error(&self.address, e)),
-                Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+            // Nothing is out while idle: a publish that is not a
+            // prefetched challenge answers nothing and is let go.
+            match self.next_event(deadline).await {
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(connection_error(&self.address, e)),
+                Ok(Some(Event::Incoming(Packet::Publish(p)))) => {
                     if let Some((device, Channel::Challenge)) = parse(&p.topic) {
                         self.take_prefetched(device, &p.payload);
                     }
                 }
-                Ok(Ok(_)) => {}
+                Ok(Some(_)) => {}
             }
         }
     }
@@ -411,7 +434,8 @@ impl Session {
         let call_args: Vec<&str> = request.args.iter().map(String::as_str).collect();
         let call = Call::new(&request.name, &call_args).map_err(SessionError::InvalidCommand)?;
         let devices = driver.devices();
-        let mut refused = self.subscribe_through(&devices, request.mode, driver.wants_status(), deadline).await?;
+        let wanted = Wanted { devices: &devices, mode: request.mode, status: driver.wants_status() };
+        let mut refused = self.subscribe_through(wanted, deadline).await?;
 
         let mut ts: Vec<Exchange<'k>> = Vec::new();
         let mut reported: Vec<bool> = Vec::new();
@@ -502,17 +526,17 @@ impl Session {
             if let Some(at) = next_due {
                 wake = wake.min(at);
             }
-            let event = match tokio::time::timeout_at(wake, self.events.poll()).await {
-                Err(_) if Instant::now() >= deadline => break,
-                Err(_) => continue,
-                Ok(Err(e)) => {
+            let event = match self.next_event(wake).await {
+                Ok(None) if Instant::now() >= deadline => break,
+                Ok(None) => continue,
+                Err(e) => {
                     let lost = connection_error(&self.address, e);
                     if lost.is_auth() {
                         return Err(lost);
                     }
                     self.reconnect(deadline, lost).await?;
                     self.subscribed.clear();
-                    refused = self.subscribe_through(&devices, request.mode, driver.wants_status(), deadline).await?;
+                    refused = self.subscribe_through(wanted, deadline).await?;
                     let now = Instant::now();
                     for (i, t) in ts.iter_mut().enumerate() {
                         t.on_reconnect(now);
@@ -520,7 +544,7 @@ impl Session {
                     }
                     continue;
                 }
-                Ok(Ok(ev)) => ev,
+                Ok(Some(ev)) => ev,
             };
             let Event::Incoming(Packet::Publish(p)) = event else { continue };
             let Some((device, channel)) = parse(&p.topic) else { continue };
@@ -688,15 +712,9 @@ impl Session {
     /// and starting over when the connection drops on the way: a clean
     /// session loses its subscriptions with the connection. Returns the
     /// devices the broker refused.
-    async fn subscribe_through(
-        &mut self,
-        devices: &[String],
-        mode: Mode,
-        status: bool,
-        deadline: Instant,
-    ) -> Result<HashSet<String>, SessionError> {
+    async fn subscribe_through(&mut self, w: Wanted<'_>, deadline: Instant) -> Result<HashSet<String>, SessionError> {
         loop {
-            match self.subscribe(devices, mode, status, deadline).await {
+            match self.subscribe(w, deadline).await {
                 Err(lost @ SessionError::Unreachable { .. }) if Instant::now() < deadline => {
                     self.reconnect(deadline, lost).await?;
                     self.subscribed.clear();
@@ -710,13 +728,8 @@ impl Session {
     /// topics of every device not yet covered on this connection; returns
     /// the devices whose filters the broker refused (the controller is not
     /// granted them).
-    async fn subscribe(
-        &mut self,
-        devices: &[String],
-        mode: Mode,
-        status: bool,
-        deadline: Instant,
-    ) -> Result<HashSet<String>, SessionError> {
+    async fn subscribe(&mut self, w: Wanted<'_>, deadline: Instant) -> Result<HashSet<String>, SessionError> {
+        let Wanted { devices, mode, status } = w;
         let mut channels: Vec<Channel> = match mode {
             Mode::Sealed => vec![Channel::Response],
             Mode::Challenge => vec![Channel::Response, Channel::Challenge],
@@ -815,10 +828,39 @@ impl Session {
                         acked += 1;
                     }
                 }
+                Event::Incoming(Packet::Publish(p)) => self.hold(p),
                 _ => {}
             }
         }
         Ok(results)
+    }
+
+    fn hold(&mut self, p: rumqttc::Publish) {
+        if self.held.len() < HELD_MAX {
+            self.held.push_back(p);
+        } else {
+            self.held_dropped += 1;
+        }
+    }
+
+    /// The next event: a held publish first, else the connection's, until
+    /// `until` (`None` then).
+    ///
+    /// # Errors
+    /// The connection's error.
+    async fn next_event(&mut self, until: Instant) -> Result<Option<Event>, ConnectionError> {
+        if let Some(p) = self.held.pop_front() {
+            return Ok(Some(Event::Incoming(Packet::Publish(p))));
+        }
+        match tokio::time::timeout_at(until, self.events.poll()).await {
+            Err(_) => Ok(None),
+            Ok(r) => r.map(Some),
+        }
+    }
+
+    /// Publishes lost because too many arrived while waiting for SUBACKs.
+    pub fn held_dropped(&self) -> u64 {
+        self.held_dropped
     }
 
     /// Hands queued publishes to the client until its channel is full.
@@ -852,13 +894,13 @@ impl Session {
         self.subscribe_batches(batches, deadline).await?;
         let mut seen = HashMap::new();
         while seen.len() < expected {
-            match tokio::time::timeout_at(deadline, self.events.poll()).await {
-                Err(_) => break,
-                Ok(Err(e)) => return Err(connection_error(&self.address, e)),
-                Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+            match self.next_event(deadline).await {
+                Ok(None) => break,
+                Err(e) => return Err(connection_error(&self.address, e)),
+                Ok(Some(Event::Incoming(Packet::Publish(p)))) => {
                     seen.insert(p.topic.clone(), p.payload.to_vec());
                 }
-                Ok(Ok(_)) => {}
+                Ok(Some(_)) => {}
             }
         }
         Ok(seen)

@@ -17,6 +17,7 @@ use zeroize::Zeroizing;
 mod audit;
 mod device;
 mod exit;
+mod job;
 mod keygen;
 mod send;
 mod user;
@@ -93,6 +94,9 @@ enum Command {
     },
     /// The audit log: every command sent and the device's answer.
     Audit(audit::AuditArgs),
+    /// Jobs: a command rolled out to many devices over time.
+    #[command(subcommand)]
+    Job(job::JobCmd),
     /// Send one command to many devices at once.
     Broadcast {
         /// Comma-separated device ids.
@@ -165,6 +169,7 @@ pub async fn run(cli: Cli) -> Result<Exit, Failure> {
         Command::User(cmd) => user::run(&c, cmd, json).await,
         Command::Device(cmd) => device::run(&c, cmd, json).await,
         Command::Audit(args) => audit::run(&c, args, json).await,
+        Command::Job(cmd) => job::run(&c, cmd, json).await,
         Command::Send { device, cmd } => send::run(&c, vec![device], cmd, Mode::Sealed, json, false).await,
         Command::Broadcast { devices, all, cmd } => {
             let targets = if all { registry(&c)?.devices.keys().cloned().collect() } else { devices };

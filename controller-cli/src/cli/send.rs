@@ -89,6 +89,9 @@ pub(super) async fn run(
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
+    if session.held_dropped() > 0 {
+        eprintln!("mqseal: {} publishes were dropped while subscribing (too many at once)", session.held_dropped());
+    }
     session.close().await;
     let timing = Timing { wall_ms: started.elapsed().as_millis(), cpu_ms: process_cpu_ms() };
     let via = if broadcast { "broadcast" } else { "send" };

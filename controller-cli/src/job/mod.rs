@@ -226,11 +226,11 @@ impl DeviceProgress {
 pub enum JobState {
     /// Devices are still pending or out.
     Running,
-    /// Cancelled; what was out may still answer.
+    /// Cancelled: nothing new starts; what was out may still answer.
     Cancelled,
-    /// Stopped by the abort rule.
+    /// Stopped by the abort rule, as for `Cancelled`.
     Aborted,
-    /// Nothing more to do.
+    /// Every device done.
     Ended,
 }
 
@@ -324,12 +324,12 @@ impl Job {
 
     /// As a whole.
     pub fn state(&self) -> JobState {
-        if self.ended {
-            JobState::Ended
-        } else if self.aborted {
+        if self.aborted {
             JobState::Aborted
         } else if self.cancelled {
             JobState::Cancelled
+        } else if self.ended {
+            JobState::Ended
         } else {
             JobState::Running
         }
@@ -652,7 +652,8 @@ mod tests {
             job.sending(d, snap(), 10);
             job.finished(d, &answered(Status::Failed), 11);
         }
-        assert_eq!(job.state(), JobState::Ended);
+        assert_eq!(job.state(), JobState::Aborted);
+        assert!(job.is_ended());
         assert!(job.due(now, 12).0.is_empty());
         assert_eq!(job.counts(), Counts { failed: 2, skipped: 3, ..Counts::default() });
     }
