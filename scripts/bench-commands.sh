@@ -11,7 +11,13 @@
 #    and `mqseal broadcast noop --all` as its own process: its wall and CPU
 #    time are the controller's part. Challenge mode for FLEET devices, and
 #    sealed mode (3072-bit) for SEALED_FLEET of them.
-# 3. `openssl speed rsa3072` in the same sitting, for the sealed-mode budget.
+# 3. job: `mqseal job run noop --all --rate JOB_RATE/min` over the same
+#    FLEET (challenge mode, with its journal and audit log): the rate
+#    achieved, the controller's CPU, the journal's and audit log's cost per
+#    command — next to the broadcast of step 2.
+# 4. `openssl speed rsa3072` in the same sitting, for the sealed-mode budget.
+#
+# PARTS="rtt fleet job" (the default) picks the steps.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -19,6 +25,8 @@ runs=${RUNS:-3}
 fleet=${FLEET:-10000}
 sealed_fleet=${SEALED_FLEET:-1000}
 rtts=${RTTS:-300}
+job_rate=${JOB_RATE:-60000}
+parts=" ${PARTS:-rtt fleet job} "
 out="$root/target/bench"
 mkdir -p "$out"
 results="$out/commands.jsonl"
@@ -52,6 +60,7 @@ run() { if "$bench" "$@" --port "$port" --label mqseal >>"$results" 2>"$work/las
         else echo "$* failed: $(tail -n 3 "$work/last.err")" >&2; fi; }
 modes=(plain challenge challenge-prefetch sealed)
 for round in $(seq "$runs"); do
+  [[ $parts == *" rtt "* ]] || break
   shift_by=$(( (round - 1) % ${#modes[@]} ))
   order=("${modes[@]:$shift_by}" "${modes[@]:0:$shift_by}")
   echo "== round $round: ${order[*]}"
@@ -61,8 +70,13 @@ for round in $(seq "$runs"); do
   run command-rtt --mode challenge-prefetch --round-trips "$rtts" --state-dir "$work/state-$round"
 done
 for round in $(seq "$runs"); do
-  run fleet --devices "$fleet" --mode challenge --mqseal "$root/target/release/mqseal"
-  run fleet --devices "$sealed_fleet" --mode sealed --bits 3072 --mqseal "$root/target/release/mqseal"
+  if [[ $parts == *" fleet "* ]]; then
+    run fleet --devices "$fleet" --mode challenge --mqseal "$root/target/release/mqseal"
+    run fleet --devices "$sealed_fleet" --mode sealed --bits 3072 --mqseal "$root/target/release/mqseal"
+  fi
+  if [[ $parts == *" job "* ]]; then
+    run fleet --devices "$fleet" --mode challenge --job-rate "$job_rate" --timeout-secs 300 --mqseal "$root/target/release/mqseal"
+  fi
 done
 echo "== openssl speed rsa3072 (same sitting)"
 openssl speed -seconds 3 rsa3072 2>/dev/null | tail -n 2 | tee "$work/openssl.txt"
@@ -83,6 +97,16 @@ for key, rs in sorted(rtt.items()):
 for r in rows:
     if r["scenario"] == "fleet":
         print(f"fleet {r['mode']} {r['devices']} devices: {r['summary']}, controller wall {r['wall_ms']} ms, cpu {r['cpu_ms']} ms")
+jobs = [r for r in rows if r["scenario"] == "job"]
+for r in jobs:
+    t = r["timing"]
+    print(f"job {r['mode']} {r['devices']} devices at {r['rate_per_min']}/min: {r['counts']}, achieved {r['achieved_per_min']:.0f}/min "
+          f"({(r['achieved_per_min'] / r['rate_per_min'] - 1) * 100:+.1f}%), controller cpu {t['cpu_ms']} ms, wall {t['wall_ms']} ms, "
+          f"journal {r['journal_us_per_command']:.1f} us/command, audit {r['audit_us_per_command']:.1f} us/command")
+if jobs:
+    print(f"job medians: cpu {med([r['timing']['cpu_ms'] for r in jobs]):.0f} ms, rate error "
+          f"{med([(r['achieved_per_min'] / r['rate_per_min'] - 1) * 100 for r in jobs]):+.1f}%, "
+          f"journal {med([r['journal_us_per_command'] for r in jobs]):.1f} us/command, audit {med([r['audit_us_per_command'] for r in jobs]):.1f} us/command")
 line = open(sys.argv[2]).read().split("\n")
 print("openssl:", " | ".join(l.strip() for l in line if l.strip()))
 PY

@@ -227,12 +227,15 @@ async fn start_fleet(
     Ok(Started { devices, connect_secs: connect_started.elapsed().as_secs_f64() })
 }
 
-/// Connects a simulated device and subscribes it to its two topics.
+/// Connects a simulated device, subscribes it to its two topics and
+/// publishes its retained `online` status, as the agent does (a job waits
+/// for it).
 async fn connect_device(t: &Target, id: &str) -> Result<(AsyncClient, EventLoop), Failure> {
     let (c, mut el) = client(t, id, id, &t.secret, 64);
     let filters = [format!("mqseal/v1/dev/{id}/cmd"), format!("mqseal/v1/dev/{id}/chal/req")]
         .map(|f| SubscribeFilter::new(f, QoS::AtLeastOnce));
     c.try_subscribe_many(filters).map_err(|e| e.to_string())?;
+    c.try_publish(format!("mqseal/v1/dev/{id}/status"), QoS::AtLeastOnce, true, "online").map_err(|e| e.to_string())?;
     until(&mut el, true, Duration::from_secs(60)).await.map_err(|e| format!("{id}: {e}"))?;
     Ok((c, el))
 }
@@ -370,6 +373,13 @@ pub struct Fleet {
     /// Broadcast timeout.
     #[arg(long, default_value_t = 120)]
     timeout_secs: u64,
+    /// Run `mqseal job run` at this many devices per minute instead of a
+    /// broadcast (with its journal and audit log).
+    #[arg(long)]
+    job_rate: Option<u32>,
+    /// The job's cap on attempts out at once.
+    #[arg(long, default_value_t = 1000)]
+    job_max_in_flight: usize,
 }
 
 /// `fleet`
@@ -408,11 +418,21 @@ pub async fn fleet(a: Fleet) -> Result<serde_json::Value, Failure> {
     );
     std::fs::write(dir.join("mqseal.toml"), config).map_err(|e| e.to_string())?;
     let mode = format!("{:?}", a.mode).to_lowercase();
-    let out = tokio::process::Command::new(&a.mqseal)
-        .arg("--config")
-        .arg(dir.join("mqseal.toml"))
-        .args(["broadcast", "noop", "--all", "--json", "--mode", &mode, "--timeout"])
-        .arg(format!("{}s", a.timeout_secs))
+    let mut cmd = tokio::process::Command::new(&a.mqseal);
+    cmd.arg("--config").arg(dir.join("mqseal.toml"));
+    match a.job_rate {
+        None => cmd
+            .args(["broadcast", "noop", "--all", "--json", "--mode", &mode, "--timeout"])
+            .arg(format!("{}s", a.timeout_secs)),
+        Some(rate) => cmd
+            .args(["job", "run", "noop", "--all", "--json", "--mode", &mode, "--rate"])
+            .arg(format!("{rate}/min"))
+            .arg("--max-in-flight")
+            .arg(a.job_max_in_flight.to_string())
+            .arg("--deadline")
+            .arg(format!("{}s", a.timeout_secs)),
+    };
+    let out = cmd
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
         .output()
@@ -421,6 +441,9 @@ pub async fn fleet(a: Fleet) -> Result<serde_json::Value, Failure> {
     let _ = stop_tx.send(true);
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout)
         .map_err(|e| format!("mqseal output: {e}: {}", String::from_utf8_lossy(&out.stderr)))?;
+    if let Some(rate) = a.job_rate {
+        return Ok(job_figures(&t, &doc, a.devices, rate, connect_secs, &mode));
+    }
     let summary = doc.get("summary").cloned().unwrap_or_default();
     let timing = doc.get("timing").cloned().unwrap_or_default();
     let (wall_ms, cpu_ms) = (timing.get("wall_ms").cloned(), timing.get("cpu_ms").cloned());
@@ -435,6 +458,47 @@ pub async fn fleet(a: Fleet) -> Result<serde_json::Value, Failure> {
     Ok(json!({"scenario": "fleet", "label": t.label, "mode": mode, "devices": a.devices, "bits": a.bits,
         "connect_secs": connect_secs, "summary": summary, "wall_ms": wall_ms, "cpu_ms": cpu_ms,
         "rejected": rejected.load(Ordering::Relaxed)}))
+}
+
+/// A job's figures: counts, the controller's wall and CPU time, the rate
+/// achieved (starts over the time from the first to the last) against the
+/// one asked for, and the journal's and audit log's cost per command.
+fn job_figures(
+    t: &Target,
+    doc: &serde_json::Value,
+    devices: usize,
+    rate: u32,
+    connect_secs: f64,
+    mode: &str,
+) -> serde_json::Value {
+    let mut sent: Vec<u64> = doc
+        .get("results")
+        .and_then(serde_json::Value::as_array)
+        .map(|rs| rs.iter().filter_map(|r| r.pointer("/progress/sent_at")?.as_u64()).collect())
+        .unwrap_or_default();
+    sent.sort_unstable();
+    let span_ms = match (sent.first(), sent.last()) {
+        (Some(a), Some(b)) if b > a => (b - a) as f64,
+        _ => f64::NAN,
+    };
+    let achieved = (sent.len().saturating_sub(1)) as f64 * 60_000.0 / span_ms;
+    let timing = doc.get("timing").cloned().unwrap_or_default();
+    let field = |k: &str| timing.get(k).cloned().unwrap_or_default();
+    let per_command = |k: &str| field(k).as_f64().map(|ms| ms * 1000.0 / devices.max(1) as f64);
+    eprintln!(
+        "[{}] job {mode}: {devices} devices connected in {connect_secs:.1}s; {} ; rate {achieved:.0}/min of {rate}/min \
+         ({:+.1}%), controller cpu {} ms, wall {} ms, journal {:.1} us/command, audit {:.1} us/command",
+        t.label,
+        doc.get("counts").cloned().unwrap_or_default(),
+        (achieved / f64::from(rate) - 1.0) * 100.0,
+        field("cpu_ms"),
+        field("wall_ms"),
+        per_command("journal_ms").unwrap_or(f64::NAN),
+        per_command("audit_ms").unwrap_or(f64::NAN),
+    );
+    json!({"scenario": "job", "label": t.label, "mode": mode, "devices": devices, "rate_per_min": rate,
+        "achieved_per_min": achieved, "counts": doc.get("counts"), "timing": timing,
+        "journal_us_per_command": per_command("journal_ms"), "audit_us_per_command": per_command("audit_ms")})
 }
 
 /// `soak`

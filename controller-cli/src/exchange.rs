@@ -610,12 +610,13 @@ impl Copies {
     ) -> Result<Out, String> {
         let controller = ChallengeController::new(device, &keys.hmac).map_err(|e| e.to_string())?;
         let form = if request.hidden { Form::Hidden } else { Form::Explicit };
-        // Name, arguments and header fit in 8 KiB by the protocol's limits.
-        let mut frame = vec![0u8; 8192];
+        // Name, arguments and header fit in 8 KiB by the protocol's limits;
+        // on the stack, not a fresh heap block per copy.
+        let mut buf = [0u8; 8192];
         let n = controller
-            .command(&self.fresh.header(device), challenge, call, form, &mut frame)
+            .command(&self.fresh.header(device), challenge, call, form, &mut buf)
             .map_err(|e| format!("building the command: {e}"))?;
-        frame.truncate(n);
+        let frame = buf.get(..n).ok_or("command longer than its buffer")?.to_vec();
         self.used.push(*challenge);
         Ok((self.fresh.topic.to_string(), frame))
     }

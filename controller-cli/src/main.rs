@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use serde_json::json;
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let args = cli::Cli::parse();
     let json = args.json;

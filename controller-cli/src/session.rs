@@ -22,8 +22,15 @@
 //! that dropped it or its answer.
 //!
 //! What happens per target — which challenge answers which command, copies
-//! over other challenges, what verifies — is [`crate::exchange`]'s, without
-//! I/O; this module moves its envelopes and keeps its timers.
+//! over other challenges, re-sends, when to give up, what verifies — is
+//! [`crate::exchange`]'s, without I/O; which targets start when, and what
+//! is done with each answer, is a [`Driver`]'s: [`Session::run`] starts
+//! every target at once, a job (`crate::job`) at a rate, as devices come
+//! online. This module has the one loop that reads the connection while
+//! commands are out ([`Session::drive`]): it moves envelopes, keeps the
+//! timers, and hands every publish to the exchange it belongs to — a
+//! publish that arrives while it waits for a SUBACK is kept for it, not
+//! dropped.
 //!
 //! # When the connection drops
 //!
@@ -150,6 +157,12 @@ pub trait Driver {
     fn finished(&mut self, device: &str, finished: Finished);
     /// A retained status from `device`.
     fn status(&mut self, _device: &str, _payload: &[u8]) {}
+    /// Until when the envelopes built so far may wait, so that the next
+    /// ones share their [`Driver::flush`] (a group commit); `None`: flush
+    /// and publish now.
+    fn hold_until(&self) -> Option<Instant> {
+        None
+    }
     /// Makes what `sending` and `finished` were told durable: called before
     /// every batch of envelopes is published.
     ///
@@ -265,6 +278,9 @@ pub struct Session {
     /// Publishes not kept because `held` was full.
     held_dropped: u64,
 }
+
+/// Events handled between two flushes of the driver at most.
+const EVENT_BURST: usize = 256;
 
 /// Publishes kept while waiting for SUBACKs: enough for every retained
 /// status and challenge of a large fleet, not unbounded.
@@ -446,7 +462,7 @@ impl Session {
         let mut rng = rng();
         let mut next_due = Some(Instant::now());
 
-        loop {
+        'run: loop {
             let now = Instant::now();
             if next_due.is_some_and(|at| at <= now) {
                 let (starts, next) = driver.due(now);
@@ -516,77 +532,88 @@ impl Session {
                 report(&ts, &mut reported, i, driver);
             }
             // What resuming needs is stored before the envelopes it
-            // describes leave.
-            driver.flush().await.map_err(SessionError::Journal)?;
-            self.drain(&mut queue);
+            // describes leave — a few milliseconds later if the driver
+            // gathers several into one write.
+            let hold = driver.hold_until().filter(|at| *at > Instant::now() && !driver.is_done());
+            if hold.is_none() {
+                driver.flush().await.map_err(SessionError::Journal)?;
+                self.drain(&mut queue);
+            }
             if driver.is_done() {
                 break;
             }
             let mut wake = timers.peek().map_or(deadline, |Reverse((at, _))| (*at).min(deadline));
-            if let Some(at) = next_due {
+            for at in next_due.into_iter().chain(hold) {
                 wake = wake.min(at);
             }
-            let event = match self.next_event(wake).await {
-                Ok(None) if Instant::now() >= deadline => break,
-                Ok(None) => continue,
-                Err(e) => {
-                    let lost = connection_error(&self.address, e);
-                    if lost.is_auth() {
-                        return Err(lost);
+            for burst in 0..EVENT_BURST {
+                // The first event is waited for; whatever else is ready
+                // is taken at once, so that one flush of the driver's
+                // journal covers a burst of answers, not one each.
+                let until = if burst == 0 { wake } else { Instant::now() };
+                let event = match self.next_event(until).await {
+                    Ok(None) if Instant::now() >= deadline => break 'run,
+                    Ok(None) => break,
+                    Err(e) => {
+                        let lost = connection_error(&self.address, e);
+                        if lost.is_auth() {
+                            return Err(lost);
+                        }
+                        self.reconnect(deadline, lost).await?;
+                        self.subscribed.clear();
+                        refused = self.subscribe_through(wanted, deadline).await?;
+                        let now = Instant::now();
+                        for (i, t) in ts.iter_mut().enumerate() {
+                            t.on_reconnect(now);
+                            schedule(&mut timers, t, i);
+                        }
+                        break;
                     }
-                    self.reconnect(deadline, lost).await?;
-                    self.subscribed.clear();
-                    refused = self.subscribe_through(wanted, deadline).await?;
-                    let now = Instant::now();
-                    for (i, t) in ts.iter_mut().enumerate() {
-                        t.on_reconnect(now);
-                        schedule(&mut timers, t, i);
-                    }
+                    Ok(Some(ev)) => ev,
+                };
+                let Event::Incoming(Packet::Publish(p)) = event else { continue };
+                let Some((device, channel)) = parse(&p.topic) else { continue };
+                // A challenge answering a prefetch is kept for the next command
+                // to that device, whether or not it is a target of this run.
+                if channel == Channel::Challenge && self.take_prefetched(device, &p.payload) {
                     continue;
                 }
-                Ok(Some(ev)) => ev,
-            };
-            let Event::Incoming(Packet::Publish(p)) = event else { continue };
-            let Some((device, channel)) = parse(&p.topic) else { continue };
-            // A challenge answering a prefetch is kept for the next command
-            // to that device, whether or not it is a target of this run.
-            if channel == Channel::Challenge && self.take_prefetched(device, &p.payload) {
-                continue;
-            }
-            if channel == Channel::Status {
-                driver.status(device, &p.payload);
-                next_due = Some(Instant::now());
-                continue;
-            }
-            let Some(&i) = index.get(device) else { continue };
-            let Some(t) = ts.get_mut(i) else { continue };
-            if t.is_done() {
-                continue;
-            }
-            match channel {
-                Channel::Challenge => {
-                    if let Some(out) = t.on_challenge(&p.payload, request, &call, Instant::now()) {
-                        queue.push_back(out);
-                    }
-                    schedule(&mut timers, t, i);
-                    touched.push(i);
-                }
-                Channel::Response => {
-                    if !t.on_response(&p.topic, &p.payload, &self.key, unix_ms()) {
-                        continue;
-                    }
-                    touched.push(i);
-                    // A finished target may free a place for the next.
+                if channel == Channel::Status {
+                    driver.status(device, &p.payload);
                     next_due = Some(Instant::now());
-                    if self.prefetch
-                        && request.mode == Mode::Challenge
-                        && let Ok((req, out)) = challenge_request(t.device(), t.keys(), &mut rng)
-                    {
-                        self.prefetching.insert(t.device().to_owned(), (req, t.keys().hmac.clone(), Instant::now()));
-                        queue.push_back(out);
-                    }
+                    continue;
                 }
-                _ => {}
+                let Some(&i) = index.get(device) else { continue };
+                let Some(t) = ts.get_mut(i) else { continue };
+                if t.is_done() {
+                    continue;
+                }
+                match channel {
+                    Channel::Challenge => {
+                        if let Some(out) = t.on_challenge(&p.payload, request, &call, Instant::now()) {
+                            queue.push_back(out);
+                        }
+                        schedule(&mut timers, t, i);
+                        touched.push(i);
+                    }
+                    Channel::Response => {
+                        if !t.on_response(&p.topic, &p.payload, &self.key, unix_ms()) {
+                            continue;
+                        }
+                        touched.push(i);
+                        // A finished target may free a place for the next.
+                        next_due = Some(Instant::now());
+                        if self.prefetch
+                            && request.mode == Mode::Challenge
+                            && let Ok((req, out)) = challenge_request(t.device(), t.keys(), &mut rng)
+                        {
+                            self.prefetching
+                                .insert(t.device().to_owned(), (req, t.keys().hmac.clone(), Instant::now()));
+                            queue.push_back(out);
+                        }
+                    }
+                    _ => {}
+                }
             }
         }
         // Past the deadline: whatever has not answered has timed out.

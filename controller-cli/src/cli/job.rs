@@ -18,7 +18,7 @@ use mqseal_controller::session::{Mode, Session};
 use mqseal_proto::Policy;
 use serde_json::json;
 
-use super::{Exit, Failure, audit_log, client_id, load_key, parse_duration, registry};
+use super::{Exit, Failure, audit_log, client_id, load_key, parse_duration, process_cpu_ms, registry};
 
 #[derive(Subcommand)]
 pub enum JobCmd {
@@ -218,7 +218,10 @@ async fn start(c: &ControllerConfig, a: RunArgs, json: bool) -> Result<Exit, Fai
     }
     let mut seen = std::collections::HashSet::new();
     for d in &devices {
-        reg.keys(d).map_err(Failure::usage)?;
+        // Known here; its keys are parsed once, when the job runs.
+        if !reg.devices.contains_key(d) {
+            return Err(Failure::usage(format!("unknown device {d} (see mqseal device list)")));
+        }
         if !seen.insert(d) {
             return Err(Failure::usage(format!("{d} is named twice")));
         }
@@ -288,14 +291,17 @@ async fn drive(c: &ControllerConfig, journal: Journal, job: Job, json: bool) -> 
     };
     let mut run = JobRun::new(job, journal, &log, &endpoint.username, controller_key, &keys, &mut progress);
     let request = run.request().clone();
+    let started = std::time::Instant::now();
     let driven = session.drive(&mut run, &keys, &request).await;
     session.close().await;
-    let (job, audit_error) = run.finish().await;
+    let (job, audit_error, costs) = run.finish().await;
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
     driven.map_err(|e| resumable(&id, Failure::from(e)))?;
-    print_job(&job, json);
+    let timing = json!({ "wall_ms": started.elapsed().as_millis(), "cpu_ms": process_cpu_ms(), "journal_ms": costs.journal_ms,
+                         "audit_ms": costs.audit_ms, "audit_records": costs.audit_records });
+    print_job_with(&job, json, Some(timing));
     if let Some(e) = &audit_error {
         eprintln!("mqseal: {e}");
     }
@@ -329,12 +335,20 @@ fn summary(job: &Job) -> serde_json::Value {
 }
 
 fn print_job(job: &Job, json: bool) {
+    print_job_with(job, json, None);
+}
+
+/// The job, per device and in sum; `timing` for the run that just ended.
+fn print_job_with(job: &Job, json: bool, timing: Option<serde_json::Value>) {
     let c = job.counts();
     if json {
         let mut doc = summary(job);
         let rows: Vec<_> = job.devices().map(|(d, p)| json!({ "device": d, "progress": p })).collect();
         if let Some(o) = doc.as_object_mut() {
             o.insert("results".into(), json!(rows));
+            if let Some(t) = timing {
+                o.insert("timing".into(), t);
+            }
         }
         println!("{doc}");
         return;

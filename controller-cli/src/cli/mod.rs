@@ -219,3 +219,14 @@ pub(crate) fn client_id(username: &str) -> String {
     rand_core::Rng::fill_bytes(&mut rng(), &mut r);
     format!("{username}-{}", hex::encode(r))
 }
+
+/// User + system CPU time of this process, from /proc/self/stat (fields 14
+/// and 15, in USER_HZ ticks, which Linux fixes at 100 per second).
+pub(crate) fn process_cpu_ms() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) may contain spaces; fields after it are plain.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+    Some((ticks(11)? + ticks(12)?) * 10)
+}

@@ -15,7 +15,7 @@ use mqseal_proto::Status;
 use mqseal_store::{Appended, AuditLog};
 use serde_json::json;
 
-use super::{Exit, Failure, audit_log, client_id, load_key, parse_duration, registry};
+use super::{Exit, Failure, audit_log, client_id, load_key, parse_duration, process_cpu_ms, registry};
 
 #[derive(Args)]
 pub struct CommandArgs {
@@ -140,17 +140,6 @@ struct Timing {
     wall_ms: u128,
     /// This process's CPU time (user + system), if /proc tells.
     cpu_ms: Option<u64>,
-}
-
-/// User + system CPU time of this process, from /proc/self/stat (fields 14
-/// and 15, in USER_HZ ticks, which Linux fixes at 100 per second).
-fn process_cpu_ms() -> Option<u64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // The command name (field 2) may contain spaces; fields after it are plain.
-    let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
-    Some((ticks(11)? + ticks(12)?) * 10)
 }
 
 /// Prints the results and picks the exit code: the worst outcome wins

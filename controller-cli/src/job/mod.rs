@@ -33,7 +33,7 @@
 pub mod journal;
 pub mod run;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -42,6 +42,9 @@ use tokio::time::Instant;
 use crate::audit::Outcome;
 use crate::exchange::{DeviceResult, Mode, Request, Snapshot, status_name};
 use crate::session::{Finished, Start};
+
+/// The shortest wait between two groups of rate-limited starts.
+pub const START_GROUP: Duration = Duration::from_millis(250);
 
 /// What a job is: written once, when it is created.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -252,9 +255,17 @@ pub struct Counts {
 }
 
 /// A job's state and its policy.
+///
+/// Everything a step needs is kept up to date as events are applied, so a
+/// step costs the same with ten devices or ten thousand: counts per state,
+/// and the devices that may start now (pending, online, not out) in
+/// rollout order.
 pub struct Job {
     spec: JobSpec,
-    devices: BTreeMap<String, DeviceProgress>,
+    devices: HashMap<String, DeviceProgress>,
+    /// Each device's place in the rollout order.
+    position: HashMap<String, usize>,
+    counts: Counts,
     cancelled: bool,
     aborted: bool,
     ended: bool,
@@ -264,6 +275,11 @@ pub struct Job {
     /// process: an attempt out when the journal was replayed is not in it
     /// until it is started again.
     driving: HashSet<String>,
+    /// Pending, online and not out: may start now, by rollout position.
+    ready: BTreeSet<(usize, String)>,
+    /// Attempts that were out when the journal was replayed, to be taken
+    /// up again first.
+    to_resume: Vec<String>,
     /// When the rate allows the next start.
     next_start: Option<Instant>,
     /// Events applied since the last [`Job::take_events`].
@@ -273,15 +289,22 @@ pub struct Job {
 impl Job {
     /// A new job: every device pending.
     pub fn new(spec: JobSpec) -> Job {
-        let devices = spec.devices.iter().map(|d| (d.clone(), DeviceProgress::new())).collect();
+        let devices: HashMap<String, DeviceProgress> =
+            spec.devices.iter().map(|d| (d.clone(), DeviceProgress::new())).collect();
+        let position = spec.devices.iter().enumerate().map(|(i, d)| (d.clone(), i)).collect();
+        let counts = Counts { pending: devices.len(), ..Counts::default() };
         Job {
             spec,
             devices,
+            position,
+            counts,
             cancelled: false,
             aborted: false,
             ended: false,
             online: HashSet::new(),
             driving: HashSet::new(),
+            ready: BTreeSet::new(),
+            to_resume: Vec::new(),
             next_start: None,
             unsaved: Vec::new(),
         }
@@ -293,6 +316,14 @@ impl Job {
         for e in events {
             job.apply(e);
         }
+        job.to_resume = job
+            .spec
+            .devices
+            .iter()
+            .filter(|d| job.devices.get(*d).is_some_and(|p| p.state == DeviceState::Sent))
+            .cloned()
+            .collect();
+        job.to_resume.reverse(); // popped from the end: first in rollout order first
         job
     }
 
@@ -306,20 +337,14 @@ impl Job {
         self.spec.devices.iter().filter_map(|d| Some((d, self.devices.get(d)?)))
     }
 
+    /// One device's progress.
+    pub fn progress(&self, device: &str) -> Option<&DeviceProgress> {
+        self.devices.get(device)
+    }
+
     /// Counts per state.
     pub fn counts(&self) -> Counts {
-        let mut c = Counts::default();
-        for p in self.devices.values() {
-            *match p.state {
-                DeviceState::Pending => &mut c.pending,
-                DeviceState::Sent => &mut c.sent,
-                DeviceState::Ok => &mut c.ok,
-                DeviceState::Failed => &mut c.failed,
-                DeviceState::TimedOut => &mut c.timed_out,
-                DeviceState::Skipped => &mut c.skipped,
-            } += 1;
-        }
-        c
+        self.counts
     }
 
     /// As a whole.
@@ -340,9 +365,43 @@ impl Job {
         self.ended
     }
 
+    /// Whether an event waiting to be journalled announces a command
+    /// envelope: those must be on disk before it is published; the others
+    /// (challenge requests, answers) may wait for the next write, since
+    /// replaying without them only starts an attempt that ran nothing
+    /// afresh, or sends an answered command again, which the device
+    /// answers from its journal.
+    pub fn must_save(&self) -> bool {
+        self.ended || self.unsaved.iter().any(|e| matches!(e, Event::Sending { .. } | Event::Cancelled { .. }))
+    }
+
     /// The events to journal, in order, since the last call.
     pub fn take_events(&mut self) -> Vec<Event> {
         std::mem::take(&mut self.unsaved)
+    }
+
+    /// Moves `device` to `state`, keeping the counts and the ready set.
+    fn set_state(&mut self, device: &str, state: DeviceState) {
+        let Some(p) = self.devices.get_mut(device) else { return };
+        let old = std::mem::replace(&mut p.state, state);
+        let was = self.counts.of(old);
+        *was = was.saturating_sub(1);
+        *self.counts.of(state) += 1;
+        self.refresh(device);
+    }
+
+    /// Whether `device` may start now is decided here only.
+    fn refresh(&mut self, device: &str) {
+        let Some(&pos) = self.position.get(device) else { return };
+        let ready = self.devices.get(device).is_some_and(|p| p.state == DeviceState::Pending)
+            && self.online.contains(device)
+            && !self.driving.contains(device);
+        let key = (pos, device.to_owned());
+        if ready {
+            self.ready.insert(key);
+        } else {
+            self.ready.remove(&key);
+        }
     }
 
     /// Applies `e` (from the journal, or just recorded): the one place a
@@ -350,12 +409,14 @@ impl Job {
     pub fn apply(&mut self, e: &Event) {
         match e {
             Event::Sending { device, attempt, at, snapshot } => {
-                if let Some(p) = self.devices.get_mut(device) {
-                    p.state = DeviceState::Sent;
-                    p.attempts = p.attempts.max(*attempt);
-                    p.sent_at = Some(*at);
-                    p.snapshot = Some(snapshot.clone());
+                let Some(p) = self.devices.get_mut(device) else { return };
+                if p.state.is_final() {
+                    return;
                 }
+                p.attempts = p.attempts.max(*attempt);
+                p.sent_at = Some(*at);
+                p.snapshot = Some(snapshot.clone());
+                self.set_state(device, DeviceState::Sent);
             }
             Event::Finished { device, attempt, at, outcome, status, code, output, error } => {
                 let retries = self.spec.retries;
@@ -368,30 +429,36 @@ impl Job {
                 (p.status, p.code, p.output, p.error) = (status.clone(), *code, output.clone(), error.clone());
                 let retry =
                     matches!(outcome, Outcome::Failed | Outcome::TimedOut) && p.attempts <= retries && !stopping;
-                p.state = match outcome {
+                let state = match outcome {
                     _ if retry => DeviceState::Pending,
                     Outcome::Ok => DeviceState::Ok,
                     Outcome::Failed | Outcome::Error => DeviceState::Failed,
                     Outcome::TimedOut => DeviceState::TimedOut,
                 };
-                if p.state.is_final() {
+                if state.is_final() {
                     p.finished_at = Some(*at);
                 }
+                self.set_state(device, state);
             }
             Event::Cancelled { .. } => self.cancelled = true,
             Event::Aborted { .. } => self.aborted = true,
             Event::Ended { at } => {
                 let deadline = *at >= self.spec.deadline_at;
-                for p in self.devices.values_mut().filter(|p| matches!(p.state, DeviceState::Pending)) {
-                    p.state = if self.cancelled || self.aborted || !deadline {
-                        DeviceState::Skipped
-                    } else {
-                        DeviceState::TimedOut
-                    };
-                    if p.state == DeviceState::TimedOut && p.error.is_none() && p.attempts == 0 {
+                let stopped = self.cancelled || self.aborted || !deadline;
+                let pending: Vec<String> = self
+                    .devices
+                    .iter()
+                    .filter(|(_, p)| p.state == DeviceState::Pending)
+                    .map(|(d, _)| d.clone())
+                    .collect();
+                for d in pending {
+                    let Some(p) = self.devices.get_mut(&d) else { continue };
+                    let state = if stopped { DeviceState::Skipped } else { DeviceState::TimedOut };
+                    if state == DeviceState::TimedOut && p.error.is_none() && p.attempts == 0 {
                         p.error = Some("not online before the deadline".into());
                     }
                     p.finished_at = Some(*at);
+                    self.set_state(&d, state);
                 }
                 self.ended = true;
             }
@@ -412,11 +479,15 @@ impl Job {
 
     /// A device's retained status: `online` or anything else.
     pub fn on_status(&mut self, device: &str, payload: &[u8]) {
+        if !self.position.contains_key(device) {
+            return;
+        }
         if payload == b"online" {
             self.online.insert(device.to_owned());
         } else {
             self.online.remove(device);
         }
+        self.refresh(device);
     }
 
     /// The devices to start at `now` (Unix `unix_ms`), and when to be asked
@@ -433,52 +504,53 @@ impl Job {
         let left = Duration::from_millis(self.spec.deadline_at.saturating_sub(unix_ms));
         let give_up_after = Duration::from_millis(self.spec.attempt_timeout_ms).min(left);
         let mut starts = Vec::new();
-        for d in &self.spec.devices {
-            if self.driving.contains(d) {
-                continue;
-            }
-            if let Some(p) = self.devices.get(d)
-                && p.state == DeviceState::Sent
-            {
-                starts.push(Start { device: d.clone(), resume: p.snapshot.clone(), give_up_after });
+        while let Some(d) = self.to_resume.pop() {
+            let resume = self.devices.get(&d).filter(|p| p.state == DeviceState::Sent).and_then(|p| p.snapshot.clone());
+            if resume.is_some() {
+                self.driving.insert(d.clone());
+                starts.push(Start { device: d, resume, give_up_after });
             }
         }
         let stopping = self.cancelled || self.aborted || unix_ms >= self.spec.deadline_at;
         let interval = self.spec.rate_per_min.filter(|r| *r > 0).map(|r| Duration::from_secs(60) / r);
-        let mut in_flight = self.driving.len() + starts.len();
         let mut wake = None;
         if !stopping {
-            for d in &self.spec.devices {
-                if in_flight >= self.spec.max_in_flight {
+            // The rate is a schedule: slots missed while this loop was
+            // busy are caught up, slots while nothing could start are not.
+            let mut slot = self.next_start.unwrap_or(now);
+            while self.driving.len() < self.spec.max_in_flight {
+                if interval.is_some() && slot > now {
+                    // Starts go out in groups a few milliseconds apart,
+                    // not one wake-up (and one journal sync) each: the
+                    // rate holds over the run, not per millisecond.
+                    wake = Some(slot.max(now + START_GROUP));
                     break;
                 }
-                let Some(p) = self.devices.get(d) else { continue };
-                if p.state != DeviceState::Pending || self.driving.contains(d) || !self.online.contains(d) {
-                    continue;
-                }
+                let Some((_, d)) = self.ready.pop_first() else {
+                    slot = slot.max(now);
+                    break;
+                };
+                self.driving.insert(d.clone());
+                starts.push(Start { device: d, resume: None, give_up_after });
                 if let Some(every) = interval {
-                    let slot = self.next_start.unwrap_or(now);
-                    if slot > now {
-                        wake = Some(slot);
-                        break;
-                    }
-                    // A rate is a schedule, not a burst after an idle
-                    // spell: slots missed while nothing was online are gone.
-                    self.next_start = Some(slot.max(now.checked_sub(every).unwrap_or(now)) + every);
+                    slot += every;
                 }
-                starts.push(Start { device: d.clone(), resume: None, give_up_after });
-                in_flight += 1;
             }
+            self.next_start = Some(slot);
         }
-        self.driving.extend(starts.iter().map(|s| s.device.clone()));
         // Asked again at least every second while running: a cancel from
         // another process, the deadline.
         let tick = now + Duration::from_secs(1);
         (starts, Some(wake.map_or(tick, |w: Instant| w.min(tick))))
     }
 
-    /// An attempt's envelope for `device` is going out.
+    /// An attempt's envelope for `device` is going out. Only commands are
+    /// journalled: a challenge request runs nothing, and an attempt whose
+    /// command was never built starts afresh on resume.
     pub fn sending(&mut self, device: &str, snapshot: Snapshot, unix_ms: u64) {
+        if snapshot.challenges.is_empty() && snapshot.receipt_key.is_none() {
+            return;
+        }
         let Some(p) = self.devices.get(device) else { return };
         // A resumed attempt keeps its number; a new one is the next.
         let attempt = if p.state == DeviceState::Sent { p.attempts } else { p.attempts + 1 };
@@ -511,6 +583,7 @@ impl Job {
             output,
             error,
         });
+        self.refresh(device);
         self.check_abort(unix_ms);
         self.maybe_end(unix_ms);
     }
@@ -520,7 +593,7 @@ impl Job {
         if self.aborted || self.ended {
             return;
         }
-        let c = self.counts();
+        let c = self.counts;
         let finished = c.ok + c.failed + c.timed_out;
         if finished >= rule.after.max(1) && c.failed * 100 >= usize::from(rule.failed_percent) * finished {
             let reason = format!(
@@ -536,10 +609,23 @@ impl Job {
         if self.ended || !self.driving.is_empty() {
             return;
         }
-        let c = self.counts();
+        let c = self.counts;
         let stopping = self.cancelled || self.aborted || unix_ms >= self.spec.deadline_at;
         if c.sent == 0 && (c.pending == 0 || stopping) {
             self.record(Event::Ended { at: unix_ms });
+        }
+    }
+}
+
+impl Counts {
+    fn of(&mut self, s: DeviceState) -> &mut usize {
+        match s {
+            DeviceState::Pending => &mut self.pending,
+            DeviceState::Sent => &mut self.sent,
+            DeviceState::Ok => &mut self.ok,
+            DeviceState::Failed => &mut self.failed,
+            DeviceState::TimedOut => &mut self.timed_out,
+            DeviceState::Skipped => &mut self.skipped,
         }
     }
 }
@@ -578,8 +664,8 @@ mod tests {
             topic: "mqseal/v1/dev/d-0/cmd".into(),
             frame: String::new(),
             receipt_key: None,
-            requests: vec![],
-            challenges: vec![],
+            requests: vec!["11".repeat(16)],
+            challenges: vec!["22".repeat(16)],
         }
     }
 
@@ -656,6 +742,21 @@ mod tests {
         assert!(job.is_ended());
         assert!(job.due(now, 12).0.is_empty());
         assert_eq!(job.counts(), Counts { failed: 2, skipped: 3, ..Counts::default() });
+    }
+
+    /// A challenge request is not journalled (it runs nothing); a command is.
+    #[test]
+    fn only_commands_are_journalled() {
+        let mut job = Job::new(spec(1));
+        online(&mut job);
+        job.due(Instant::now(), 10);
+        let mut request = snap();
+        request.challenges.clear();
+        job.sending("d-0", request, 10);
+        assert!(job.take_events().is_empty());
+        assert_eq!(job.counts().pending, 1, "nothing that can run is out yet");
+        job.sending("d-0", snap(), 11);
+        assert!(matches!(job.take_events().as_slice(), [Event::Sending { attempt: 1, .. }]));
     }
 
     /// After a crash, an attempt that was out is started again from its

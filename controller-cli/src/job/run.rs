@@ -22,6 +22,16 @@ use crate::session::{Driver, Finished, Start};
 /// How often a running job looks for a cancel request.
 const CANCEL_CHECK: Duration = Duration::from_millis(500);
 
+/// How long answers' events and audit records may wait to be written with
+/// the next batch: each write is an fsync.
+const SAVE_EVERY: Duration = Duration::from_millis(200);
+
+/// How long a command envelope may wait for others to share its journal
+/// write (a group commit): commands built over challenges that arrive a
+/// millisecond apart go out together, after one fsync instead of one
+/// each.
+const GROUP_COMMIT: Duration = Duration::from_millis(50);
+
 /// A job being run by this process.
 pub struct JobRun<'a> {
     job: Job,
@@ -39,6 +49,24 @@ pub struct JobRun<'a> {
     progress: &'a mut (dyn FnMut(&Counts) + Send),
     deadline: Instant,
     cancel_checked: Instant,
+    /// Time spent writing the journal and the audit log (what a job costs
+    /// beyond a broadcast).
+    costs: Costs,
+    /// When the journal and the audit log were last written.
+    saved: Instant,
+    /// When the oldest command envelope not yet journalled was built.
+    unsaved_since: Option<Instant>,
+}
+
+/// Where a job's bookkeeping time went.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Costs {
+    /// Appending and syncing the journal (ms).
+    pub journal_ms: f64,
+    /// Appending audit records (ms).
+    pub audit_ms: f64,
+    /// Audit records written.
+    pub audit_records: u64,
 }
 
 impl<'a> JobRun<'a> {
@@ -72,6 +100,9 @@ impl<'a> JobRun<'a> {
             // answers are heard before the session gives up.
             deadline: Instant::now() + left + Duration::from_secs(5),
             cancel_checked: Instant::now(),
+            costs: Costs::default(),
+            saved: Instant::now(),
+            unsaved_since: None,
         }
     }
 
@@ -87,7 +118,7 @@ impl<'a> JobRun<'a> {
 
     /// Writes the audit records still waiting, once more: what failed,
     /// if it fails again.
-    pub async fn finish(mut self) -> (Job, Option<String>) {
+    pub async fn finish(mut self) -> (Job, Option<String>, Costs) {
         if !self.records.is_empty() {
             match self.audit.append(&self.records).await {
                 Ok(_) => self.audit_error = None,
@@ -96,7 +127,11 @@ impl<'a> JobRun<'a> {
                 }
             }
         }
-        (self.job, self.audit_error)
+        // Audit records first, then the events that say they were answered.
+        if let Err(e) = self.journal.append(&self.job.take_events()) {
+            self.audit_error = Some(format!("job journal: {e}"));
+        }
+        (self.job, self.audit_error, self.costs)
     }
 }
 
@@ -125,11 +160,18 @@ impl Driver for JobRun<'_> {
 
     fn sending(&mut self, device: &str, snapshot: Snapshot) {
         self.job.sending(device, snapshot, unix_ms());
+        if self.unsaved_since.is_none() && self.job.must_save() {
+            self.unsaved_since = Some(Instant::now());
+        }
+    }
+
+    fn hold_until(&self) -> Option<Instant> {
+        self.unsaved_since.map(|t| t + GROUP_COMMIT)
     }
 
     fn finished(&mut self, device: &str, finished: Finished) {
         let now = unix_ms();
-        let sent_at = self.job.devices().find(|(d, _)| *d == device).and_then(|(_, p)| p.sent_at).unwrap_or(now);
+        let sent_at = self.job.progress(device).and_then(|p| p.sent_at).unwrap_or(now);
         if let Some(keys) = self.keys.get(device) {
             let s = Sending {
                 via: "job",
@@ -151,15 +193,28 @@ impl Driver for JobRun<'_> {
     }
 
     fn flush(&mut self) -> impl Future<Output = Result<(), String>> + Send {
-        let journalled = self.journal.append(&self.job.take_events()).map_err(|e| format!("job journal: {e}"));
-        let records = std::mem::take(&mut self.records);
-        let audit = self.audit;
-        let failed = &mut self.records;
-        let audit_error = &mut self.audit_error;
+        // Envelopes about to go out must be journalled first; answers may
+        // wait a little, to share a sync with the next ones. An answer's
+        // audit record is written before its `finished` event: a crash in
+        // between sends the envelope again on resume and records the
+        // answer again, never loses it.
+        let now = Instant::now();
+        let due = self.job.must_save() || now.duration_since(self.saved) >= SAVE_EVERY;
+        if due {
+            self.saved = now;
+            self.unsaved_since = None;
+        }
+        let events = if due { self.job.take_events() } else { Vec::new() };
+        let records = if due { std::mem::take(&mut self.records) } else { Vec::new() };
+        let (audit, journal, costs) = (self.audit, &mut self.journal, &mut self.costs);
+        let (failed, audit_error) = (&mut self.records, &mut self.audit_error);
         async move {
-            journalled?;
             if !records.is_empty() {
-                match audit.append(&records).await {
+                let t0 = std::time::Instant::now();
+                let appended = audit.append(&records).await;
+                costs.audit_ms += t0.elapsed().as_secs_f64() * 1000.0;
+                costs.audit_records += records.len() as u64;
+                match appended {
                     Ok(_) => *audit_error = None,
                     // The job goes on; the records are tried again.
                     Err(e) => {
@@ -168,7 +223,10 @@ impl Driver for JobRun<'_> {
                     }
                 }
             }
-            Ok(())
+            let t0 = std::time::Instant::now();
+            let journalled = journal.append(&events).map_err(|e| format!("job journal: {e}"));
+            costs.journal_ms += t0.elapsed().as_secs_f64() * 1000.0;
+            journalled
         }
     }
 
