@@ -127,7 +127,7 @@ impl AuditLog {
     /// [`AuditError`] naming the file; nothing is half-written to it (one
     /// write of whole lines under the lock). MongoDB being unreachable is
     /// not an error: the records are spooled ([`Appended::Spooled`]).
-    pub async fn append(&self, records: &[Value]) -> Result<Appended, AuditError> {
+    pub async fn append<T: serde::Serialize + Sync>(&self, records: &[T]) -> Result<Appended, AuditError> {
         if records.is_empty() {
             return Ok(Appended::Stored);
         }
@@ -147,7 +147,7 @@ impl AuditLog {
                     }
                 }
                 for r in records {
-                    docs.push(to_document(r)?);
+                    docs.push(mongodb::bson::to_document(r).map_err(|e| AuditError::Encode(e.to_string()))?);
                 }
                 match tokio::time::timeout(*timeout, coll.insert_many(docs)).await {
                     Ok(Ok(_)) => {
@@ -193,17 +193,19 @@ impl AuditLog {
     }
 }
 
-/// `records` as JSON Lines.
-fn lines(records: &[Value]) -> Result<String, AuditError> {
-    let mut text = String::new();
+/// `records` as JSON Lines, each serialised straight to its line (no
+/// intermediate JSON tree: a job writes tens of thousands).
+fn lines<T: serde::Serialize>(records: &[T]) -> Result<String, AuditError> {
+    let mut text = Vec::new();
     for r in records {
-        if !r.is_object() {
+        let start = text.len();
+        serde_json::to_writer(&mut text, r).map_err(|e| AuditError::Encode(e.to_string()))?;
+        if text.get(start) != Some(&b'{') {
             return Err(AuditError::Encode("not a JSON object".into()));
         }
-        text.push_str(&r.to_string());
-        text.push('\n');
+        text.push(b'\n');
     }
-    Ok(text)
+    String::from_utf8(text).map_err(|e| AuditError::Encode(e.to_string()))
 }
 
 async fn write_lines(path: &Path, text: String) -> Result<(), AuditError> {

@@ -115,12 +115,8 @@ pub(super) async fn append_records(
     results: &[Finished],
 ) -> Result<(), String> {
     let now = unix_ms();
-    let records = targets
-        .iter()
-        .zip(results)
-        .map(|((d, k), f)| serde_json::to_value(audit::record(sending, d, k, f, now)))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())?;
+    let records: Vec<audit::Record> =
+        targets.iter().zip(results).map(|((d, k), f)| audit::record(sending, d, k, f, now)).collect();
     match log.append(&records).await {
         Ok(Appended::Stored) => Ok(()),
         Ok(Appended::Spooled { spool, why }) => {

@@ -9,7 +9,6 @@ use std::time::Duration;
 use mqseal_client::unix_ms;
 use mqseal_proto::sealed::KeyId;
 use mqseal_store::AuditLog;
-use serde_json::Value;
 use tokio::time::Instant;
 
 use super::journal::Journal;
@@ -43,7 +42,7 @@ pub struct JobRun<'a> {
     keys: &'a HashMap<String, &'a DeviceKeys>,
     /// Audit records not yet written (kept, and tried again, if the log
     /// fails).
-    records: Vec<Value>,
+    records: Vec<audit::Record>,
     /// The last time the audit log failed, and why.
     audit_error: Option<String>,
     progress: &'a mut (dyn FnMut(&Counts) + Send),
@@ -180,9 +179,7 @@ impl Driver for JobRun<'_> {
                 request: &self.request,
                 sent_at,
             };
-            if let Ok(v) = serde_json::to_value(audit::record(&s, device, keys, &finished, now)) {
-                self.records.push(v);
-            }
+            self.records.push(audit::record(&s, device, keys, &finished, now));
         }
         self.job.finished(device, &finished, now);
         (self.progress)(&self.job.counts());
