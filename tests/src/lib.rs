@@ -125,6 +125,42 @@ pub async fn wait_for_port(port: u16, timeout: Duration) -> Result<(), String> {
     }
 }
 
+/// Waits until an MQTT broker on `127.0.0.1:port` answers a CONNECT with a
+/// CONNACK (whatever its return code), while `child` — the broker — still
+/// runs. An open port alone was not enough on CI: `mosquitto_pub` was
+/// refused right after the port had accepted a connection.
+///
+/// # Errors
+/// When the broker exits, or no CONNACK comes within `timeout`.
+pub async fn wait_for_mqtt(port: u16, child: &mut Child, timeout: Duration) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // MQTT 3.1.1 CONNECT: clean session, keep-alive 60 s, client id "probe".
+    const CONNECT: [u8; 19] = [0x10, 17, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 5, b'p', b'r', b'o', b'b', b'e'];
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("the broker exited ({status}) before it answered MQTT on port {port}"));
+        }
+        let probe = async {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+            if is_self_connected(&s) {
+                return None;
+            }
+            s.write_all(&CONNECT).await.ok()?;
+            let mut ack = [0u8; 4];
+            s.read_exact(&mut ack).await.ok()?;
+            (ack[0] == 0x20).then_some(())
+        };
+        if tokio::time::timeout(Duration::from_secs(1), probe).await.ok().flatten().is_some() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!("no CONNACK on 127.0.0.1:{port} after {timeout:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Whether `stream` is connected to itself rather than to a listener.
 fn is_self_connected(stream: &TcpStream) -> bool {
     matches!((stream.local_addr(), stream.peer_addr()), (Ok(local), Ok(peer)) if local == peer)
@@ -160,7 +196,7 @@ impl Mosquitto {
             .kill_on_drop(true)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start mosquitto: {e}"));
-        if let Err(e) = wait_for_port(port, STARTUP_TIMEOUT).await {
+        if let Err(e) = wait_for_mqtt(port, &mut child, STARTUP_TIMEOUT).await {
             let _ = child.start_kill();
             let out = tokio::time::timeout(Duration::from_secs(5), child.wait_with_output()).await;
             let stderr = match out {

@@ -113,8 +113,8 @@ fn parse_rate(s: &str) -> Result<u32, String> {
 /// `20%` (or `20`) as a percentage.
 fn parse_percent(s: &str) -> Result<u8, String> {
     let n: u8 = s.trim_end_matches('%').parse().map_err(|_| format!("{s:?}: expected a percentage such as 20%"))?;
-    if n > 100 {
-        return Err(format!("{s:?}: at most 100%"));
+    if n == 0 || n > 100 {
+        return Err(format!("{s:?}: between 1% and 100%"));
     }
     Ok(n)
 }

@@ -113,14 +113,19 @@ enum Command {
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, "s"), |i| s.split_at(i));
     let n: u64 = num.parse().map_err(|_| format!("{s:?}: expected a number and a unit (500ms, 10s, 2m, 24h, 7d)"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
-        "h" => Ok(Duration::from_secs(n.saturating_mul(3600))),
-        "d" => Ok(Duration::from_secs(n.saturating_mul(86_400))),
-        _ => Err(format!("{s:?}: unit must be ms, s, m, h or d")),
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        "d" => Duration::from_secs(n.saturating_mul(86_400)),
+        _ => return Err(format!("{s:?}: unit must be ms, s, m, h or d")),
+    };
+    // Added to clocks later: a bound keeps that arithmetic in range.
+    if d > Duration::from_secs(3650 * 86_400) {
+        return Err(format!("{s:?}: at most 3650d"));
     }
+    Ok(d)
 }
 
 fn config(cli: &Cli) -> Result<ControllerConfig, Failure> {

@@ -84,9 +84,11 @@ impl Journal {
     /// [`JournalError::Unknown`], [`JournalError::Busy`], or a file that
     /// cannot be read.
     pub fn open(data_dir: &Path, id: &str) -> Result<(Journal, Job), JournalError> {
-        let job = read(data_dir, id)?;
-        let dir = jobs_dir(data_dir).join(id);
-        Ok((Journal::open_dir(dir, id)?, job))
+        // Known first, then locked, then read: what another runner wrote up
+        // to its last breath is in what this one replays.
+        read(data_dir, id)?;
+        let journal = Journal::open_dir(jobs_dir(data_dir).join(id), id)?;
+        Ok((journal, read(data_dir, id)?))
     }
 
     fn open_dir(dir: PathBuf, id: &str) -> Result<Journal, JournalError> {
@@ -99,6 +101,13 @@ impl Journal {
         }
         let events_path = dir.join("events.jsonl");
         let events = private_file(&events_path, true)?;
+        // A torn last line (a crash mid-append) is cut off before anything
+        // is appended after it; `read` already ignores it.
+        let text = fs::read(&events_path).map_err(io(&events_path))?;
+        if !text.is_empty() && !text.ends_with(b"\n") {
+            let keep = text.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+            events.set_len(keep as u64).map_err(io(&events_path))?;
+        }
         Ok(Journal { dir, events, _lock: lock })
     }
 

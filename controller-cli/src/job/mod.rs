@@ -425,6 +425,7 @@ impl Job {
                 if p.state.is_final() || *attempt < p.attempts {
                     return; // a late answer to an attempt already given up
                 }
+                p.attempts = *attempt;
                 p.snapshot = None;
                 (p.status, p.code, p.output, p.error) = (status.clone(), *code, output.clone(), error.clone());
                 let retry =
@@ -502,13 +503,16 @@ impl Job {
             return (Vec::new(), None);
         }
         let left = Duration::from_millis(self.spec.deadline_at.saturating_sub(unix_ms));
-        let give_up_after = Duration::from_millis(self.spec.attempt_timeout_ms).min(left);
+        let timeout = Duration::from_millis(self.spec.attempt_timeout_ms);
+        let give_up_after = timeout.min(left);
         let mut starts = Vec::new();
         while let Some(d) = self.to_resume.pop() {
             let resume = self.devices.get(&d).filter(|p| p.state == DeviceState::Sent).and_then(|p| p.snapshot.clone());
             if resume.is_some() {
                 self.driving.insert(d.clone());
-                starts.push(Start { device: d, resume, give_up_after });
+                // Past the deadline too: it may already have run, and only
+                // asking again tells (while its envelope is valid).
+                starts.push(Start { device: d, resume, give_up_after: timeout });
             }
         }
         let stopping = self.cancelled || self.aborted || unix_ms >= self.spec.deadline_at;
@@ -536,6 +540,11 @@ impl Job {
                     slot += every;
                 }
             }
+            // Slots that passed while every place was taken are not caught
+            // up either: the rate is a ceiling.
+            if self.driving.len() >= self.spec.max_in_flight {
+                slot = slot.max(now);
+            }
             self.next_start = Some(slot);
         }
         // Asked again at least every second while running: a cancel from
@@ -561,7 +570,9 @@ impl Job {
     pub fn finished(&mut self, device: &str, f: &Finished, unix_ms: u64) {
         self.driving.remove(device);
         let Some(p) = self.devices.get(device) else { return };
-        let attempt = p.attempts.max(1);
+        // An attempt that ended before its command was built (no challenge
+        // came) still counts: retries run out, and the abort rule sees it.
+        let attempt = if p.state == DeviceState::Sent { p.attempts } else { p.attempts + 1 };
         let (outcome, status, code, output, error) = match &f.result {
             DeviceResult::Answered(r) => (
                 if r.status == mqseal_proto::Status::Ok { Outcome::Ok } else { Outcome::Failed },
@@ -742,6 +753,22 @@ mod tests {
         assert!(job.is_ended());
         assert!(job.due(now, 12).0.is_empty());
         assert_eq!(job.counts(), Counts { failed: 2, skipped: 3, ..Counts::default() });
+    }
+
+    /// An attempt that times out before any command went out (no challenge
+    /// came) uses up a retry like any other.
+    #[test]
+    fn attempts_without_a_command_count() {
+        let mut job = Job::new(JobSpec { retries: 1, ..spec(1) });
+        online(&mut job);
+        let timed_out = Finished { msg_id: None, result: DeviceResult::TimedOut };
+        for n in 1..=2 {
+            assert_eq!(names(&job.due(Instant::now(), 10).0), ["d-0"]);
+            job.finished("d-0", &timed_out, 11);
+            assert_eq!(job.progress("d-0").map(|p| p.attempts), Some(n));
+        }
+        assert_eq!(job.progress("d-0").map(|p| p.state), Some(DeviceState::TimedOut));
+        assert!(job.is_ended());
     }
 
     /// A challenge request is not journalled (it runs nothing); a command is.

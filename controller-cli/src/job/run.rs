@@ -83,6 +83,7 @@ impl<'a> JobRun<'a> {
     ) -> JobRun<'a> {
         let left = Duration::from_millis(job.spec().deadline_at.saturating_sub(unix_ms()));
         let request = job.spec().request();
+        let attempt_timeout = Duration::from_millis(job.spec().attempt_timeout_ms);
         progress(&job.counts());
         JobRun {
             job,
@@ -97,7 +98,10 @@ impl<'a> JobRun<'a> {
             progress,
             // A little past the job's deadline, so the last attempts'
             // answers are heard before the session gives up.
-            deadline: Instant::now() + left + Duration::from_secs(5),
+            // and so that an attempt resumed after the deadline can still ask.
+            deadline: Instant::now()
+                + left.max(attempt_timeout)
+                + Duration::from_secs(5),
             cancel_checked: Instant::now(),
             costs: Costs::default(),
             saved: Instant::now(),
