@@ -405,14 +405,6 @@ impl<'k> Exchange<'k> {
         }
     }
 
-    /// How it ended: [`DeviceResult::TimedOut`] if it has not.
-    pub fn into_result(self) -> DeviceResult {
-        match self.state {
-            State::Done(r) => r,
-            _ => DeviceResult::TimedOut,
-        }
-    }
-
     /// Ends it with `result`.
     pub fn finish(&mut self, result: DeviceResult) {
         self.state = State::Done(result);
@@ -837,7 +829,7 @@ mod tests {
             .unwrap()
             .challenge;
         assert!(
-            matches!(x.into_result(), DeviceResult::Answered(r) if r.output == b"done"
+            matches!(x.result(), Some(DeviceResult::Answered(r)) if r.output == b"done"
                 && r.evidence == Evidence { frame: response.clone(), challenge: Some(genuine_challenge), at_ms: 7 }),
             "the response verified over the second challenge, and that is what is kept"
         );
@@ -995,6 +987,6 @@ mod tests {
         assert_eq!(x.next_timer(), Some(now + Duration::from_secs(1)));
         assert_eq!(x.on_timer(now + Duration::from_secs(1), rng), None);
         assert!(x.is_done());
-        assert_eq!(x.into_result(), DeviceResult::TimedOut);
+        assert_eq!(x.result(), Some(&DeviceResult::TimedOut));
     }
 }

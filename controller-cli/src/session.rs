@@ -468,39 +468,41 @@ impl Session {
                 let (starts, next) = driver.due(now);
                 next_due = next;
                 for start in starts {
-                    let Some(keys) = keys.get(&start.device) else {
-                        let error = DeviceResult::Error(format!("no keys for {}", start.device));
-                        driver.finished(&start.device, Finished { msg_id: None, result: error });
-                        continue;
-                    };
-                    let mut x = match &start.resume {
-                        Some(snap) => match Exchange::resume(&start.device, keys, snap, now) {
-                            Ok(x) => x,
-                            Err(e) => {
-                                let error = DeviceResult::Error(format!("cannot resume: {e}"));
-                                driver.finished(&start.device, Finished { msg_id: None, result: error });
-                                continue;
-                            }
+                    let built = match keys.get(&start.device) {
+                        None => Err(format!("no keys for {}", start.device)),
+                        Some(keys) => match &start.resume {
+                            Some(snap) => Exchange::resume(&start.device, keys, snap, now)
+                                .map_err(|e| format!("cannot resume: {e}")),
+                            None => Ok(Exchange::new(&start.device, keys)),
                         },
-                        None => Exchange::new(&start.device, keys),
+                    };
+                    let mut x = match built {
+                        Ok(x) => x,
+                        Err(e) => {
+                            driver.finished(&start.device, Finished { msg_id: None, result: DeviceResult::Error(e) });
+                            continue;
+                        }
                     };
                     x.give_up_at(now + start.give_up_after);
                     if refused.contains(&start.device) {
                         x.finish(DeviceResult::Error("the broker refused the subscription: not granted".into()));
                     }
+                    // A device started again (a retry) takes its old slot.
                     let i = match index.get(&start.device) {
-                        Some(&i) => i,
+                        Some(&i) => {
+                            if let (Some(slot), Some(r)) = (ts.get_mut(i), reported.get_mut(i)) {
+                                *slot = x;
+                                *r = false;
+                            }
+                            i
+                        }
                         None => {
                             index.insert(start.device.clone(), ts.len());
-                            ts.push(Exchange::new(&start.device, keys));
-                            reported.push(true);
+                            ts.push(x);
+                            reported.push(false);
                             ts.len() - 1
                         }
                     };
-                    if let (Some(slot), Some(r)) = (ts.get_mut(i), reported.get_mut(i)) {
-                        *slot = x;
-                        *r = false;
-                    }
                     touched.push(i);
                 }
                 self.start_pending(&mut ts, &touched, request, &call, &mut queue, &mut rng);

@@ -130,7 +130,7 @@ pub(super) async fn run(c: &ControllerConfig, cmd: JobCmd, json: bool) -> Result
         JobCmd::Run(a) => start(c, a, json).await,
         JobCmd::Status { id } => {
             let job = journal::read(&data_dir, &id).map_err(journal_err)?;
-            print_job(&job, json);
+            print_job(&job, json, None);
             Ok(Exit::Ok)
         }
         JobCmd::List => {
@@ -188,7 +188,7 @@ pub(super) async fn run(c: &ControllerConfig, cmd: JobCmd, json: bool) -> Result
         JobCmd::Resume { id } => {
             let (journal, job) = Journal::open(&data_dir, &id).map_err(journal_err)?;
             if job.is_ended() {
-                print_job(&job, json);
+                print_job(&job, json, None);
                 return Ok(exit_of(&job));
             }
             drive(c, journal, job, json).await
@@ -301,7 +301,7 @@ async fn drive(c: &ControllerConfig, journal: Journal, job: Job, json: bool) -> 
     driven.map_err(|e| resumable(&id, Failure::from(e)))?;
     let timing = json!({ "wall_ms": started.elapsed().as_millis(), "cpu_ms": process_cpu_ms(), "journal_ms": costs.journal_ms,
                          "audit_ms": costs.audit_ms, "audit_records": costs.audit_records });
-    print_job_with(&job, json, Some(timing));
+    print_job(&job, json, Some(timing));
     if let Some(e) = &audit_error {
         eprintln!("mqseal: {e}");
     }
@@ -334,12 +334,8 @@ fn summary(job: &Job) -> serde_json::Value {
             "mode": s.mode, "state": job.state(), "counts": job.counts(), "devices": s.devices.len() })
 }
 
-fn print_job(job: &Job, json: bool) {
-    print_job_with(job, json, None);
-}
-
 /// The job, per device and in sum; `timing` for the run that just ended.
-fn print_job_with(job: &Job, json: bool, timing: Option<serde_json::Value>) {
+fn print_job(job: &Job, json: bool, timing: Option<serde_json::Value>) {
     let c = job.counts();
     if json {
         let mut doc = summary(job);

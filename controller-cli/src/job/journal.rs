@@ -86,8 +86,7 @@ impl Journal {
     pub fn open(data_dir: &Path, id: &str) -> Result<(Journal, Job), JournalError> {
         // Known first, then locked, then read: what another runner wrote up
         // to its last breath is in what this one replays.
-        read(data_dir, id)?;
-        let journal = Journal::open_dir(jobs_dir(data_dir).join(id), id)?;
+        let journal = Journal::open_dir(job_dir(data_dir, id)?, id)?;
         Ok((journal, read(data_dir, id)?))
     }
 
@@ -157,15 +156,20 @@ fn private_file(path: &Path, append: bool) -> Result<File, JournalError> {
     options.open(path).map_err(io(path))
 }
 
+/// The folder of job `id`, if `id` names one (ids are letters, digits
+/// and `-`: never a path).
+fn job_dir(data_dir: &Path, id: &str) -> Result<PathBuf, JournalError> {
+    let dir = jobs_dir(data_dir).join(id);
+    let valid = !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    if valid && dir.join("job.json").exists() { Ok(dir) } else { Err(JournalError::Unknown(id.to_owned())) }
+}
+
 /// A job as its files say, for `status` and `list` (no lock taken).
 ///
 /// # Errors
 /// [`JournalError::Unknown`], or a file that cannot be read or parsed.
 pub fn read(data_dir: &Path, id: &str) -> Result<Job, JournalError> {
-    if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-        return Err(JournalError::Unknown(id.to_owned()));
-    }
-    let dir = jobs_dir(data_dir).join(id);
+    let dir = job_dir(data_dir, id)?;
     let spec_path = dir.join("job.json");
     let text = match fs::read_to_string(&spec_path) {
         Ok(t) => t,
@@ -234,8 +238,7 @@ pub fn list(data_dir: &Path) -> Result<Vec<String>, JournalError> {
 /// [`JournalError`] as for [`read`], or the request cannot be written.
 pub fn request_cancel(data_dir: &Path, id: &str, unix_ms: u64) -> Result<Job, JournalError> {
     let job = read(data_dir, id)?;
-    let dir = jobs_dir(data_dir).join(id);
-    let marker = dir.join("cancel");
+    let marker = job_dir(data_dir, id)?.join("cancel");
     write_private(&marker, b"").map_err(io(&marker))?;
     match Journal::open(data_dir, id) {
         Ok((mut journal, mut job)) => {

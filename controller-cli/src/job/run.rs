@@ -96,12 +96,10 @@ impl<'a> JobRun<'a> {
             records: Vec::new(),
             audit_error: None,
             progress,
-            // A little past the job's deadline, so the last attempts'
-            // answers are heard before the session gives up.
-            // and so that an attempt resumed after the deadline can still ask.
-            deadline: Instant::now()
-                + left.max(attempt_timeout)
-                + Duration::from_secs(5),
+            // A little past the job's deadline (or an attempt's timeout,
+            // for one resumed after it), so the last answers are heard
+            // before the session gives up.
+            deadline: Instant::now() + left.max(attempt_timeout) + Duration::from_secs(5),
             cancel_checked: Instant::now(),
             costs: Costs::default(),
             saved: Instant::now(),
