@@ -248,9 +248,18 @@ impl Drop for Snapshot {
 }
 
 fn unhex<const N: usize>(text: &str, what: &str) -> Result<[u8; N], String> {
-    let bytes = hex::decode(text).map_err(|_| format!("{what} is not hex"))?;
-    bytes.try_into().map_err(|_| format!("{what} is not {N} bytes"))
+    // Straight into the array: no heap copy of a receipt key left behind.
+    let mut out = [0u8; N];
+    if text.len() != 2 * N {
+        return Err(format!("{what} is not {N} bytes"));
+    }
+    hex::decode_to_slice(text, &mut out).map_err(|_| format!("{what} is not hex"))?;
+    Ok(out)
 }
+
+/// Why a device that answered only in the retired receipt form failed.
+const RETIRED_RECEIPT: &str = "no answer verified: the device answered with a receipt in the retired first form \
+                               (kind 2, docs/PROTOCOL.md §5.4); upgrade its agent";
 
 /// One target's exchange.
 pub struct Exchange<'k> {
@@ -267,6 +276,11 @@ pub struct Exchange<'k> {
     changed: bool,
     /// When to stop waiting and end as [`DeviceResult::TimedOut`].
     give_up_at: Option<Instant>,
+    /// A receipt in the retired first form (kind 2) arrived: an agent too
+    /// old to answer in a form this controller reads. It is not
+    /// authenticated, so it ends nothing early; it turns the timeout into
+    /// an error that says what to do.
+    retired_receipt: bool,
 }
 
 impl<'k> Exchange<'k> {
@@ -281,6 +295,7 @@ impl<'k> Exchange<'k> {
             msg_id: None,
             changed: false,
             give_up_at: None,
+            retired_receipt: false,
         }
     }
 
@@ -305,7 +320,10 @@ impl<'k> Exchange<'k> {
             _ => return Err(format!("topic {:?} is not one of {device}'s", snapshot.topic)),
         }
         x.state = match &snapshot.receipt_key {
-            Some(k) => State::Sealed { msg_id, receipt_key: ReceiptKey::from_bytes(unhex(k, "receipt_key")?) },
+            Some(k) => {
+                let bytes = zeroize::Zeroizing::new(unhex::<32>(k, "receipt_key")?);
+                State::Sealed { msg_id, receipt_key: ReceiptKey::from_bytes(*bytes) }
+            }
             None => {
                 let fresh = Fresh {
                     topic: topic(device, Channel::Command).map_err(|e| e.to_string())?,
@@ -352,7 +370,10 @@ impl<'k> Exchange<'k> {
             challenges: Vec::new(),
         };
         match &self.state {
-            State::Sealed { receipt_key, .. } => snap.receipt_key = Some(hex::encode(receipt_key.to_bytes())),
+            State::Sealed { receipt_key, .. } => {
+                let bytes = zeroize::Zeroizing::new(receipt_key.to_bytes());
+                snap.receipt_key = Some(hex::encode(bytes.as_slice()));
+            }
             State::Challenge(c) => {
                 snap.issued_at = c.fresh.issued_at;
                 snap.expires_at = c.fresh.expires_at;
@@ -515,6 +536,7 @@ impl<'k> Exchange<'k> {
             ),
             State::Sealed { msg_id, receipt_key } => SealedController::new(controller_key)
                 .open_response(payload, arrived_on, &self.device, &self.keys.public, *msg_id, receipt_key)
+                .inspect_err(|e| self.retired_receipt |= matches!(e, mqseal_proto::Error::RetiredKind(_)))
                 .ok()
                 .map(|opened| Reply {
                     status: opened.status,
@@ -538,7 +560,11 @@ impl<'k> Exchange<'k> {
     /// re-send is due, the last envelope again.
     pub fn on_timer<R: CryptoRng + ?Sized>(&mut self, now: Instant, rng: &mut R) -> Option<Out> {
         if self.give_up_at.is_some_and(|at| now >= at) && !self.is_done() {
-            self.state = State::Done(DeviceResult::TimedOut);
+            self.state = State::Done(if self.retired_receipt {
+                DeviceResult::Error(RETIRED_RECEIPT.into())
+            } else {
+                DeviceResult::TimedOut
+            });
             return None;
         }
         if let State::Challenge(copies) = &mut self.state
@@ -910,6 +936,15 @@ mod tests {
         assert_eq!(gaps.last(), Some(&RESEND_MAX), "re-sends back off to RESEND_MAX and keep going");
     }
 
+    /// A sealed exchange with `dev-1` that has sent its command.
+    fn start_sealed<'k>(keys: &'k DeviceKeys, controller: &PrivateKey, now: Instant) -> (Exchange<'k>, Out) {
+        let req = Request { mode: Mode::Sealed, ..request() };
+        let call = Call::new("go", &[]).unwrap();
+        let mut x = Exchange::new("dev-1", keys);
+        let sent = x.start_sealed(seal(controller, "dev-1", keys, &req, &call, 1_800_000_000), now).unwrap();
+        (x, sent)
+    }
+
     /// A broker that drops a sealed command (or its receipt) and still
     /// acknowledges it: the exchange sends the same bytes again at 2, 4,
     /// 8, 16 s … after, every 16 s at most, until the receipt verifies.
@@ -918,12 +953,8 @@ mod tests {
     #[test]
     fn a_sealed_command_is_sent_again_the_same_bytes_until_answered() {
         let (keys, rng) = (keys(), &mut mqseal_client::rng());
-        let controller = PrivateKey::generate(rng, 2048).unwrap();
-        let req = Request { mode: Mode::Sealed, ..request() };
-        let call = Call::new("go", &[]).unwrap();
-        let now = Instant::now();
-        let mut x = Exchange::new("dev-1", &keys);
-        let sent = x.start_sealed(seal(&controller, "dev-1", &keys, &req, &call, 1_800_000_000), now).unwrap();
+        let (controller, now) = (PrivateKey::generate(rng, 2048).unwrap(), Instant::now());
+        let (mut x, sent) = start_sealed(&keys, &controller, now);
         let mut at = Vec::new();
         for _ in 0..8 {
             let t = x.next_timer().unwrap();
@@ -975,6 +1006,27 @@ mod tests {
 
     fn request_id_of(snap: &Snapshot) -> MsgId {
         MsgId(hex::decode(&snap.msg_id).unwrap().try_into().unwrap())
+    }
+
+    /// A receipt in the retired first form (kind 2) does not end the
+    /// wait — it is not authenticated — but the target that never answers
+    /// otherwise ends with an error that says to upgrade the agent, not a
+    /// bare timeout.
+    #[test]
+    fn a_retired_receipt_turns_the_timeout_into_an_error_that_says_why() {
+        let (keys, rng) = (keys(), &mut mqseal_client::rng());
+        let (controller, now) = (PrivateKey::generate(rng, 2048).unwrap(), Instant::now());
+        let (mut x, _) = start_sealed(&keys, &controller, now);
+        x.give_up_at(now + Duration::from_secs(1));
+        let mut retired = vec![mqseal_proto::VERSION, 2];
+        retired.extend_from_slice(&[0; 64]);
+        assert!(!x.on_response(RESP, &retired, &controller, 0));
+        assert!(!x.is_done(), "an unauthenticated frame ends nothing");
+        assert_eq!(x.on_timer(now + Duration::from_secs(1), rng), None);
+        match x.result() {
+            Some(DeviceResult::Error(e)) => assert!(e.contains("kind 2") && e.contains("upgrade"), "{e}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     /// An exchange given a time to give up at ends there as timed out.

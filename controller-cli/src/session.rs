@@ -97,9 +97,22 @@ pub enum SessionError {
     #[error("command: {0}")]
     InvalidCommand(mqseal_proto::Error),
     /// The driver could not store what it must before envelopes go out (a
-    /// job's journal): nothing more was sent.
-    #[error("journal: {0}")]
+    /// job's journal or its audit records): nothing more was sent. The
+    /// message names what failed.
+    #[error("{0}")]
     Journal(String),
+}
+
+/// A [`Session::run`] that stopped before every target had ended.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct Stopped {
+    /// Why it stopped.
+    pub error: SessionError,
+    /// A result per target, in their order: what was heard before it
+    /// stopped, [`DeviceResult::TimedOut`] for the rest (a command may
+    /// have reached a device whose answer was not heard).
+    pub results: Vec<Finished>,
 }
 
 impl SessionError {
@@ -414,18 +427,21 @@ impl Session {
     /// finish. Results are in the order of `targets`.
     ///
     /// # Errors
-    /// [`SessionError`] if the connection is lost for good.
+    /// [`Stopped`] if the connection is lost for good: with the answers
+    /// heard until then, which must still be reported and audited.
     pub async fn run(
         &mut self,
         targets: &[(String, &DeviceKeys)],
         request: &Request,
         timeout: Duration,
         progress: &mut (dyn FnMut(usize, usize) + Send),
-    ) -> Result<Vec<Finished>, SessionError> {
+    ) -> Result<Vec<Finished>, Stopped> {
         let keys: HashMap<String, &DeviceKeys> = targets.iter().map(|(d, k)| (d.clone(), *k)).collect();
         let mut all = AllAtOnce::new(targets.iter().map(|(d, _)| d.clone()).collect(), timeout, progress);
-        self.drive(&mut all, &keys, request).await?;
-        Ok(all.results())
+        match self.drive(&mut all, &keys, request).await {
+            Ok(()) => Ok(all.results()),
+            Err(error) => Err(Stopped { error, results: all.results() }),
+        }
     }
 
     /// The one loop that moves a command's envelopes while it is out:
@@ -618,7 +634,10 @@ impl Session {
                 }
             }
         }
-        // Past the deadline: whatever has not answered has timed out.
+        // Past the deadline: whatever has not answered has timed out, and
+        // envelopes still held for a group commit are not sent: their
+        // targets are reported timed out, so they must not run.
+        queue.clear();
         for i in 0..ts.len() {
             if let Some(t) = ts.get_mut(i)
                 && !t.is_done()
@@ -627,9 +646,7 @@ impl Session {
             }
             report(&ts, &mut reported, i, driver);
         }
-        driver.flush().await.map_err(SessionError::Journal)?;
-        self.drain(&mut queue);
-        Ok(())
+        driver.flush().await.map_err(SessionError::Journal)
     }
 
     /// Builds the first envelope of every target in `which` that has sent

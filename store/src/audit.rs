@@ -136,6 +136,10 @@ impl AuditLog {
             AuditLog::File(path) => write_lines(path, text).await.map(|()| Appended::Stored),
             #[cfg(feature = "mongodb")]
             AuditLog::Mongo { records: coll, address, timeout, spool } => {
+                // Held until the spool is forwarded or added to: another
+                // controller on this host must neither forward the same
+                // records nor remove the spool while this one appends.
+                let _lock = lock_spool(spool, *timeout * 3).await?;
                 // Spooled records first, so the log keeps its order.
                 let waiting = read_file(spool, "spool")?;
                 let mut docs = Vec::new();
@@ -244,11 +248,34 @@ fn read_file(path: &Path, label: &str) -> Result<Vec<Stored>, AuditError> {
         .collect())
 }
 
-/// One locked, synced append of whole lines to a 0600 file.
-fn append_lines(path: &Path, bytes: &[u8]) -> Result<(), AuditError> {
+/// Takes the lock beside `spool` (`audit-spool.lock`), waiting at most
+/// `wait` for another controller to let go of it.
+#[cfg(feature = "mongodb")]
+async fn lock_spool(spool: &Path, wait: Duration) -> Result<File, AuditError> {
+    let path = spool.with_extension("lock");
     let err = |source| AuditError::File { path: path.display().to_string(), source };
+    let file = open_append_0600(&path).map_err(err)?;
+    let until = tokio::time::Instant::now() + wait;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(fs::TryLockError::WouldBlock) if tokio::time::Instant::now() < until => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(fs::TryLockError::WouldBlock) => {
+                let held = format!("held by another controller for more than {wait:?}");
+                return Err(err(std::io::Error::new(std::io::ErrorKind::TimedOut, held)));
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(err(e)),
+        }
+    }
+}
+
+/// `path` opened for appending, created 0600 (with its folder), and made
+/// 0600 if it was not.
+fn open_append_0600(path: &Path) -> std::io::Result<File> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::create_dir_all(dir).map_err(err)?;
+        fs::create_dir_all(dir)?;
     }
     let mut options = OpenOptions::new();
     options.create(true).append(true);
@@ -257,12 +284,19 @@ fn append_lines(path: &Path, bytes: &[u8]) -> Result<(), AuditError> {
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(0o600);
     }
-    let mut file: File = options.open(path).map_err(err)?;
+    let file = options.open(path)?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        file.set_permissions(fs::Permissions::from_mode(0o600)).map_err(err)?;
+        file.set_permissions(fs::Permissions::from_mode(0o600))?;
     }
+    Ok(file)
+}
+
+/// One locked, synced append of whole lines to a 0600 file.
+fn append_lines(path: &Path, bytes: &[u8]) -> Result<(), AuditError> {
+    let err = |source| AuditError::File { path: path.display().to_string(), source };
+    let mut file = open_append_0600(path).map_err(err)?;
     // Two controllers appending at once must not interleave their lines.
     file.lock().map_err(err)?;
     file.write_all(bytes).map_err(err)?;

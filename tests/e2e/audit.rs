@@ -183,3 +183,86 @@ async fn on_mongodb_the_log_is_a_collection_and_verify_names_a_changed_document(
     assert!(bad["where"].as_str().unwrap().contains(&id.to_hex()), "{bad}");
     client.database(&database).drop().await.unwrap();
 }
+
+/// Two controllers on one host forwarding the MongoDB spool at once: each
+/// spooled record reaches the collection once, and no record appended
+/// meanwhile is removed with the spool.
+#[tokio::test]
+async fn concurrent_appends_forward_the_spool_once_and_lose_nothing() {
+    use mqseal_store::{MongoConfig, MongoStore};
+    let database = unique_database("e2e_spool");
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("audit-spool.jsonl");
+    let waiting: String = (0..20).map(|i| format!("{{\"device\":\"spooled-{i}\",\"at\":{i}}}\n")).collect();
+    std::fs::write(&spool, waiting).unwrap();
+    let config = MongoConfig {
+        uri: mongodb_uri(),
+        database: database.clone(),
+        collection: "mqtt_user".into(),
+        legacy: None,
+        timeout: std::time::Duration::from_secs(5),
+    };
+    // Each "controller" has its own client and its own opening of the
+    // lock file, as two processes would.
+    let mut tasks = Vec::new();
+    for c in 0..6 {
+        let store = MongoStore::connect(&config).await.unwrap();
+        let log = store.audit_log("mqseal_audit", spool.clone());
+        tasks.push(tokio::spawn(async move {
+            for n in 0..3 {
+                let record = serde_json::json!({ "device": format!("c{c}-{n}"), "at": 1000 + n });
+                let appended = log.append(&[record]).await.unwrap();
+                assert!(matches!(appended, mqseal_store::Appended::Stored), "{c}-{n}");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let client = mongodb::Client::with_uri_str(mongodb_uri()).await.unwrap();
+    let log = client.database(&database).collection::<mongodb::bson::Document>("mqseal_audit");
+    let mut devices: Vec<String> = Vec::new();
+    let mut cursor = log.find(mongodb::bson::doc! {}).await.unwrap();
+    while cursor.advance().await.unwrap() {
+        devices.push(cursor.deserialize_current().unwrap().get_str("device").unwrap().to_owned());
+    }
+    devices.sort();
+    let mut expected: Vec<String> = (0..20).map(|i| format!("spooled-{i}")).collect();
+    expected.extend((0..6).flat_map(|c| (0..3).map(move |n| format!("c{c}-{n}"))));
+    expected.sort();
+    assert_eq!(devices, expected, "every record once");
+    assert!(!spool.exists(), "the forwarded spool is removed");
+    client.database(&database).drop().await.unwrap();
+}
+
+/// A broadcast whose broker goes away for good after one device answered:
+/// it ends with the broker's exit code, and still records (and reports)
+/// the answer it heard — the device ran the command — next to the device
+/// it never heard from.
+#[tokio::test]
+async fn answers_heard_before_the_broker_went_away_for_good_are_recorded() {
+    let mut site = Site::start(Store::File).await;
+    for id in ["gone-1", "gone-2"] {
+        site.add_device(id, &[]).await;
+    }
+    let agent = site.agent("gone-1").await;
+    let run = site.spawn_mqseal(&["broadcast", "--devices", "gone-1,gone-2", "echo", "x", "--timeout", "6s", "--json"]);
+    assert!(agent.wait_for("answered", 1, 10 * std::time::Duration::from_secs(1)).await, "{}", agent.text());
+    // Let the answer reach the controller before the broker dies.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    site.kill_broker().await;
+    let out = run.await.unwrap();
+    assert_eq!(out.code, 5, "the broker was lost for good: {out:?}");
+    let doc = json(&out);
+    assert_eq!(
+        (doc["results"][0]["outcome"].as_str(), doc["results"][1]["outcome"].as_str()),
+        (Some("ok"), Some("timed_out")),
+        "{doc}"
+    );
+    let log = std::fs::read_to_string(site.dir.join("ctl/audit.jsonl")).unwrap();
+    let all: Vec<Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(all.len(), 2, "{all:#?}");
+    assert_eq!((all[0]["device"].as_str(), all[0]["outcome"].as_str()), (Some("gone-1"), Some("ok")));
+    assert!(all[0]["response"].is_string(), "the device's tagged answer is kept");
+    assert_eq!((all[1]["device"].as_str(), all[1]["outcome"].as_str()), (Some("gone-2"), Some("timed_out")));
+}

@@ -192,3 +192,39 @@ async fn a_job_killed_mid_way_resumes_without_running_anything_twice() {
         assert_eq!((again.code, json(&again)["counts"]["ok"].as_u64()), (0, Some(12)));
     }
 }
+
+/// An audit log that cannot be written (here: a folder where the file
+/// should be) stops the job before it says any device answered; once the
+/// log is writable again, `job resume` asks the answered devices again
+/// with the same envelopes, records every answer, and no device ran the
+/// command twice.
+#[tokio::test]
+async fn an_audit_log_that_cannot_be_written_stops_the_job_and_resume_records_every_answer() {
+    let site = Site::start(Store::File).await;
+    let ids = fleet(&site, "w", 6).await;
+    let _agents = agents(&site, &ids).await;
+    let log = site.dir.join("ctl/audit.jsonl");
+    std::fs::create_dir_all(&log).unwrap();
+    let out = site.mqseal(&["job", "run", "mark", "--all", "--json"]).await;
+    assert_eq!(out.code, 1, "a local failure: {out:?}");
+    let error = json(&out)["error"].as_str().unwrap().to_owned();
+    assert!(error.contains("audit log") && error.contains("Is a directory") && error.contains("job resume"), "{out:?}");
+    assert!(out.stderr.contains("audit records were not written"), "{out:?}");
+    let ran: usize = ids.iter().map(|id| site.marks(id)).sum();
+    assert!(ran >= 1, "devices had answered before the log was first written");
+    std::fs::remove_dir(&log).unwrap();
+    let list = json(&site.mqseal(&["job", "list", "--json"]).await);
+    let job = list["jobs"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(job["state"], "running", "{job}");
+    let out = site.mqseal(&["job", "resume", job["id"].as_str().unwrap(), "--json"]).await;
+    assert_eq!((out.code, json(&out)["counts"]["ok"].as_u64()), (0, Some(6)), "{out:?}");
+    for id in &ids {
+        assert_eq!(site.marks(id), 1, "{id} ran it once");
+    }
+    let records: Vec<Value> =
+        std::fs::read_to_string(&log).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    for id in &ids {
+        let ok = records.iter().filter(|r| r["device"] == id.as_str() && r["outcome"] == "ok").count();
+        assert_eq!(ok, 1, "{id}: one record of its answer: {records:#?}");
+    }
+}

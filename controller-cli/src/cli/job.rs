@@ -298,13 +298,13 @@ async fn drive(c: &ControllerConfig, journal: Journal, job: Job, json: bool) -> 
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
+    if let Some(e) = &audit_error {
+        eprintln!("mqseal: {e}");
+    }
     driven.map_err(|e| resumable(&id, Failure::from(e)))?;
     let timing = json!({ "wall_ms": started.elapsed().as_millis(), "cpu_ms": process_cpu_ms(), "journal_ms": costs.journal_ms,
                          "audit_ms": costs.audit_ms, "audit_records": costs.audit_records });
     print_job(&job, json, Some(timing));
-    if let Some(e) = &audit_error {
-        eprintln!("mqseal: {e}");
-    }
     let exit = exit_of(&job);
     Ok(if audit_error.is_some() { exit.max(Exit::Local) } else { exit })
 }

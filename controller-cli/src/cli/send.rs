@@ -85,7 +85,13 @@ pub(super) async fn run(
             b.set_position(done as u64);
         }
     };
-    let results = session.run(&targets, &request, cmd.timeout, &mut progress).await?;
+    // A connection lost for good still leaves answers that were heard:
+    // they are reported and audited like any others, then the loss decides
+    // the exit code.
+    let (results, stopped) = match session.run(&targets, &request, cmd.timeout, &mut progress).await {
+        Ok(results) => (results, None),
+        Err(s) => (s.results, Some(Failure::from(s.error))),
+    };
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
@@ -98,10 +104,17 @@ pub(super) async fn run(
     let sending = Sending { via, operator: &endpoint.username, controller_key, request: &request, sent_at };
     let audited = append_records(&log, &sending, &targets, &results).await;
     let results: Vec<DeviceResult> = results.into_iter().map(|f| f.result).collect();
-    let code = report(&devices, &results, mode, json, broadcast, &timing, audited.as_ref().err())?;
+    let mut code = report(&devices, &results, mode, json, broadcast, &timing, audited.as_ref().err())?;
+    if let Some(f) = stopped {
+        eprintln!("mqseal: {}", f.message);
+        code = code.max(f.exit);
+    }
     // The commands ran either way; a record that could not be written is
     // a local failure the operator must see, whatever the devices said.
-    Ok(if audited.is_err() { code.max(Exit::Local) } else { code })
+    if audited.is_err() {
+        code = code.max(Exit::Local);
+    }
+    Ok(code)
 }
 
 /// Appends one record per target.

@@ -102,7 +102,7 @@ impl Journal {
         let events = private_file(&events_path, true)?;
         // A torn last line (a crash mid-append) is cut off before anything
         // is appended after it; `read` already ignores it.
-        let text = fs::read(&events_path).map_err(io(&events_path))?;
+        let text = zeroize::Zeroizing::new(fs::read(&events_path).map_err(io(&events_path))?);
         if !text.is_empty() && !text.ends_with(b"\n") {
             let keep = text.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
             events.set_len(keep as u64).map_err(io(&events_path))?;
@@ -119,17 +119,17 @@ impl Journal {
             return Ok(());
         }
         let path = self.dir.join("events.jsonl");
-        let mut text = String::new();
+        // Sealed-mode events carry receipt keys: the buffer is wiped.
+        let mut text = zeroize::Zeroizing::new(Vec::new());
         for e in events {
-            let line = serde_json::to_string(e).map_err(|e| JournalError::Corrupt {
+            serde_json::to_writer(&mut *text, e).map_err(|e| JournalError::Corrupt {
                 path: path.display().to_string(),
                 line: 0,
                 message: e.to_string(),
             })?;
-            text.push_str(&line);
-            text.push('\n');
+            text.push(b'\n');
         }
-        self.events.write_all(text.as_bytes()).map_err(io(&path))?;
+        self.events.write_all(&text).map_err(io(&path))?;
         self.events.sync_data().map_err(io(&path))
     }
 
@@ -182,9 +182,10 @@ pub fn read(data_dir: &Path, id: &str) -> Result<Job, JournalError> {
         message: e.to_string(),
     })?;
     let events_path = dir.join("events.jsonl");
+    // Wiped after parsing: sealed-mode events carry receipt keys.
     let text = match fs::read_to_string(&events_path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Ok(t) => zeroize::Zeroizing::new(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => zeroize::Zeroizing::new(String::new()),
         Err(e) => return Err(io(&events_path)(e)),
     };
     let mut events = Vec::new();

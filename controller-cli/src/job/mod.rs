@@ -380,6 +380,17 @@ impl Job {
         std::mem::take(&mut self.unsaved)
     }
 
+    /// The events not yet journalled, in order: kept until
+    /// [`Job::saved`] says they were, so that a failed write loses none.
+    pub fn unsaved(&self) -> &[Event] {
+        &self.unsaved
+    }
+
+    /// The events [`Job::unsaved`] returned are in the journal.
+    pub fn saved(&mut self) {
+        self.unsaved.clear();
+    }
+
     /// Moves `device` to `state`, keeping the counts and the ready set.
     fn set_state(&mut self, device: &str, state: DeviceState) {
         let Some(p) = self.devices.get_mut(device) else { return };

@@ -117,20 +117,29 @@ impl<'a> JobRun<'a> {
         &self.job
     }
 
-    /// Writes the audit records still waiting, once more: what failed,
-    /// if it fails again.
+    /// Writes the audit records still waiting, once more, then the
+    /// journal's last events: what failed, if it fails again.
     pub async fn finish(mut self) -> (Job, Option<String>, Costs) {
         if !self.records.is_empty() {
             match self.audit.append(&self.records).await {
                 Ok(_) => self.audit_error = None,
                 Err(e) => {
-                    self.audit_error = Some(format!("{} audit records were not written: {e}", self.records.len()));
+                    // The events that say those devices answered are not
+                    // journalled either: `resume` asks them again with the
+                    // same envelopes, each device answers with its stored
+                    // receipt, and the records are written then.
+                    let n = self.records.len();
+                    self.audit_error = Some(format!(
+                        "{n} audit records were not written ({e}); the job's journal leaves those devices \
+                         unanswered, so `mqseal job resume` records them"
+                    ));
+                    return (self.job, self.audit_error, self.costs);
                 }
             }
         }
-        // Audit records first, then the events that say they were answered.
-        if let Err(e) = self.journal.append(&self.job.take_events()) {
-            self.audit_error = Some(format!("job journal: {e}"));
+        match self.journal.append(self.job.unsaved()) {
+            Ok(()) => self.job.saved(),
+            Err(e) => self.audit_error = Some(format!("job journal: {e}")),
         }
         (self.job, self.audit_error, self.costs)
     }
@@ -203,28 +212,36 @@ impl Driver for JobRun<'_> {
             self.saved = now;
             self.unsaved_since = None;
         }
-        let events = if due { self.job.take_events() } else { Vec::new() };
         let records = if due { std::mem::take(&mut self.records) } else { Vec::new() };
-        let (audit, journal, costs) = (self.audit, &mut self.journal, &mut self.costs);
+        let (audit, journal, costs, job) = (self.audit, &mut self.journal, &mut self.costs, &mut self.job);
         let (failed, audit_error) = (&mut self.records, &mut self.audit_error);
         async move {
+            if !due {
+                return Ok(());
+            }
             if !records.is_empty() {
                 let t0 = std::time::Instant::now();
                 let appended = audit.append(&records).await;
                 costs.audit_ms += t0.elapsed().as_secs_f64() * 1000.0;
                 costs.audit_records += records.len() as u64;
-                match appended {
-                    Ok(_) => *audit_error = None,
-                    // The job goes on; the records are tried again.
-                    Err(e) => {
-                        *audit_error = Some(e.to_string());
-                        failed.extend(records);
-                    }
+                if let Err(e) = appended {
+                    // A job whose answers cannot be recorded stops: the
+                    // events that say they were answered would be
+                    // journalled without their records (a MongoDB that is
+                    // down spools; this is the local file failing). The
+                    // records are kept for `finish` to try once more.
+                    *audit_error = Some(e.to_string());
+                    failed.extend(records);
+                    return Err(format!("the job stopped: {e}"));
                 }
             }
             let t0 = std::time::Instant::now();
-            let journalled = journal.append(&events).map_err(|e| format!("job journal: {e}"));
+            let journalled = journal.append(job.unsaved()).map_err(|e| format!("job journal: {e}"));
             costs.journal_ms += t0.elapsed().as_secs_f64() * 1000.0;
+            // Kept on failure, for `finish` to write once more.
+            if journalled.is_ok() {
+                job.saved();
+            }
             journalled
         }
     }
