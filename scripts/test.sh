@@ -23,10 +23,12 @@ as_root() {
   fi
 }
 
-# --- Debian packages: Mosquitto and its clients ------------------------------
+# --- Debian packages: Mosquitto and its clients, RabbitMQ ---------------------
+# rabbitmq-server (3.10, with its MQTT plugin) is the clustered broker of
+# tests/e2e/cluster.rs; procps gives the /bin/kill its harness uses.
 step "Debian packages"
 missing=()
-for pkg in mosquitto mosquitto-clients; do
+for pkg in mosquitto mosquitto-clients rabbitmq-server procps; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -40,6 +42,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   if [ -d /run/systemd/system ] && systemctl is-active --quiet mosquitto 2>/dev/null; then
     echo "stopping and disabling the packaged mosquitto service (it holds port 1883)"
     as_root systemctl disable --now mosquitto || true
+  fi
+  # Likewise RabbitMQ's (ports 5672, 25672 and epmd's 4369): the tests run
+  # their own two-node cluster on ports of their own.
+  if [ -d /run/systemd/system ] && systemctl is-active --quiet rabbitmq-server 2>/dev/null; then
+    echo "stopping and disabling the packaged rabbitmq-server service"
+    as_root systemctl disable --now rabbitmq-server || true
   fi
 fi
 # QEMU for the microcontroller images (no GUI or audio extras).
@@ -56,6 +64,8 @@ for prog in mosquitto mosquitto_pub mosquitto_sub; do
   command -v "$prog" >/dev/null 2>&1 || [ -x "/usr/sbin/$prog" ] || die "$prog is still missing after installation"
 done
 echo "mosquitto: $( (/usr/sbin/mosquitto -h 2>/dev/null || true) | head -n 1)"
+[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || die "rabbitmq-server is still missing after installation"
+echo "rabbitmq: $(dpkg-query -W -f='${Version}' rabbitmq-server)"
 
 # --- Rust targets -------------------------------------------------------------
 step "Rust targets"

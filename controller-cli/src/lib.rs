@@ -19,6 +19,7 @@
 pub mod audit;
 pub mod config;
 pub mod exchange;
+pub mod export;
 pub mod job;
 pub mod provision;
 pub mod registry;

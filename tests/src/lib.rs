@@ -12,6 +12,7 @@
 
 pub mod broker;
 pub mod mqtt;
+pub mod rabbitmq;
 pub mod site;
 
 use std::path::{Path, PathBuf};
@@ -29,7 +30,7 @@ pub const PYTHON_ENV: &str = "MQSEAL_TEST_PYTHON";
 /// Every wait in the harness is bounded by this.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
 
-fn missing(what: &str) -> ! {
+pub(crate) fn missing(what: &str) -> ! {
     panic!(
         "{what}\nThe end-to-end tests need real components. Run them through the README's \
          test command (`./scripts/test.sh`), which installs and starts everything they need."

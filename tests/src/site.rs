@@ -33,14 +33,31 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     bin
 }
 
-/// Broker + controller configuration + helpers.
+/// Broker + controller configuration + helpers. The controller's side
+/// ([`Operator`]: `mqseal.toml`, keys, bundles, agents) is reached through
+/// `Deref`, so `site.mqseal(…)` and `site.dir` work as they read.
 pub struct Site {
-    /// Everything of this test lives here.
-    pub dir: PathBuf,
+    /// The controller's side, in the site folder.
+    pub op: Operator,
     /// The broker process.
     pub broker: BrokerProc,
     /// The admin password the broker printed on first start.
     pub admin_password: String,
+}
+
+impl std::ops::Deref for Site {
+    type Target = Operator;
+    fn deref(&self) -> &Operator {
+        &self.op
+    }
+}
+
+/// An operator's side of a site, whatever broker it talks to: the folder
+/// with `mqseal.toml` for an `operator` controller (its key, its user in
+/// the store), the devices' bundles and registry, and the agents' logs.
+pub struct Operator {
+    /// Everything of this test lives here.
+    pub dir: PathBuf,
     _tmp: tempfile::TempDir,
 }
 
@@ -105,30 +122,9 @@ impl Site {
                 format!("[store]\nkind = \"mongodb\"\nmongodb_uri = \"{uri}\"\ndatabase = \"{database}\"\n")
             }
         };
-        std::fs::write(dir.join("operator.pw"), "operator-password-1\n").unwrap_or_else(|e| panic!("pw: {e}"));
-        let toml = format!(
-            "data_dir = \"ctl\"\nkey = \"controller.key.pem\"\npbkdf2_iterations = 1000\n\n\
-             [broker]\nhost = \"127.0.0.1\"\nport = {port}\nusername = \"operator\"\npassword_file = \"operator.pw\"\n\n\
-             {store_section}",
-            port = broker.port()
-        );
-        std::fs::write(dir.join("mqseal.toml"), toml).unwrap_or_else(|e| panic!("mqseal.toml: {e}"));
-        let site = Site { dir, broker, admin_password, _tmp: tmp };
-        site.ok(&["keygen", "--bits", "2048"]).await;
-        site.ok(&["user", "add", "operator", "--password-file", "operator.pw"]).await;
-        site
-    }
-
-    /// `mqseal ARGS` as a background process (its own task), for tests that
-    /// act while a command is in flight.
-    #[must_use]
-    pub fn spawn_mqseal(&self, args: &[&str]) -> tokio::task::JoinHandle<Output> {
-        let (dir, config) = (self.dir.clone(), self.dir.join("mqseal.toml"));
-        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-        tokio::spawn(async move {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            mqseal_in(&dir, &config, &args).await
-        })
+        let broker_section = format!("[broker]\nhost = \"127.0.0.1\"\nport = {}\n", broker.port());
+        let op = Operator::set_up(tmp, "operator", &broker_section, &store_section).await;
+        Site { op, broker, admin_password }
     }
 
     /// Kills the broker with SIGKILL, waits `down_for`, and starts it again
@@ -163,6 +159,107 @@ impl Site {
         self.broker = BrokerProc::start(&workspace_bin("mqseal-broker"), &dir, self.broker.config.clone())
             .await
             .unwrap_or_else(|e| panic!("broker did not come back: {e:?}"));
+    }
+
+    /// Publishes `payload` to `topic` as the admin, with mosquitto_pub
+    /// (a third-party client: what an attacker replaying traffic would use).
+    ///
+    /// # Panics
+    /// When mosquitto_pub fails.
+    pub async fn publish_raw(&self, topic: &str, payload: &[u8]) {
+        let file = self.dir.join(format!("raw-{}.bin", crate::free_port()));
+        std::fs::write(&file, payload).unwrap_or_else(|e| panic!("{e}"));
+        let port = self.broker.port().to_string();
+        let file_s = file.display().to_string();
+        let args = [
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-u",
+            "admin",
+            "-P",
+            &self.admin_password,
+            "-q",
+            "1",
+            "-t",
+            topic,
+            "-f",
+            &file_s,
+        ];
+        crate::run(&crate::require_program("mosquitto_pub").display().to_string(), &args, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// Starts capturing the next message on `topic` (as the admin, with
+    /// mosquitto_sub); [`Capture::bytes`] returns it.
+    ///
+    /// # Panics
+    /// When mosquitto_sub cannot start.
+    pub async fn capture(&self, topic: &str) -> Capture {
+        let out = self.dir.join(format!("capture-{}.bin", crate::free_port()));
+        let file = std::fs::File::create(&out).unwrap_or_else(|e| panic!("{e}"));
+        let child = Command::new(crate::require_program("mosquitto_sub"))
+            .args(["-h", "127.0.0.1", "-p", &self.broker.port().to_string(), "-u", "admin", "-P"])
+            .arg(&self.admin_password)
+            .args(["-t", topic, "-C", "1", "-N", "-W", "30", "-q", "1"])
+            .stdout(Stdio::from(file))
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("mosquitto_sub: {e}"));
+        // SUBACK before the caller publishes: give the subscription a moment.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        Capture { child, out }
+    }
+
+    /// Sends `args` with the real CLI while capturing the command envelope
+    /// it published to `device`'s `cmd` topic, as an attacker on the
+    /// broker sees it.
+    ///
+    /// # Panics
+    /// When the send fails or nothing is captured.
+    pub async fn send_and_capture(&self, device: &str, args: &[&str]) -> Vec<u8> {
+        let capture = self.capture(&crate::topic(device, "cmd")).await;
+        let out = self.mqseal(args).await;
+        assert_eq!(out.code, 0, "{args:?}: {out:?}");
+        capture.bytes().await
+    }
+}
+
+impl Operator {
+    /// Writes `mqseal.toml` in `tmp` for a controller logging in as `user`
+    /// (password in `operator.pw`) to the broker `broker_section` names
+    /// (`[broker]` with host, port, and whatever else) with
+    /// `store_section` (and any sections after it), creates its key
+    /// (2048-bit, for speed) and its user.
+    ///
+    /// # Panics
+    /// When any step fails.
+    pub async fn set_up(tmp: tempfile::TempDir, user: &str, broker_section: &str, store_section: &str) -> Operator {
+        let dir = tmp.path().to_owned();
+        std::fs::write(dir.join("operator.pw"), "operator-password-1\n").unwrap_or_else(|e| panic!("pw: {e}"));
+        let toml = format!(
+            "data_dir = \"ctl\"\nkey = \"controller.key.pem\"\npbkdf2_iterations = 1000\n\n\
+             {broker_section}username = \"{user}\"\npassword_file = \"operator.pw\"\n\n{store_section}"
+        );
+        std::fs::write(dir.join("mqseal.toml"), toml).unwrap_or_else(|e| panic!("mqseal.toml: {e}"));
+        let op = Operator { dir, _tmp: tmp };
+        op.ok(&["keygen", "--bits", "2048"]).await;
+        op.ok(&["user", "add", user, "--password-file", "operator.pw"]).await;
+        op
+    }
+
+    /// `mqseal ARGS` as a background process (its own task), for tests that
+    /// act while a command is in flight.
+    #[must_use]
+    pub fn spawn_mqseal(&self, args: &[&str]) -> tokio::task::JoinHandle<Output> {
+        let (dir, config) = (self.dir.clone(), self.dir.join("mqseal.toml"));
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        tokio::spawn(async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            mqseal_in(&dir, &config, &args).await
+        })
     }
 
     /// Runs `mqseal --config mqseal.toml ARGS` (in the site folder) within
@@ -285,71 +382,6 @@ impl Site {
     /// Starts the agent of `id` with extra arguments (`--reset-state`).
     pub async fn agent_with(&self, id: &str, args: &[&str]) -> AgentProc {
         start_agent_with(&self.bundle(id), &self.dir.join(format!("agent-{id}.log")), args).await
-    }
-
-    /// Publishes `payload` to `topic` as the admin, with mosquitto_pub
-    /// (a third-party client: what an attacker replaying traffic would use).
-    ///
-    /// # Panics
-    /// When mosquitto_pub fails.
-    pub async fn publish_raw(&self, topic: &str, payload: &[u8]) {
-        let file = self.dir.join(format!("raw-{}.bin", crate::free_port()));
-        std::fs::write(&file, payload).unwrap_or_else(|e| panic!("{e}"));
-        let port = self.broker.port().to_string();
-        let file_s = file.display().to_string();
-        let args = [
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-u",
-            "admin",
-            "-P",
-            &self.admin_password,
-            "-q",
-            "1",
-            "-t",
-            topic,
-            "-f",
-            &file_s,
-        ];
-        crate::run(&crate::require_program("mosquitto_pub").display().to_string(), &args, Duration::from_secs(10))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
-
-    /// Starts capturing the next message on `topic` (as the admin, with
-    /// mosquitto_sub); [`Capture::bytes`] returns it.
-    ///
-    /// # Panics
-    /// When mosquitto_sub cannot start.
-    pub async fn capture(&self, topic: &str) -> Capture {
-        let out = self.dir.join(format!("capture-{}.bin", crate::free_port()));
-        let file = std::fs::File::create(&out).unwrap_or_else(|e| panic!("{e}"));
-        let child = Command::new(crate::require_program("mosquitto_sub"))
-            .args(["-h", "127.0.0.1", "-p", &self.broker.port().to_string(), "-u", "admin", "-P"])
-            .arg(&self.admin_password)
-            .args(["-t", topic, "-C", "1", "-N", "-W", "30", "-q", "1"])
-            .stdout(Stdio::from(file))
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("mosquitto_sub: {e}"));
-        // SUBACK before the caller publishes: give the subscription a moment.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        Capture { child, out }
-    }
-
-    /// Sends `args` with the real CLI while capturing the command envelope
-    /// it published to `device`'s `cmd` topic, as an attacker on the
-    /// broker sees it.
-    ///
-    /// # Panics
-    /// When the send fails or nothing is captured.
-    pub async fn send_and_capture(&self, device: &str, args: &[&str]) -> Vec<u8> {
-        let capture = self.capture(&crate::topic(device, "cmd")).await;
-        let out = self.mqseal(args).await;
-        assert_eq!(out.code, 0, "{args:?}: {out:?}");
-        capture.bytes().await
     }
 }
 

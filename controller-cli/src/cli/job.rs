@@ -88,6 +88,13 @@ pub struct RunArgs {
     /// How long each attempt waits for its answer.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     timeout: Duration,
+    /// Start devices as the rate allows without waiting for their retained
+    /// status to say `online`: an offline device gets its command from its
+    /// persistent session when it connects (within --timeout; retries
+    /// after that). For clustered brokers that keep retained messages per
+    /// node (RabbitMQ 3.10).
+    #[arg(long)]
+    without_presence: bool,
     /// How long each envelope stays valid (at most the devices' 10-minute
     /// window): a resumed attempt is answered from the device's journal
     /// only while its envelope is valid.
@@ -244,6 +251,7 @@ async fn start(c: &ControllerConfig, a: RunArgs, json: bool) -> Result<Exit, Fai
         deadline_at: now.saturating_add(u64::try_from(a.deadline.as_millis()).unwrap_or(u64::MAX)),
         retries: a.retries,
         attempt_timeout_ms: u64::try_from(a.timeout.as_millis()).unwrap_or(u64::MAX),
+        presence: !a.without_presence,
     };
     spec.request().validate().map_err(|e| Failure::usage(format!("command: {e}")))?;
     let journal = Journal::create(&c.resolve(&c.data_dir), &spec).map_err(Failure::local)?;

@@ -17,6 +17,7 @@ use zeroize::Zeroizing;
 mod audit;
 mod device;
 mod exit;
+mod export;
 mod job;
 mod keygen;
 mod send;
@@ -97,6 +98,9 @@ enum Command {
     /// Jobs: a command rolled out to many devices over time.
     #[command(subcommand)]
     Job(job::JobCmd),
+    /// Another broker's access configuration from mqseal's users and devices.
+    #[command(subcommand)]
+    Export(export::ExportCmd),
     /// Send one command to many devices at once.
     Broadcast {
         /// Comma-separated device ids.
@@ -175,6 +179,7 @@ pub async fn run(cli: Cli) -> Result<Exit, Failure> {
         Command::Device(cmd) => device::run(&c, cmd, json).await,
         Command::Audit(args) => audit::run(&c, args, json).await,
         Command::Job(cmd) => job::run(&c, cmd, json).await,
+        Command::Export(cmd) => export::run(&c, cmd, json).await,
         Command::Send { device, cmd } => send::run(&c, vec![device], cmd, Mode::Sealed, json, false).await,
         Command::Broadcast { devices, all, cmd } => {
             let targets = if all { registry(&c)?.devices.keys().cloned().collect() } else { devices };

@@ -80,6 +80,18 @@ pub struct JobSpec {
     pub retries: u32,
     /// How long one attempt waits for its answer (ms).
     pub attempt_timeout_ms: u64,
+    /// Start a device only once its retained status says `online` (the
+    /// default). Off: start every device as the rate and the places allow,
+    /// online or not — its persistent session at the broker holds the
+    /// command (or the challenge request) until it connects, within the
+    /// attempt's timeout. For brokers whose retained messages a controller
+    /// on another node does not see (RabbitMQ 3.10 keeps them per node).
+    #[serde(default = "presence_default")]
+    pub presence: bool,
+}
+
+fn presence_default() -> bool {
+    true
 }
 
 impl JobSpec {
@@ -293,7 +305,7 @@ impl Job {
             spec.devices.iter().map(|d| (d.clone(), DeviceProgress::new())).collect();
         let position = spec.devices.iter().enumerate().map(|(i, d)| (d.clone(), i)).collect();
         let counts = Counts { pending: devices.len(), ..Counts::default() };
-        Job {
+        let mut job = Job {
             spec,
             devices,
             position,
@@ -307,7 +319,14 @@ impl Job {
             to_resume: Vec::new(),
             next_start: None,
             unsaved: Vec::new(),
+        };
+        // Without presence every pending device may start from the outset.
+        if !job.spec.presence {
+            for d in job.spec.devices.clone() {
+                job.refresh(&d);
+            }
         }
+        job
     }
 
     /// The job as its journal left it.
@@ -405,7 +424,7 @@ impl Job {
     fn refresh(&mut self, device: &str) {
         let Some(&pos) = self.position.get(device) else { return };
         let ready = self.devices.get(device).is_some_and(|p| p.state == DeviceState::Pending)
-            && self.online.contains(device)
+            && (!self.spec.presence || self.online.contains(device))
             && !self.driving.contains(device);
         let key = (pos, device.to_owned());
         if ready {
@@ -467,7 +486,8 @@ impl Job {
                     let Some(p) = self.devices.get_mut(&d) else { continue };
                     let state = if stopped { DeviceState::Skipped } else { DeviceState::TimedOut };
                     if state == DeviceState::TimedOut && p.error.is_none() && p.attempts == 0 {
-                        p.error = Some("not online before the deadline".into());
+                        let why = if self.spec.presence { "not online" } else { "not started" };
+                        p.error = Some(format!("{why} before the deadline"));
                     }
                     p.finished_at = Some(*at);
                     self.set_state(&d, state);
@@ -675,6 +695,7 @@ mod tests {
             deadline_at: 1_000_000,
             retries: 0,
             attempt_timeout_ms: 10_000,
+            presence: true,
         }
     }
 
@@ -818,6 +839,16 @@ mod tests {
     }
 
     /// Pending at the deadline: timed out, and the job ends.
+    /// Without presence, devices start as the rate allows, with no status
+    /// heard at all.
+    #[test]
+    fn without_presence_devices_start_without_a_status() {
+        let mut job = Job::new(JobSpec { presence: false, max_in_flight: 2, ..spec(3) });
+        let (starts, _) = job.due(Instant::now(), 10);
+        let names: Vec<&str> = starts.iter().map(|s| s.device.as_str()).collect();
+        assert_eq!(names, ["d-0", "d-1"], "up to max_in_flight, in rollout order");
+    }
+
     #[test]
     fn the_deadline_times_out_what_never_came_online() {
         let mut job = Job::new(spec(1));

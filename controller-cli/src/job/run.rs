@@ -151,7 +151,7 @@ impl Driver for JobRun<'_> {
     }
 
     fn wants_status(&self) -> bool {
-        true
+        self.job.spec().presence
     }
 
     fn wants_snapshots(&self) -> bool {

@@ -1,0 +1,109 @@
+//! `mqseal export`: another broker's access configuration from mqseal's
+//! store and registry (`mqseal_controller::export`).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use mqseal_agent::config::AgentConfig;
+use mqseal_client::rng;
+use mqseal_controller::config::ControllerConfig;
+use mqseal_controller::export::rabbitmq;
+use mqseal_store::{CredentialStore, write_private};
+use serde_json::json;
+use zeroize::Zeroizing;
+
+use super::{Exit, Failure, registry, store};
+
+#[derive(Subcommand)]
+pub enum ExportCmd {
+    /// RabbitMQ (MQTT plugin): a definitions file for `rabbitmqctl import_definitions`.
+    Rabbitmq(RabbitArgs),
+}
+
+#[derive(Args)]
+pub struct RabbitArgs {
+    /// Where to write it (0600: it holds password hashes); `-` for standard output.
+    #[arg(long, default_value = "-")]
+    out: PathBuf,
+    /// The virtual host the MQTT plugin uses (`mqtt.vhost`).
+    #[arg(long, default_value = "/")]
+    vhost: String,
+    /// A user's password, from the first line of FILE (repeatable): devices'
+    /// come from their agent bundles, this controller's from its config.
+    #[arg(long = "password", value_name = "USER=FILE")]
+    passwords: Vec<String>,
+}
+
+pub(super) async fn run(c: &ControllerConfig, cmd: ExportCmd, json: bool) -> Result<Exit, Failure> {
+    match cmd {
+        ExportCmd::Rabbitmq(a) => rabbitmq(c, a, json).await,
+    }
+}
+
+async fn rabbitmq(c: &ControllerConfig, a: RabbitArgs, json: bool) -> Result<Exit, Failure> {
+    let users = store(c).await?.list().await.map_err(|e| Failure::local(format!("credential store: {e}")))?;
+    let passwords = known_passwords(c, &a.passwords)?;
+    let mut r = rng();
+    let (defs, warnings) = rabbitmq::definitions(&users, &passwords, &a.vhost, || {
+        let mut salt = [0u8; 4];
+        rand_core::Rng::fill_bytes(&mut r, &mut salt);
+        salt
+    });
+    let text = Zeroizing::new(serde_json::to_string_pretty(&defs).map_err(Failure::local)?);
+    if a.out.as_os_str() == "-" {
+        println!("{}", text.as_str());
+    } else {
+        write_private(&a.out, text.as_bytes()).map_err(|e| Failure::local(format!("{}: {e}", a.out.display())))?;
+    }
+    for w in &warnings {
+        eprintln!("mqseal: export: {w}");
+    }
+    if a.out.as_os_str() != "-" {
+        if json {
+            println!("{}", json!({ "out": a.out, "users": defs.users.len(), "warnings": warnings }));
+        } else {
+            println!(
+                "wrote {} ({} users): load it with `rabbitmqctl import_definitions {}`",
+                a.out.display(),
+                defs.users.len(),
+                a.out.display()
+            );
+        }
+    }
+    Ok(Exit::Ok)
+}
+
+/// Passwords the export can hash: every device's from its bundle, this
+/// controller's from its config, and those given with `--password`.
+fn known_passwords(c: &ControllerConfig, given: &[String]) -> Result<HashMap<String, Zeroizing<String>>, Failure> {
+    let mut out = HashMap::new();
+    let agents = c.resolve(&c.data_dir).join("agents");
+    for id in registry(c)?.devices.keys() {
+        let bundle = agents.join(format!("{id}.toml"));
+        let Ok(agent) = AgentConfig::load(&bundle) else {
+            // A device whose bundle was handed over and deleted: named in the warnings.
+            continue;
+        };
+        let base = bundle.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+        if let Ok(p) = agent.broker.password(&base) {
+            out.insert(id.clone(), p);
+        }
+    }
+    if let Some(b) = &c.broker
+        && let Ok(p) = b.password(&c.base)
+    {
+        out.insert(b.username.clone(), p);
+    }
+    for g in given {
+        let (user, file) =
+            g.split_once('=').ok_or_else(|| Failure::usage(format!("--password {g:?}: expected USER=FILE")))?;
+        let text = Zeroizing::new(std::fs::read_to_string(file).map_err(|e| Failure::local(format!("{file}: {e}")))?);
+        let line = text.lines().next().unwrap_or_default();
+        if line.is_empty() {
+            return Err(Failure::usage(format!("{file}: empty password")));
+        }
+        out.insert(user.to_owned(), Zeroizing::new(line.to_owned()));
+    }
+    Ok(out)
+}

@@ -1,0 +1,251 @@
+//! RabbitMQ (3.x, MQTT plugin): a definitions file for `rabbitmqctl
+//! import_definitions` with mqseal's users, their passwords in RabbitMQ's
+//! own hash, and permissions equal to mqseal-broker's default rules
+//! (`broker/src/acl.rs`).
+//!
+//! RabbitMQ's MQTT plugin publishes to the `amq.topic` exchange with the
+//! MQTT topic as routing key, `/` and `.` swapped (`mqseal/v1/dev/a.b/cmd`
+//! → `mqseal.v1.dev.a/b.cmd`), and authorises each publish and subscribe
+//! with the user's *topic permissions* on that exchange: a regular
+//! expression over the routing key, in which `{username}`, `{vhost}` and
+//! `{client_id}` are replaced before matching. A denied publish or
+//! subscribe closes the connection.
+//!
+//! * A device may publish `resp`, `chal` and `status` and subscribe to
+//!   `cmd` and `chal/req` of its own id, and only under its own client id:
+//!   the patterns name the device literally (a device id may contain `.`,
+//!   which `{username}` would bring into the regex unescaped) and add
+//!   a look-ahead on `{client_id}`, so a device logged in under another
+//!   client id reaches nothing.
+//! * A controller gets the mirror image for the devices it is granted
+//!   (every id, for `*`); an admin everything.
+//! * Resource permissions keep each user to its own session queues
+//!   (`mqtt-subscription-<client id>qos0|1`), so a client that takes
+//!   another's client id is refused that session's queue.
+//!
+//! RabbitMQ cannot use mqseal's password hashes (PBKDF2 or EMQX's SHA-256
+//! with a suffix salt): its own is base64(salt ‖ SHA-256(salt ‖ password))
+//! with a 4-byte salt, so the export needs the passwords themselves — a
+//! device's is in its agent bundle; other users' are given to the export
+//! (`--password USER=FILE`), and a user without one is written without a
+//! password (it cannot log in) and named in the warnings.
+
+use std::collections::HashMap;
+
+use base64::Engine;
+use mqseal_store::{Role, UserRecord};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+/// The RabbitMQ release the file is written for (Debian 12's).
+pub const RABBIT_VERSION: &str = "3.10.8";
+
+/// RabbitMQ's name for its salted SHA-256 password hash.
+pub const HASHING_ALGORITHM: &str = "rabbit_password_hashing_sha256";
+
+/// The exchange the MQTT plugin publishes to.
+pub const EXCHANGE: &str = "amq.topic";
+
+/// A definitions file: what `rabbitmqctl import_definitions` reads.
+#[derive(Debug, Serialize)]
+pub struct Definitions {
+    /// The release it is written for.
+    pub rabbit_version: &'static str,
+    /// Users with their password hashes.
+    pub users: Vec<User>,
+    /// The virtual host, so that importing into a fresh cluster works.
+    pub vhosts: Vec<Vhost>,
+    /// Resource permissions: the session queues.
+    pub permissions: Vec<Permission>,
+    /// Topic permissions on `amq.topic`: the MQTT topics.
+    pub topic_permissions: Vec<TopicPermission>,
+}
+
+/// A user.
+#[derive(Debug, Serialize)]
+pub struct User {
+    /// Login name.
+    pub name: String,
+    /// base64(salt ‖ SHA-256(salt ‖ password)); empty: no password login.
+    pub password_hash: String,
+    /// [`HASHING_ALGORITHM`].
+    pub hashing_algorithm: &'static str,
+    /// Management tags: none (MQTT users need none).
+    pub tags: Vec<String>,
+}
+
+/// A virtual host.
+#[derive(Debug, Serialize)]
+pub struct Vhost {
+    /// Its name.
+    pub name: String,
+}
+
+/// Resource permissions of one user in one virtual host.
+#[derive(Debug, Serialize)]
+pub struct Permission {
+    /// The user.
+    pub user: String,
+    /// The virtual host.
+    pub vhost: String,
+    /// Resources the user may declare and delete.
+    pub configure: String,
+    /// Resources the user may publish to (or bind a queue of).
+    pub write: String,
+    /// Resources the user may consume from (or bind from).
+    pub read: String,
+}
+
+/// Topic permissions of one user on one exchange.
+#[derive(Debug, Serialize)]
+pub struct TopicPermission {
+    /// The user.
+    pub user: String,
+    /// The virtual host.
+    pub vhost: String,
+    /// [`EXCHANGE`].
+    pub exchange: &'static str,
+    /// Routing keys the user may publish with.
+    pub write: String,
+    /// Routing keys the user may subscribe to.
+    pub read: String,
+}
+
+/// The definitions for `users` in `vhost`, with the passwords known in
+/// `passwords` (hashed with a fresh salt from `salt`), and a warning for
+/// each user left out or written without a password.
+pub fn definitions(
+    users: &[UserRecord],
+    passwords: &HashMap<String, Zeroizing<String>>,
+    vhost: &str,
+    mut salt: impl FnMut() -> [u8; 4],
+) -> (Definitions, Vec<String>) {
+    let mut d = Definitions {
+        rabbit_version: RABBIT_VERSION,
+        users: Vec::new(),
+        vhosts: vec![Vhost { name: vhost.to_owned() }],
+        permissions: Vec::new(),
+        topic_permissions: Vec::new(),
+    };
+    let mut warnings = Vec::new();
+    for u in users {
+        if u.disabled {
+            warnings.push(format!("{}: disabled, left out", u.username));
+            continue;
+        }
+        let password_hash = match passwords.get(&u.username) {
+            Some(p) => password_hash(p, salt()),
+            None => {
+                warnings.push(format!(
+                    "{}: no password known (give --password {}=FILE, or set it with `rabbitmqctl change_password`): \
+                     written without one, it cannot log in",
+                    u.username, u.username
+                ));
+                String::new()
+            }
+        };
+        d.users.push(User {
+            name: u.username.clone(),
+            password_hash,
+            hashing_algorithm: HASHING_ALGORITHM,
+            tags: Vec::new(),
+        });
+        let (client_ids, own_queues_only) = match u.role {
+            Role::Device => (regex_escape(&u.username), true),
+            // Controllers connect as `USER-<random>` (and other tools as
+            // they like); admins as anything.
+            Role::Controller => (format!("{}(-.*)?", regex_escape(&u.username)), true),
+            Role::Admin => (".*".to_owned(), false),
+        };
+        let queues = if own_queues_only { format!("mqtt-subscription-{client_ids}qos[01]") } else { ".*".to_owned() };
+        d.permissions.push(Permission {
+            user: u.username.clone(),
+            vhost: vhost.to_owned(),
+            configure: format!("^{queues}$"),
+            write: format!("^(amq\\.topic|{queues})$"),
+            read: format!("^(amq\\.topic|{queues})$"),
+        });
+        let (write, read) = topic_patterns(u);
+        d.topic_permissions.push(TopicPermission {
+            user: u.username.clone(),
+            vhost: vhost.to_owned(),
+            exchange: EXCHANGE,
+            write,
+            read,
+        });
+    }
+    (d, warnings)
+}
+
+/// mqseal-broker's default rules as RabbitMQ topic permissions (write,
+/// read) for `u`.
+fn topic_patterns(u: &UserRecord) -> (String, String) {
+    const TO_DEVICE: &str = r"(cmd|chal\.req)";
+    const FROM_DEVICE: &str = r"(resp|chal|status)";
+    match u.role {
+        Role::Device => {
+            let me = routing_key_level(&u.username);
+            // The look-ahead requires the client id to name the same device.
+            let own = r"^(?=mqseal\.v1\.dev\.{client_id}\.)mqseal\.v1\.dev\.";
+            (format!("{own}{me}\\.{FROM_DEVICE}$"), format!("{own}{me}\\.{TO_DEVICE}$"))
+        }
+        Role::Controller => {
+            let devices = if u.grants.iter().any(|g| g == "*") {
+                // One level, whatever it is (and the `*` a `+` filter becomes).
+                r"[^.]+".to_owned()
+            } else if u.grants.is_empty() {
+                // Matches no routing key: a controller granted nothing.
+                return ("^$".to_owned(), "^$".to_owned());
+            } else {
+                let ids: Vec<String> = u.grants.iter().map(|g| routing_key_level(g)).collect();
+                format!("({})", ids.join("|"))
+            };
+            let at = format!(r"^mqseal\.v1\.dev\.{devices}\.");
+            (format!("{at}{TO_DEVICE}$"), format!("{at}{FROM_DEVICE}$"))
+        }
+        Role::Admin => (".*".to_owned(), ".*".to_owned()),
+    }
+}
+
+/// A device id as one level of a routing key, escaped for a regex: the
+/// MQTT plugin turns `.` in a topic into `/`.
+pub fn routing_key_level(id: &str) -> String {
+    regex_escape(&id.replace('.', "/"))
+}
+
+/// `s` matched literally by an Erlang (PCRE) regex.
+fn regex_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 4);
+    for c in s.chars() {
+        if r"\^$.|?*+()[]{}".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// RabbitMQ's `rabbit_password_hashing_sha256`: base64(salt ‖
+/// SHA-256(salt ‖ password)).
+pub fn password_hash(password: &str, salt: [u8; 4]) -> String {
+    let digest = Sha256::new().chain_update(salt).chain_update(password.as_bytes()).finalize();
+    let mut bytes = Vec::with_capacity(36);
+    bytes.extend_from_slice(&salt);
+    bytes.extend_from_slice(&digest);
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (The hash itself is checked against `rabbitmqctl hash_password` and
+    /// by logging in, in `tests/e2e/cluster.rs`.)
+    #[test]
+    fn device_ids_are_literal_in_the_patterns() {
+        assert_eq!(routing_key_level("lamp-1"), "lamp-1");
+        assert_eq!(routing_key_level("a.b:c"), "a/b:c");
+        assert_eq!(regex_escape("x.y+z"), r"x\.y\+z");
+    }
+}
