@@ -74,6 +74,12 @@ pub struct BrokerEndpoint {
     /// TCP connect plus TLS handshake deadline.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_secs: u64,
+    /// Further brokers of the same cluster, `host:port` each: a connection
+    /// that cannot be made or is lost moves on to the next one (after
+    /// `host`:`port`, in this order, then round again), keeping its
+    /// session. TLS settings apply to all of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failover: Vec<String>,
 }
 
 fn default_host() -> String {
@@ -102,12 +108,39 @@ impl BrokerEndpoint {
             password_file: None,
             keepalive_secs: default_keepalive(),
             connect_timeout_secs: default_connect_timeout(),
+            failover: Vec::new(),
         }
+    }
+
+    /// The brokers to use, in turn: `host:port`, then `failover`.
+    ///
+    /// # Errors
+    /// [`ClientError::Invalid`] naming a `failover` entry that is not
+    /// `host:port`.
+    pub fn brokers(&self) -> Result<Vec<(String, u16)>, ClientError> {
+        let mut out = vec![(self.host.clone(), self.port)];
+        for a in &self.failover {
+            let parsed = a.rsplit_once(':').and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)));
+            match parsed {
+                Some((h, p)) if !h.is_empty() && p != 0 => out.push((h.trim_matches(['[', ']']).to_owned(), p)),
+                _ => return Err(ClientError::Invalid(format!("broker.failover entry {a:?}: expected host:port"))),
+            }
+        }
+        Ok(out)
     }
 
     /// `host:port`, for messages.
     pub fn address(&self) -> String {
-        format!("{}:{}", self.host, self.port)
+        self.address_at(0)
+    }
+
+    /// `host:port` of broker `i` of [`BrokerEndpoint::brokers`] (counted
+    /// round), for messages.
+    pub fn address_at(&self, i: usize) -> String {
+        match self.brokers() {
+            Ok(b) => b.get(i % b.len()).map_or_else(String::new, |(h, p)| format!("{h}:{p}")),
+            Err(_) => format!("{}:{}", self.host, self.port),
+        }
     }
 
     /// The password: inline, or the first line of `password_file`
@@ -131,11 +164,23 @@ impl BrokerEndpoint {
         Ok(Zeroizing::new(text.lines().next().unwrap_or("").to_owned()))
     }
 
-    /// rumqttc options for this endpoint, as `client_id`.
+    /// rumqttc options for this endpoint's first broker, as `client_id`.
     ///
     /// # Errors
     /// [`ClientError`] for an unreadable password or CA file, or bad values.
     pub fn mqtt_options(&self, client_id: &str, base: &Path) -> Result<MqttOptions, ClientError> {
+        self.mqtt_options_at(0, client_id, base)
+    }
+
+    /// rumqttc options for broker `i` of [`BrokerEndpoint::brokers`]
+    /// (counted round), as `client_id`: what an event loop is given to
+    /// reconnect elsewhere.
+    ///
+    /// # Errors
+    /// As [`BrokerEndpoint::mqtt_options`], and for a bad `failover` entry.
+    pub fn mqtt_options_at(&self, i: usize, client_id: &str, base: &Path) -> Result<MqttOptions, ClientError> {
+        let brokers = self.brokers()?;
+        let (host, port) = brokers.get(i % brokers.len()).cloned().unwrap_or((self.host.clone(), self.port));
         if client_id.is_empty() || client_id.starts_with(' ') {
             return Err(ClientError::Invalid(format!("client id {client_id:?} is not usable")));
         }
@@ -145,7 +190,7 @@ impl BrokerEndpoint {
                 self.keepalive_secs
             )));
         }
-        let mut options = MqttOptions::new(client_id, self.host.clone(), self.port);
+        let mut options = MqttOptions::new(client_id, host, port);
         options
             .set_credentials(self.username.clone(), self.password(base)?.as_str())
             .set_keep_alive(Duration::from_secs(self.keepalive_secs))
@@ -257,6 +302,19 @@ mod tests {
         }
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn failover_brokers_come_after_the_first_and_bad_entries_are_named() {
+        let mut e = BrokerEndpoint::new("a.example", 1883, "alice");
+        e.password = Some(Zeroizing::new("x".into()));
+        e.failover = vec!["b.example:1884".into(), "[::1]:1885".into()];
+        let brokers = e.brokers().unwrap();
+        assert_eq!(brokers, [("a.example".into(), 1883), ("b.example".into(), 1884), ("::1".into(), 1885)]);
+        assert_eq!(e.mqtt_options_at(1, "c", Path::new(".")).unwrap().broker_address(), ("b.example".into(), 1884));
+        assert_eq!(e.mqtt_options_at(3, "c", Path::new(".")).unwrap().broker_address(), ("a.example".into(), 1883));
+        e.failover = vec!["b.example".into()];
+        assert!(e.brokers().unwrap_err().to_string().contains("\"b.example\""));
     }
 
     #[test]

@@ -60,6 +60,10 @@ pub struct AgentBroker {
     pub port: u16,
     /// CA file path as the device will see it.
     pub tls_ca: Option<PathBuf>,
+    /// Further brokers of the same cluster (`host:port`), written into
+    /// the bundle's `[broker] failover`.
+    #[serde(default)]
+    pub failover: Vec<String>,
 }
 
 fn default_data_dir() -> PathBuf {

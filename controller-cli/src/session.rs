@@ -268,12 +268,31 @@ const WILDCARD_ABOVE: usize = 16;
 /// Filters per SUBSCRIBE packet.
 const FILTERS_PER_SUBSCRIBE: usize = 100;
 
+/// Where a session connects: the endpoint's brokers (several for a
+/// cluster), and which one it uses now.
+struct Brokers {
+    endpoint: BrokerEndpoint,
+    base: std::path::PathBuf,
+    client_id: String,
+    count: usize,
+    current: usize,
+}
+
+impl Brokers {
+    fn options(&self) -> Result<rumqttc::MqttOptions, mqseal_client::ClientError> {
+        let mut options = self.endpoint.mqtt_options_at(self.current, &self.client_id, &self.base)?;
+        options.set_clean_session(true).set_request_channel_capacity(4096).set_inflight(1000);
+        Ok(options)
+    }
+}
+
 /// One connection to the broker.
 pub struct Session {
     client: AsyncClient,
     events: EventLoop,
     key: PrivateKey,
     address: String,
+    brokers: Brokers,
     /// Filters already granted on this connection.
     subscribed: HashSet<String>,
     /// Challenge mode: keep one challenge per device in hand.
@@ -337,9 +356,14 @@ impl Session {
         key: PrivateKey,
         within: Duration,
     ) -> Result<Session, SessionError> {
-        let mut options = endpoint.mqtt_options(client_id, base)?;
-        options.set_clean_session(true).set_request_channel_capacity(4096).set_inflight(1000);
-        let (client, mut events) = AsyncClient::new(options, 4096);
+        let brokers = Brokers {
+            endpoint: endpoint.clone(),
+            base: base.to_owned(),
+            client_id: client_id.to_owned(),
+            count: endpoint.brokers()?.len(),
+            current: 0,
+        };
+        let (client, mut events) = AsyncClient::new(brokers.options()?, 4096);
         events.set_network_options(endpoint.network_options());
         let address = endpoint.address();
         let deadline = Instant::now() + within.max(Duration::from_secs(endpoint.connect_timeout_secs.max(1) + 5));
@@ -353,6 +377,7 @@ impl Session {
             events,
             key,
             address,
+            brokers,
             subscribed: HashSet::new(),
             prefetch: false,
             prefetching: HashMap::new(),
@@ -710,6 +735,7 @@ impl Session {
                 return Err(last);
             }
             tokio::time::sleep(delay).await;
+            self.next_broker();
             match tokio::time::timeout_at(deadline, self.events.poll()).await {
                 Err(_) => return Err(last),
                 Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => return Ok(()),
@@ -721,6 +747,20 @@ impl Session {
                     }
                 }
             }
+        }
+    }
+
+    /// A cluster: the next connection attempt goes to the next broker of
+    /// the endpoint's list (the one in use could not be reached or went
+    /// away).
+    fn next_broker(&mut self) {
+        if self.brokers.count < 2 {
+            return;
+        }
+        self.brokers.current = (self.brokers.current + 1) % self.brokers.count;
+        if let Ok(options) = self.brokers.options() {
+            self.events.mqtt_options = options;
+            self.address = self.brokers.endpoint.address_at(self.brokers.current);
         }
     }
 

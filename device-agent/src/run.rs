@@ -72,14 +72,21 @@ pub async fn run(config_path: &Path, restore: Restore) -> Result<(), StartError>
     let status_topic = mqseal_proto::topic::topic(&config.device_id, mqseal_proto::topic::Channel::Status)
         .map_err(|e| crate::agent::AgentError::Id(e.to_string()))?
         .to_string();
-    let mut options = config.broker.mqtt_options(&config.device_id, base)?;
-    options.set_clean_session(false).set_request_channel_capacity(1024).set_last_will(LastWill::new(
-        &status_topic,
-        OFFLINE,
-        QoS::AtLeastOnce,
-        true,
-    ));
-    let (client, mut events) = AsyncClient::new(options, 1024);
+    // Broker `i` of the endpoint's list (several for a cluster): the same
+    // persistent session and will wherever the agent connects.
+    let options_for = |i: usize| -> Result<_, mqseal_client::ClientError> {
+        let mut options = config.broker.mqtt_options_at(i, &config.device_id, base)?;
+        options.set_clean_session(false).set_request_channel_capacity(1024).set_last_will(LastWill::new(
+            &status_topic,
+            OFFLINE,
+            QoS::AtLeastOnce,
+            true,
+        ));
+        Ok(options)
+    };
+    let brokers = config.broker.brokers()?.len();
+    let mut broker = 0;
+    let (client, mut events) = AsyncClient::new(options_for(broker)?, 1024);
     events.set_network_options(config.broker.network_options());
 
     let ctx = Arc::new(ExecContext {
@@ -91,7 +98,7 @@ pub async fn run(config_path: &Path, restore: Restore) -> Result<(), StartError>
     let slots = Arc::new(Semaphore::new(config.limits.max_concurrent));
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(Job, Ran)>();
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
-    let address = config.broker.address();
+    let mut address = config.broker.address();
     let mut shutdown = std::pin::pin!(shutdown_signal());
     // Commands interrupted by the last stop are answered once, on the first
     // connection (later reconnects of this process have nothing to add).
@@ -154,6 +161,15 @@ pub async fn run(config_path: &Path, restore: Restore) -> Result<(), StartError>
                 Err(e) => {
                     let delay = backoff.next_delay();
                     warn!(broker = %address, "connection: {e}; retrying in {} ms", delay.as_millis());
+                    // A cluster: the next try goes to the next broker.
+                    if brokers > 1 {
+                        broker = (broker + 1) % brokers;
+                        address = config.broker.address_at(broker);
+                        match options_for(broker) {
+                            Ok(o) => events.mqtt_options = o,
+                            Err(e) => error!(broker = %address, "cannot use this broker: {e}"),
+                        }
+                    }
                     tokio::time::sleep(delay).await;
                 }
             },

@@ -12,78 +12,11 @@
 use std::time::Duration;
 
 use base64::Engine;
-use mqseal_tests::mqtt::{Conn, Connect, RecvError, Version};
-use mqseal_tests::rabbitmq::{self, Cluster};
-use mqseal_tests::site::{AgentProc, Operator, start_agent};
+use mqseal_tests::mqtt::{Conn, Connect, Version};
+use mqseal_tests::rabbitmq::{self, ClusterSite};
 use mqseal_tests::topic;
 
 const SECOND: Duration = Duration::from_secs(1);
-
-/// An operator whose `mqseal.toml` points at node 1 and whose agent
-/// bundles point at node 0, with devices `prefix-0..n` (each with a
-/// `mark` command) loaded into the cluster by `mqseal export rabbitmq`.
-struct ClusterSite {
-    op: Operator,
-    cluster: &'static Cluster,
-    devices: Vec<String>,
-}
-
-impl ClusterSite {
-    async fn start(prefix: &str, n: usize) -> ClusterSite {
-        let cluster = rabbitmq::shared();
-        let tmp = tempfile::tempdir().unwrap();
-        let store = format!(
-            "[store]\nkind = \"file\"\npath = \"{}\"\n\n[agent_broker]\nhost = \"127.0.0.1\"\nport = {}\n",
-            tmp.path().join("data/users.json").display(),
-            cluster.mqtt_port(0)
-        );
-        let broker = format!("[broker]\nhost = \"127.0.0.1\"\nport = {}\n", cluster.mqtt_port(1));
-        let op = Operator::set_up(tmp, &format!("{prefix}-operator"), &broker, &store).await;
-        let devices: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
-        for d in &devices {
-            op.ok(&["device", "add", d, "--bits", "2048"]).await;
-            op.add_mark_command(d);
-        }
-        let site = ClusterSite { op, cluster, devices };
-        site.export();
-        site
-    }
-
-    /// `mqseal export rabbitmq` into the cluster.
-    fn export(&self) {
-        let out = std::process::Command::new(mqseal_tests::site::workspace_bin("mqseal"))
-            .arg("--config")
-            .arg(self.op.dir.join("mqseal.toml"))
-            .args(["export", "rabbitmq", "--out", "rabbitmq.json"])
-            .current_dir(&self.op.dir)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "export: {}", String::from_utf8_lossy(&out.stderr));
-        let file = self.op.dir.join("rabbitmq.json");
-        use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
-        self.cluster.import_definitions(&file);
-    }
-
-    async fn agents(&self) -> Vec<AgentProc> {
-        let mut out = Vec::new();
-        for d in &self.devices {
-            out.push(start_agent(&self.op.bundle(d), &self.op.dir.join(format!("agent-{d}.log"))).await);
-        }
-        out
-    }
-
-    fn password(&self, device: &str) -> String {
-        let text = std::fs::read_to_string(self.op.bundle(device)).unwrap();
-        let line = text.lines().find(|l| l.starts_with("password = ")).unwrap();
-        line.trim_start_matches("password = ").trim_matches('"').to_owned()
-    }
-
-    /// A raw MQTT 3.1.1 connection to node `node` as `user` with client id `client_id`.
-    async fn connect(&self, node: usize, client_id: &str, user: &str, password: &str) -> Result<(Conn, u8), RecvError> {
-        Conn::connect(self.cluster.mqtt_port(node), &Connect::new(Version::V4, client_id, user, password)).await
-    }
-}
 
 /// The export hashes passwords the way RabbitMQ does: for a user the
 /// cluster hashed itself (`rabbitmqctl add_user`), the export's function
@@ -111,7 +44,7 @@ async fn the_export_hashes_passwords_as_rabbitmq_does() {
 /// and each runs exactly once.
 #[tokio::test]
 async fn both_envelope_modes_cross_the_cluster_and_run_once() {
-    let site = ClusterSite::start("x", 3).await;
+    let site = ClusterSite::start("x", 3, false).await;
     let _agents = site.agents().await;
     for (args, runs) in [
         (vec!["send", "x-0", "mark", "--mode", "sealed"], [1, 0, 0]),
@@ -136,7 +69,7 @@ async fn both_envelope_modes_cross_the_cluster_and_run_once() {
 /// only the devices it was granted.
 #[tokio::test]
 async fn a_device_reaches_only_its_own_topics_on_the_cluster() {
-    let site = ClusterSite::start("y", 2).await;
+    let site = ClusterSite::start("y", 2, false).await;
     let (a, b) = ("y-0", "y-1");
     let (pa, pb) = (site.password(a), site.password(b));
     for node in [0, 1] {
@@ -211,19 +144,19 @@ async fn a_device_reaches_only_its_own_topics_on_the_cluster() {
 /// its persistent session.
 #[tokio::test]
 async fn a_job_from_one_node_reaches_devices_on_the_other() {
-    let site = ClusterSite::start("j", 4).await;
+    let site = ClusterSite::start("j", 4, false).await;
     // Once, so that its persistent session exists; then offline.
-    let late = start_agent(&site.op.bundle("j-3"), &site.op.dir.join("agent-j-3.log")).await;
+    let late = site.op.agent("j-3").await;
     late.stop().await;
     let mut agents = Vec::new();
     for d in &site.devices[..3] {
-        agents.push(start_agent(&site.op.bundle(d), &site.op.dir.join(format!("agent-{d}.log"))).await);
+        agents.push(site.op.agent(d).await);
     }
     let args =
         ["job", "run", "mark", "--all", "--without-presence", "--rate", "600/min", "--deadline", "60s", "--json"];
     let job = site.op.spawn_mqseal(&args);
     tokio::time::sleep(3 * SECOND).await;
-    agents.push(start_agent(&site.op.bundle("j-3"), &site.op.dir.join("agent-j-3.log")).await);
+    agents.push(site.op.agent("j-3").await);
     let out = job.await.unwrap();
     assert_eq!(out.code, 0, "{out:?}");
     let doc: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();

@@ -156,13 +156,6 @@ impl Cluster {
         }
     }
 
-    /// Starts node `i` again (after [`Cluster::kill_node`]); it rejoins the
-    /// cluster from its own data.
-    pub fn restart_node(&self, i: usize) {
-        self.spawn_node(i);
-        self.await_node(i);
-    }
-
     /// Imports a definitions file (`rabbitmqctl import_definitions`): users,
     /// permissions and topic permissions, cluster-wide.
     pub fn import_definitions(&self, file: &Path) {
@@ -295,4 +288,107 @@ fn spawn_watched(mut cmd: Command, log: &Path) -> Child {
 fn set_mode(path: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// An operator whose `mqseal.toml` points at node 1 and whose agent
+/// bundles point at node 0 (each with the other node as its failover, if
+/// asked), with devices `prefix-0..n` (each with a `mark` command) loaded
+/// into the cluster by `mqseal export rabbitmq` — the way an operator sets
+/// up a cluster deployment.
+pub struct ClusterSite {
+    /// The operator's side.
+    pub op: crate::site::Operator,
+    /// The cluster.
+    pub cluster: &'static Cluster,
+    /// The devices, in order.
+    pub devices: Vec<String>,
+}
+
+impl ClusterSite {
+    /// Sets it up on [`shared`].
+    ///
+    /// # Panics
+    /// When any step fails.
+    pub async fn start(prefix: &str, n: usize, failover: bool) -> ClusterSite {
+        let cluster = shared();
+        let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let (agents_to, controller_to) = (cluster.mqtt_port(0), cluster.mqtt_port(1));
+        let (agents_also, controller_also) = if failover {
+            (
+                format!("failover = [\"127.0.0.1:{controller_to}\"]\n"),
+                format!("failover = [\"127.0.0.1:{agents_to}\"]\n"),
+            )
+        } else {
+            (String::new(), String::new())
+        };
+        let store = format!(
+            "[store]\nkind = \"file\"\npath = \"{}\"\n\n[agent_broker]\nhost = \"127.0.0.1\"\nport = {agents_to}\n{agents_also}",
+            tmp.path().join("data/users.json").display(),
+        );
+        let broker = format!("[broker]\nhost = \"127.0.0.1\"\nport = {controller_to}\n{controller_also}");
+        let op = crate::site::Operator::set_up(tmp, &format!("{prefix}-operator"), &broker, &store).await;
+        let devices: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
+        for d in &devices {
+            op.ok(&["device", "add", d, "--bits", "2048"]).await;
+            op.add_mark_command(d);
+        }
+        let site = ClusterSite { op, cluster, devices };
+        site.export();
+        site
+    }
+
+    /// `mqseal export rabbitmq` (0600), imported into the cluster.
+    ///
+    /// # Panics
+    /// When the export fails or is not 0600.
+    pub fn export(&self) {
+        let out = Command::new(crate::site::workspace_bin("mqseal"))
+            .arg("--config")
+            .arg(self.op.dir.join("mqseal.toml"))
+            .args(["export", "rabbitmq", "--out", "rabbitmq.json"])
+            .current_dir(&self.op.dir)
+            .output()
+            .unwrap_or_else(|e| panic!("mqseal export: {e}"));
+        assert!(out.status.success(), "export: {}", String::from_utf8_lossy(&out.stderr));
+        let file = self.op.dir.join("rabbitmq.json");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).map(|m| m.permissions().mode() & 0o777).unwrap_or(0);
+        assert_eq!(mode, 0o600, "the definitions hold password hashes");
+        self.cluster.import_definitions(&file);
+    }
+
+    /// Starts every device's agent (each waits until connected).
+    pub async fn agents(&self) -> Vec<crate::site::AgentProc> {
+        let mut out = Vec::new();
+        for d in &self.devices {
+            out.push(self.op.agent(d).await);
+        }
+        out
+    }
+
+    /// A device's broker password, from its bundle.
+    ///
+    /// # Panics
+    /// When the bundle has none.
+    #[must_use]
+    pub fn password(&self, device: &str) -> String {
+        let text = std::fs::read_to_string(self.op.bundle(device)).unwrap_or_else(|e| panic!("{e}"));
+        let line = text.lines().find(|l| l.starts_with("password = ")).unwrap_or_else(|| panic!("no password"));
+        line.trim_start_matches("password = ").trim_matches('"').to_owned()
+    }
+
+    /// A raw MQTT 3.1.1 connection to node `node` as `user` under `client_id`.
+    ///
+    /// # Errors
+    /// As [`crate::mqtt::Conn::connect`].
+    pub async fn connect(
+        &self,
+        node: usize,
+        client_id: &str,
+        user: &str,
+        password: &str,
+    ) -> Result<(crate::mqtt::Conn, u8), crate::mqtt::RecvError> {
+        let c = crate::mqtt::Connect::new(crate::mqtt::Version::V4, client_id, user, password);
+        crate::mqtt::Conn::connect(self.cluster.mqtt_port(node), &c).await
+    }
 }

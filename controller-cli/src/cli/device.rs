@@ -137,6 +137,7 @@ async fn provision_device(c: &ControllerConfig, a: DeviceAddArgs, rotate: bool, 
         (Some(ab), _) => {
             let mut b = BrokerEndpoint::new(&ab.host, ab.port, &a.id);
             b.tls_ca = ab.tls_ca.clone();
+            b.failover = ab.failover.clone();
             b
         }
         (None, Some(b)) => b.clone(),
