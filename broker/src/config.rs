@@ -43,6 +43,9 @@ pub struct Config {
     pub retained: RetainedConfig,
     /// Persistent sessions and retained messages on disk.
     pub persistence: PersistenceConfig,
+    /// Bridges to upstream brokers (`[[bridge]]`, none by default).
+    #[serde(rename = "bridge")]
+    pub bridges: Vec<crate::bridge::BridgeConfig>,
     /// rumqttd's commit-log tuning, from before mqseal's own router: kept
     /// only to refuse it with a pointer to what replaced it.
     #[serde(rename = "router")]
@@ -65,6 +68,7 @@ impl Default for Config {
             sessions: SessionsConfig::default(),
             retained: RetainedConfig::default(),
             persistence: PersistenceConfig::default(),
+            bridges: Vec::new(),
             old_router: None,
         }
     }
@@ -402,6 +406,14 @@ impl Config {
                 self.auth.pbkdf2_iterations,
                 mqseal_store::hash::MIN_PBKDF2_ITERATIONS
             ));
+        }
+        for b in &self.bridges {
+            if let Err(message) = b.validate() {
+                return bad(message);
+            }
+        }
+        if self.bridges.iter().enumerate().any(|(i, b)| self.bridges.iter().skip(i + 1).any(|o| o.name == b.name)) {
+            return bad("two [[bridge]]s with the same name".into());
         }
         if self.listener.bind.is_none() && self.tls.is_none() && self.websocket.is_none() {
             return bad("no listener: set listener.bind, [tls] or [websocket]".into());

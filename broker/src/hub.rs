@@ -30,6 +30,10 @@ use tracing::{info, warn};
 use crate::auth::KickReason;
 use crate::metrics::Metrics;
 
+/// The user name the broker's own sessions (bridges) are registered
+/// under: no login can have it, as user names cannot contain `!`.
+pub const INTERNAL_USER: &str = "!broker";
+
 /// How a connection task is woken: for output, a takeover or a kick.
 ///
 /// One per connection, and the only per-connection registry: kicking a
@@ -292,9 +296,17 @@ impl Hub {
         self.wakers().wakers.values().map(|w| w.kick(reason)).count()
     }
 
-    /// User names with at least one live session.
+    /// User names with at least one live session: what the periodic
+    /// revalidation checks against the store. The broker's own sessions
+    /// (a bridge's, registered under [`INTERNAL_USER`]) have no login to
+    /// revalidate and are left out.
     pub fn live_usernames(&self) -> HashSet<String> {
-        self.wakers().wakers.values().map(|w| w.username.to_string()).collect()
+        self.wakers()
+            .wakers
+            .values()
+            .filter(|w| &*w.username != INTERNAL_USER)
+            .map(|w| w.username.to_string())
+            .collect()
     }
 
     /// A copy of the router's gauges and counters, and the events it lost.

@@ -13,6 +13,7 @@
 
 pub mod acl;
 pub mod auth;
+pub mod bridge;
 pub mod codec;
 pub mod config;
 pub mod connection;
@@ -269,6 +270,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     for l in listeners {
         info!(addr = ?l.socket.local_addr().ok(), listener = l.kind.name, "listening");
         tasks.push(tokio::spawn(listener::run(l, shared.clone(), gates.clone())));
+    }
+    for b in &shared.config.bridges {
+        info!(bridge = %b.name, upstream = %b.remote.address(), "bridge starting");
+        tasks.push(tokio::spawn(bridge::run(b.clone(), hub.clone(), metrics.clone())));
     }
     if let Some(socket) = metrics_socket {
         info!(addr = ?running_metrics, "metrics at /metrics");

@@ -165,3 +165,113 @@ async fn a_job_from_one_node_reaches_devices_on_the_other() {
         assert_eq!(site.op.marks(d), 1, "{d}");
     }
 }
+
+/// mqseal-broker as a site broker with a `[[bridge]]` to the cluster:
+/// devices on the site, the controller on the cluster. Both modes and a
+/// broadcast get through, each command runs once, the bridge counts what
+/// it carried, and when the cluster drops the bridge's connection it
+/// reconnects and carries on. The bridge's cost is printed: the same
+/// command through the cluster and straight to the site.
+#[tokio::test]
+async fn a_site_broker_bridged_to_the_cluster_serves_controllers_on_the_cluster() {
+    use mqseal_tests::broker::BrokerConfig;
+    use mqseal_tests::site::Site;
+    let cluster = rabbitmq::shared();
+    // The bridge's login on the cluster: the cluster's own user, allowed
+    // every device topic (it carries them all).
+    cluster.ctl(0, &["add_user", "site-b-bridge", "bridge-password-1"]);
+    cluster.ctl(0, &["set_permissions", "site-b-bridge", ".*", ".*", ".*"]);
+    let pw = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(pw.path(), "bridge-password-1\n").unwrap();
+    let metrics = mqseal_tests::free_port();
+    let bridge = format!(
+        "\n[[bridge]]\nname = \"cluster\"\n[bridge.remote]\nhost = \"127.0.0.1\"\nport = {}\nfailover = [\"127.0.0.1:{}\"]\n\
+         username = \"site-b-bridge\"\npassword_file = \"{}\"\n",
+        cluster.mqtt_port(1),
+        cluster.mqtt_port(0),
+        pw.path().display()
+    );
+    let site =
+        Site::start_config(BrokerConfig { metrics_port: Some(metrics), extra: bridge, ..BrokerConfig::default() })
+            .await;
+    for d in ["b-0", "b-1"] {
+        site.add_device(d, &[]).await;
+        site.add_mark_command(d);
+    }
+    let agents = [site.agent("b-0").await, site.agent("b-1").await];
+    // The operator and the devices on the cluster, from the site's own store.
+    let out = site.mqseal(&["export", "rabbitmq", "--out", "rabbitmq.json"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    cluster.import_definitions(&site.dir.join("rabbitmq.json"));
+    let toml = std::fs::read_to_string(site.dir.join("mqseal.toml")).unwrap();
+    let on_cluster =
+        toml.replace(&format!("port = {}\n", site.broker.port()), &format!("port = {}\n", cluster.mqtt_port(1)));
+    assert_ne!(on_cluster, toml);
+    std::fs::write(site.dir.join("cluster.toml"), on_cluster).unwrap();
+    let cluster_toml = site.dir.join("cluster.toml");
+    let deadline = std::time::Instant::now() + 30 * SECOND;
+    while mqseal_tests::metric(metrics, "mqseal_bridges_connected").await != 1 {
+        let log = std::fs::read_to_string(site.dir.join("broker.log")).unwrap_or_default();
+        let m = mqseal_tests::metric(metrics, "mqseal_bridges_connected").await;
+        let c = mqseal_tests::metric(metrics, "mqseal_bridge_connects_total").await;
+        assert!(std::time::Instant::now() < deadline, "the bridge did not connect ({m}, {c}):\n{log}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (args, runs) in [
+        (vec!["send", "b-0", "mark", "--mode", "sealed"], [1, 0]),
+        (vec!["send", "b-1", "mark", "--mode", "challenge"], [1, 1]),
+        (vec!["send", "b-1", "mark", "--mode", "challenge", "--hidden"], [1, 2]),
+        (vec!["broadcast", "--devices", "b-0,b-1", "mark"], [2, 3]),
+    ] {
+        let out = site.mqseal_with(&cluster_toml, &args).await;
+        let log = std::fs::read_to_string(site.dir.join("broker.log")).unwrap_or_default();
+        assert_eq!(out.code, 0, "{args:?} through the cluster: {out:?}\n{log}\n{}", agents[0].text());
+        assert_eq!([site.marks("b-0"), site.marks("b-1")], runs, "after {args:?}");
+    }
+    let (up, down) = (
+        mqseal_tests::metric(metrics, "mqseal_bridge_messages_up_total").await,
+        mqseal_tests::metric(metrics, "mqseal_bridge_messages_down_total").await,
+    );
+    // Up: at least the five responses, three challenges and two statuses;
+    // down: at least the five commands and three challenge requests.
+    assert!(up >= 10 && down >= 8, "up {up}, down {down}");
+
+    // The cluster drops the bridge (another connection takes its client
+    // id, which any MQTT broker answers by closing the older one): it
+    // comes back by itself.
+    let mut thief = Connect::new(Version::V4, "mqseal-bridge-cluster", "site-b-bridge", "bridge-password-1");
+    thief.clean = false;
+    let (thief, code) = Conn::connect(cluster.mqtt_port(1), &thief).await.unwrap();
+    assert_eq!(code, 0);
+    drop(thief);
+    let deadline = std::time::Instant::now() + 60 * SECOND;
+    while mqseal_tests::metric(metrics, "mqseal_bridge_connects_total").await < 2 {
+        assert!(std::time::Instant::now() < deadline, "the bridge did not reconnect");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = site.mqseal_with(&cluster_toml, &["send", "b-0", "mark"]).await;
+    assert_eq!(out.code, 0, "after the bridge reconnected: {out:?}");
+    assert_eq!(site.marks("b-0"), 3);
+
+    // What the bridge costs: the same sealed command, through the cluster
+    // and straight to the site (medians of 5).
+    let timed = |config: std::path::PathBuf| {
+        let site = &site;
+        async move {
+            let mut ms = Vec::new();
+            for _ in 0..5 {
+                let t = std::time::Instant::now();
+                let out = site.mqseal_with(&config, &["send", "b-1", "mark", "--mode", "challenge"]).await;
+                assert_eq!(out.code, 0, "{out:?}");
+                ms.push(t.elapsed().as_millis());
+            }
+            ms.sort_unstable();
+            ms[2]
+        }
+    };
+    let via_cluster = timed(cluster_toml.clone()).await;
+    let direct = timed(site.dir.join("mqseal.toml")).await;
+    eprintln!(
+        "bridge: `mqseal send` (challenge mode, whole process) median {via_cluster} ms through the cluster and the bridge, {direct} ms straight to the site broker"
+    );
+}
