@@ -377,6 +377,10 @@ pub struct Fleet {
     /// broadcast (with its journal and audit log).
     #[arg(long)]
     job_rate: Option<u32>,
+    /// The port the controller connects to, if not the devices' (a
+    /// cluster: devices on one node, the controller on another).
+    #[arg(long)]
+    controller_port: Option<u16>,
     /// The job's cap on attempts out at once.
     #[arg(long, default_value_t = 1000)]
     job_max_in_flight: usize,
@@ -414,7 +418,8 @@ pub async fn fleet(a: Fleet) -> Result<serde_json::Value, Failure> {
     mqseal_store::write_private(&dir.join("ctl.pw"), t.controller_password.as_bytes()).map_err(|e| e.to_string())?;
     let config = format!(
         "data_dir = \"ctl\"\nkey = \"ctl.key.pem\"\n[broker]\nhost = \"{}\"\nport = {}\nusername = \"{CONTROLLER}\"\npassword_file = \"ctl.pw\"\n",
-        t.host, t.port
+        t.host,
+        a.controller_port.unwrap_or(t.port)
     );
     std::fs::write(dir.join("mqseal.toml"), config).map_err(|e| e.to_string())?;
     let mode = format!("{:?}", a.mode).to_lowercase();

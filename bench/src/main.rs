@@ -112,6 +112,10 @@ struct Provision {
     /// Directory for Mosquitto's `passwd.txt` (plain, for `mosquitto_passwd -U`) and `acl`.
     #[arg(long)]
     mosquitto_dir: Option<PathBuf>,
+    /// A RabbitMQ definitions file (`mqseal export rabbitmq`'s) for the
+    /// same users.
+    #[arg(long)]
+    rabbitmq_definitions: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -658,6 +662,21 @@ async fn provision(a: Provision) -> Result<serde_json::Value, Failure> {
              pattern write mqseal/v1/dev/%u/resp\npattern write mqseal/v1/dev/%u/chal\npattern write mqseal/v1/dev/%u/status\n"
         );
         std::fs::write(dir.join("acl"), acl).map_err(|e| e.to_string())?;
+    }
+    if let Some(path) = &a.rabbitmq_definitions {
+        let mut passwords = std::collections::HashMap::new();
+        for r in &records {
+            let pw = if r.username == CONTROLLER { &a.controller_password } else { &a.secret };
+            passwords.insert(r.username.clone(), zeroize::Zeroizing::new(pw.clone()));
+        }
+        let mut rng = mqseal_client::rng();
+        let (defs, _) = mqseal_controller::export::rabbitmq::definitions(&records, &passwords, "/", || {
+            let mut salt = [0u8; 4];
+            rand_core::Rng::fill_bytes(&mut rng, &mut salt);
+            salt
+        });
+        let text = serde_json::to_string(&defs).map_err(|e| e.to_string())?;
+        mqseal_store::write_private(path, text.as_bytes()).map_err(|e| e.to_string())?;
     }
     eprintln!("provisioned {} devices and {CONTROLLER}", a.devices);
     Ok(json!({"scenario": "provision", "devices": a.devices}))

@@ -77,10 +77,10 @@ counters! {
     persist_last_commit_micros: "gauge", "How long the latest persistence commit took, in microseconds.";
     persist_commit_failures_total: "counter", "Persistence commits that failed (their changes are retried with the next commit).";
     subscriptions_revoked_total: "counter", "Subscriptions removed from a resumed session because the ACL no longer allows them (its copies on such topics, queued or in flight, count as drops, reason not_allowed).";
-    bridge_connects_total: "counter", "Connections made by [[bridge]]s to their upstream brokers.";
-    bridges_connected: "gauge", "[[bridge]]s connected to their upstream broker now.";
-    bridge_messages_up_total: "counter", "Messages a [[bridge]] forwarded upstream and the upstream broker acknowledged.";
-    bridge_messages_down_total: "counter", "Messages a [[bridge]] brought down from its upstream broker.";
+    bridge_connects_total: "counter", "Connections made by bridges (broker.toml bridge sections) to their upstream brokers.";
+    bridges_connected: "gauge", "Bridges connected to their upstream broker now.";
+    bridge_messages_up_total: "counter", "Messages a bridge forwarded upstream and the upstream broker acknowledged.";
+    bridge_messages_down_total: "counter", "Messages a bridge brought down from its upstream broker.";
     persist_acks_withheld_total: "counter", "Connections closed in durable mode because the store did not commit in time; their acknowledgements were not sent.";
 }
 

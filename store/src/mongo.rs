@@ -94,6 +94,35 @@ impl MongoStore {
         }
     }
 
+    /// Replaces, in collection `name` of the same database, every document
+    /// whose `marker` field is `true` with `docs` (each given that marker):
+    /// how `mqseal export emqx` rewrites the ACL documents it wrote before
+    /// without touching anyone else's. Returns how many were removed.
+    ///
+    /// # Errors
+    /// [`StoreError`] naming the MongoDB address, or a document that is not
+    /// a JSON object.
+    pub async fn replace_marked(
+        &self,
+        name: &str,
+        marker: &str,
+        docs: &[serde_json::Value],
+    ) -> Result<u64, StoreError> {
+        let db = self.users.namespace().db;
+        let coll: Collection<mongodb::bson::Document> = self.users.client().database(&db).collection(name);
+        let mut bson = Vec::with_capacity(docs.len());
+        for d in docs {
+            let mut doc = mongodb::bson::to_document(d).map_err(|e| StoreError::InvalidRecord(e.to_string()))?;
+            doc.insert(marker, true);
+            bson.push(doc);
+        }
+        let removed = self.deadline(coll.delete_many(mongodb::bson::doc! { marker: true })).await?.deleted_count;
+        if !bson.is_empty() {
+            self.deadline(coll.insert_many(bson)).await?;
+        }
+        Ok(removed)
+    }
+
     /// Creates the unique index now, failing if MongoDB cannot be reached:
     /// for tools (the CLI) that want to know at once.
     pub async fn ensure_index(&self) -> Result<(), StoreError> {

@@ -646,6 +646,89 @@ async fn mongodb_documents_verify_the_way_emqx_documents_them() {
     }
 }
 
+/// `mqseal export emqx` writes an EMQX 5 configuration whose keys are
+/// EMQX's own and which, used as EMQX uses it (Python, pymongo, hashlib:
+/// emqx_config_check.py), logs each user in through the right
+/// authenticator from mqseal's collection, refuses wrong passwords,
+/// disabled devices and a device under another client id, and keeps each
+/// device to its own topics with the ACL documents it wrote; a second
+/// export replaces those documents rather than adding to them.
+#[tokio::test]
+async fn the_emqx_export_logs_in_and_authorizes_as_emqx_would() {
+    let database = unique_database("interop_emqx_export");
+    let site = Site::start(Store::Mongo { uri: mongodb_uri(), database: database.clone(), legacy: false }).await;
+    let mut pw = std::collections::HashMap::new();
+    for d in ["x-1", "x-2", "x-3"] {
+        let bundle = site.add_device(d, &[]).await;
+        pw.insert(d, write(&site.dir.join(format!("{d}.pw")), &bundle_password(&bundle)));
+    }
+    site.ok(&["user", "disable", "x-3"]).await;
+    write(&site.dir.join("narrow.pw"), "narrow-password-1\n");
+    site.ok(&["user", "add", "narrow", "--grant", "x-1", "--password-file", "narrow.pw"]).await;
+    write(&site.dir.join("root.pw"), "root-password-1\n");
+    site.ok(&["user", "add", "root", "--role", "admin", "--password-file", "root.pw"]).await;
+    for round in 0..2 {
+        let out = site.mqseal(&["export", "emqx", "--out", "emqx.conf", "--json"]).await;
+        assert_eq!(out.code, 0, "{out:?}");
+        let summary = json(&out);
+        // x-1, x-2: two documents each; operator and narrow: two each.
+        assert_eq!(summary["acl_documents"], 8, "{summary}");
+        assert_eq!(summary["replaced"], if round == 0 { 0 } else { 8 }, "{summary}");
+    }
+    let login = |who: &str, file: &Path| format!("{who}={}", file.display());
+    let checks = [
+        ("x-1:subscribe:mqseal/v1/dev/x-1/cmd", "allow"),
+        ("x-1:subscribe:mqseal/v1/dev/x-1/chal/req", "allow"),
+        ("x-1:publish:mqseal/v1/dev/x-1/resp", "allow"),
+        ("x-1:publish:mqseal/v1/dev/x-1/status", "allow"),
+        ("x-1:subscribe:mqseal/v1/dev/x-2/cmd", "deny"),
+        ("x-1:subscribe:mqseal/v1/dev/+/cmd", "deny"),
+        ("x-1:publish:mqseal/v1/dev/x-1/cmd", "deny"),
+        ("x-1:publish:mqseal/v1/dev/x-2/resp", "deny"),
+        ("operator:publish:mqseal/v1/dev/x-2/cmd", "allow"),
+        ("operator:subscribe:mqseal/v1/dev/x-2/resp", "allow"),
+        ("narrow:publish:mqseal/v1/dev/x-1/cmd", "allow"),
+        ("narrow:publish:mqseal/v1/dev/x-2/cmd", "deny"),
+        ("narrow:subscribe:mqseal/v1/dev/x-2/resp", "deny"),
+    ];
+    let mut cmd = python_script("emqx_config_check.py");
+    cmd.args(["--config"]).arg(site.dir.join("emqx.conf")).args(["--uri", &mongodb_uri(), "--login"]);
+    cmd.arg(login("x-1:x-1", &pw["x-1"]))
+        .arg(login("x-1:x-2", &pw["x-1"]))
+        .arg(login("x-3:x-3", &pw["x-3"]))
+        .arg(login("operator:operator-1", &site.dir.join("operator.pw")))
+        .arg(login("root:any", &site.dir.join("root.pw")))
+        .arg("--check")
+        .args(checks.iter().map(|(c, _)| *c));
+    let out = exec(&mut cmd, T).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let v = json(&out);
+    assert_eq!(v["schema"], serde_json::json!([]), "{v}");
+    let logins = &v["logins"];
+    assert_eq!(
+        (logins["x-1:x-1"]["authenticator"].as_u64(), logins["x-1:x-1"]["wrong_password"].as_u64()),
+        (Some(0), None),
+        "{v}"
+    );
+    assert!(logins["x-1:x-2"]["authenticator"].is_null(), "a device under another client id: {v}");
+    assert!(logins["x-3:x-3"]["authenticator"].is_null(), "a disabled device: {v}");
+    assert_eq!(logins["operator:operator-1"]["authenticator"], 1, "people: the PBKDF2 authenticator: {v}");
+    assert_eq!(
+        (logins["root:any"]["authenticator"].as_u64(), logins["root:any"]["is_superuser"].as_bool()),
+        (Some(1), Some(true)),
+        "{v}"
+    );
+    for (check, want) in checks {
+        assert_eq!(v["checks"][check], want, "{check}: {v}");
+    }
+    let conf: Value = serde_json::from_str(&std::fs::read_to_string(site.dir.join("emqx.conf")).unwrap()).unwrap();
+    assert_eq!(
+        conf["authentication"][1]["password_hash_algorithm"]["iterations"], 1000,
+        "the controller's pbkdf2_iterations"
+    );
+    assert_eq!(conf["authentication"][0]["password_hash_algorithm"]["salt_position"], "suffix");
+}
+
 /// Prometheus' own parser reads the endpoint, and the counters an operator
 /// alerts on move with what clients do: logins accepted and refused, ACL
 /// denials, messages in and out.

@@ -271,7 +271,7 @@ impl Operator {
         self.mqseal_with(&self.dir.join("mqseal.toml"), args).await
     }
 
-    /// Like [`Site::mqseal`] with another config file.
+    /// Like [`Operator::mqseal`] with another config file.
     ///
     /// # Panics
     /// When it cannot run or hangs.

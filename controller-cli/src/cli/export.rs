@@ -8,8 +8,8 @@ use clap::{Args, Subcommand};
 use mqseal_agent::config::AgentConfig;
 use mqseal_client::rng;
 use mqseal_controller::config::ControllerConfig;
-use mqseal_controller::export::rabbitmq;
-use mqseal_store::{CredentialStore, write_private};
+use mqseal_controller::export::{emqx, rabbitmq};
+use mqseal_store::{AnyStore, CredentialStore, StoreKind, write_private};
 use serde_json::json;
 use zeroize::Zeroizing;
 
@@ -19,6 +19,21 @@ use super::{Exit, Failure, registry, store};
 pub enum ExportCmd {
     /// RabbitMQ (MQTT plugin): a definitions file for `rabbitmqctl import_definitions`.
     Rabbitmq(RabbitArgs),
+    /// EMQX 5: its MongoDB authenticators and authorizer for this store's
+    /// collection, and the ACL documents the authorizer reads (written to
+    /// the store's database).
+    Emqx(EmqxArgs),
+}
+
+#[derive(Args)]
+pub struct EmqxArgs {
+    /// Where to write the configuration (JSON, which is HOCON; 0600: it may
+    /// hold the MongoDB password); `-` for standard output.
+    #[arg(long, default_value = "-")]
+    out: PathBuf,
+    /// The collection of ACL documents (replaced on every export).
+    #[arg(long, default_value = "mqtt_acl")]
+    acl_collection: String,
 }
 
 #[derive(Args)]
@@ -38,6 +53,56 @@ pub struct RabbitArgs {
 pub(super) async fn run(c: &ControllerConfig, cmd: ExportCmd, json: bool) -> Result<Exit, Failure> {
     match cmd {
         ExportCmd::Rabbitmq(a) => rabbitmq(c, a, json).await,
+        ExportCmd::Emqx(a) => emqx(c, a, json).await,
+    }
+}
+
+async fn emqx(c: &ControllerConfig, a: EmqxArgs, json: bool) -> Result<Exit, Failure> {
+    let (sc, _) = c.store().map_err(Failure::local)?;
+    let uri = match (&sc.kind, &sc.mongodb_uri) {
+        (StoreKind::Mongodb, Some(uri)) => uri.clone(),
+        _ => {
+            return Err(Failure::usage(
+                "EMQX reads mqseal's users from MongoDB: `export emqx` needs [store] kind = \"mongodb\"",
+            ));
+        }
+    };
+    let target = emqx::Target {
+        mongo: emqx::parse_uri(&uri).map_err(Failure::usage)?,
+        database: sc.database.clone(),
+        users: sc.collection.clone(),
+        acl: a.acl_collection.clone(),
+        pbkdf2_iterations: c.pbkdf2_iterations,
+    };
+    let AnyStore::Mongo(m) = store(c).await? else {
+        return Err(Failure::local("a MongoDB store opened as a file"));
+    };
+    let users = m.list().await.map_err(|e| Failure::local(format!("credential store: {e}")))?;
+    let docs = emqx::acl_documents(&users);
+    let removed = m
+        .replace_marked(&a.acl_collection, emqx::MARKER, &docs)
+        .await
+        .map_err(|e| Failure::local(format!("ACL documents: {e}")))?;
+    let text = Zeroizing::new(serde_json::to_string_pretty(&emqx::config(&target)).map_err(Failure::local)?);
+    write_out(&a.out, &text)?;
+    if json {
+        println!(
+            "{}",
+            json!({ "out": a.out, "acl_collection": a.acl_collection, "acl_documents": docs.len(), "replaced": removed })
+        );
+    } else {
+        eprintln!("mqseal: export: {} ACL documents in {} (replacing {removed})", docs.len(), a.acl_collection);
+    }
+    Ok(Exit::Ok)
+}
+
+/// Writes `text` to `out` (0600), or to standard output for `-`.
+fn write_out(out: &std::path::Path, text: &str) -> Result<(), Failure> {
+    if out.as_os_str() == "-" {
+        println!("{text}");
+        Ok(())
+    } else {
+        write_private(out, text.as_bytes()).map_err(|e| Failure::local(format!("{}: {e}", out.display())))
     }
 }
 
@@ -51,11 +116,7 @@ async fn rabbitmq(c: &ControllerConfig, a: RabbitArgs, json: bool) -> Result<Exi
         salt
     });
     let text = Zeroizing::new(serde_json::to_string_pretty(&defs).map_err(Failure::local)?);
-    if a.out.as_os_str() == "-" {
-        println!("{}", text.as_str());
-    } else {
-        write_private(&a.out, text.as_bytes()).map_err(|e| Failure::local(format!("{}: {e}", a.out.display())))?;
-    }
+    write_out(&a.out, &text)?;
     for w in &warnings {
         eprintln!("mqseal: export: {w}");
     }

@@ -3,4 +3,5 @@
 //! deployment that outgrows `mqseal-broker` loads into its cluster so that
 //! each device still reaches only its own topics (docs/SCALING.md).
 
+pub mod emqx;
 pub mod rabbitmq;
