@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use mqseal_client::BrokerEndpoint;
 use mqseal_client::rumqttc::{self, AsyncClient, Event, Packet};
-use mqseal_router::{ConnectRequest, Disconnect, Message, NEVER_EXPIRES, Outgoing, QoS, SubOptions};
+use mqseal_router::{ConnectRequest, Disconnect, Message, NEVER_EXPIRES, Outgoing, QoS, RetainHandling, SubOptions};
 use serde::Deserialize;
 use tracing::{info, warn};
 
@@ -165,9 +165,10 @@ impl Link {
         self.written.remove(&remote)
     }
 
-    /// Publishes handed over and not acknowledged upstream yet.
+    /// Publishes handed over and not written yet, or written and not
+    /// acknowledged (QoS 0 ones count until written).
     pub fn in_flight(&self) -> usize {
-        self.handed.iter().filter(|h| h.is_some()).count() + self.written.len()
+        self.handed.len() + self.written.len()
     }
 
     /// The upstream connection is gone: nothing pending is acknowledged,
@@ -187,13 +188,14 @@ enum Ended {
 }
 
 /// Runs bridge `config` for as long as the broker runs.
-pub async fn run(config: BridgeConfig, hub: Arc<Hub>, metrics: Arc<Metrics>) {
+/// `max_packet` is the broker's own `limits.max_packet_size`.
+pub async fn run(config: BridgeConfig, hub: Arc<Hub>, metrics: Arc<Metrics>, max_packet: usize) {
     let mut backoff = mqseal_client::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let brokers = config.remote.brokers().map(|b| b.len()).unwrap_or(1).max(1);
     let mut broker = 0usize;
     loop {
         let address = config.remote.address_at(broker);
-        match connect_once(&config, broker, &hub, &metrics, &mut backoff).await {
+        match connect_once(&config, broker, (&hub, &metrics, max_packet), &mut backoff).await {
             Ended::Shutdown => return,
             Ended::Lost(why) => {
                 let delay = backoff.next_delay();
@@ -205,25 +207,42 @@ pub async fn run(config: BridgeConfig, hub: Arc<Hub>, metrics: Arc<Metrics>) {
     }
 }
 
+/// A link that stayed up this long resets the reconnect back-off; one
+/// that fails sooner after connecting (a message the upstream refuses, a
+/// refused subscription) backs off further, not in a tight loop.
+const STABLE: Duration = Duration::from_secs(10);
+
+/// Aborts the upstream event-loop task when the connection ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// One upstream connection, from CONNECT until it ends.
 async fn connect_once(
     config: &BridgeConfig,
     broker: usize,
-    hub: &Hub,
-    metrics: &Metrics,
+    shared: (&Hub, &Metrics, usize),
     backoff: &mut mqseal_client::Backoff,
 ) -> Ended {
+    let (hub, metrics, max_packet) = shared;
     let mut options = match config.remote.mqtt_options_at(broker, &config.client_id(), Path::new(".")) {
         Ok(o) => o,
         Err(e) => return Ended::Lost(e.to_string()),
     };
     let window = usize::from(config.window);
+    let capacity = window * 2 + 16;
     options
         .set_clean_session(false)
         .set_manual_acks(true)
         .set_inflight(config.window)
-        .set_request_channel_capacity(window * 2 + 16);
-    let (client, mut events) = AsyncClient::new(options, window * 2 + 16);
+        // Whatever this broker accepted must fit through the bridge.
+        .set_max_packet_size(max_packet, max_packet)
+        .set_request_channel_capacity(capacity);
+    let (client, mut events) = AsyncClient::new(options, capacity);
     events.set_network_options(config.remote.network_options());
     let limit = Duration::from_secs(config.remote.connect_timeout_secs.max(1) + 5);
     match tokio::time::timeout(limit, events.poll()).await {
@@ -237,7 +256,20 @@ async fn connect_once(
             return Ended::Lost(format!("subscribing to {f}: {e}"));
         }
     }
-    backoff.reset();
+    // rumqttc's poll is not cancel-safe (a write held up by a full socket
+    // would be lost if another branch of a select won), so it runs in a
+    // task of its own and hands its events over a bounded channel.
+    let (tx, mut rx) = tokio::sync::mpsc::channel(capacity);
+    let _poller = AbortOnDrop(tokio::spawn(async move {
+        loop {
+            let event = events.poll().await;
+            let end = event.is_err();
+            if tx.send(event).await.is_err() || end {
+                return;
+            }
+        }
+    }));
+    let connected_at = tokio::time::Instant::now();
     Metrics::inc(&metrics.bridge_connects_total);
     info!(bridge = %config.name, upstream = %config.remote.address_at(broker), "bridge connected");
 
@@ -255,7 +287,14 @@ async fn connect_once(
             will: None,
         };
         let c = locked.router().connect(req, now);
-        let sub = SubOptions { no_local: true, retain_as_published: true, ..SubOptions::qos(QoS::AtLeastOnce) };
+        // Retained messages only for a new subscription: a reconnect does
+        // not send every retained status upstream again.
+        let sub = SubOptions {
+            no_local: true,
+            retain_as_published: true,
+            retain_handling: RetainHandling::OnNewSubscription,
+            ..SubOptions::qos(QoS::AtLeastOnce)
+        };
         for f in &config.out {
             let _ = locked.router().subscribe(c.conn, f, sub, now);
         }
@@ -265,7 +304,8 @@ async fn connect_once(
     Metrics::inc(&metrics.bridges_connected);
     let mut link = Link::default();
     let ended = 'conn: loop {
-        // Whatever the local session has for upstream, within the window.
+        // Whatever the local session has for upstream, within the window
+        // (QoS 0 counted too: each takes a place in the client's queue).
         let mut more = true;
         while more && link.in_flight() < window {
             let next = {
@@ -292,36 +332,49 @@ async fn connect_once(
         if wake.kicked().is_some() {
             break Ended::Shutdown;
         }
-        tokio::select! {
-            () = wake.notify.notified() => {}
-            event = events.poll() => match event {
-                Ok(Event::Outgoing(rumqttc::Outgoing::Publish(remote))) => link.written(remote),
-                Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                    if let Some(local) = link.acked(ack.pkid) {
-                        let _ = hub.lock().router().puback(conn, local);
-                        Metrics::inc(&metrics.bridge_messages_up_total);
-                    }
+        let event = tokio::select! {
+            () = wake.notify.notified() => continue,
+            event = rx.recv() => event,
+        };
+        match event {
+            None => break Ended::Lost("upstream event loop ended".into()),
+            Some(Ok(Event::Outgoing(rumqttc::Outgoing::Publish(remote)))) => link.written(remote),
+            Some(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
+                if let Some(local) = link.acked(ack.pkid) {
+                    let _ = hub.lock().router().puback(conn, local);
+                    Metrics::inc(&metrics.bridge_messages_up_total);
                 }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let qos = if p.qos == rumqttc::QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
-                    let owed = {
-                        let mut locked = hub.lock();
-                        let now = locked.now;
-                        let _ = locked.router().publish(Some(conn), Message::new(&p.topic, p.payload.clone(), qos, p.retain), now);
-                        locked.owed()
-                    };
-                    Metrics::inc(&metrics.bridge_messages_down_total);
-                    // Acknowledged upstream once it is ours to keep.
-                    if owed > 0 && !hub.wait_committed(owed, Duration::from_secs(10)).await {
-                        break Ended::Lost("the persistence store did not commit in time".into());
-                    }
-                    if let Err(e) = client.try_ack(&p) {
-                        break Ended::Lost(format!("upstream client: {e}"));
-                    }
+            }
+            Some(Ok(Event::Incoming(Packet::SubAck(ack)))) => {
+                if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
+                    break Ended::Lost(format!("the upstream broker refused a subscription of {:?}", config.inbound));
                 }
-                Ok(_) => {}
-                Err(e) => break Ended::Lost(e.to_string()),
-            },
+            }
+            Some(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                let qos = if p.qos == rumqttc::QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+                let (taken, owed) = {
+                    let mut locked = hub.lock();
+                    let now = locked.now;
+                    let message = Message::new(&p.topic, p.payload.clone(), qos, p.retain);
+                    let taken = locked.router().publish(Some(conn), message, now).is_ok();
+                    (taken, locked.owed())
+                };
+                // Not taken (the local session is gone): not acknowledged,
+                // so the upstream session sends it again.
+                if !taken {
+                    break Ended::Lost("the local session ended".into());
+                }
+                Metrics::inc(&metrics.bridge_messages_down_total);
+                // Acknowledged upstream once it is ours to keep.
+                if owed > 0 && !hub.wait_committed(owed, Duration::from_secs(10)).await {
+                    break Ended::Lost("the persistence store did not commit in time".into());
+                }
+                if let Err(e) = client.try_ack(&p) {
+                    break Ended::Lost(format!("upstream client: {e}"));
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => break Ended::Lost(e.to_string()),
         }
     };
     {
@@ -332,6 +385,9 @@ async fn connect_once(
     }
     Metrics::dec(&metrics.bridges_connected);
     link.reset();
+    if connected_at.elapsed() >= STABLE {
+        backoff.reset();
+    }
     ended
 }
 
@@ -374,7 +430,7 @@ mod tests {
         l.handed(7, QoS::AtLeastOnce);
         l.handed(0, QoS::AtMostOnce);
         l.handed(9, QoS::AtLeastOnce);
-        assert_eq!(l.in_flight(), 2);
+        assert_eq!(l.in_flight(), 3, "QoS 0 holds a place until written");
         l.written(1);
         l.written(0);
         l.written(2);

@@ -273,7 +273,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     }
     for b in &shared.config.bridges {
         info!(bridge = %b.name, upstream = %b.remote.address(), "bridge starting");
-        tasks.push(tokio::spawn(bridge::run(b.clone(), hub.clone(), metrics.clone())));
+        let max_packet = shared.config.limits.max_packet_size;
+        tasks.push(tokio::spawn(bridge::run(b.clone(), hub.clone(), metrics.clone(), max_packet)));
     }
     if let Some(socket) = metrics_socket {
         info!(addr = ?running_metrics, "metrics at /metrics");

@@ -120,9 +120,15 @@ impl BrokerEndpoint {
     pub fn brokers(&self) -> Result<Vec<(String, u16)>, ClientError> {
         let mut out = vec![(self.host.clone(), self.port)];
         for a in &self.failover {
-            let parsed = a.rsplit_once(':').and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)));
-            match parsed {
-                Some((h, p)) if !h.is_empty() && p != 0 => out.push((h.trim_matches(['[', ']']).to_owned(), p)),
+            let parsed = a.trim().rsplit_once(':').and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)));
+            // An IPv6 address goes in brackets: `[::1]:1883`.
+            let host = |h: &str| match h.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+                Some(v6) if !v6.is_empty() => Some(v6.to_owned()),
+                Some(_) => None,
+                None => (!h.is_empty() && !h.contains(':')).then(|| h.to_owned()),
+            };
+            match parsed.and_then(|(h, p)| Some((host(h)?, p))) {
+                Some((h, p)) if p != 0 => out.push((h, p)),
                 _ => return Err(ClientError::Invalid(format!("broker.failover entry {a:?}: expected host:port"))),
             }
         }
@@ -313,8 +319,10 @@ mod tests {
         assert_eq!(brokers, [("a.example".into(), 1883), ("b.example".into(), 1884), ("::1".into(), 1885)]);
         assert_eq!(e.mqtt_options_at(1, "c", Path::new(".")).unwrap().broker_address(), ("b.example".into(), 1884));
         assert_eq!(e.mqtt_options_at(3, "c", Path::new(".")).unwrap().broker_address(), ("a.example".into(), 1883));
-        e.failover = vec!["b.example".into()];
-        assert!(e.brokers().unwrap_err().to_string().contains("\"b.example\""));
+        for bad in ["b.example", "::1", "b.example:0", "[]:1883", ":1883"] {
+            e.failover = vec![bad.into()];
+            assert!(e.brokers().unwrap_err().to_string().contains(&format!("{bad:?}")), "{bad}");
+        }
     }
 
     #[test]

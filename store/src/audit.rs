@@ -139,7 +139,9 @@ impl AuditLog {
                 // Held until the spool is forwarded or added to: another
                 // controller on this host must neither forward the same
                 // records nor remove the spool while this one appends.
-                let _lock = lock_spool(spool, *timeout * 3).await?;
+                // Each holder keeps it for at most one MongoDB timeout, so
+                // this waits for a queue of them, not for ever.
+                let _lock = lock_spool(spool, (*timeout * 10).max(Duration::from_secs(60))).await?;
                 // Spooled records first, so the log keeps its order.
                 let waiting = read_file(spool, "spool")?;
                 let mut docs = Vec::new();

@@ -94,10 +94,12 @@ impl MongoStore {
         }
     }
 
-    /// Replaces, in collection `name` of the same database, every document
-    /// whose `marker` field is `true` with `docs` (each given that marker):
-    /// how `mqseal export emqx` rewrites the ACL documents it wrote before
-    /// without touching anyone else's. Returns how many were removed.
+    /// Replaces, in collection `name` of the same database, the documents
+    /// an earlier call wrote (those carrying a `marker` field) with `docs`,
+    /// each written with `marker = generation`: the new ones first, then
+    /// the old ones go — so a reader (EMQX's authorizer) never sees none,
+    /// and a failed write leaves the old set in place. Returns how many
+    /// were removed.
     ///
     /// # Errors
     /// [`StoreError`] naming the MongoDB address, or a document that is not
@@ -106,6 +108,7 @@ impl MongoStore {
         &self,
         name: &str,
         marker: &str,
+        generation: &str,
         docs: &[serde_json::Value],
     ) -> Result<u64, StoreError> {
         let db = self.users.namespace().db;
@@ -113,14 +116,14 @@ impl MongoStore {
         let mut bson = Vec::with_capacity(docs.len());
         for d in docs {
             let mut doc = mongodb::bson::to_document(d).map_err(|e| StoreError::InvalidRecord(e.to_string()))?;
-            doc.insert(marker, true);
+            doc.insert(marker, generation);
             bson.push(doc);
         }
-        let removed = self.deadline(coll.delete_many(mongodb::bson::doc! { marker: true })).await?.deleted_count;
         if !bson.is_empty() {
             self.deadline(coll.insert_many(bson)).await?;
         }
-        Ok(removed)
+        let older = mongodb::bson::doc! { marker: { "$exists": true, "$ne": generation } };
+        Ok(self.deadline(coll.delete_many(older)).await?.deleted_count)
     }
 
     /// Creates the unique index now, failing if MongoDB cannot be reached:

@@ -96,6 +96,11 @@ async fn a_device_reaches_only_its_own_topics_on_the_cluster() {
             assert!(r.is_err(), "node {node}: {what} ({t}) must be refused");
         }
         drop(own);
+        // A client id that would break out of a pattern that used
+        // {client_id} (the export never does): still only its own topics.
+        let (mut c, code) = site.connect(node, r"y-1\.)|(?=", a, &pa).await.unwrap();
+        assert_eq!(code, 0);
+        assert!(c.publish(&topic(b, "status"), b"online", 1, true).await.is_err(), "node {node}: regex injection");
         // Under another device's client id: nothing, not even its own topics.
         if let Ok((mut c, 0)) = site.connect(node, b, a, &pa).await {
             assert!(c.subscribe(&[(&topic(a, "cmd"), 1)]).await.is_err(), "node {node}: a under b's client id");
@@ -121,18 +126,27 @@ async fn a_device_reaches_only_its_own_topics_on_the_cluster() {
     // to tie a client id to a user): b reconnects to its session and gets
     // what was queued for it meanwhile.
     drop(victim);
-    let (mut ctl, _) = site.connect(1, "y-operator-0", "y-operator", "operator-password-1").await.unwrap();
+    let (mut ctl, _) = site.connect(1, "y-operator-000000000000", "y-operator", "operator-password-1").await.unwrap();
     ctl.publish(&topic(b, "cmd"), b"queued for b", 1, false).await.unwrap();
     let (mut victim, code) = Conn::connect(site.cluster.mqtt_port(0), &persistent).await.unwrap();
     assert_eq!(code, 0);
     let m = victim.next_message(10 * SECOND).await.unwrap();
     assert_eq!(m.payload, b"queued for b");
+    // A controller under a client id not of mqseal's form gets no session
+    // queue (so it cannot resume a device's, or another controller's).
+    let (mut c, _) = site.connect(1, "y-operator-x", "y-operator", "operator-password-1").await.unwrap();
+    assert!(c.subscribe(&[(&topic(a, "resp"), 1)]).await.is_err(), "a controller under a foreign client id");
+    // A disabled device: the next export takes its password and access.
+    site.op.ok(&["user", "disable", b]).await;
+    site.export();
+    assert!(!matches!(site.connect(0, b, b, &pb).await, Ok((_, 0))), "a disabled device logs in no more");
     // A controller granted y-0 and y-1 only.
-    let (mut ctl, code) = site.connect(1, "y-operator-1", "y-operator", "operator-password-1").await.unwrap();
+    let (mut ctl, code) =
+        site.connect(1, "y-operator-000000000001", "y-operator", "operator-password-1").await.unwrap();
     assert_eq!(code, 0);
     assert_eq!(ctl.subscribe(&[(&topic(a, "resp"), 1)]).await.unwrap(), [1]);
     ctl.publish(&topic(b, "cmd"), b"x", 1, false).await.unwrap();
-    let (mut ctl, _) = site.connect(1, "y-operator-2", "y-operator", "operator-password-1").await.unwrap();
+    let (mut ctl, _) = site.connect(1, "y-operator-000000000002", "y-operator", "operator-password-1").await.unwrap();
     assert!(ctl.publish(&topic("x-0", "cmd"), b"x", 1, false).await.is_err(), "a device it was not granted");
 }
 

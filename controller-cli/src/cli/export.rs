@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 use mqseal_agent::config::AgentConfig;
-use mqseal_client::rng;
+use mqseal_client::{rng, unix_ms};
 use mqseal_controller::config::ControllerConfig;
 use mqseal_controller::export::{emqx, rabbitmq};
 use mqseal_store::{AnyStore, CredentialStore, StoreKind, write_private};
@@ -80,7 +80,7 @@ async fn emqx(c: &ControllerConfig, a: EmqxArgs, json: bool) -> Result<Exit, Fai
     let users = m.list().await.map_err(|e| Failure::local(format!("credential store: {e}")))?;
     let docs = emqx::acl_documents(&users);
     let removed = m
-        .replace_marked(&a.acl_collection, emqx::MARKER, &docs)
+        .replace_marked(&a.acl_collection, emqx::MARKER, &format!("{}-{}", unix_ms(), std::process::id()), &docs)
         .await
         .map_err(|e| Failure::local(format!("ACL documents: {e}")))?;
     let text = Zeroizing::new(serde_json::to_string_pretty(&emqx::config(&target)).map_err(Failure::local)?);

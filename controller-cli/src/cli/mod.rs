@@ -224,6 +224,8 @@ pub(crate) fn load_key(c: &ControllerConfig) -> Result<PrivateKey, Failure> {
 
 /// A client id unique to this run: two controllers (or two runs of one)
 /// never take over each other's session.
+/// (RabbitMQ's exported permissions expect this form:
+/// `mqseal_controller::export::rabbitmq::CONTROLLER_CLIENT_IDS`.)
 pub(crate) fn client_id(username: &str) -> String {
     let mut r = [0u8; 6];
     rand_core::Rng::fill_bytes(&mut rng(), &mut r);

@@ -37,6 +37,10 @@ pub struct MongoUri {
     pub username: Option<String>,
     /// Its password.
     pub password: Option<String>,
+    /// `tls=true` (or `ssl=true`) in the URI.
+    pub tls: bool,
+    /// The URI's `authSource`, if any.
+    pub auth_source: Option<String>,
 }
 
 /// Where EMQX finds MongoDB and mqseal's collections.
@@ -54,8 +58,9 @@ pub struct Target {
     pub pbkdf2_iterations: u32,
 }
 
-/// The field that marks ACL documents as written by this export (so a new
-/// export replaces them and nothing else).
+/// The field that marks ACL documents as written by this export (its
+/// value: which export), so that a new export replaces them and nothing
+/// else.
 pub const MARKER: &str = "mqseal_export";
 
 /// Reads what EMQX needs from a `mongodb://` URI.
@@ -89,8 +94,21 @@ pub fn parse_uri(uri: &str) -> Result<MongoUri, String> {
         Some((u, p)) => (Some(percent_decode(u)), Some(percent_decode(p)).filter(|p| !p.is_empty())),
         None => (None, None),
     };
-    let replica_set = query.split('&').find_map(|kv| kv.strip_prefix("replicaSet=")).map(percent_decode);
-    Ok(MongoUri { servers, replica_set, username, password })
+    let option = |name: &str| {
+        query
+            .split('&')
+            .find_map(|kv| kv.split_once('=').filter(|(k, _)| k.eq_ignore_ascii_case(name)))
+            .map(|(_, v)| percent_decode(v))
+    };
+    let tls = [option("tls"), option("ssl")].iter().flatten().any(|v| v == "true");
+    Ok(MongoUri {
+        servers,
+        replica_set: option("replicaSet"),
+        username,
+        password,
+        tls,
+        auth_source: option("authSource"),
+    })
 }
 
 fn percent_decode(s: &str) -> String {
@@ -98,7 +116,10 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
+            .and_then(|h| std::str::from_utf8(h).ok());
         match (bytes.get(i), hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
             (Some(b'%'), Some(b)) => {
                 out.push(b);
@@ -140,6 +161,12 @@ pub fn config(t: &Target) -> Value {
     }
     if let Some(p) = &m.password {
         c.insert("password".into(), json!(p));
+    }
+    if let Some(a) = &m.auth_source {
+        c.insert("auth_source".into(), json!(a));
+    }
+    if m.tls {
+        c.insert("ssl".into(), json!({ "enable": true }));
     }
     let connection = Value::Object(c);
     let authenticator = |filter: Value, algorithm: Value| {
@@ -230,8 +257,13 @@ mod tests {
                 replica_set: Some("rs0".into()),
                 username: Some("emqx".into()),
                 password: Some("s@cret".into()),
+                tls: false,
+                auth_source: None,
             })
         );
+        let m = parse_uri("mongodb://db1/?tls=true&authSource=admin").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((m.tls, m.auth_source.as_deref()), (true, Some("admin")));
+        assert_eq!(percent_decode("a%+1b%41"), "a%+1bA", "only two hex digits are an escape");
         let m = parse_uri("mongodb://127.0.0.1:28002/?serverSelectionTimeoutMS=5000").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!((m.servers, m.replica_set, m.username), (vec!["127.0.0.1:28002".into()], None, None));
         assert!(parse_uri("mongodb+srv://cluster.example").is_err());

@@ -13,15 +13,20 @@
 //!
 //! * A device may publish `resp`, `chal` and `status` and subscribe to
 //!   `cmd` and `chal/req` of its own id, and only under its own client id:
-//!   the patterns name the device literally (a device id may contain `.`,
-//!   which `{username}` would bring into the regex unescaped) and add
-//!   a look-ahead on `{client_id}`, so a device logged in under another
-//!   client id reaches nothing.
+//!   the patterns name the device literally, escaped — never with
+//!   `{username}` or `{client_id}`, which RabbitMQ puts into the regex
+//!   unescaped (a device id may contain `.`, and a client picks its own
+//!   client id: `x\.)|(?=` would open every device's topics).
 //! * A controller gets the mirror image for the devices it is granted
 //!   (every id, for `*`); an admin everything.
 //! * Resource permissions keep each user to its own session queues
-//!   (`mqtt-subscription-<client id>qos0|1`), so a client that takes
-//!   another's client id is refused that session's queue.
+//!   (`mqtt-subscription-<client id>qos0|1`): a device to its id, a
+//!   controller to `USER-` and 12 hex digits (how `mqseal` names its
+//!   connections), so a client under another's client id can subscribe to
+//!   nothing and never takes over that session's queue.
+//! * A disabled user is written without a password and with no
+//!   permission (an import only adds and updates). A user deleted from
+//!   mqseal must be deleted from RabbitMQ (`rabbitmqctl delete_user`).
 //!
 //! RabbitMQ cannot use mqseal's password hashes (PBKDF2 or EMQX's SHA-256
 //! with a suffix salt): its own is base64(salt ‖ SHA-256(salt ‖ password))
@@ -40,6 +45,10 @@ use zeroize::Zeroizing;
 
 /// The RabbitMQ release the file is written for (Debian 12's).
 pub const RABBIT_VERSION: &str = "3.10.8";
+
+/// The client ids `mqseal` connects with, after the user name (the CLI's
+/// `client_id`: `-` and 6 random bytes in hex).
+pub const CONTROLLER_CLIENT_IDS: &str = "-[0-9a-f]{12}";
 
 /// RabbitMQ's name for its salted SHA-256 password hash.
 pub const HASHING_ALGORITHM: &str = "rabbit_password_hashing_sha256";
@@ -130,11 +139,14 @@ pub fn definitions(
     };
     let mut warnings = Vec::new();
     for u in users {
-        if u.disabled {
-            warnings.push(format!("{}: disabled, left out", u.username));
-            continue;
-        }
+        // A disabled user is written without a password and with no
+        // permission at all: importing only adds and updates, so leaving
+        // it out would leave its old access in place.
         let password_hash = match passwords.get(&u.username) {
+            _ if u.disabled => {
+                warnings.push(format!("{}: disabled: written without a password or any permission", u.username));
+                String::new()
+            }
             Some(p) => password_hash(p, salt()),
             None => {
                 warnings.push(format!(
@@ -151,22 +163,23 @@ pub fn definitions(
             hashing_algorithm: HASHING_ALGORITHM,
             tags: Vec::new(),
         });
-        let (client_ids, own_queues_only) = match u.role {
-            Role::Device => (regex_escape(&u.username), true),
-            // Controllers connect as `USER-<random>` (and other tools as
-            // they like); admins as anything.
-            Role::Controller => (format!("{}(-.*)?", regex_escape(&u.username)), true),
-            Role::Admin => (".*".to_owned(), false),
+        // The session queues a user may use are named after its client
+        // ids: a device's is its id; `mqseal` connects as `USER-` and 12
+        // hex digits (CONTROLLER_CLIENT_IDS), so that no controller can
+        // resume a device's session, or another controller's.
+        let client_ids = match u.role {
+            Role::Device => Some(regex_escape(&u.username)),
+            Role::Controller => Some(format!("{}{CONTROLLER_CLIENT_IDS}", regex_escape(&u.username))),
+            Role::Admin => None,
         };
-        let queues = if own_queues_only { format!("mqtt-subscription-{client_ids}qos[01]") } else { ".*".to_owned() };
-        d.permissions.push(Permission {
-            user: u.username.clone(),
-            vhost: vhost.to_owned(),
-            configure: format!("^{queues}$"),
-            write: format!("^(amq\\.topic|{queues})$"),
-            read: format!("^(amq\\.topic|{queues})$"),
-        });
-        let (write, read) = topic_patterns(u);
+        let queues = client_ids.map_or_else(|| ".*".to_owned(), |c| format!("mqtt-subscription-{c}qos[01]"));
+        let (configure, write, read) = if u.disabled {
+            ("^$".to_owned(), "^$".to_owned(), "^$".to_owned())
+        } else {
+            (format!("^{queues}$"), format!("^(amq\\.topic|{queues})$"), format!("^(amq\\.topic|{queues})$"))
+        };
+        d.permissions.push(Permission { user: u.username.clone(), vhost: vhost.to_owned(), configure, write, read });
+        let (write, read) = if u.disabled { ("^$".to_owned(), "^$".to_owned()) } else { topic_patterns(u) };
         d.topic_permissions.push(TopicPermission {
             user: u.username.clone(),
             vhost: vhost.to_owned(),
@@ -185,9 +198,13 @@ fn topic_patterns(u: &UserRecord) -> (String, String) {
     const FROM_DEVICE: &str = r"(resp|chal|status)";
     match u.role {
         Role::Device => {
+            // The id itself, escaped, never `{username}` or `{client_id}`:
+            // RabbitMQ puts those into the regex unescaped, and a client
+            // chooses its own client id (`x\.)|(?=` would open every
+            // device's topics). The client id is held to the device by the
+            // session-queue permissions instead.
             let me = routing_key_level(&u.username);
-            // The look-ahead requires the client id to name the same device.
-            let own = r"^(?=mqseal\.v1\.dev\.{client_id}\.)mqseal\.v1\.dev\.";
+            let own = r"^mqseal\.v1\.dev\.";
             (format!("{own}{me}\\.{FROM_DEVICE}$"), format!("{own}{me}\\.{TO_DEVICE}$"))
         }
         Role::Controller => {
