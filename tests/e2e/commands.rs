@@ -362,6 +362,15 @@ async fn agent_and_controller_over_tls() {
     let agent = site.agent("tls-1").await;
     let out = site.mqseal_with(&controller, &["send", "tls-1", "echo", "over-tls"]).await;
     assert_eq!((out.code, out.stdout.trim()), (0, "over-tls"), "{out:?}\n{}", agent.text());
+    // tls_server_name is the name verified instead of the host connected
+    // to: the certificate's own name works, any other is refused.
+    let tls_text = std::fs::read_to_string(&controller).unwrap();
+    for (name, code) in [("broker.example", 0), ("other.example", 5)] {
+        let named = site.dir.join(format!("tls-{name}.toml"));
+        std::fs::write(&named, tls_text.replacen(&tls, &format!("{tls}tls_server_name = \"{name}\"\n"), 1)).unwrap();
+        let out = site.mqseal_with(&named, &["send", "tls-1", "ping", "--timeout", "3s"]).await;
+        assert_eq!(out.code, code, "tls_server_name = {name}: {out:?}");
+    }
     // Another CA (a second gen-cert) does not vouch for this broker: exit 5.
     let other = site.dir.join("other-ca");
     let made = std::process::Command::new(mqseal_tests::site::workspace_bin("mqseal-broker"))
