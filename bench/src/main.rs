@@ -669,12 +669,8 @@ async fn provision(a: Provision) -> Result<serde_json::Value, Failure> {
             let pw = if r.username == CONTROLLER { &a.controller_password } else { &a.secret };
             passwords.insert(r.username.clone(), zeroize::Zeroizing::new(pw.clone()));
         }
-        let mut rng = mqseal_client::rng();
-        let (defs, _) = mqseal_controller::export::rabbitmq::definitions(&records, &passwords, "/", || {
-            let mut salt = [0u8; 4];
-            rand_core::Rng::fill_bytes(&mut rng, &mut salt);
-            salt
-        });
+        let (defs, _) =
+            mqseal_controller::export::rabbitmq::definitions(&records, &passwords, "/", &mut mqseal_client::rng());
         let text = serde_json::to_string(&defs).map_err(|e| e.to_string())?;
         mqseal_store::write_private(path, text.as_bytes()).map_err(|e| e.to_string())?;
     }

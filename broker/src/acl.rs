@@ -66,18 +66,18 @@ pub fn default_rules() -> Vec<RuleSpec> {
         suffixes.iter().map(|s| format!("mqseal/v1/dev/{{{who}}}/{s}")).collect()
     };
     vec![
-        RuleSpec {
-            role: Role::Device,
-            publish: own(&["resp", "chal", "status"], "username"),
-            subscribe: own(&["cmd", "chal/req"], "username"),
-        },
-        RuleSpec {
-            role: Role::Controller,
-            publish: own(&["cmd", "chal/req"], "grant"),
-            subscribe: own(&["resp", "chal", "status"], "grant"),
-        },
+        RuleSpec { role: Role::Device, publish: own(&FROM_DEVICE, "username"), subscribe: own(&TO_DEVICE, "username") },
+        RuleSpec { role: Role::Controller, publish: own(&TO_DEVICE, "grant"), subscribe: own(&FROM_DEVICE, "grant") },
     ]
 }
+
+/// The channels (topic levels after the device id) controllers send
+/// devices: commands and challenge requests. The broker knows topics, not
+/// envelopes, so these are spelt here rather than taken from `proto`.
+pub const TO_DEVICE: [&str; 2] = ["cmd", "chal/req"];
+
+/// The channels devices publish: responses, challenges, status.
+pub const FROM_DEVICE: [&str; 3] = ["resp", "chal", "status"];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Level {

@@ -70,10 +70,10 @@ pub struct BridgeConfig {
 }
 
 fn default_out() -> Vec<String> {
-    ["resp", "chal", "status"].iter().map(|c| format!("mqseal/v1/dev/+/{c}")).collect()
+    crate::acl::FROM_DEVICE.iter().map(|c| format!("mqseal/v1/dev/+/{c}")).collect()
 }
 fn default_in() -> Vec<String> {
-    ["cmd", "chal/req"].iter().map(|c| format!("mqseal/v1/dev/+/{c}")).collect()
+    crate::acl::TO_DEVICE.iter().map(|c| format!("mqseal/v1/dev/+/{c}")).collect()
 }
 fn default_window() -> u16 {
     100
@@ -191,16 +191,21 @@ enum Ended {
 /// `max_packet` is the broker's own `limits.max_packet_size`.
 pub async fn run(config: BridgeConfig, hub: Arc<Hub>, metrics: Arc<Metrics>, max_packet: usize) {
     let mut backoff = mqseal_client::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
-    let brokers = config.remote.brokers().map(|b| b.len()).unwrap_or(1).max(1);
-    let mut broker = 0usize;
+    let mut failover = match mqseal_client::Failover::new(&config.remote) {
+        Ok(f) => f,
+        Err(e) => {
+            warn!(bridge = %config.name, "bridge not started: remote: {e}");
+            return;
+        }
+    };
     loop {
-        let address = config.remote.address_at(broker);
-        match connect_once(&config, broker, (&hub, &metrics, max_packet), &mut backoff).await {
+        let address = config.remote.address_at(failover.current());
+        match connect_once(&config, failover.current(), (&hub, &metrics, max_packet), &mut backoff).await {
             Ended::Shutdown => return,
             Ended::Lost(why) => {
                 let delay = backoff.next_delay();
                 warn!(bridge = %config.name, upstream = %address, "bridge: {why}; again in {} ms", delay.as_millis());
-                broker = (broker + 1) % brokers;
+                failover.advance();
                 tokio::time::sleep(delay).await;
             }
         }

@@ -255,6 +255,43 @@ impl BrokerEndpoint {
     }
 }
 
+/// Which of an endpoint's brokers a connection uses: the first, then —
+/// each time a connection cannot be made or is lost — the next, round
+/// again after the last. One per connection (agent, controller session,
+/// bridge), so that all of them fail over the same way.
+#[derive(Debug, Clone, Copy)]
+pub struct Failover {
+    count: usize,
+    current: usize,
+}
+
+impl Failover {
+    /// Starts at `endpoint`'s first broker.
+    ///
+    /// # Errors
+    /// As [`BrokerEndpoint::brokers`].
+    pub fn new(endpoint: &BrokerEndpoint) -> Result<Self, ClientError> {
+        Ok(Failover { count: endpoint.brokers()?.len(), current: 0 })
+    }
+
+    /// The index (for [`BrokerEndpoint::mqtt_options_at`] and
+    /// [`BrokerEndpoint::address_at`]) of the broker in use.
+    #[must_use]
+    pub fn current(&self) -> usize {
+        self.current
+    }
+
+    /// Moves on to the next broker; false when there is only one (nothing
+    /// to change).
+    pub fn advance(&mut self) -> bool {
+        if self.count < 2 {
+            return false;
+        }
+        self.current = (self.current + 1) % self.count;
+        true
+    }
+}
+
 /// `tls_server_name`: the broker's certificate is verified — fully, by
 /// webpki against the configured CA — for this name instead of the host
 /// connected to (a broker reached by address, or through a tunnel, whose
@@ -377,6 +414,9 @@ mod tests {
         assert_eq!(brokers, [("a.example".into(), 1883), ("b.example".into(), 1884), ("::1".into(), 1885)]);
         assert_eq!(e.mqtt_options_at(1, "c", Path::new(".")).unwrap().broker_address(), ("b.example".into(), 1884));
         assert_eq!(e.mqtt_options_at(3, "c", Path::new(".")).unwrap().broker_address(), ("a.example".into(), 1883));
+        let mut f = Failover::new(&e).unwrap();
+        let order: Vec<usize> = (0..4).map(|_| if f.advance() { f.current() } else { usize::MAX }).collect();
+        assert_eq!(order, [1, 2, 0, 1], "round the list");
         for bad in ["b.example", "::1", "b.example:0", "[]:1883", ":1883"] {
             e.failover = vec![bad.into()];
             assert!(e.brokers().unwrap_err().to_string().contains(&format!("{bad:?}")), "{bad}");

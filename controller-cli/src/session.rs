@@ -274,13 +274,12 @@ struct Brokers {
     endpoint: BrokerEndpoint,
     base: std::path::PathBuf,
     client_id: String,
-    count: usize,
-    current: usize,
+    failover: mqseal_client::Failover,
 }
 
 impl Brokers {
     fn options(&self) -> Result<rumqttc::MqttOptions, mqseal_client::ClientError> {
-        let mut options = self.endpoint.mqtt_options_at(self.current, &self.client_id, &self.base)?;
+        let mut options = self.endpoint.mqtt_options_at(self.failover.current(), &self.client_id, &self.base)?;
         options.set_clean_session(true).set_request_channel_capacity(4096).set_inflight(1000);
         Ok(options)
     }
@@ -360,8 +359,7 @@ impl Session {
             endpoint: endpoint.clone(),
             base: base.to_owned(),
             client_id: client_id.to_owned(),
-            count: endpoint.brokers()?.len(),
-            current: 0,
+            failover: mqseal_client::Failover::new(endpoint)?,
         };
         let (client, mut events) = AsyncClient::new(brokers.options()?, 4096);
         events.set_network_options(endpoint.network_options());
@@ -754,13 +752,12 @@ impl Session {
     /// the endpoint's list (the one in use could not be reached or went
     /// away).
     fn next_broker(&mut self) {
-        if self.brokers.count < 2 {
+        if !self.brokers.failover.advance() {
             return;
         }
-        self.brokers.current = (self.brokers.current + 1) % self.brokers.count;
         if let Ok(options) = self.brokers.options() {
             self.events.mqtt_options = options;
-            self.address = self.brokers.endpoint.address_at(self.brokers.current);
+            self.address = self.brokers.endpoint.address_at(self.brokers.failover.current());
         }
     }
 

@@ -84,9 +84,8 @@ pub async fn run(config_path: &Path, restore: Restore) -> Result<(), StartError>
         ));
         Ok(options)
     };
-    let brokers = config.broker.brokers()?.len();
-    let mut broker = 0;
-    let (client, mut events) = AsyncClient::new(options_for(broker)?, 1024);
+    let mut failover = mqseal_client::Failover::new(&config.broker)?;
+    let (client, mut events) = AsyncClient::new(options_for(failover.current())?, 1024);
     events.set_network_options(config.broker.network_options());
 
     let ctx = Arc::new(ExecContext {
@@ -162,10 +161,9 @@ pub async fn run(config_path: &Path, restore: Restore) -> Result<(), StartError>
                     let delay = backoff.next_delay();
                     warn!(broker = %address, "connection: {e}; retrying in {} ms", delay.as_millis());
                     // A cluster: the next try goes to the next broker.
-                    if brokers > 1 {
-                        broker = (broker + 1) % brokers;
-                        address = config.broker.address_at(broker);
-                        match options_for(broker) {
+                    if failover.advance() {
+                        address = config.broker.address_at(failover.current());
+                        match options_for(failover.current()) {
                             Ok(o) => events.mqtt_options = o,
                             Err(e) => error!(broker = %address, "cannot use this broker: {e}"),
                         }

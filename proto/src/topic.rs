@@ -42,6 +42,12 @@ impl Channel {
     pub const ALL: [Channel; 5] =
         [Channel::Command, Channel::Response, Channel::ChallengeRequest, Channel::Challenge, Channel::Status];
 
+    /// What controllers publish and a device subscribes to.
+    pub const TO_DEVICE: [Channel; 2] = [Channel::Command, Channel::ChallengeRequest];
+
+    /// What a device publishes and controllers subscribe to.
+    pub const FROM_DEVICE: [Channel; 3] = [Channel::Response, Channel::Challenge, Channel::Status];
+
     /// The topic levels after the device id.
     #[must_use]
     pub const fn suffix(self) -> &'static str {

@@ -13,7 +13,7 @@ use mqseal_store::{AnyStore, CredentialStore, StoreKind, write_private};
 use serde_json::json;
 use zeroize::Zeroizing;
 
-use super::{Exit, Failure, registry, store};
+use super::{Exit, Failure, first_line_of, registry, store};
 
 #[derive(Subcommand)]
 pub enum ExportCmd {
@@ -109,12 +109,7 @@ fn write_out(out: &std::path::Path, text: &str) -> Result<(), Failure> {
 async fn rabbitmq(c: &ControllerConfig, a: RabbitArgs, json: bool) -> Result<Exit, Failure> {
     let users = store(c).await?.list().await.map_err(|e| Failure::local(format!("credential store: {e}")))?;
     let passwords = known_passwords(c, &a.passwords)?;
-    let mut r = rng();
-    let (defs, warnings) = rabbitmq::definitions(&users, &passwords, &a.vhost, || {
-        let mut salt = [0u8; 4];
-        rand_core::Rng::fill_bytes(&mut r, &mut salt);
-        salt
-    });
+    let (defs, warnings) = rabbitmq::definitions(&users, &passwords, &a.vhost, &mut rng());
     let text = Zeroizing::new(serde_json::to_string_pretty(&defs).map_err(Failure::local)?);
     write_out(&a.out, &text)?;
     for w in &warnings {
@@ -159,12 +154,11 @@ fn known_passwords(c: &ControllerConfig, given: &[String]) -> Result<HashMap<Str
     for g in given {
         let (user, file) =
             g.split_once('=').ok_or_else(|| Failure::usage(format!("--password {g:?}: expected USER=FILE")))?;
-        let text = Zeroizing::new(std::fs::read_to_string(file).map_err(|e| Failure::local(format!("{file}: {e}")))?);
-        let line = text.lines().next().unwrap_or_default();
-        if line.is_empty() {
+        let password = first_line_of(std::path::Path::new(file))?;
+        if password.is_empty() {
             return Err(Failure::usage(format!("{file}: empty password")));
         }
-        out.insert(user.to_owned(), Zeroizing::new(line.to_owned()));
+        out.insert(user.to_owned(), password);
     }
     Ok(out)
 }

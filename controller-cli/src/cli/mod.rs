@@ -222,6 +222,13 @@ pub(crate) fn load_key(c: &ControllerConfig) -> Result<PrivateKey, Failure> {
     PrivateKey::from_pkcs8_pem(&pem).map_err(|e| Failure::local(format!("controller key {}: {e}", path.display())))
 }
 
+/// The first line of `path`: how every password file is read.
+pub(crate) fn first_line_of(path: &Path) -> Result<Zeroizing<String>, Failure> {
+    let text =
+        Zeroizing::new(std::fs::read_to_string(path).map_err(|e| Failure::local(format!("{}: {e}", path.display())))?);
+    Ok(Zeroizing::new(text.lines().next().unwrap_or("").to_owned()))
+}
+
 /// A client id unique to this run: two controllers (or two runs of one)
 /// never take over each other's session.
 /// (RabbitMQ's exported permissions expect this form:

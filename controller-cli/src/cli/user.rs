@@ -9,7 +9,7 @@ use mqseal_store::{CredentialStore, Role, UserRecord};
 use serde_json::json;
 use zeroize::Zeroizing;
 
-use super::{Exit, Failure, store};
+use super::{Exit, Failure, first_line_of, store};
 
 #[derive(Subcommand)]
 pub enum UserCmd {
@@ -67,9 +67,7 @@ pub struct PasswordArgs {
 fn read_password(args: &PasswordArgs, name: &str) -> Result<Zeroizing<String>, Failure> {
     let first_line = |s: &str| Zeroizing::new(s.lines().next().unwrap_or("").to_owned());
     let password = if let Some(f) = &args.password_file {
-        let text =
-            Zeroizing::new(std::fs::read_to_string(f).map_err(|e| Failure::local(format!("{}: {e}", f.display())))?);
-        first_line(&text)
+        first_line_of(f)?
     } else if args.password_stdin {
         let mut text = Zeroizing::new(String::new());
         std::io::stdin().read_to_string(&mut text).map_err(|e| Failure::local(format!("stdin: {e}")))?;

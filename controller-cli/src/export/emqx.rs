@@ -23,6 +23,7 @@
 //!   mirror image for the devices it is granted; an admin is a superuser
 //!   (`is_superuser`) and needs no document.
 
+use mqseal_proto::topic::{Channel, ROOT};
 use mqseal_store::{Role, UserRecord};
 use serde_json::{Value, json};
 
@@ -216,25 +217,25 @@ fn merge(into: &mut Value, from: &Value) {
 
 /// The ACL documents for `users`: mqseal-broker's default rules.
 pub fn acl_documents(users: &[UserRecord]) -> Vec<Value> {
-    let own = |channels: &[&str]| -> Vec<String> {
-        channels.iter().map(|c| format!("mqseal/v1/dev/${{username}}/{c}")).collect()
+    let own = |channels: &[Channel]| -> Vec<String> {
+        channels.iter().map(|c| format!("{ROOT}${{username}}/{}", c.suffix())).collect()
     };
-    let granted = |grants: &[String], channels: &[&str]| -> Vec<String> {
+    let granted = |grants: &[String], channels: &[Channel]| -> Vec<String> {
         let devices: Vec<&str> =
             if grants.iter().any(|g| g == "*") { vec!["+"] } else { grants.iter().map(String::as_str).collect() };
-        devices.iter().flat_map(|d| channels.iter().map(move |c| format!("mqseal/v1/dev/{d}/{c}"))).collect()
+        devices.iter().flat_map(|d| channels.iter().map(move |c| format!("{ROOT}{d}/{}", c.suffix()))).collect()
     };
     let doc = |user: &str, action: &str, topics: Vec<String>| json!({ "username": user, "permission": "allow", "action": action, "topics": topics });
     let mut docs = Vec::new();
     for u in users.iter().filter(|u| !u.disabled) {
         match u.role {
             Role::Device => {
-                docs.push(doc(&u.username, "subscribe", own(&["cmd", "chal/req"])));
-                docs.push(doc(&u.username, "publish", own(&["resp", "chal", "status"])));
+                docs.push(doc(&u.username, "subscribe", own(&Channel::TO_DEVICE)));
+                docs.push(doc(&u.username, "publish", own(&Channel::FROM_DEVICE)));
             }
             Role::Controller if !u.grants.is_empty() => {
-                docs.push(doc(&u.username, "publish", granted(&u.grants, &["cmd", "chal/req"])));
-                docs.push(doc(&u.username, "subscribe", granted(&u.grants, &["resp", "chal", "status"])));
+                docs.push(doc(&u.username, "publish", granted(&u.grants, &Channel::TO_DEVICE)));
+                docs.push(doc(&u.username, "subscribe", granted(&u.grants, &Channel::FROM_DEVICE)));
             }
             // A controller granted nothing gets nothing (no_match = deny);
             // an admin is a superuser.

@@ -38,6 +38,7 @@
 use std::collections::HashMap;
 
 use base64::Engine;
+use mqseal_proto::topic::Channel;
 use mqseal_store::{Role, UserRecord};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -52,6 +53,9 @@ pub const CONTROLLER_CLIENT_IDS: &str = "-[0-9a-f]{12}";
 
 /// RabbitMQ's name for its salted SHA-256 password hash.
 pub const HASHING_ALGORITHM: &str = "rabbit_password_hashing_sha256";
+
+/// A pattern no name or routing key matches.
+const NOTHING: &str = "^$";
 
 /// The exchange the MQTT plugin publishes to.
 pub const EXCHANGE: &str = "amq.topic";
@@ -122,14 +126,19 @@ pub struct TopicPermission {
 }
 
 /// The definitions for `users` in `vhost`, with the passwords known in
-/// `passwords` (hashed with a fresh salt from `salt`), and a warning for
-/// each user left out or written without a password.
-pub fn definitions(
+/// `passwords` (each hashed with a fresh salt from `rng`), and a warning
+/// for each user written without a password.
+pub fn definitions<R: rand_core::CryptoRng + ?Sized>(
     users: &[UserRecord],
     passwords: &HashMap<String, Zeroizing<String>>,
     vhost: &str,
-    mut salt: impl FnMut() -> [u8; 4],
+    rng: &mut R,
 ) -> (Definitions, Vec<String>) {
+    let mut salt = || {
+        let mut salt = [0u8; 4];
+        rng.fill_bytes(&mut salt);
+        salt
+    };
     let mut d = Definitions {
         rabbit_version: RABBIT_VERSION,
         users: Vec::new(),
@@ -173,13 +182,15 @@ pub fn definitions(
             Role::Admin => None,
         };
         let queues = client_ids.map_or_else(|| ".*".to_owned(), |c| format!("mqtt-subscription-{c}qos[01]"));
-        let (configure, write, read) = if u.disabled {
-            ("^$".to_owned(), "^$".to_owned(), "^$".to_owned())
+        let (resources, topics) = if u.disabled {
+            ([NOTHING; 3].map(str::to_owned), (NOTHING.to_owned(), NOTHING.to_owned()))
         } else {
-            (format!("^{queues}$"), format!("^(amq\\.topic|{queues})$"), format!("^(amq\\.topic|{queues})$"))
+            let used = format!("^(amq\\.topic|{queues})$");
+            ([format!("^{queues}$"), used.clone(), used], topic_patterns(u))
         };
+        let [configure, write, read] = resources;
         d.permissions.push(Permission { user: u.username.clone(), vhost: vhost.to_owned(), configure, write, read });
-        let (write, read) = if u.disabled { ("^$".to_owned(), "^$".to_owned()) } else { topic_patterns(u) };
+        let (write, read) = topics;
         d.topic_permissions.push(TopicPermission {
             user: u.username.clone(),
             vhost: vhost.to_owned(),
@@ -194,8 +205,12 @@ pub fn definitions(
 /// mqseal-broker's default rules as RabbitMQ topic permissions (write,
 /// read) for `u`.
 fn topic_patterns(u: &UserRecord) -> (String, String) {
-    const TO_DEVICE: &str = r"(cmd|chal\.req)";
-    const FROM_DEVICE: &str = r"(resp|chal|status)";
+    // `(cmd|chal\.req)` and `(resp|chal|status)`, as routing-key levels.
+    let alternatives = |channels: &[Channel]| {
+        let levels: Vec<String> = channels.iter().map(|c| regex_escape(&c.suffix().replace('/', "."))).collect();
+        format!("({})", levels.join("|"))
+    };
+    let (to_device, from_device) = (alternatives(&Channel::TO_DEVICE), alternatives(&Channel::FROM_DEVICE));
     match u.role {
         Role::Device => {
             // The id itself, escaped, never `{username}` or `{client_id}`:
@@ -205,21 +220,21 @@ fn topic_patterns(u: &UserRecord) -> (String, String) {
             // session-queue permissions instead.
             let me = routing_key_level(&u.username);
             let own = r"^mqseal\.v1\.dev\.";
-            (format!("{own}{me}\\.{FROM_DEVICE}$"), format!("{own}{me}\\.{TO_DEVICE}$"))
+            (format!("{own}{me}\\.{from_device}$"), format!("{own}{me}\\.{to_device}$"))
         }
         Role::Controller => {
             let devices = if u.grants.iter().any(|g| g == "*") {
                 // One level, whatever it is (and the `*` a `+` filter becomes).
                 r"[^.]+".to_owned()
             } else if u.grants.is_empty() {
-                // Matches no routing key: a controller granted nothing.
-                return ("^$".to_owned(), "^$".to_owned());
+                // A controller granted nothing.
+                return (NOTHING.to_owned(), NOTHING.to_owned());
             } else {
                 let ids: Vec<String> = u.grants.iter().map(|g| routing_key_level(g)).collect();
                 format!("({})", ids.join("|"))
             };
             let at = format!(r"^mqseal\.v1\.dev\.{devices}\.");
-            (format!("{at}{TO_DEVICE}$"), format!("{at}{FROM_DEVICE}$"))
+            (format!("{at}{to_device}$"), format!("{at}{from_device}$"))
         }
         Role::Admin => (".*".to_owned(), ".*".to_owned()),
     }
@@ -259,6 +274,21 @@ mod tests {
 
     /// (The hash itself is checked against `rabbitmqctl hash_password` and
     /// by logging in, in `tests/e2e/cluster.rs`.)
+    #[test]
+    fn the_patterns_are_the_default_rules() {
+        let mut u = UserRecord::device("lamp-1", b"secret").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            topic_patterns(&u),
+            (
+                r"^mqseal\.v1\.dev\.lamp-1\.(resp|chal|status)$".to_owned(),
+                r"^mqseal\.v1\.dev\.lamp-1\.(cmd|chal\.req)$".to_owned()
+            )
+        );
+        u.role = Role::Controller;
+        u.grants = vec!["a.b".into(), "c".into()];
+        assert_eq!(topic_patterns(&u).0, r"^mqseal\.v1\.dev\.(a/b|c)\.(cmd|chal\.req)$");
+    }
+
     #[test]
     fn device_ids_are_literal_in_the_patterns() {
         assert_eq!(routing_key_level("lamp-1"), "lamp-1");
