@@ -5,15 +5,13 @@
 //! the message id and the validity window are all in the header, and the
 //! header is inside what the signature or tag covers.
 
-use serde::Serialize;
-
 use crate::limits::MAX_TOPIC_LEN;
 use crate::topic::{Channel, topic};
-use crate::wire::limit;
+use crate::wire::{Encode, Sink, limit};
 use crate::{Error, MsgId, Result, validate_id};
 
 /// Addressing and freshness, covered by the signature or tag.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header<'a> {
     /// The device the envelope is for (commands) or from (responses).
     pub device: &'a str,
@@ -30,14 +28,18 @@ pub struct Header<'a> {
 }
 
 impl<'a> crate::wire::Decode<'a> for Header<'a> {
-    fn read(r: &mut crate::wire::Reader<'a>) -> Result<Self> {
-        Ok(Header {
-            device: r.str()?,
-            topic: r.str()?,
-            msg_id: MsgId(r.array()?),
-            issued_at: r.u64()?,
-            expires_at: r.u64()?,
-        })
+    fn read(r: &mut crate::wire::Reader<'a>) -> Self {
+        Header { device: r.str(), topic: r.str(), msg_id: MsgId(r.array()), issued_at: r.u64(), expires_at: r.u64() }
+    }
+}
+
+impl Encode for Header<'_> {
+    fn write<S: Sink + ?Sized>(&self, s: &mut S) {
+        s.bytes(self.device.as_bytes());
+        s.bytes(self.topic.as_bytes());
+        s.put(&self.msg_id.0);
+        s.varint(self.issued_at);
+        s.varint(self.expires_at);
     }
 }
 

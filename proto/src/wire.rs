@@ -5,19 +5,19 @@
 //! bytes rather than part of the postcard value so that a receiver can
 //! dispatch on them (and reject a future version) before decoding anything.
 //!
-//! Encoding goes through serde's derives. Decoding reads postcard directly
-//! with [`Reader`] — the handful of postcard types the envelopes use — and
-//! borrows everything from the input, arguments included, so it allocates
-//! nothing and copies nothing: the same decoder runs on a microcontroller
-//! without a heap, where serde's visitors cost about 2 KiB of flash and
-//! 0.5 KiB of stack (docs/BENCHMARKS.md, "Microcontroller agent").
+//! Both directions are written by hand for the handful of postcard types
+//! the envelopes use: [`Reader`] decodes, borrowing everything from the
+//! input (arguments included), so it allocates nothing and copies nothing;
+//! [`Encode`] writes field by field into any [`Sink`] — a caller's buffer
+//! on a device, a vector in sealed mode. The same code runs on a
+//! microcontroller without a heap, where serde's visitors cost about
+//! 2 KiB of flash and 0.5 KiB of stack and its encoder another 0.5 KiB
+//! (docs/BENCHMARKS.md, "Microcontroller agent"). The tests check both
+//! against postcard itself.
 //!
 //! [postcard]: https://postcard.jamesmunns.com/wire-format
 
 use core::fmt;
-
-use serde::ser::SerializeSeq;
-use serde::{Serialize, Serializer};
 
 use crate::limits::{MAX_ARG_LEN, MAX_ARGS, MAX_FRAME, MAX_NAME_LEN, MAX_OUTPUT_LEN};
 use crate::{Error, Result};
@@ -98,7 +98,9 @@ pub fn peek(frame: &[u8]) -> Result<Kind> {
     }
     match frame {
         [] | [_] => Err(Error::Truncated),
-        [VERSION, kind, ..] if RETIRED_KINDS.contains(kind) => Err(Error::RetiredKind(*kind)),
+        // `iter().any`, not `contains`: `contains` on bytes links memchr,
+        // 172 B on a Cortex-M for a one-entry list.
+        [VERSION, kind, ..] if RETIRED_KINDS.iter().any(|r| r == kind) => Err(Error::RetiredKind(*kind)),
         [VERSION, kind, ..] => Kind::from_byte(*kind).ok_or(Error::UnknownKind(*kind)),
         [version, ..] => Err(Error::UnsupportedVersion(*version)),
     }
@@ -115,15 +117,17 @@ pub(crate) fn body(frame: &[u8], expected: Kind) -> Result<&[u8]> {
 
 /// A value read from postcard bytes by hand (see [`Reader`]).
 pub(crate) trait Decode<'a>: Sized {
-    /// Reads one value from the front of `r`.
-    fn read(r: &mut Reader<'a>) -> Result<Self>;
+    /// Reads one value from the front of `r`. On bad input the reader
+    /// records the error and the value is a placeholder nobody sees
+    /// ([`take`] and [`decode`] return the error instead).
+    fn read(r: &mut Reader<'a>) -> Self;
 }
 
 /// Decodes one value from the front of `bytes`, returning the rest.
 pub(crate) fn take<'a, T: Decode<'a>>(bytes: &'a [u8]) -> Result<(T, &'a [u8])> {
     let mut r = Reader::new(bytes);
-    let value = T::read(&mut r)?;
-    Ok((value, r.rest()))
+    let value = T::read(&mut r);
+    Ok((value, r.finish()?))
 }
 
 /// Decodes a whole slice as one value: nothing may be left over.
@@ -142,38 +146,68 @@ pub(crate) fn decode<'a, T: Decode<'a>>(bytes: &'a [u8]) -> Result<T> {
 /// the same errors (`truncated`, `malformed`). Lengths are read as 64-bit
 /// varints on every target, so a 32-bit device and a 64-bit controller
 /// agree on every input.
+///
+/// Errors are sticky, as in a `std::io` stream's error state: the first
+/// one is kept, the rest of the input is dropped (so every later read
+/// fails at once and returns a zero value), and [`Reader::finish`] reports
+/// it. A decoder is then straight-line code with one check at the end,
+/// instead of a `?` after every field — on a microcontroller that plumbing
+/// was the largest single item of the verification core (1.9 KiB,
+/// docs/BENCHMARKS.md). The first error is the one a `?` chain would have
+/// returned.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Reader<'a> {
     rest: &'a [u8],
+    error: Option<Error>,
 }
 
 impl<'a> Reader<'a> {
     /// A reader at the start of `bytes`.
     pub(crate) fn new(bytes: &'a [u8]) -> Self {
-        Reader { rest: bytes }
+        Reader { rest: bytes, error: None }
     }
 
-    /// What has not been read yet.
-    pub(crate) fn rest(&self) -> &'a [u8] {
-        self.rest
+    /// What has not been read yet, or the first error.
+    pub(crate) fn finish(self) -> Result<&'a [u8]> {
+        match self.error {
+            Some(e) => Err(e),
+            None => Ok(self.rest),
+        }
     }
 
-    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        let (head, rest) = self.rest.split_at_checked(n).ok_or(Error::Truncated)?;
-        self.rest = rest;
-        Ok(head)
+    /// Whether a read has failed.
+    pub(crate) fn failed(&self) -> bool {
+        self.error.is_some()
+    }
+
+    /// Records `e` unless an earlier error is recorded, and drops the rest.
+    fn fail(&mut self, e: Error) {
+        if self.error.is_none() {
+            self.error = Some(e);
+        }
+        self.rest = &[];
+    }
+
+    fn take(&mut self, n: usize) -> &'a [u8] {
+        if let Some((head, rest)) = self.rest.split_at_checked(n) {
+            self.rest = rest;
+            head
+        } else {
+            self.fail(Error::Truncated);
+            &[]
+        }
     }
 
     /// One byte.
-    pub(crate) fn byte(&mut self) -> Result<u8> {
-        let (&b, rest) = self.rest.split_first().ok_or(Error::Truncated)?;
-        self.rest = rest;
-        Ok(b)
+    pub(crate) fn byte(&mut self) -> u8 {
+        self.take(1).first().copied().unwrap_or(0)
     }
 
     /// `N` raw bytes (postcard's encoding of `[u8; N]`).
-    pub(crate) fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
-        self.take(N)?.try_into().map_err(|_| Error::Truncated)
+    pub(crate) fn array<const N: usize>(&mut self) -> [u8; N] {
+        let mut out = [0u8; N];
+        out.iter_mut().zip(self.take(N)).for_each(|(o, b)| *o = *b);
+        out
     }
 
     /// A varint of at most `max_bytes` bytes whose last byte is at most
@@ -188,66 +222,87 @@ impl<'a> Reader<'a> {
     /// in-path party could use to make a device's duplicate detection miss
     /// a copy. With one spelling per value, the bytes of a valid envelope
     /// are fixed by what its tag or signature covers.
-    fn varint(&mut self, max_bytes: u32, last_max: u8) -> Result<u64> {
+    fn varint(&mut self, max_bytes: u32, last_max: u8) -> u64 {
         let mut out = 0u64;
         for i in 0..max_bytes {
-            let b = self.byte()?;
+            let b = self.byte();
+            if self.failed() {
+                return 0;
+            }
             out |= u64::from(b & 0x7f) << (7 * i);
             if b & 0x80 == 0 {
                 if i > 0 && b == 0 {
-                    return Err(LONG_VARINT);
+                    self.fail(LONG_VARINT);
+                } else if i == max_bytes - 1 && b > last_max {
+                    self.fail(BAD_VARINT);
                 }
-                return if i == max_bytes - 1 && b > last_max { Err(BAD_VARINT) } else { Ok(out) };
+                return out;
             }
         }
-        Err(BAD_VARINT)
+        self.fail(BAD_VARINT);
+        0
     }
 
     /// A `u64` varint.
-    pub(crate) fn u64(&mut self) -> Result<u64> {
+    pub(crate) fn u64(&mut self) -> u64 {
         self.varint(10, 0x01)
     }
 
     /// A `u32` varint.
-    pub(crate) fn u32(&mut self) -> Result<u32> {
-        u32::try_from(self.varint(5, 0x0f)?).map_err(|_| BAD_VARINT)
+    pub(crate) fn u32(&mut self) -> u32 {
+        // Five bytes with a last byte of at most 0x0f: 32 bits, never more.
+        #[allow(clippy::cast_possible_truncation)]
+        let v = self.varint(5, 0x0f) as u32;
+        v
     }
 
     /// An `i32`: zigzag, then a `u32` varint.
-    pub(crate) fn i32(&mut self) -> Result<i32> {
-        let z = self.u32()?;
+    pub(crate) fn i32(&mut self) -> i32 {
+        let z = self.u32();
         #[allow(clippy::cast_possible_wrap)] // zigzag: the bit pattern is the value
-        Ok(((z >> 1) as i32) ^ -((z & 1) as i32))
+        let v = ((z >> 1) as i32) ^ -((z & 1) as i32);
+        v
     }
 
-    /// A length: a varint, at most what is left to read of a 64 KiB frame.
-    fn len(&mut self) -> Result<usize> {
-        usize::try_from(self.u64()?).map_err(|_| Error::Truncated)
+    /// A length: a varint; one beyond the address space is truncated input.
+    fn len(&mut self) -> usize {
+        let n = self.u64();
+        usize::try_from(n).unwrap_or_else(|_| {
+            self.fail(Error::Truncated);
+            0
+        })
     }
 
     /// Length-prefixed bytes.
-    pub(crate) fn bytes(&mut self) -> Result<&'a [u8]> {
-        let n = self.len()?;
+    pub(crate) fn bytes(&mut self) -> &'a [u8] {
+        let n = self.len();
         self.take(n)
     }
 
     /// A length-prefixed UTF-8 string.
-    pub(crate) fn str(&mut self) -> Result<&'a str> {
-        core::str::from_utf8(self.bytes()?).map_err(|_| Error::Malformed("invalid UTF-8 in a string"))
+    pub(crate) fn str(&mut self) -> &'a str {
+        let bytes = self.bytes();
+        core::str::from_utf8(bytes).unwrap_or_else(|_| {
+            self.fail(Error::Malformed("invalid UTF-8 in a string"));
+            ""
+        })
     }
 
     /// An option's tag: `false` for `None`, `true` for `Some`.
-    pub(crate) fn option(&mut self) -> Result<bool> {
-        match self.byte()? {
-            0 => Ok(false),
-            1 => Ok(true),
-            _ => Err(Error::Malformed("bad option tag")),
+    pub(crate) fn option(&mut self) -> bool {
+        match self.byte() {
+            0 => false,
+            1 => true,
+            _ => {
+                self.fail(Error::Malformed("bad option tag"));
+                false
+            }
         }
     }
 
     /// A value that implements [`Decode`], if the option tag says so.
-    pub(crate) fn maybe<T: Decode<'a>>(&mut self) -> Result<Option<T>> {
-        if self.option()? { T::read(self).map(Some) } else { Ok(None) }
+    pub(crate) fn maybe<T: Decode<'a>>(&mut self) -> Option<T> {
+        if self.option() { Some(T::read(self)) } else { None }
     }
 }
 
@@ -255,7 +310,7 @@ const BAD_VARINT: Error = Error::Malformed("bad varint");
 const LONG_VARINT: Error = Error::Malformed("varint not in its shortest form");
 
 impl<'a> Decode<'a> for &'a [u8] {
-    fn read(r: &mut Reader<'a>) -> Result<Self> {
+    fn read(r: &mut Reader<'a>) -> Self {
         r.bytes()
     }
 }
@@ -266,18 +321,127 @@ pub(crate) fn end(rest: &[u8]) -> Result<()> {
     if rest.is_empty() { Ok(()) } else { Err(Error::Malformed("trailing bytes after the last field")) }
 }
 
+/// Where an encoder writes.
+///
+/// Writes cannot fail here: a buffer that runs out remembers it and the
+/// caller asks once at the end ([`encode_into`]), the way [`Reader`]
+/// keeps its first error — the encoders are straight-line code.
+pub(crate) trait Sink {
+    /// Appends `bytes`.
+    fn put(&mut self, bytes: &[u8]);
+
+    /// A varint (LEB128, as postcard writes every integer wider than a byte).
+    fn varint(&mut self, mut value: u64) {
+        loop {
+            // Truncation intended: the low seven bits.
+            #[allow(clippy::cast_possible_truncation)]
+            let low = (value & 0x7f) as u8;
+            value >>= 7;
+            if value == 0 {
+                self.put(&[low]);
+                return;
+            }
+            self.put(&[low | 0x80]);
+        }
+    }
+
+    /// Length-prefixed bytes (postcard's `&[u8]` and `&str`).
+    fn bytes(&mut self, bytes: &[u8]) {
+        self.varint(bytes.len() as u64);
+        self.put(bytes);
+    }
+}
+
+/// A caller's buffer, filled from the start.
+pub(crate) struct Cursor<'b> {
+    out: &'b mut [u8],
+    len: usize,
+    /// Something did not fit (and nothing after it was written).
+    overflow: bool,
+}
+
+impl<'b> Cursor<'b> {
+    pub(crate) fn new(out: &'b mut [u8]) -> Self {
+        Cursor { out, len: 0, overflow: false }
+    }
+
+    /// The length written, unless something did not fit.
+    pub(crate) fn finish(&self) -> Result<usize> {
+        if self.overflow { Err(Error::BufferTooSmall) } else { Ok(self.len) }
+    }
+}
+
+impl Sink for Cursor<'_> {
+    fn put(&mut self, bytes: &[u8]) {
+        let end = self.len.saturating_add(bytes.len());
+        match self.out.get_mut(self.len..end) {
+            Some(room) if !self.overflow => {
+                room.copy_from_slice(bytes);
+                self.len = end;
+            }
+            _ => self.overflow = true,
+        }
+    }
+}
+
+#[cfg(feature = "alloc")]
+impl Sink for alloc::vec::Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+/// A value written in postcard's encoding (the mirror of [`Decode`]).
+pub(crate) trait Encode {
+    /// Writes the value to `s`.
+    fn write<S: Sink + ?Sized>(&self, s: &mut S);
+}
+
+impl Encode for &[u8] {
+    fn write<S: Sink + ?Sized>(&self, s: &mut S) {
+        s.bytes(self);
+    }
+}
+
+impl<T: Encode> Encode for Option<T> {
+    fn write<S: Sink + ?Sized>(&self, s: &mut S) {
+        match self {
+            None => s.put(&[0]),
+            Some(v) => {
+                s.put(&[1]);
+                v.write(s);
+            }
+        }
+    }
+}
+
 /// Writes `version ‖ kind ‖ postcard(body)` into `out`, returning the length.
-pub(crate) fn encode_into<T: Serialize>(kind: Kind, body: &T, out: &mut [u8]) -> Result<usize> {
-    let (head, rest) = out.split_at_mut_checked(2).ok_or(Error::BufferTooSmall)?;
-    head.copy_from_slice(&[VERSION, kind as u8]);
-    let used = postcard::to_slice(body, rest)?.len();
-    check_frame_len(used + 2)
+pub(crate) fn encode_into<T: Encode>(kind: Kind, body: &T, out: &mut [u8]) -> Result<usize> {
+    let mut c = Cursor::new(out);
+    c.put(&[VERSION, kind as u8]);
+    body.write(&mut c);
+    check_frame_len(c.finish()?)
+}
+
+/// How many bytes `value` encodes to.
+#[cfg(feature = "alloc")]
+pub(crate) fn encoded_len<T: Encode>(value: &T) -> usize {
+    struct Count(usize);
+    impl Sink for Count {
+        fn put(&mut self, bytes: &[u8]) {
+            self.0 = self.0.saturating_add(bytes.len());
+        }
+    }
+    let mut count = Count(0);
+    value.write(&mut count);
+    count.0
 }
 
 /// Appends the postcard encoding of `value` to `out`.
 #[cfg(feature = "alloc")]
-pub(crate) fn append<T: Serialize>(out: alloc::vec::Vec<u8>, value: &T) -> Result<alloc::vec::Vec<u8>> {
-    Ok(postcard::to_extend(value, out)?)
+pub(crate) fn append<T: Encode>(mut out: alloc::vec::Vec<u8>, value: &T) -> alloc::vec::Vec<u8> {
+    value.write(&mut out);
+    out
 }
 
 /// Refuses to produce an envelope no receiver would accept.
@@ -394,7 +558,8 @@ impl<'a> Iterator for ArgsIter<'a> {
                 *left = left.checked_sub(1)?;
                 // Validated when decoded; a failure here cannot happen and
                 // ends the iteration rather than panicking.
-                reader.str().ok()
+                let s = reader.str();
+                if reader.failed() { None } else { Some(s) }
             }
         }
     }
@@ -410,26 +575,27 @@ impl<'a> Iterator for ArgsIter<'a> {
 
 impl ExactSizeIterator for ArgsIter<'_> {}
 
-impl Serialize for Args<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> core::result::Result<S::Ok, S::Error> {
-        let mut seq = s.serialize_seq(Some(self.len()))?;
-        self.iter().try_for_each(|a| seq.serialize_element(a))?;
-        seq.end()
+impl Encode for Args<'_> {
+    fn write<S: Sink + ?Sized>(&self, s: &mut S) {
+        s.varint(self.len() as u64);
+        self.iter().for_each(|a| s.bytes(a.as_bytes()));
     }
 }
 
 impl<'a> Decode<'a> for Args<'a> {
-    fn read(r: &mut Reader<'a>) -> Result<Self> {
-        let count = r.len()?;
-        let start = r.rest();
+    fn read(r: &mut Reader<'a>) -> Self {
+        let count = r.len();
+        let start = r.rest;
         // Each string takes at least one byte, so this loop is bounded by
         // the input even for a huge count (which then ends in `truncated`).
         for _ in 0..count {
-            r.str()?;
+            r.str();
+            if r.failed() {
+                return Args::default();
+            }
         }
-        let used = start.len() - r.rest().len();
-        let items = start.get(..used).ok_or(Error::Truncated)?;
-        Ok(Args(ArgsRepr::Encoded { items, count }))
+        let used = start.len() - r.rest.len();
+        Args(ArgsRepr::Encoded { items: start.get(..used).unwrap_or_default(), count })
     }
 }
 
@@ -437,7 +603,7 @@ impl<'a> Decode<'a> for Args<'a> {
 ///
 /// Arguments are strings; the device parses and validates them against the
 /// types its allow-list declares. Nothing here is ever handed to a shell.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Call<'a> {
     /// Command name, at most [`MAX_NAME_LEN`] bytes.
     pub name: &'a str,
@@ -471,8 +637,15 @@ impl<'a> Call<'a> {
 }
 
 impl<'a> Decode<'a> for Call<'a> {
-    fn read(r: &mut Reader<'a>) -> Result<Self> {
-        Ok(Call { name: r.str()?, args: Args::read(r)? })
+    fn read(r: &mut Reader<'a>) -> Self {
+        Call { name: r.str(), args: Args::read(r) }
+    }
+}
+
+impl Encode for Call<'_> {
+    fn write<S: Sink + ?Sized>(&self, s: &mut S) {
+        s.bytes(self.name.as_bytes());
+        self.args.write(s);
     }
 }
 
@@ -481,7 +654,7 @@ impl<'a> Decode<'a> for Call<'a> {
 /// Only *verified* commands get a response; an envelope that fails any check
 /// gets none, so an attacker learns nothing from the network. These statuses
 /// are for the controller that sent a genuine command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum Status {
     /// Ran and succeeded.
@@ -512,7 +685,7 @@ impl Status {
 }
 
 /// What a device reports back about one command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Outcome<'a> {
     /// How it ended.
     pub status: Status,
@@ -523,11 +696,25 @@ pub struct Outcome<'a> {
 }
 
 impl<'a> Decode<'a> for Outcome<'a> {
-    fn read(r: &mut Reader<'a>) -> Result<Self> {
+    fn read(r: &mut Reader<'a>) -> Self {
         // An enum is its variant index as a u32 varint.
-        let status =
-            u8::try_from(r.u32()?).ok().and_then(Status::from_byte).ok_or(Error::Malformed("unknown variant"))?;
-        Ok(Outcome { status, code: r.i32()?, output: r.bytes()? })
+        let index = r.u32();
+        let status = u8::try_from(index).ok().and_then(Status::from_byte).unwrap_or_else(|| {
+            r.fail(Error::Malformed("unknown variant"));
+            Status::Ok
+        });
+        Outcome { status, code: r.i32(), output: r.bytes() }
+    }
+}
+
+impl Encode for Outcome<'_> {
+    fn write<S: Sink + ?Sized>(&self, s: &mut S) {
+        // The variant index (declaration order, which is the status byte).
+        s.varint(u64::from(self.status as u8));
+        // Zigzag, then a varint; the casts reinterpret the bits.
+        #[allow(clippy::cast_sign_loss)]
+        s.varint(u64::from(((self.code << 1) ^ (self.code >> 31)) as u32));
+        s.bytes(self.output);
     }
 }
 
@@ -573,19 +760,45 @@ mod tests {
         for value in [0u64, 1, 127, 128, 300, 16_383, 16_384, 1_790_000_300, u64::from(u32::MAX), u64::MAX] {
             let mut buf = [0u8; 16];
             let short = postcard::to_slice(&value, &mut buf).unwrap().to_vec();
-            assert_eq!(Reader::new(&short).u64(), Ok(value), "{short:02x?}");
+            assert_eq!(read(&short, Reader::u64), Ok(value), "{short:02x?}");
             if short.len() < 10 {
                 let mut long = short.clone();
                 *long.last_mut().unwrap() |= 0x80;
                 long.push(0);
-                assert_eq!(Reader::new(&long).u64(), Err(LONG_VARINT), "{long:02x?}");
+                assert_eq!(read(&long, Reader::u64), Err(LONG_VARINT), "{long:02x?}");
             }
         }
-        assert_eq!(Reader::new(&[0x80, 0x00]).u32(), Err(LONG_VARINT), "0 spelt in two bytes");
-        assert_eq!(Reader::new(&[0xac, 0x82, 0x80, 0x00]).u32(), Err(LONG_VARINT));
+        assert_eq!(read(&[0x80, 0x00], Reader::u32), Err(LONG_VARINT), "0 spelt in two bytes");
+        assert_eq!(read(&[0xac, 0x82, 0x80, 0x00], Reader::u32), Err(LONG_VARINT));
+        assert_eq!(read(&[0xff, 0xff, 0xff, 0xff, 0x1f], Reader::u32), Err(BAD_VARINT), "33 bits");
+        assert_eq!(read(&[0xff, 0xff, 0xff, 0xff, 0x0f], Reader::u32), Ok(u32::MAX));
+        assert_eq!(read(&[0x80, 0x80], Reader::u32), Err(Error::Truncated));
         // Lengths too: "ab" with its length spelt in two bytes.
-        assert_eq!(Reader::new(&[0x82, 0x00, b'a', b'b']).str(), Err(LONG_VARINT));
-        assert_eq!(Reader::new(&[0x02, b'a', b'b']).str(), Ok("ab"));
+        assert_eq!(read(&[0x82, 0x00, b'a', b'b'], Reader::str), Err(LONG_VARINT));
+        assert_eq!(read(&[0x02, b'a', b'b'], Reader::str), Ok("ab"));
+    }
+
+    /// The first error is the one reported, and nothing is read after it.
+    #[test]
+    fn the_first_error_sticks() {
+        let mut r = Reader::new(&[0x03, 0xff, 0xfe, 0xfd, 0x05]);
+        assert_eq!(r.str(), "");
+        assert_eq!(r.u32(), 0, "the rest was dropped");
+        assert_eq!(r.finish(), Err(Error::Malformed("invalid UTF-8 in a string")));
+        let mut r = Reader::new(&[0x05, b'a']);
+        let _ = r.bytes();
+        let _ = r.option();
+        assert_eq!(r.finish(), Err(Error::Truncated));
+        let mut r = Reader::new(&[0x02]);
+        assert!(!r.option());
+        assert_eq!(r.finish(), Err(Error::Malformed("bad option tag")));
+    }
+
+    /// One read through a fresh reader, as a `Result`.
+    fn read<'a, T>(bytes: &'a [u8], f: impl FnOnce(&mut Reader<'a>) -> T) -> Result<T> {
+        let mut r = Reader::new(bytes);
+        let v = f(&mut r);
+        r.finish().map(|_| v)
     }
 
     #[test]
@@ -609,8 +822,103 @@ mod tests {
         assert_eq!(call.validate(), Err(Error::LimitExceeded { field: "args", max: MAX_ARGS }));
         // and a valid call encodes as documented: name, count, items.
         let call = Call::new("ab", &["c"]).unwrap();
-        let n = postcard::to_slice(&call, &mut buf).unwrap().len();
+        let mut c = Cursor::new(&mut buf);
+        call.write(&mut c);
+        let n = c.finish().unwrap();
         assert_eq!(&buf[..n], &[2, b'a', b'b', 1, 1, b'c']);
+    }
+
+    /// A buffer one byte short is refused, never overrun.
+    #[test]
+    fn a_short_buffer_is_buffer_too_small() {
+        let call = Call::new("abc", &["de", "f"]).unwrap();
+        let mut buf = [0u8; 10];
+        let mut c = Cursor::new(&mut buf);
+        c.put(&[0; 11]);
+        assert_eq!(c.finish(), Err(Error::BufferTooSmall));
+        let mut c = Cursor::new(&mut buf[..9]);
+        call.write(&mut c);
+        assert_eq!(c.finish(), Err(Error::BufferTooSmall));
+        let mut c = Cursor::new(&mut buf[..2]);
+        c.put(&[1, 2, 3]);
+        c.put(&[4]);
+        assert_eq!(c.finish(), Err(Error::BufferTooSmall), "nothing is written after an overflow");
+        let mut c = Cursor::new(&mut buf);
+        call.write(&mut c);
+        assert_eq!(c.finish(), Ok(10));
+    }
+
+    /// serde mirrors of the envelope values, encoded by postcard itself.
+    mod mirror {
+        #[derive(serde::Serialize)]
+        pub struct Outcome<'a> {
+            pub status: u32,
+            pub code: i32,
+            #[serde(serialize_with = "bytes")]
+            pub output: &'a [u8],
+        }
+        #[derive(serde::Serialize)]
+        pub struct Call<'a> {
+            pub name: &'a str,
+            pub args: &'a [&'a str],
+        }
+        #[derive(serde::Serialize)]
+        pub struct Header<'a> {
+            pub device: &'a str,
+            pub topic: &'a str,
+            pub msg_id: [u8; 16],
+            pub issued_at: u64,
+            pub expires_at: u64,
+            pub ttl: u32,
+            pub some: Option<Call<'a>>,
+        }
+        fn bytes<S: serde::Serializer>(b: &&[u8], s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_bytes(b)
+        }
+    }
+
+    fn encoded(f: impl FnOnce(&mut Cursor<'_>)) -> heapless::Vec<u8, 4096> {
+        let mut buf = [0u8; 4096];
+        let mut c = Cursor::new(&mut buf);
+        f(&mut c);
+        let n = c.finish().unwrap();
+        heapless::Vec::from_slice(&buf[..n]).unwrap()
+    }
+
+    proptest::proptest! {
+        /// The hand encoder writes exactly postcard's bytes, and the
+        /// reader reads them back.
+        #[test]
+        fn the_encoder_writes_what_postcard_writes(
+            status in 0u8..5, code: i32, output in proptest::collection::vec(proptest::num::u8::ANY, 0..200),
+            name in "[a-z]{1,40}", args in proptest::collection::vec("[ -~]{0,130}", 0..16),
+            issued_at: u64, expires_at: u64, ttl: u32, msg_id: [u8; 16], some: bool,
+        ) {
+            let mut buf = [0u8; 4096];
+            let status = Status::from_byte(status).unwrap();
+            let o = Outcome { status, code, output: &output };
+            let mine = encoded(|c| o.write(c));
+            let theirs = postcard::to_slice(&mirror::Outcome { status: status as u32, code, output: &output }, &mut buf).unwrap();
+            proptest::prop_assert_eq!(&mine[..], &theirs[..]);
+            proptest::prop_assert_eq!(take::<Outcome<'_>>(&mine).unwrap(), (o, &[][..]));
+
+            let arg_refs: heapless::Vec<&str, 16> = args.iter().map(alloc::string::String::as_str).collect();
+            let call = Call { name: &name, args: Args::new(&arg_refs).unwrap() };
+            let h = crate::Header { device: &name, topic: "t/o/p", msg_id: crate::MsgId(msg_id), issued_at, expires_at };
+            let opt = some.then_some(call);
+            let mine = encoded(|c| { h.write(c); c.varint(u64::from(ttl)); opt.write(c) });
+            let m = mirror::Header {
+                device: &name, topic: "t/o/p", msg_id, issued_at, expires_at, ttl,
+                some: some.then_some(mirror::Call { name: &name, args: &arg_refs }),
+            };
+            let theirs = postcard::to_slice(&m, &mut buf).unwrap();
+            proptest::prop_assert_eq!(&mine[..], &theirs[..]);
+            let mut r = Reader::new(&mine);
+            proptest::prop_assert_eq!(crate::Header::read(&mut r), h);
+            proptest::prop_assert_eq!(r.u32(), ttl);
+            proptest::prop_assert_eq!(r.maybe::<Call<'_>>(), opt);
+            proptest::prop_assert_eq!(r.finish(), Ok(&[][..]));
+        }
     }
 
     #[test]

@@ -351,7 +351,7 @@ fn forms_are_not_interchangeable() {
     let call = Call::new("led-on", &[]).unwrap();
     let explicit = c.command(&challenge, &call, Form::Explicit);
     let hidden = c.command(&challenge, &call, Form::Hidden);
-    let call_len = postcard::to_allocvec(&call).unwrap().len();
+    let call_len = common::postcard_of::call(&call).len();
     // explicit = … ‖ 0x01 ‖ call ‖ tag; hidden = … ‖ 0x00 ‖ tag.
     let body_end = explicit.len() - 32 - call_len - 1;
     let tag_of = |f: &[u8]| f[f.len() - 32..].to_vec();

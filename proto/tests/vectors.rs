@@ -651,7 +651,7 @@ fn generate(keys: &Keys) -> Generated {
             None,
             Some(call_j(call.name, &call.args.iter().collect::<Vec<_>>())),
             None,
-            &postcard::to_allocvec(&call).unwrap(),
+            &common::postcard_of::call(&call),
             &frame,
             &sealed_cmd.receipt_key,
         ));
@@ -687,7 +687,7 @@ fn generate(keys: &Keys) -> Generated {
         Some(seq::<16>(0x60)),
         None,
         Some(outcome_j(&outcome)),
-        &postcard::to_allocvec(&outcome).unwrap(),
+        &common::postcard_of::outcome(&outcome),
         &response,
         &receipt_key,
     ));

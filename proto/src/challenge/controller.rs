@@ -96,8 +96,7 @@ impl<'k> ChallengeController<'k> {
     ) -> Result<usize> {
         header.validate()?;
         call.validate()?;
-        let tag: [u8; TAG_LEN] =
-            MacInput::command_prefix(self.key, form, challenge, header)?.command_tag(call.name, call.args.iter())?;
+        let tag: [u8; TAG_LEN] = MacInput::command_tag(self.key, form, challenge, header, call)?;
         let body = CommandBody {
             header: *header,
             challenge: *challenge,

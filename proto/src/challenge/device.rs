@@ -7,7 +7,7 @@ use super::mac::{Form, HmacKey, MacInput, tags_equal};
 use super::{ChallengeBody, ChallengeTable, CommandBody, RequestBody, ResponseBody};
 use crate::limits::{CHALLENGE_LEN, TAG_LEN};
 use crate::topic::{Channel, topic};
-use crate::wire::{self, Call, Kind, Outcome};
+use crate::wire::{self, Args, Call, Kind, Outcome};
 use crate::{Error, Header, MsgId, Policy, Result, validate_id};
 
 /// A command the device accepts in hidden form: its name and fixed arguments.
@@ -158,10 +158,10 @@ impl<'k> ChallengeDevice<'k> {
         table: &mut ChallengeTable<N, M>,
         registry: &'a [Registered<'a>],
     ) -> Result<Verified<'a>> {
-        let (verified, slot) = self.check(frame, arrived_on, clock, registry, |challenge, header| {
-            let slot = table.position(challenge, clock.monotonic_ms).ok_or(Error::UnknownChallenge)?;
-            table.check_executed(&header.msg_id, header.expires_at)?;
-            Ok(slot)
+        let mut slot = 0;
+        let verified = self.check(frame, arrived_on, clock, registry, |challenge, header| {
+            slot = table.position(challenge, clock.monotonic_ms).ok_or(Error::UnknownChallenge)?;
+            table.check_executed(&header.msg_id, header.expires_at)
         })?;
         table.consume(slot);
         let policy = self.policy;
@@ -191,61 +191,73 @@ impl<'k> ChallengeDevice<'k> {
         clock: Clock,
         registry: &'a [Registered<'a>],
     ) -> Result<Verified<'a>> {
-        self.check(frame, arrived_on, clock, registry, |_, _| Ok(())).map(|(verified, ())| verified)
+        self.check(frame, arrived_on, clock, registry, |_, _| Ok(()))
     }
 
     /// The checks both share, with the single-use ones (`single_use`)
-    /// between the header and the tag, as §6.3 orders them.
-    fn check<'a, T>(
+    /// between the header and the tag, as §6.3 orders them; then the tag:
+    /// explicit form compares one, hidden form finds the registered
+    /// command it matches.
+    fn check<'a>(
         &self,
         frame: &'a [u8],
         arrived_on: &str,
         clock: Clock,
         registry: &'a [Registered<'a>],
-        single_use: impl FnOnce(&[u8; CHALLENGE_LEN], &Header<'a>) -> Result<T>,
-    ) -> Result<(Verified<'a>, T)> {
-        let CommandBody { header, challenge, call, tag } = decode_command(frame)?;
+        single_use: impl FnOnce(&[u8; CHALLENGE_LEN], &Header<'a>) -> Result<()>,
+    ) -> Result<Verified<'a>> {
+        let body = decode_command(frame)?;
+        let header = &body.header;
         header.check_received(self.id, arrived_on)?;
-        if let Some(call) = &call {
+        if let Some(call) = &body.call {
             call.validate()?;
         }
         if let Some(now) = clock.unix_secs {
             self.policy.check_times(header.issued_at, header.expires_at, now)?;
         }
-        let single = single_use(&challenge, &header)?;
-        let (form, registered) = self.check_tag(&header, &challenge, call.as_ref(), &tag, registry)?;
-        let call = match (call, registered.and_then(|i| registry.get(i))) {
-            (Some(call), _) => call,
-            (None, Some(reg)) => Call::new(reg.name, reg.args)?,
-            (None, None) => return Err(Error::BadTag),
+        single_use(&body.challenge, header)?;
+        let (form, call, registered) = match body.call {
+            Some(call) => {
+                let expected = MacInput::command_tag(self.key, Form::Explicit, &body.challenge, header, &call)?;
+                if !bool::from(tags_equal(&expected, &body.tag)) {
+                    return Err(Error::BadTag);
+                }
+                (Form::Explicit, call, None)
+            }
+            None => {
+                let (i, call) = self.find_registered(&body.challenge, header, &body.tag, registry)?;
+                (Form::Hidden, call, Some(i))
+            }
         };
-        Ok((Verified { header, challenge, form, call, registered }, single))
+        Ok(Verified { header: body.header, challenge: body.challenge, form, call, registered })
     }
 
-    /// The tag check: explicit form compares one tag, hidden form finds the
-    /// registered command it matches. Returns the form and, in hidden form,
-    /// the index.
+    /// Tries every registered command against `tag` and returns the match.
     ///
-    /// Kept out of line (like `decode_command`) so that a microcontroller's
-    /// stack holds the HMAC states or the decoder's, not both at once
-    /// (docs/BENCHMARKS.md, "Microcontroller agent").
-    #[inline(never)]
-    fn check_tag(
+    /// Every candidate is computed and compared, and the index is selected
+    /// with constant-time operations, so the time taken does not depend on
+    /// which command (if any) matched — only on the registry, which is not
+    /// secret.
+    fn find_registered<'a>(
         &self,
-        header: &Header<'_>,
         challenge: &[u8; CHALLENGE_LEN],
-        call: Option<&Call<'_>>,
+        header: &Header<'_>,
         tag: &[u8; TAG_LEN],
-        registry: &[Registered<'_>],
-    ) -> Result<(Form, Option<usize>)> {
-        let form = if call.is_some() { Form::Explicit } else { Form::Hidden };
-        let prefix = MacInput::command_prefix(self.key, form, challenge, header)?;
-        match call {
-            Some(call) => {
-                let expected = prefix.command_tag(call.name, call.args.iter())?;
-                if bool::from(tags_equal(&expected, tag)) { Ok((form, None)) } else { Err(Error::BadTag) }
-            }
-            None => Ok((form, Some(find_registered(&prefix, tag, registry)?.ok_or(Error::BadTag)?))),
+        registry: &'a [Registered<'a>],
+    ) -> Result<(usize, Call<'a>)> {
+        let mut found = Choice::from(0);
+        let mut index = 0u64;
+        for (i, reg) in (0u64..).zip(registry) {
+            let call = Call { name: reg.name, args: Args::new(reg.args)? };
+            let candidate = MacInput::command_tag(self.key, Form::Hidden, challenge, header, &call)?;
+            let hit = tags_equal(&candidate, tag);
+            index.conditional_assign(&i, hit);
+            found |= hit;
+        }
+        let index = usize::try_from(index).map_err(|_| Error::BadTag)?;
+        match registry.get(index) {
+            Some(reg) if bool::from(found) => Ok((index, Call { name: reg.name, args: Args::new(reg.args)? })),
+            _ => Err(Error::BadTag),
         }
     }
 
@@ -306,22 +318,4 @@ fn decode_command(frame: &[u8]) -> Result<CommandBody<'_>> {
 /// Framing and decoding errors.
 pub fn command_msg_id(frame: &[u8]) -> Result<MsgId> {
     decode_command(frame).map(|body| body.header.msg_id)
-}
-
-/// Tries every registered command against `tag` and returns the index of the
-/// match, if any.
-///
-/// Every candidate is computed and compared, and the index is selected with
-/// constant-time operations, so the time taken does not depend on which
-/// command (if any) matched — only on the registry, which is not secret.
-fn find_registered(prefix: &MacInput, tag: &[u8; 32], registry: &[Registered<'_>]) -> Result<Option<usize>> {
-    let mut found = Choice::from(0);
-    let mut index = 0u64;
-    for (i, reg) in (0u64..).zip(registry) {
-        let candidate = prefix.command_tag(reg.name, reg.args.iter().copied())?;
-        let hit = tags_equal(&candidate, tag);
-        index.conditional_assign(&i, hit);
-        found |= hit;
-    }
-    Ok(if bool::from(found) { usize::try_from(index).ok() } else { None })
 }

@@ -33,21 +33,19 @@ mod device;
 pub mod mac;
 mod table;
 
-use serde::Serialize;
-
 pub use controller::{Answer, ChallengeController, Offer, Pending};
 pub use device::{ChallengeDevice, Clock, Registered, ReplyTo, Verified, command_msg_id};
 pub use mac::{Form, HmacKey};
 pub use table::ChallengeTable;
 
 use crate::limits::{CHALLENGE_LEN, TAG_LEN};
-use crate::wire::{Call, Decode, Outcome, Reader};
-use crate::{Header, MsgId, Result};
+use crate::wire::{Call, Decode, Encode, Outcome, Reader, Sink};
+use crate::{Header, MsgId};
 
 /// Body of a challenge request (`…/chal/req`). Unauthenticated on purpose:
 /// answering costs the device one table slot, and a forged request gains
 /// nothing — a challenge is useless without the key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct RequestBody<'a> {
     device: &'a str,
     msg_id: MsgId,
@@ -55,7 +53,7 @@ struct RequestBody<'a> {
 
 /// Body of a challenge (`…/chal`). `in_reply_to` lets several controllers
 /// share the topic and each pick its own challenge.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct ChallengeBody<'a> {
     device: &'a str,
     in_reply_to: MsgId,
@@ -64,7 +62,7 @@ struct ChallengeBody<'a> {
 }
 
 /// Body of a challenge-mode command (`…/cmd`). `call` is absent in hidden form.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct CommandBody<'a> {
     header: Header<'a>,
     challenge: [u8; CHALLENGE_LEN],
@@ -73,7 +71,7 @@ struct CommandBody<'a> {
 }
 
 /// Body of a challenge-mode response (`…/resp`). `outcome` is absent in hidden form.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct ResponseBody<'a> {
     header: Header<'a>,
     in_reply_to: MsgId,
@@ -81,34 +79,63 @@ struct ResponseBody<'a> {
     tag: [u8; TAG_LEN],
 }
 
-// Decoders, field by field in declaration order (postcard lays a struct out
-// as its fields one after another).
+// Decoders and encoders, field by field in declaration order (postcard
+// lays a struct out as its fields one after another).
 
 impl<'a> Decode<'a> for RequestBody<'a> {
-    fn read(r: &mut Reader<'a>) -> Result<Self> {
-        Ok(RequestBody { device: r.str()?, msg_id: MsgId(r.array()?) })
+    fn read(r: &mut Reader<'a>) -> Self {
+        RequestBody { device: r.str(), msg_id: MsgId(r.array()) }
     }
 }
 
 impl<'a> Decode<'a> for ChallengeBody<'a> {
-    fn read(r: &mut Reader<'a>) -> Result<Self> {
-        Ok(ChallengeBody { device: r.str()?, in_reply_to: MsgId(r.array()?), challenge: r.array()?, ttl_ms: r.u32()? })
+    fn read(r: &mut Reader<'a>) -> Self {
+        ChallengeBody { device: r.str(), in_reply_to: MsgId(r.array()), challenge: r.array(), ttl_ms: r.u32() }
     }
 }
 
 impl<'a> Decode<'a> for CommandBody<'a> {
-    fn read(r: &mut Reader<'a>) -> Result<Self> {
-        Ok(CommandBody { header: Header::read(r)?, challenge: r.array()?, call: r.maybe()?, tag: r.array()? })
+    fn read(r: &mut Reader<'a>) -> Self {
+        CommandBody { header: Header::read(r), challenge: r.array(), call: r.maybe(), tag: r.array() }
     }
 }
 
 impl<'a> Decode<'a> for ResponseBody<'a> {
-    fn read(r: &mut Reader<'a>) -> Result<Self> {
-        Ok(ResponseBody {
-            header: Header::read(r)?,
-            in_reply_to: MsgId(r.array()?),
-            outcome: r.maybe()?,
-            tag: r.array()?,
-        })
+    fn read(r: &mut Reader<'a>) -> Self {
+        ResponseBody { header: Header::read(r), in_reply_to: MsgId(r.array()), outcome: r.maybe(), tag: r.array() }
+    }
+}
+
+impl Encode for RequestBody<'_> {
+    fn write<S: Sink + ?Sized>(&self, s: &mut S) {
+        s.bytes(self.device.as_bytes());
+        s.put(&self.msg_id.0);
+    }
+}
+
+impl Encode for ChallengeBody<'_> {
+    fn write<S: Sink + ?Sized>(&self, s: &mut S) {
+        s.bytes(self.device.as_bytes());
+        s.put(&self.in_reply_to.0);
+        s.put(&self.challenge);
+        s.varint(u64::from(self.ttl_ms));
+    }
+}
+
+impl Encode for CommandBody<'_> {
+    fn write<S: Sink + ?Sized>(&self, s: &mut S) {
+        self.header.write(s);
+        s.put(&self.challenge);
+        self.call.write(s);
+        s.put(&self.tag);
+    }
+}
+
+impl Encode for ResponseBody<'_> {
+    fn write<S: Sink + ?Sized>(&self, s: &mut S) {
+        self.header.write(s);
+        s.put(&self.in_reply_to.0);
+        self.outcome.write(s);
+        s.put(&self.tag);
     }
 }

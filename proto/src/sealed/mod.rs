@@ -57,7 +57,6 @@ use alloc::vec::Vec;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 use rand_core::CryptoRng;
-use serde::Serialize;
 use sha2::{Digest, Sha256};
 use zeroize::{Zeroize, Zeroizing};
 
@@ -66,7 +65,7 @@ pub use receipt::{RECEIPT_KEY_LABEL, ReceiptKey};
 pub use replay::ReplayCache;
 
 use crate::topic::{Channel, topic};
-use crate::wire::{self, Call, Decode, Kind, Outcome, Reader, Status, VERSION};
+use crate::wire::{self, Call, Decode, Encode, Kind, Outcome, Reader, Sink, Status, VERSION};
 use crate::{Error, Header, MsgId, Policy, Result, validate_id};
 
 /// OAEP label under which content keys are wrapped.
@@ -82,7 +81,6 @@ const CEK_LEN: usize = 32;
 
 /// Everything of a sealed command before the ciphertext: the AEAD's
 /// associated data.
-#[derive(Serialize)]
 struct CommandPrefix<'a> {
     sender: KeyId,
     recipient: KeyId,
@@ -91,19 +89,18 @@ struct CommandPrefix<'a> {
 }
 
 impl<'a> Decode<'a> for CommandPrefix<'a> {
-    fn read(r: &mut Reader<'a>) -> Result<Self> {
-        Ok(CommandPrefix {
-            sender: KeyId(r.array()?),
-            recipient: KeyId(r.array()?),
-            header: Header::read(r)?,
-            wrapped_key: r.bytes()?,
-        })
+    fn read(r: &mut Reader<'a>) -> Self {
+        CommandPrefix {
+            sender: KeyId(r.array()),
+            recipient: KeyId(r.array()),
+            header: Header::read(r),
+            wrapped_key: r.bytes(),
+        }
     }
 }
 
 /// Everything of a sealed response before the ciphertext. Its key comes
 /// from the command (see [`ReceiptKey`]), so nothing is wrapped.
-#[derive(Serialize)]
 struct ResponsePrefix<'a> {
     sender: KeyId,
     recipient: KeyId,
@@ -111,14 +108,32 @@ struct ResponsePrefix<'a> {
     in_reply_to: MsgId,
 }
 
+impl Encode for CommandPrefix<'_> {
+    fn write<S: Sink + ?Sized>(&self, s: &mut S) {
+        s.put(&self.sender.0);
+        s.put(&self.recipient.0);
+        self.header.write(s);
+        s.bytes(self.wrapped_key);
+    }
+}
+
+impl Encode for ResponsePrefix<'_> {
+    fn write<S: Sink + ?Sized>(&self, s: &mut S) {
+        s.put(&self.sender.0);
+        s.put(&self.recipient.0);
+        self.header.write(s);
+        s.put(&self.in_reply_to.0);
+    }
+}
+
 impl<'a> Decode<'a> for ResponsePrefix<'a> {
-    fn read(r: &mut Reader<'a>) -> Result<Self> {
-        Ok(ResponsePrefix {
-            sender: KeyId(r.array()?),
-            recipient: KeyId(r.array()?),
-            header: Header::read(r)?,
-            in_reply_to: MsgId(r.array()?),
-        })
+    fn read(r: &mut Reader<'a>) -> Self {
+        ResponsePrefix {
+            sender: KeyId(r.array()),
+            recipient: KeyId(r.array()),
+            header: Header::read(r),
+            in_reply_to: MsgId(r.array()),
+        }
     }
 }
 
@@ -230,9 +245,9 @@ fn encrypt_and_sign<R: CryptoRng + ?Sized>(
     let ciphertext = aead
         .encrypt(&Nonce::from(*nonce), Payload { msg: plaintext, aad: &frame })
         .map_err(|_| Error::Crypto("AEAD encryption failed"))?;
-    let frame = wire::append(frame, &ciphertext.as_slice())?;
+    let frame = wire::append(frame, &ciphertext.as_slice());
     let signature = signer.ops().sign_pss_sha256(&mut rng, &signed_digest(&frame))?;
-    let frame = wire::append(frame, &signature.as_slice())?;
+    let frame = wire::append(frame, &signature.as_slice());
     wire::check_frame_len(frame.len())?;
     Ok(frame)
 }
@@ -245,8 +260,13 @@ fn start_frame(kind: Kind, capacity: usize) -> Vec<u8> {
 }
 
 /// Encodes a value into memory that is wiped when dropped.
-fn encode_secret<T: Serialize>(value: &T) -> Result<Zeroizing<Vec<u8>>> {
-    Ok(Zeroizing::new(postcard::to_allocvec(value)?))
+///
+/// Sized first, so the vector never grows (a grown vector would leave an
+/// unwiped copy in the memory it let go of).
+fn encode_secret<T: Encode>(value: &T) -> Zeroizing<Vec<u8>> {
+    let mut out = Zeroizing::new(Vec::with_capacity(wire::encoded_len(value)));
+    value.write(&mut *out);
+    out
 }
 
 /// A header whose strings are owned, for verified envelopes that outlive
@@ -567,11 +587,11 @@ impl<'a> SealedDevice<'a> {
         let resp_topic = topic(self.id, Channel::Response)?;
         let header =
             Header { device: self.id, topic: &resp_topic, msg_id, issued_at: now, expires_at: to.expires_at.max(now) };
-        let plaintext = encode_secret(outcome)?;
+        let plaintext = encode_secret(outcome);
         let prefix =
             ResponsePrefix { sender: self.key.id(), recipient: controller.id(), header, in_reply_to: to.msg_id };
         let frame =
-            wire::append(start_frame(Kind::SealedResponse, 256 + plaintext.len() + self.key.public().size()), &prefix)?;
+            wire::append(start_frame(Kind::SealedResponse, 256 + plaintext.len() + self.key.public().size()), &prefix);
         encrypt_and_sign(rng, self.key, frame, to.receipt_key.as_key(), &receipt_nonce(&msg_id), &plaintext)
     }
 }
@@ -610,7 +630,7 @@ impl<'a> SealedController<'a> {
     ) -> Result<SealedCommand> {
         header.validate()?;
         call.validate()?;
-        let plaintext = encode_secret(call)?;
+        let plaintext = encode_secret(call);
         let mut cek = Zeroizing::new([0u8; CEK_LEN]);
         rng.fill_bytes(cek.as_mut());
         let wrapped_key = device_key.ops().encrypt_oaep_sha256(&mut rng, OAEP_LABEL, cek.as_ref())?;
@@ -621,7 +641,7 @@ impl<'a> SealedController<'a> {
             wrapped_key: &wrapped_key,
         };
         let capacity = 256 + plaintext.len() + device_key.size() + self.key.public().size();
-        let frame = wire::append(start_frame(Kind::SealedCommand, capacity), &prefix)?;
+        let frame = wire::append(start_frame(Kind::SealedCommand, capacity), &prefix);
         let frame = encrypt_and_sign(rng, self.key, frame, &cek, &COMMAND_NONCE, &plaintext)?;
         Ok(SealedCommand { frame, receipt_key: ReceiptKey::derive(&cek, &header.msg_id) })
     }

@@ -241,12 +241,12 @@ pub fn old_form_receipt(
     let mut frame = vec![1u8, 2];
     frame.extend_from_slice(&id(device));
     frame.extend_from_slice(&id(controller));
-    frame.extend(postcard::to_allocvec(header).unwrap());
+    frame.extend(postcard_of::header(header));
     frame.extend_from_slice(&in_reply_to);
     frame.extend(varint(wrapped.len()));
     frame.extend_from_slice(&wrapped);
     let aead = chacha20poly1305::ChaCha20Poly1305::new(&cek.into());
-    let plaintext = postcard::to_allocvec(outcome).unwrap();
+    let plaintext = postcard_of::outcome(outcome);
     let ct = aead.encrypt(&Default::default(), Payload { msg: &plaintext, aad: &frame }).unwrap();
     frame.extend(varint(ct.len()));
     frame.extend_from_slice(&ct);
@@ -258,4 +258,62 @@ pub fn old_form_receipt(
     frame.extend(varint(sig.len()));
     frame.extend_from_slice(&sig);
     frame
+}
+
+/// The postcard encoding of envelope values, by postcard itself through
+/// serde mirrors of the types: an encoder independent of `proto`'s own
+/// (`wire::Encode`), for building frames by hand and checking it.
+pub mod postcard_of {
+    use mqseal_proto::{Call, Header, Outcome};
+    use serde::Serialize;
+
+    #[derive(Serialize)]
+    struct H<'a> {
+        device: &'a str,
+        topic: &'a str,
+        msg_id: [u8; 16],
+        issued_at: u64,
+        expires_at: u64,
+    }
+
+    /// serde's unit variant: its index as a varint, like `Status`.
+    #[derive(Serialize)]
+    struct O<'a> {
+        status: u32,
+        code: i32,
+        #[serde(with = "serde_bytes_ref")]
+        output: &'a [u8],
+    }
+
+    /// `&[u8]` as postcard bytes (length + bytes), as serde_bytes would.
+    mod serde_bytes_ref {
+        pub fn serialize<S: serde::Serializer>(b: &&[u8], s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_bytes(b)
+        }
+    }
+
+    #[derive(Serialize)]
+    struct C<'a> {
+        name: &'a str,
+        args: Vec<&'a str>,
+    }
+
+    pub fn header(h: &Header<'_>) -> Vec<u8> {
+        postcard::to_allocvec(&H {
+            device: h.device,
+            topic: h.topic,
+            msg_id: h.msg_id.0,
+            issued_at: h.issued_at,
+            expires_at: h.expires_at,
+        })
+        .unwrap()
+    }
+
+    pub fn outcome(o: &Outcome<'_>) -> Vec<u8> {
+        postcard::to_allocvec(&O { status: u32::from(o.status as u8), code: o.code, output: o.output }).unwrap()
+    }
+
+    pub fn call(c: &Call<'_>) -> Vec<u8> {
+        postcard::to_allocvec(&C { name: c.name, args: c.args.iter().collect() }).unwrap()
+    }
 }

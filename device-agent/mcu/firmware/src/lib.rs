@@ -162,6 +162,47 @@ impl rand_core::TryRng for VectorRng {
 
 impl rand_core::TryCryptoRng for VectorRng {}
 
+/// A hardware RNG's data register, read as a footprint image's RNG: what
+/// a product links instead of [`VectorRng`] (STM32's `RNG` peripheral: wait
+/// for `DRDY` in `RNG_SR`, read 32 bits from `RNG_DR`). Only in the size
+/// images, which are measured and never run.
+#[allow(unsafe_code)]
+pub mod trng {
+    /// The peripheral's status and data registers (STM32F4's addresses).
+    const SR: usize = 0x5006_0804;
+    const DR: usize = 0x5006_0808;
+
+    /// Reads the data register whenever the status says a word is ready.
+    pub struct RegisterRng;
+
+    fn word() -> u32 {
+        // SAFETY: volatile reads of the RNG peripheral's registers, which
+        // have no side effect but handing out the next word.
+        unsafe {
+            while core::ptr::read_volatile(SR as *const u32) & 1 == 0 {}
+            core::ptr::read_volatile(DR as *const u32)
+        }
+    }
+
+    impl rand_core::TryRng for RegisterRng {
+        type Error = core::convert::Infallible;
+        fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+            Ok(word())
+        }
+        fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+            Ok(u64::from(word()) << 32 | u64::from(word()))
+        }
+        fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+            for chunk in dst.chunks_mut(4) {
+                chunk.iter_mut().zip(word().to_le_bytes()).for_each(|(d, s)| *d = s);
+            }
+            Ok(())
+        }
+    }
+
+    impl rand_core::TryCryptoRng for RegisterRng {}
+}
+
 /// An "RNG" that hands out given bytes: puts a vector's challenge into a
 /// challenge table through its public `issue`.
 pub struct Script<'a>(pub &'a [u8]);

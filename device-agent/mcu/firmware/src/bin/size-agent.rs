@@ -11,7 +11,8 @@ use core::hint::black_box;
 use cortex_m_rt::entry;
 use mqseal_mcu_agent::net::{self, Device};
 use mqseal_mcu_agent::{Agent, Call, Clock, Done, ENVELOPE_LEN, HmacKey, Policy, Registered};
-use mqseal_mcu_firmware::{ScriptIo, VectorRng, block_on};
+use mqseal_mcu_firmware::trng::RegisterRng;
+use mqseal_mcu_firmware::{ScriptIo, block_on};
 use mqseal_proto::topic::Channel;
 use panic_halt as _;
 
@@ -30,7 +31,7 @@ fn main() -> ! {
     let Ok(mut session) = net::session(&mut rx, &mut tx, id, black_box(b"password"), &status, 60) else {
         mqseal_mcu_firmware::halt()
     };
-    let mut rng = VectorRng::new(b"stand-in for the hardware RNG");
+    let mut rng = RegisterRng;
     let mut ran = 0u32;
     let mut handler = |call: &Call<'_>, _: &mut [u8]| {
         ran += call.args.len() as u32 + 1;

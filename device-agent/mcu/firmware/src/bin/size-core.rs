@@ -10,7 +10,7 @@ use core::hint::black_box;
 
 use cortex_m_rt::entry;
 use mqseal_mcu_agent::{Agent, Call, Clock, Done, ENVELOPE_LEN, HmacKey, Policy, Registered};
-use mqseal_mcu_firmware::VectorRng;
+use mqseal_mcu_firmware::trng::RegisterRng;
 use panic_halt as _;
 
 static HIDDEN: [Registered<'static>; 2] =
@@ -22,7 +22,7 @@ fn main() -> ! {
     let Ok(mut agent) = Agent::<'_, 4>::new(black_box("valve-3"), &key, Policy::default(), 30_000, &HIDDEN) else {
         mqseal_mcu_firmware::halt()
     };
-    let mut rng = VectorRng::new(b"stand-in for the hardware RNG");
+    let mut rng = RegisterRng;
     let mut out = [0u8; ENVELOPE_LEN];
     let mut ran = 0u32;
     let mut handler = |call: &Call<'_>, _: &mut [u8]| {
