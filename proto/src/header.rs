@@ -33,13 +33,45 @@ impl<'a> crate::wire::Decode<'a> for Header<'a> {
     }
 }
 
-impl Encode for Header<'_> {
+/// A header as it is written (encoded, or fed to a MAC), with its topic as
+/// pieces to be joined: how a device writes its response header without
+/// building the topic in memory (128 B of a microcontroller's stack).
+pub(crate) struct HeaderOut<'a> {
+    pub(crate) device: &'a str,
+    /// The topic is these, concatenated.
+    pub(crate) topic: &'a [&'a str],
+    pub(crate) msg_id: &'a MsgId,
+    pub(crate) issued_at: u64,
+    pub(crate) expires_at: u64,
+}
+
+impl Encode for HeaderOut<'_> {
     fn write<S: Sink + ?Sized>(&self, s: &mut S) {
         s.bytes(self.device.as_bytes());
-        s.bytes(self.topic.as_bytes());
+        s.varint(self.topic.iter().map(|p| p.len() as u64).sum());
+        self.topic.iter().for_each(|p| s.put(p.as_bytes()));
         s.put(&self.msg_id.0);
         s.varint(self.issued_at);
         s.varint(self.expires_at);
+    }
+}
+
+impl Encode for Header<'_> {
+    fn write<S: Sink + ?Sized>(&self, s: &mut S) {
+        self.out().write(s);
+    }
+}
+
+impl<'a> Header<'a> {
+    /// This header, to be written.
+    pub(crate) fn out(&self) -> HeaderOut<'_> {
+        HeaderOut {
+            device: self.device,
+            topic: core::slice::from_ref(&self.topic),
+            msg_id: &self.msg_id,
+            issued_at: self.issued_at,
+            expires_at: self.expires_at,
+        }
     }
 }
 

@@ -124,6 +124,7 @@ pub(crate) trait Decode<'a>: Sized {
 }
 
 /// Decodes one value from the front of `bytes`, returning the rest.
+#[cfg(any(feature = "sealed", test))]
 pub(crate) fn take<'a, T: Decode<'a>>(bytes: &'a [u8]) -> Result<(T, &'a [u8])> {
     let mut r = Reader::new(bytes);
     let value = T::read(&mut r);
@@ -132,8 +133,9 @@ pub(crate) fn take<'a, T: Decode<'a>>(bytes: &'a [u8]) -> Result<(T, &'a [u8])> 
 
 /// Decodes a whole slice as one value: nothing may be left over.
 pub(crate) fn decode<'a, T: Decode<'a>>(bytes: &'a [u8]) -> Result<T> {
-    let (value, rest) = take(bytes)?;
-    end(rest)?;
+    let mut r = Reader::new(bytes);
+    let value = T::read(&mut r);
+    end(r.finish()?)?;
     Ok(value)
 }
 
@@ -181,6 +183,8 @@ impl<'a> Reader<'a> {
     }
 
     /// Records `e` unless an earlier error is recorded, and drops the rest.
+    // Out of line: every read has a failure path, and this is all of it.
+    #[inline(never)]
     fn fail(&mut self, e: Error) {
         if self.error.is_none() {
             self.error = Some(e);
@@ -208,6 +212,11 @@ impl<'a> Reader<'a> {
         let mut out = [0u8; N];
         out.iter_mut().zip(self.take(N)).for_each(|(o, b)| *o = *b);
         out
+    }
+
+    /// `N` raw bytes, borrowed from the input (all zero after an error).
+    pub(crate) fn array_ref<const N: usize>(&mut self) -> &'a [u8; N] {
+        self.take(N).first_chunk::<N>().unwrap_or(&[0; N])
     }
 
     /// A varint of at most `max_bytes` bytes whose last byte is at most

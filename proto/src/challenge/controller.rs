@@ -1,6 +1,6 @@
 //! The controller's side of challenge mode.
 
-use super::mac::{Form, HmacKey, MacInput, tags_equal};
+use super::mac::{Form, HmacKey, MacInput, Tag};
 use super::{ChallengeBody, CommandBody, RequestBody, ResponseBody};
 use crate::limits::{CHALLENGE_LEN, TAG_LEN};
 use crate::wire::{self, Call, Kind, Outcome};
@@ -96,15 +96,16 @@ impl<'k> ChallengeController<'k> {
     ) -> Result<usize> {
         header.validate()?;
         call.validate()?;
-        let tag: [u8; TAG_LEN] = MacInput::command_tag(self.key, form, challenge, header, call)?;
+        let mut tag = [0u8; TAG_LEN];
+        MacInput::command_tag(self.key, form, challenge, header, call, Tag::Write(&mut tag))?;
         let body = CommandBody {
             header: *header,
-            challenge: *challenge,
+            challenge,
             call: match form {
                 Form::Explicit => Some(*call),
                 Form::Hidden => None,
             },
-            tag,
+            tag: &tag,
         };
         wire::encode_into(Kind::ChallengeCommand, &body, out)
     }
@@ -134,12 +135,21 @@ impl<'k> ChallengeController<'k> {
         if in_reply_to != pending.msg_id {
             return Err(Error::UnexpectedReply);
         }
-        let tag_of = |form, o: &Outcome<'_>| {
-            MacInput::response_tag(self.key, form, &pending.challenge, &header, &in_reply_to, o)
+        let tag_matches = |form, o: &Outcome<'_>| {
+            MacInput::response_tag(
+                self.key,
+                form,
+                &pending.challenge,
+                &header.out(),
+                &in_reply_to,
+                o,
+                Tag::Compare(&tag),
+            )
+            .map(bool::from)
         };
         match outcome {
             Some(o) => {
-                if bool::from(tags_equal(&tag_of(Form::Explicit, &o)?, &tag)) {
+                if tag_matches(Form::Explicit, &o)? {
                     Ok(Answer::Explicit(o))
                 } else {
                     Err(Error::BadTag)
@@ -150,7 +160,7 @@ impl<'k> ChallengeController<'k> {
                 for (i, c) in candidates.iter().enumerate() {
                     // Candidates are the controller's own list, not secrets;
                     // the comparison itself is still constant time.
-                    if bool::from(tags_equal(&tag_of(Form::Hidden, c)?, &tag)) && found.is_none() {
+                    if tag_matches(Form::Hidden, c)? && found.is_none() {
                         found = Some(i);
                     }
                 }

@@ -3,11 +3,12 @@
 use rand_core::CryptoRng;
 use subtle::{Choice, ConditionallySelectable};
 
-use super::mac::{Form, HmacKey, MacInput, tags_equal};
-use super::{ChallengeBody, ChallengeTable, CommandBody, RequestBody, ResponseBody};
+use super::mac::{Form, HmacKey, MacInput, Tag};
+use super::{ChallengeBody, ChallengeTable, CommandBody, RequestBody};
+use crate::header::HeaderOut;
 use crate::limits::{CHALLENGE_LEN, TAG_LEN};
-use crate::topic::{Channel, topic};
-use crate::wire::{self, Args, Call, Kind, Outcome};
+use crate::topic::{self, Channel};
+use crate::wire::{self, Args, Call, Cursor, Encode, Kind, Outcome, Sink};
 use crate::{Error, Header, MsgId, Policy, Result, validate_id};
 
 /// A command the device accepts in hidden form: its name and fixed arguments.
@@ -158,16 +159,18 @@ impl<'k> ChallengeDevice<'k> {
         table: &mut ChallengeTable<N, M>,
         registry: &'a [Registered<'a>],
     ) -> Result<Verified<'a>> {
-        let mut slot = 0;
-        let verified = self.check(frame, arrived_on, clock, registry, |challenge, header| {
-            slot = table.position(challenge, clock.monotonic_ms).ok_or(Error::UnknownChallenge)?;
-            table.check_executed(&header.msg_id, header.expires_at)
-        })?;
-        table.consume(slot);
         let policy = self.policy;
-        let expired = |exp| clock.unix_secs.is_some_and(|now| !policy.still_valid(exp, now));
-        table.record_executed(verified.header.msg_id, verified.header.expires_at, expired);
-        Ok(verified)
+        self.check(frame, arrived_on, clock, registry, |challenge, header| {
+            let slot = table.position(challenge, clock.monotonic_ms).ok_or(Error::UnknownChallenge)?;
+            table.check_executed(&header.msg_id, header.expires_at)?;
+            let (msg_id, expires_at) = (header.msg_id, header.expires_at);
+            // Run once every check has passed.
+            Ok(move || {
+                table.consume(slot);
+                let expired = |exp| clock.unix_secs.is_some_and(|now| !policy.still_valid(exp, now));
+                table.record_executed(msg_id, expires_at, expired);
+            })
+        })
     }
 
     /// Checks that `frame` is a genuine command from a holder of the key —
@@ -191,72 +194,95 @@ impl<'k> ChallengeDevice<'k> {
         clock: Clock,
         registry: &'a [Registered<'a>],
     ) -> Result<Verified<'a>> {
-        self.check(frame, arrived_on, clock, registry, |_, _| Ok(()))
+        self.check(frame, arrived_on, clock, registry, |_, _| Ok(|| ()))
     }
 
     /// The checks both share, with the single-use ones (`single_use`)
-    /// between the header and the tag, as §6.3 orders them; then the tag:
-    /// explicit form compares one, hidden form finds the registered
-    /// command it matches.
-    fn check<'a>(
+    /// between the header and the tag, as §6.3 orders them; what
+    /// `single_use` returns runs once everything has passed (it uses the
+    /// challenge up).
+    ///
+    /// On a microcontroller this is the deepest frame of all, so it holds
+    /// the decoded body and little else: the checks before the tag and the
+    /// tag itself run in frames of their own (docs/BENCHMARKS.md,
+    /// "Microcontroller agent").
+    fn check<'a, C: FnOnce()>(
         &self,
         frame: &'a [u8],
         arrived_on: &str,
         clock: Clock,
         registry: &'a [Registered<'a>],
-        single_use: impl FnOnce(&[u8; CHALLENGE_LEN], &Header<'a>) -> Result<()>,
+        single_use: impl FnOnce(&[u8; CHALLENGE_LEN], &Header<'a>) -> Result<C>,
     ) -> Result<Verified<'a>> {
-        let body = decode_command(frame)?;
-        let header = &body.header;
-        header.check_received(self.id, arrived_on)?;
+        // Used where it was decoded: `let body = decode_command(frame)?`
+        // would copy it out of the result, 124 B more of a device's stack.
+        let decoded = decode_command(frame);
+        let body = match &decoded {
+            Ok(body) => body,
+            Err(e) => return Err(*e),
+        };
+        self.screen(body, arrived_on, clock)?;
+        let commit = single_use(body.challenge, &body.header)?;
+        let registered = self.check_tag(body, registry)?;
+        let (form, call) = match (body.call, registered.and_then(|i| registry.get(i))) {
+            (Some(call), _) => (Form::Explicit, call),
+            (None, Some(reg)) => (Form::Hidden, Call { name: reg.name, args: Args::new(reg.args)? }),
+            (None, None) => return Err(Error::BadTag),
+        };
+        commit();
+        Ok(Verified { header: body.header, challenge: *body.challenge, form, call, registered })
+    }
+
+    /// Everything about a command that can be checked without the key:
+    /// the header is for this device and the topic it arrived on, the call
+    /// keeps the protocol's limits, and — with a clock — the times.
+    #[inline(never)]
+    fn screen(&self, body: &CommandBody<'_>, arrived_on: &str, clock: Clock) -> Result<()> {
+        body.header.check_received(self.id, arrived_on)?;
         if let Some(call) = &body.call {
             call.validate()?;
         }
-        if let Some(now) = clock.unix_secs {
-            self.policy.check_times(header.issued_at, header.expires_at, now)?;
+        match clock.unix_secs {
+            Some(now) => self.policy.check_times(body.header.issued_at, body.header.expires_at, now),
+            None => Ok(()),
         }
-        single_use(&body.challenge, header)?;
-        let (form, call, registered) = match body.call {
-            Some(call) => {
-                let expected = MacInput::command_tag(self.key, Form::Explicit, &body.challenge, header, &call)?;
-                if !bool::from(tags_equal(&expected, &body.tag)) {
-                    return Err(Error::BadTag);
-                }
-                (Form::Explicit, call, None)
-            }
-            None => {
-                let (i, call) = self.find_registered(&body.challenge, header, &body.tag, registry)?;
-                (Form::Hidden, call, Some(i))
-            }
-        };
-        Ok(Verified { header: body.header, challenge: body.challenge, form, call, registered })
     }
 
-    /// Tries every registered command against `tag` and returns the match.
-    ///
-    /// Every candidate is computed and compared, and the index is selected
+    /// The tag: explicit form compares one, hidden form tries every
+    /// registered command — each computed and compared, the index selected
     /// with constant-time operations, so the time taken does not depend on
-    /// which command (if any) matched — only on the registry, which is not
-    /// secret.
-    fn find_registered<'a>(
-        &self,
-        challenge: &[u8; CHALLENGE_LEN],
-        header: &Header<'_>,
-        tag: &[u8; TAG_LEN],
-        registry: &'a [Registered<'a>],
-    ) -> Result<(usize, Call<'a>)> {
+    /// which command (if any) matched, only on the registry, which is not
+    /// secret. Returns the index in hidden form.
+    #[inline(never)]
+    fn check_tag(&self, body: &CommandBody<'_>, registry: &[Registered<'_>]) -> Result<Option<usize>> {
+        if let Some(call) = &body.call {
+            let hit = MacInput::command_tag(
+                self.key,
+                Form::Explicit,
+                body.challenge,
+                &body.header,
+                call,
+                Tag::Compare(body.tag),
+            )?;
+            return if bool::from(hit) { Ok(None) } else { Err(Error::BadTag) };
+        }
         let mut found = Choice::from(0);
         let mut index = 0u64;
         for (i, reg) in (0u64..).zip(registry) {
             let call = Call { name: reg.name, args: Args::new(reg.args)? };
-            let candidate = MacInput::command_tag(self.key, Form::Hidden, challenge, header, &call)?;
-            let hit = tags_equal(&candidate, tag);
+            let hit = MacInput::command_tag(
+                self.key,
+                Form::Hidden,
+                body.challenge,
+                &body.header,
+                &call,
+                Tag::Compare(body.tag),
+            )?;
             index.conditional_assign(&i, hit);
             found |= hit;
         }
-        let index = usize::try_from(index).map_err(|_| Error::BadTag)?;
-        match registry.get(index) {
-            Some(reg) if bool::from(found) => Ok((index, Call { name: reg.name, args: Args::new(reg.args)? })),
+        match usize::try_from(index) {
+            Ok(index) if bool::from(found) => Ok(Some(index)),
             _ => Err(Error::BadTag),
         }
     }
@@ -282,25 +308,29 @@ impl<'k> ChallengeDevice<'k> {
         out: &mut [u8],
     ) -> Result<usize> {
         outcome.validate()?;
-        let resp_topic = topic(self.id, Channel::Response)?;
-        let header = Header {
+        let topic = topic::pieces(self.id, Channel::Response);
+        let header = HeaderOut {
             device: self.id,
-            topic: &resp_topic,
-            msg_id,
+            topic: &topic,
+            msg_id: &msg_id,
             issued_at: unix_secs.unwrap_or(0),
             expires_at: to.expires_at,
         };
-        let tag = MacInput::response_tag(self.key, form, &to.challenge, &header, &to.msg_id, outcome)?;
-        let body = ResponseBody {
-            header,
-            in_reply_to: to.msg_id,
-            outcome: match form {
-                Form::Explicit => Some(*outcome),
-                Form::Hidden => None,
-            },
-            tag,
-        };
-        wire::encode_into(Kind::ChallengeResponse, &body, out)
+        let mut tag = [0u8; TAG_LEN];
+        MacInput::response_tag(self.key, form, &to.challenge, &header, &to.msg_id, outcome, Tag::Write(&mut tag))?;
+        // The fields of a `ResponseBody`, written as they are rather than
+        // gathered into one first.
+        let mut w = Cursor::new(out);
+        w.put(&[wire::VERSION, Kind::ChallengeResponse as u8]);
+        header.write(&mut w);
+        w.put(&to.msg_id.0);
+        match form {
+            Form::Explicit => Some(*outcome),
+            Form::Hidden => None,
+        }
+        .write(&mut w);
+        w.put(&tag);
+        wire::check_frame_len(w.finish()?)
     }
 }
 

@@ -23,9 +23,10 @@
 use core::fmt;
 
 use rand_core::CryptoRng;
-use subtle::ConstantTimeEq;
+use subtle::{Choice, ConstantTimeEq};
 use zeroize::Zeroize;
 
+use crate::header::HeaderOut;
 use crate::limits::{CHALLENGE_LEN, HMAC_KEY_LEN, MAX_ARGS, TAG_LEN};
 use crate::wire::{Call, Outcome, limit};
 use crate::{Error, Header, MsgId, Result};
@@ -121,36 +122,108 @@ const IV: [u32; 8] =
     [0x6a09_e667, 0xbb67_ae85, 0x3c6e_f372, 0xa54f_f53a, 0x510e_527f, 0x9b05_688c, 0x1f83_d9ab, 0x5be0_cd19];
 const BLOCK: usize = 64;
 
+/// SHA-256's round constants (FIPS 180-4 §4.2.2).
+#[rustfmt::skip]
+const K: [u32; 64] = [
+    0x428a_2f98, 0x7137_4491, 0xb5c0_fbcf, 0xe9b5_dba5, 0x3956_c25b, 0x59f1_11f1, 0x923f_82a4, 0xab1c_5ed5,
+    0xd807_aa98, 0x1283_5b01, 0x2431_85be, 0x550c_7dc3, 0x72be_5d74, 0x80de_b1fe, 0x9bdc_06a7, 0xc19b_f174,
+    0xe49b_69c1, 0xefbe_4786, 0x0fc1_9dc6, 0x240c_a1cc, 0x2de9_2c6f, 0x4a74_84aa, 0x5cb0_a9dc, 0x76f9_88da,
+    0x983e_5152, 0xa831_c66d, 0xb003_27c8, 0xbf59_7fc7, 0xc6e0_0bf3, 0xd5a7_9147, 0x06ca_6351, 0x1429_2967,
+    0x27b7_0a85, 0x2e1b_2138, 0x4d2c_6dfc, 0x5338_0d13, 0x650a_7354, 0x766a_0abb, 0x81c2_c92e, 0x9272_2c85,
+    0xa2bf_e8a1, 0xa81a_664b, 0xc24b_8b70, 0xc76c_51a3, 0xd192_e819, 0xd699_0624, 0xf40e_3585, 0x106a_a070,
+    0x19a4_c116, 0x1e37_6c08, 0x2748_774c, 0x34b0_bcb5, 0x391c_0cb3, 0x4ed8_aa4a, 0x5b9c_ca4f, 0x682e_6ff3,
+    0x748f_82ee, 0x78a5_636f, 0x84c8_7814, 0x8cc7_0208, 0x90be_fffa, 0xa450_6ceb, 0xbef9_a3f7, 0xc671_78f2,
+];
+
+/// SHA-256's compression function (FIPS 180-4 §6.2.2) on one block of
+/// big-endian words, which it uses up: the message schedule is computed
+/// in place, a ring of 16 words.
+///
+/// Written here rather than taken from `sha2` (`block_api::compress256`,
+/// which the first version of this HMAC used): on a Cortex-M, sha2's
+/// compact variant copies the block into a word array and passes that
+/// array by value — 216 B of stack at the bottom of the device's deepest
+/// call; this keeps no copy of the block at all (docs/BENCHMARKS.md,
+/// "Microcontroller agent").
+/// Hosts lose sha2's SHA-NI path, which is a microsecond per command. The
+/// tests check the HMAC built on it against the `hmac` crate (over `sha2`)
+/// at every length around the padding boundaries and on random inputs.
+// Every index is `x % 16` into 16 words or a constant below 8 into 8: in
+// bounds by construction, and the compiler emits no panic path for them.
+#[allow(clippy::indexing_slicing)]
+fn compress(state: &mut [u32; 8], w: &mut [u32; 16]) {
+    let [mut a, mut b, mut c, mut d, mut e, mut f, mut g, mut h] = *state;
+    for (i, k) in K.iter().enumerate() {
+        let wi = if i < 16 {
+            w[i % 16]
+        } else {
+            let w15 = w[(i + 1) % 16];
+            let w2 = w[(i + 14) % 16];
+            let s0 = w15.rotate_right(7) ^ w15.rotate_right(18) ^ (w15 >> 3);
+            let s1 = w2.rotate_right(17) ^ w2.rotate_right(19) ^ (w2 >> 10);
+            let next = w[i % 16].wrapping_add(s0).wrapping_add(w[(i + 9) % 16]).wrapping_add(s1);
+            w[i % 16] = next;
+            next
+        };
+        let s1 = e.rotate_right(6) ^ e.rotate_right(11) ^ e.rotate_right(25);
+        let ch = (e & f) ^ (!e & g);
+        let t1 = h.wrapping_add(s1).wrapping_add(ch).wrapping_add(*k).wrapping_add(wi);
+        let s0 = a.rotate_right(2) ^ a.rotate_right(13) ^ a.rotate_right(22);
+        let maj = (a & b) ^ (a & c) ^ (b & c);
+        let t2 = s0.wrapping_add(maj);
+        h = g;
+        g = f;
+        f = e;
+        e = d.wrapping_add(t1);
+        d = c;
+        c = b;
+        b = a;
+        a = t1.wrapping_add(t2);
+    }
+    // Constant indices into an array of eight: no bounds checks, and no
+    // second array of the working variables on the stack.
+    state[0] = state[0].wrapping_add(a);
+    state[1] = state[1].wrapping_add(b);
+    state[2] = state[2].wrapping_add(c);
+    state[3] = state[3].wrapping_add(d);
+    state[4] = state[4].wrapping_add(e);
+    state[5] = state[5].wrapping_add(f);
+    state[6] = state[6].wrapping_add(g);
+    state[7] = state[7].wrapping_add(h);
+}
+
 /// The state after one compression of `key ‖ 0…0` XOR `pad`: HMAC's
 /// inner (0x36) or outer (0x5c) starting point for a 32-byte key.
 fn keyed_state(key: &[u8; HMAC_KEY_LEN], pad: u8) -> [u32; 8] {
-    let mut block = [pad; BLOCK];
-    block.iter_mut().zip(key).for_each(|(b, k)| *b ^= k);
+    let pad = u32::from_ne_bytes([pad; 4]);
+    let mut w = [pad; 16];
+    for (w, k) in w.iter_mut().zip(key.chunks_exact(4)) {
+        *w ^= k.try_into().map_or(0, u32::from_be_bytes);
+    }
     let mut state = IV;
-    sha2::block_api::compress256(&mut state, core::slice::from_ref(&block));
-    block.zeroize();
+    compress(&mut state, &mut w);
+    w.zeroize();
     state
 }
 
 /// HMAC-SHA256 fed the MAC input field by field, so no message buffer is
 /// needed.
 ///
-/// Written over `sha2`'s compression function rather than with the `hmac`
-/// crate: on a Cortex-M the crate's finalisation (through `digest`'s
-/// buffer and wrapper types) copied its state several times and cost
-/// about 1.1 KiB of flash and 0.5 KiB of stack in the verification core;
-/// this is one 64-byte block, the chaining value and a count, and
-/// finalisation reuses the block for the outer hash (docs/BENCHMARKS.md,
-/// "Microcontroller agent"). The compression function is still `sha2`'s
-/// (with its SHA-NI and ARMv8 paths on hosts), and the tests check every
-/// tag against the `hmac` crate.
+/// Written by hand rather than with the `hmac` crate: on a Cortex-M the
+/// crate's finalisation (through `digest`'s buffer and wrapper types)
+/// copied its state several times and cost about 1.1 KiB of flash and
+/// 0.5 KiB of stack in the verification core. This is one 64-byte block,
+/// kept as the words the compression function works on, the chaining
+/// value and a count; finalisation reuses the block for the outer hash (docs/BENCHMARKS.md, "Microcontroller agent", has the
+/// alternatives measured). The tests check every tag against the `hmac`
+/// crate.
 pub(crate) struct MacInput<'k> {
     /// Whose outer state finishes the tag.
     key: &'k HmacKey,
     /// The inner hash's chaining value.
     state: [u32; 8],
-    /// The block being filled.
-    block: [u8; BLOCK],
+    /// The block being filled, as big-endian words.
+    block: [u32; 16],
     /// Bytes in `block`: always below 64 between calls.
     filled: usize,
     /// Bytes hashed so far, the key block included.
@@ -170,35 +243,39 @@ impl Drop for MacInput<'_> {
 
 impl<'k> MacInput<'k> {
     /// A MAC over `key` with nothing absorbed yet.
+    #[inline(always)]
     fn keyed(key: &'k HmacKey) -> Self {
-        MacInput { key, state: key.inner, block: [0; BLOCK], filled: 0, total: BLOCK as u64, overlong: None }
+        MacInput { key, state: key.inner, block: [0; 16], filled: 0, total: BLOCK as u64, overlong: None }
     }
 
-    fn new(key: &'k HmacKey, label: &[u8], form: Form, challenge: &[u8; CHALLENGE_LEN]) -> Self {
-        let mut m = MacInput::keyed(key);
-        m.update(label);
-        m.update(&[form as u8]);
-        m.update(challenge);
-        m
+    /// `label ‖ form ‖ challenge`, how every tag's input starts. A method
+    /// on a state its caller made rather than a constructor: returning the
+    /// state by value moved all 120 B of it once more.
+    fn start(&mut self, label: &[u8], form: Form, challenge: &[u8; CHALLENGE_LEN]) {
+        self.update(label);
+        self.update(&[form as u8]);
+        self.update(challenge);
     }
 
     // Out of line: called for every field, and inlined at each it would be
     // the largest part of the tag code on a microcontroller.
     #[inline(never)]
-    fn update(&mut self, mut data: &[u8]) {
-        while !data.is_empty() {
-            let free = self.block.get_mut(self.filled..).unwrap_or_default();
-            let n = free.len().min(data.len());
-            let (now, later) = data.split_at(n);
-            free.iter_mut().zip(now).for_each(|(b, d)| *b = *d);
-            data = later;
-            self.filled += n;
-            self.total += n as u64;
+    fn update(&mut self, data: &[u8]) {
+        for &byte in data {
+            // Byte `filled` of the block is byte `filled % 4` of word
+            // `filled / 4`, most significant first; a word's first byte
+            // clears what the compression left in it.
+            let shift = 24 - 8 * (self.filled % 4);
+            if let Some(word) = self.block.get_mut(self.filled / 4) {
+                *word = if shift == 24 { 0 } else { *word } | u32::from(byte) << shift;
+            }
+            self.filled += 1;
             if self.filled == BLOCK {
-                sha2::block_api::compress256(&mut self.state, core::slice::from_ref(&self.block));
+                compress(&mut self.state, &mut self.block);
                 self.filled = 0;
             }
         }
+        self.total += data.len() as u64;
     }
 
     /// SHA-256's padding — 0x80, zeros up to 56 mod 64, the length in bits —
@@ -212,31 +289,48 @@ impl<'k> MacInput<'k> {
         self.update(&bits);
     }
 
-    /// The tag, unless a field was too long.
-    fn finish(&mut self) -> Result<[u8; TAG_LEN]> {
-        match self.overlong {
-            Some(field) => Err(Error::LimitExceeded { field, max: u16::MAX as usize }),
-            None => Ok(self.finalize()),
+    /// The tag, written out or compared, unless a field was too long.
+    ///
+    /// Tags are written into the caller's array or compared with the one
+    /// given rather than returned: a `Result<[u8; 32]>` keeps its array at
+    /// an odd offset, and every caller copied it out again, then held it
+    /// beside the tag it compared (32 B more stack at each level on a
+    /// Cortex-M).
+    #[inline(always)]
+    fn finish(&mut self, tag: Tag<'_>) -> Result<Choice> {
+        if let Some(field) = self.overlong {
+            return Err(Error::LimitExceeded { field, max: u16::MAX as usize });
         }
+        self.finalize();
+        Ok(match tag {
+            Tag::Write(out) => {
+                store_be(&self.state, out);
+                Choice::from(1)
+            }
+            Tag::Compare(given) => {
+                let mut diff = 0u32;
+                for (w, t) in self.state.iter().zip(given.chunks_exact(4)) {
+                    diff |= w ^ t.try_into().map_or(0, u32::from_be_bytes);
+                }
+                diff.ct_eq(&0)
+            }
+        })
     }
 
     /// The inner digest, then the outer hash over it, in the same block.
     /// By reference, not by value: moving the state in costs its size in
     /// stack a second time. Leaves the state spent (it is wiped on drop).
-    fn finalize(&mut self) -> [u8; TAG_LEN] {
+    fn finalize(&mut self) {
         self.pad();
-        let mut inner = self.state;
-        // The outer key block was one compression (`HmacKey::outer`).
-        // Word by word: a whole-array assignment here links `memmove`
-        // (1.5 KiB on a Cortex-M) for 32 bytes.
-        self.state.iter_mut().zip(self.key.outer).for_each(|(s, o)| *s = o);
-        self.total = BLOCK as u64;
-        inner.iter().for_each(|w| self.update(&w.to_be_bytes()));
-        inner.zeroize();
+        // The inner digest goes straight into the (empty) block, and the
+        // state becomes the outer one: its key block was one compression
+        // (`HmacKey::outer`), and the digest follows it.
+        let (digest, _) = self.block.split_at_mut(8);
+        digest.copy_from_slice(&self.state);
+        self.filled = TAG_LEN;
+        self.total = (BLOCK + TAG_LEN) as u64;
+        self.state = self.key.outer;
         self.pad();
-        let mut tag = [0u8; TAG_LEN];
-        tag.chunks_exact_mut(4).zip(self.state).for_each(|(t, w)| t.copy_from_slice(&w.to_be_bytes()));
-        tag
     }
 
     /// `be16(len) ‖ bytes`.
@@ -249,9 +343,20 @@ impl<'k> MacInput<'k> {
         self.update(bytes);
     }
 
-    fn header(&mut self, h: &Header<'_>) {
+    /// `be16(len) ‖ bytes` of a field given as pieces.
+    fn lp_pieces(&mut self, field: &'static str, pieces: &[&str]) {
+        let len = pieces.iter().map(|p| p.len()).fold(0usize, usize::saturating_add);
+        let Ok(len) = u16::try_from(len) else {
+            self.overlong.get_or_insert(field);
+            return;
+        };
+        self.update(&len.to_be_bytes());
+        pieces.iter().for_each(|p| self.update(p.as_bytes()));
+    }
+
+    fn header(&mut self, h: &HeaderOut<'_>) {
         self.lp("device", h.device.as_bytes());
-        self.lp("topic", h.topic.as_bytes());
+        self.lp_pieces("topic", h.topic);
         self.update(&h.msg_id.0);
         self.update(&h.issued_at.to_be_bytes());
         self.update(&h.expires_at.to_be_bytes());
@@ -273,10 +378,12 @@ impl<'k> MacInput<'k> {
         challenge: &[u8; CHALLENGE_LEN],
         header: &Header<'_>,
         call: &Call<'_>,
-    ) -> Result<[u8; TAG_LEN]> {
+        tag: Tag<'_>,
+    ) -> Result<Choice> {
         limit("args", call.args.len(), MAX_ARGS)?;
-        let mut m = MacInput::new(key, COMMAND_LABEL, form, challenge);
-        m.header(header);
+        let mut m = MacInput::keyed(key);
+        m.start(COMMAND_LABEL, form, challenge);
+        m.header(&header.out());
         m.lp("name", call.name.as_bytes());
         // MAX_ARGS (16) fits a byte; checked just above.
         #[allow(clippy::cast_possible_truncation)]
@@ -284,7 +391,7 @@ impl<'k> MacInput<'k> {
         for a in call.args.iter() {
             m.lp("arg", a.as_bytes());
         }
-        m.finish()
+        m.finish(tag)
     }
 
     /// The whole tag of a response.
@@ -292,23 +399,33 @@ impl<'k> MacInput<'k> {
         key: &'k HmacKey,
         form: Form,
         challenge: &[u8; CHALLENGE_LEN],
-        header: &Header<'_>,
+        header: &HeaderOut<'_>,
         in_reply_to: &MsgId,
         outcome: &Outcome<'_>,
-    ) -> Result<[u8; TAG_LEN]> {
-        let mut m = MacInput::new(key, RESPONSE_LABEL, form, challenge);
+        tag: Tag<'_>,
+    ) -> Result<Choice> {
+        let mut m = MacInput::keyed(key);
+        m.start(RESPONSE_LABEL, form, challenge);
         m.header(header);
         m.update(&in_reply_to.0);
         m.update(&[outcome.status as u8]);
         m.update(&outcome.code.to_be_bytes());
         m.lp("output", outcome.output);
-        m.finish()
+        m.finish(tag)
     }
 }
 
-/// Constant-time tag comparison.
-pub(crate) fn tags_equal(a: &[u8; TAG_LEN], b: &[u8; TAG_LEN]) -> subtle::Choice {
-    a.ct_eq(b)
+/// What to do with a tag once computed.
+pub(crate) enum Tag<'t> {
+    /// Write it (building an envelope).
+    Write(&'t mut [u8; TAG_LEN]),
+    /// Compare it, in constant time, with one received.
+    Compare(&'t [u8; TAG_LEN]),
+}
+
+/// SHA-256's big-endian output of `words` into the front of `out`.
+fn store_be(words: &[u32; 8], out: &mut [u8]) {
+    out.chunks_exact_mut(4).zip(words).for_each(|(o, w)| o.copy_from_slice(&w.to_be_bytes()));
 }
 
 #[cfg(test)]
@@ -320,7 +437,10 @@ mod tests {
         let k = HmacKey::new(*key);
         let mut m = MacInput::keyed(&k);
         m.update(data);
-        m.finalize()
+        m.finalize();
+        let mut tag = [0; 32];
+        store_be(&m.state, &mut tag);
+        tag
     }
 
     /// RFC 4231 test cases 1, 2 and 4 (keys of 20, 4 and 25 bytes, which
@@ -369,7 +489,30 @@ mod tests {
             for piece in data[..len].chunks(len % 13 + 1) {
                 m.update(piece);
             }
-            assert_eq!(m.finalize(), <[u8; 32]>::from(reference.finalize().into_bytes()), "length {len}");
+            m.finalize();
+            let mut tag = [0; 32];
+            store_be(&m.state, &mut tag);
+            assert_eq!(tag, <[u8; 32]>::from(reference.finalize().into_bytes()), "length {len}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Random keys and messages, fed in random pieces, against the
+        /// `hmac` crate.
+        #[test]
+        fn agrees_with_the_hmac_crate_on_random_input(
+            key: [u8; 32], data in proptest::collection::vec(proptest::num::u8::ANY, 0..2000), piece in 1usize..200,
+        ) {
+            use hmac::{Hmac, KeyInit, Mac};
+            let mut reference = <Hmac<sha2::Sha256> as KeyInit>::new_from_slice(&key).unwrap();
+            reference.update(&data);
+            let k = HmacKey::new(key);
+            let mut m = MacInput::keyed(&k);
+            data.chunks(piece).for_each(|p| m.update(p));
+            m.finalize();
+            let mut tag = [0; 32];
+            store_be(&m.state, &mut tag);
+            proptest::prop_assert_eq!(tag, <[u8; 32]>::from(reference.finalize().into_bytes()));
         }
     }
 

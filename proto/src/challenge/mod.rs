@@ -63,11 +63,14 @@ struct ChallengeBody<'a> {
 
 /// Body of a challenge-mode command (`…/cmd`). `call` is absent in hidden form.
 #[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// The challenge and the tag are borrowed from the frame, not copied: the
+/// decoded body is the largest value on a device's deepest path.
 struct CommandBody<'a> {
     header: Header<'a>,
-    challenge: [u8; CHALLENGE_LEN],
+    challenge: &'a [u8; CHALLENGE_LEN],
     call: Option<Call<'a>>,
-    tag: [u8; TAG_LEN],
+    tag: &'a [u8; TAG_LEN],
 }
 
 /// Body of a challenge-mode response (`…/resp`). `outcome` is absent in hidden form.
@@ -96,7 +99,7 @@ impl<'a> Decode<'a> for ChallengeBody<'a> {
 
 impl<'a> Decode<'a> for CommandBody<'a> {
     fn read(r: &mut Reader<'a>) -> Self {
-        CommandBody { header: Header::read(r), challenge: r.array(), call: r.maybe(), tag: r.array() }
+        CommandBody { header: Header::read(r), challenge: r.array_ref(), call: r.maybe(), tag: r.array_ref() }
     }
 }
 
@@ -125,17 +128,8 @@ impl Encode for ChallengeBody<'_> {
 impl Encode for CommandBody<'_> {
     fn write<S: Sink + ?Sized>(&self, s: &mut S) {
         self.header.write(s);
-        s.put(&self.challenge);
+        s.put(self.challenge);
         self.call.write(s);
-        s.put(&self.tag);
-    }
-}
-
-impl Encode for ResponseBody<'_> {
-    fn write<S: Sink + ?Sized>(&self, s: &mut S) {
-        self.header.write(s);
-        s.put(&self.in_reply_to.0);
-        self.outcome.write(s);
-        s.put(&self.tag);
+        s.put(self.tag);
     }
 }

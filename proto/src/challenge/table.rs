@@ -2,7 +2,7 @@
 
 use rand_core::CryptoRng;
 
-use crate::limits::CHALLENGE_LEN;
+use crate::limits::{CHALLENGE_LEN, MSG_ID_LEN};
 use crate::{Error, MsgId, Result};
 
 /// A bounded set of outstanding, single-use challenges, and the message ids
@@ -46,25 +46,22 @@ use crate::{Error, MsgId, Result};
 /// expire by time and are only retired by use or eviction.
 #[derive(Debug, Clone)]
 pub struct ChallengeTable<const N: usize, const M: usize = N> {
-    slots: [Option<Slot>; N],
-    /// Message ids and expiries of verified commands.
-    executed: [Option<(MsgId, u64)>; M],
+    // Parallel arrays rather than `[Option<(value, time)>; N]`: an
+    // `Option` beside a `u64` pads every entry to 32 bytes, these are 25.
+    // On a microcontroller the table is most of the agent's memory.
+    /// Outstanding challenges: the slots that are `taken`.
+    values: [[u8; CHALLENGE_LEN]; N],
+    issued_ms: [u64; N],
+    taken: [bool; N],
+    /// Message ids and expiries of verified commands: the entries that
+    /// are `executed`.
+    ids: [MsgId; M],
+    expiries: [u64; M],
+    executed: [bool; M],
     /// Commands expiring at or before this are refused: a forgotten
     /// entry's copies stay out.
     floor: u64,
     lifetime_ms: u64,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Slot {
-    value: [u8; CHALLENGE_LEN],
-    issued_ms: u64,
-}
-
-impl Slot {
-    fn live(&self, now_ms: u64, lifetime_ms: u64) -> bool {
-        now_ms.saturating_sub(self.issued_ms) < lifetime_ms
-    }
 }
 
 impl<const N: usize, const M: usize> ChallengeTable<N, M> {
@@ -74,7 +71,16 @@ impl<const N: usize, const M: usize> ChallengeTable<N, M> {
     #[must_use]
     pub const fn new(lifetime_ms: u64) -> Self {
         let () = Self::NOT_EMPTY;
-        ChallengeTable { slots: [None; N], executed: [None; M], floor: 0, lifetime_ms }
+        ChallengeTable {
+            values: [[0; CHALLENGE_LEN]; N],
+            issued_ms: [0; N],
+            taken: [false; N],
+            ids: [MsgId([0; MSG_ID_LEN]); M],
+            expiries: [0; M],
+            executed: [false; M],
+            floor: 0,
+            lifetime_ms,
+        }
     }
 
     /// How long a challenge stays valid, in milliseconds.
@@ -83,21 +89,38 @@ impl<const N: usize, const M: usize> ChallengeTable<N, M> {
         self.lifetime_ms
     }
 
+    /// Whether slot `i` holds a challenge still valid at `now_ms`.
+    fn live(&self, i: usize, now_ms: u64) -> bool {
+        let issued = self.issued_ms.get(i).copied().unwrap_or(0);
+        self.taken.get(i).copied().unwrap_or(false) && now_ms.saturating_sub(issued) < self.lifetime_ms
+    }
+
     /// Draws a fresh challenge and remembers it, evicting an expired or else
     /// the oldest one when the table is full.
     pub fn issue<R: CryptoRng + ?Sized>(&mut self, rng: &mut R, now_ms: u64) -> [u8; CHALLENGE_LEN] {
         let mut value = [0u8; CHALLENGE_LEN];
         rng.fill_bytes(&mut value);
-        let lifetime = self.lifetime_ms;
-        let slot = Slot { value, issued_ms: now_ms };
-        // A free or expired slot if there is one, else the oldest.
-        let victim = self.slots.iter_mut().min_by_key(|s| match s {
-            None => (0, 0),
-            Some(s) if !s.live(now_ms, lifetime) => (0, 0),
-            Some(s) => (1, s.issued_ms),
-        });
-        if let Some(v) = victim {
-            *v = Some(slot);
+        // A free or expired slot if there is one, else the oldest (the
+        // first of equals).
+        let mut victim = 0;
+        let mut oldest = None;
+        for i in 0..N {
+            if !self.live(i, now_ms) {
+                victim = i;
+                break;
+            }
+            let issued = self.issued_ms.get(i).copied().unwrap_or(0);
+            if oldest.is_none_or(|o| issued < o) {
+                oldest = Some(issued);
+                victim = i;
+            }
+        }
+        if let (Some(v), Some(t), Some(taken)) =
+            (self.values.get_mut(victim), self.issued_ms.get_mut(victim), self.taken.get_mut(victim))
+        {
+            *v = value;
+            *t = now_ms;
+            *taken = true;
         }
         value
     }
@@ -106,15 +129,13 @@ impl<const N: usize, const M: usize> ChallengeTable<N, M> {
     pub(crate) fn position(&self, challenge: &[u8; CHALLENGE_LEN], now_ms: u64) -> Option<usize> {
         // Challenges are public (they travel in clear), so a plain comparison
         // leaks nothing.
-        self.slots
-            .iter()
-            .position(|s| matches!(s, Some(s) if &s.value == challenge && s.live(now_ms, self.lifetime_ms)))
+        (0..N).find(|&i| self.live(i, now_ms) && self.values.get(i) == Some(challenge))
     }
 
     /// Retires the challenge at `index`: single use.
     pub(crate) fn consume(&mut self, index: usize) {
-        if let Some(s) = self.slots.get_mut(index) {
-            *s = None;
+        if let Some(t) = self.taken.get_mut(index) {
+            *t = false;
         }
     }
 
@@ -124,7 +145,7 @@ impl<const N: usize, const M: usize> ChallengeTable<N, M> {
     /// # Errors
     /// [`Error::Replayed`], [`Error::BeyondReplayWindow`].
     pub fn check_executed(&self, id: &MsgId, expires_at: u64) -> Result<()> {
-        if self.executed.iter().flatten().any(|(e, _)| e == id) {
+        if self.ids.iter().zip(&self.executed).any(|(e, &x)| x && e == id) {
             return Err(Error::Replayed);
         }
         if expires_at <= self.floor {
@@ -140,18 +161,34 @@ impl<const N: usize, const M: usize> ChallengeTable<N, M> {
     /// ([`ChallengeDevice::verify_command`](super::ChallengeDevice::verify_command)
     /// does this; a device that restores its memory calls it directly.)
     pub fn record_executed(&mut self, id: MsgId, expires_at: u64, expired: impl Fn(u64) -> bool) {
-        let victim = self.executed.iter_mut().min_by_key(|e| match e {
-            None => (0, 0),
-            Some((_, exp)) if expired(*exp) => (0, 0),
-            Some((_, exp)) => (1, *exp),
-        });
-        if let Some(v) = victim {
-            if let Some((_, exp)) = *v
-                && !expired(exp)
-            {
-                self.floor = self.floor.max(exp);
+        // A free entry, else an expired one, else the one expiring soonest
+        // (the first of equals), which raises the floor.
+        let mut victim = None;
+        let mut soonest: Option<(usize, u64)> = None;
+        for i in 0..M {
+            let exp = self.expiries.get(i).copied().unwrap_or(0);
+            if !self.executed.get(i).copied().unwrap_or(false) || expired(exp) {
+                victim = Some(i);
+                break;
             }
-            *v = Some((id, expires_at));
+            if soonest.is_none_or(|(_, s)| exp < s) {
+                soonest = Some((i, exp));
+            }
+        }
+        let victim = match (victim, soonest) {
+            (Some(i), _) => i,
+            (None, Some((i, exp))) => {
+                self.floor = self.floor.max(exp);
+                i
+            }
+            (None, None) => return,
+        };
+        if let (Some(slot), Some(e), Some(x)) =
+            (self.ids.get_mut(victim), self.expiries.get_mut(victim), self.executed.get_mut(victim))
+        {
+            *slot = id;
+            *e = expires_at;
+            *x = true;
         }
     }
 
@@ -176,7 +213,7 @@ impl<const N: usize, const M: usize> ChallengeTable<N, M> {
     /// How many challenges are outstanding at `now_ms`.
     #[must_use]
     pub fn outstanding(&self, now_ms: u64) -> usize {
-        self.slots.iter().flatten().filter(|s| s.live(now_ms, self.lifetime_ms)).count()
+        (0..N).filter(|&i| self.live(i, now_ms)).count()
     }
 }
 

@@ -14,6 +14,122 @@ use core::task::{Context, Poll, Waker};
 
 use sha2::{Digest, Sha256};
 
+/// Size-optimised memory routines, linked instead of compiler-builtins'.
+///
+/// Rust on a bare-metal target gets `memcpy`, `memset` and the ARM EABI
+/// variants (`__aeabi_memcpy4`, `__aeabi_memclr8`, …) from compiler-builtins,
+/// which unrolls them for speed: 1.9 KiB of flash in the verification core,
+/// 3.1 KiB in the whole agent (docs/BENCHMARKS.md, "Microcontroller agent"),
+/// because each EABI variant is its own copy loop. A C firmware built for
+/// size links newlib-nano's one-byte-at-a-time routines instead; these are
+/// the same, about 150 B for all of them. compiler-builtins defines its
+/// routines as weak symbols, so these take their place in every image
+/// (the empty baseline references none).
+///
+/// The agent copies at most a few hundred bytes per message, so the speed
+/// lost is a few microseconds next to one SHA-256 compression. The loops
+/// read and write through volatile accesses so that the optimiser cannot
+/// turn them back into calls to `memcpy` — that is, into themselves.
+#[allow(unsafe_code)]
+pub mod mem {
+    use core::ptr::{read_volatile, write_volatile};
+
+    // The loops live under their own names: LLVM treats a call to anything
+    // named `memcpy` or `memset` as its intrinsic, which it lowers on ARM to
+    // `__aeabi_memcpy` — so an EABI entry point that called `memcpy` would
+    // call itself.
+
+    /// Copies forward, or backward when `d` is above an overlapping `s`.
+    ///
+    /// # Safety
+    /// `n` bytes readable at `s` and writable at `d`.
+    #[inline(never)]
+    unsafe fn copy(d: *mut u8, s: *const u8, n: usize) {
+        if (d as usize) <= (s as usize) {
+            for i in 0..n {
+                // SAFETY: within the `n` bytes the caller vouches for;
+                // forward never overwrites a byte before it is read.
+                unsafe { write_volatile(d.add(i), read_volatile(s.add(i))) };
+            }
+        } else {
+            for i in (0..n).rev() {
+                // SAFETY: as above, backward.
+                unsafe { write_volatile(d.add(i), read_volatile(s.add(i))) };
+            }
+        }
+    }
+
+    /// # Safety
+    /// `n` bytes writable at `d`.
+    #[inline(never)]
+    unsafe fn fill(d: *mut u8, byte: u8, n: usize) {
+        for i in 0..n {
+            // SAFETY: within the `n` bytes the caller vouches for.
+            unsafe { write_volatile(d.add(i), byte) };
+        }
+    }
+
+    /// # Safety
+    /// As C's `memcpy`.
+    #[unsafe(no_mangle)]
+    pub unsafe extern "C" fn memcpy(d: *mut u8, s: *const u8, n: usize) -> *mut u8 {
+        // SAFETY: the caller's contract.
+        unsafe { copy(d, s, n) };
+        d
+    }
+
+    /// # Safety
+    /// As C's `memmove`.
+    #[unsafe(no_mangle)]
+    pub unsafe extern "C" fn memmove(d: *mut u8, s: *const u8, n: usize) -> *mut u8 {
+        // SAFETY: the caller's contract; `copy` handles overlap.
+        unsafe { copy(d, s, n) };
+        d
+    }
+
+    /// # Safety
+    /// As C's `memset`.
+    #[unsafe(no_mangle)]
+    pub unsafe extern "C" fn memset(d: *mut u8, c: i32, n: usize) -> *mut u8 {
+        // SAFETY: the caller's contract; C's memset stores `c` as a byte.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        unsafe {
+            fill(d, c as u8, n);
+        }
+        d
+    }
+
+    /// The ARM EABI entry points (RTABI §4.3.4), which compiler-builtins
+    /// implements separately; byte loops need none of the alignment they
+    /// promise. The `memset` ones take `(dest, n, c)`, `memclr` `(dest, n)`.
+    macro_rules! aeabi {
+        ($($name:ident ($d:ident, $a:ident, $b:ident) => $body:expr;)*) => {$(
+            /// # Safety
+            /// As the C routine of the same family.
+            #[unsafe(no_mangle)]
+            pub unsafe extern "aapcs" fn $name($d: *mut u8, $a: usize, $b: usize) {
+                // SAFETY: the caller's contract is the C routine's.
+                unsafe { $body };
+            }
+        )*};
+    }
+
+    aeabi! {
+        __aeabi_memcpy(d, s, n) => copy(d, s as *const u8, n);
+        __aeabi_memcpy4(d, s, n) => copy(d, s as *const u8, n);
+        __aeabi_memcpy8(d, s, n) => copy(d, s as *const u8, n);
+        __aeabi_memmove(d, s, n) => copy(d, s as *const u8, n);
+        __aeabi_memmove4(d, s, n) => copy(d, s as *const u8, n);
+        __aeabi_memmove8(d, s, n) => copy(d, s as *const u8, n);
+        __aeabi_memset(d, n, c) => fill(d, c as u8, n);
+        __aeabi_memset4(d, n, c) => fill(d, c as u8, n);
+        __aeabi_memset8(d, n, c) => fill(d, c as u8, n);
+        __aeabi_memclr(d, n, _unused) => fill(d, 0, n);
+        __aeabi_memclr4(d, n, _unused) => fill(d, 0, n);
+        __aeabi_memclr8(d, n, _unused) => fill(d, 0, n);
+    }
+}
+
 /// A generated copy of the protocol's challenge-mode vectors (build.rs).
 pub mod vectors {
     use mqseal_proto::challenge::Registered;
@@ -116,18 +232,45 @@ mod driver {
 /// `SHA-256(seed ‖ be64(0)) ‖ SHA-256(seed ‖ be64(1)) ‖ …`. Deterministic,
 /// so a script can know the challenges the agent will issue. A board uses
 /// its hardware RNG.
+///
+/// The first [`AHEAD`] bytes are computed when it is made, so that handing
+/// them out costs what a hardware RNG read costs — a copy — and the stack
+/// measured under `Agent::handle` is the agent's, not this stand-in's
+/// SHA-256 (about 650 B of it). Later bytes are computed as they are asked for.
 pub struct VectorRng {
     seed: &'static [u8],
     counter: u64,
-    block: [u8; 32],
+    block: [u8; AHEAD],
+    /// Valid bytes in `block`.
+    len: usize,
     used: usize,
 }
+
+/// Bytes of the stream computed in advance: four challenges' or message
+/// ids' worth, what one QEMU script asks for between two measurements.
+pub const AHEAD: usize = 128;
 
 impl VectorRng {
     /// The stream for `seed`.
     #[must_use]
-    pub const fn new(seed: &'static [u8]) -> Self {
-        VectorRng { seed, counter: 0, block: [0; 32], used: 32 }
+    pub fn new(seed: &'static [u8]) -> Self {
+        let mut rng = VectorRng { seed, counter: 0, block: [0; AHEAD], len: 0, used: 0 };
+        rng.refill();
+        rng
+    }
+
+    /// Computes the next [`AHEAD`] bytes of the stream.
+    #[inline(never)]
+    fn refill(&mut self) {
+        for chunk in self.block.chunks_mut(32) {
+            let mut h = Sha256::new();
+            h.update(self.seed);
+            h.update(self.counter.to_be_bytes());
+            chunk.iter_mut().zip(h.finalize()).for_each(|(c, d)| *c = d);
+            self.counter += 1;
+        }
+        self.len = AHEAD;
+        self.used = 0;
     }
 }
 
@@ -145,13 +288,8 @@ impl rand_core::TryRng for VectorRng {
     }
     fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
         for d in dst.iter_mut() {
-            if self.used == 32 {
-                let mut h = Sha256::new();
-                h.update(self.seed);
-                h.update(self.counter.to_be_bytes());
-                self.block = h.finalize().into();
-                self.counter += 1;
-                self.used = 0;
+            if self.used == self.len {
+                self.refill();
             }
             *d = self.block.get(self.used).copied().unwrap_or(0);
             self.used += 1;
