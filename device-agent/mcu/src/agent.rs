@@ -9,7 +9,7 @@
 //! host in the end-to-end test, and in the QEMU images.
 
 use mqseal_proto::challenge::{ChallengeDevice, ChallengeTable, Clock, Form, HmacKey, Registered, Verified};
-use mqseal_proto::topic::{Channel, Topic, parse, topic};
+use mqseal_proto::topic::{Channel, ROOT, Topic, topic};
 use mqseal_proto::{Call, Error, Kind, MsgId, Outcome, Policy, Status, peek};
 use rand_core::CryptoRng;
 
@@ -229,16 +229,17 @@ impl<'k, const SLOTS: usize> Agent<'k, SLOTS> {
         commands: &mut C,
         out: &mut [u8],
     ) -> Result<Reply, Rejected> {
-        let channel = match parse(arrived_on) {
-            Some((device, channel)) if device == self.id() => channel,
-            _ => return Err(Rejected::Topic),
-        };
+        // This device's own topics only: `ROOT ‖ id ‖ "/" ‖ suffix`. Its id
+        // is valid, so matching it here is what `topic::parse` would check.
+        let suffix =
+            arrived_on.strip_prefix(ROOT).and_then(|t| t.strip_prefix(self.id())).and_then(|t| t.strip_prefix('/'));
+        let channel = Channel::TO_DEVICE.into_iter().find(|c| suffix == Some(c.suffix()));
         match channel {
-            Channel::ChallengeRequest => {
+            Some(Channel::ChallengeRequest) => {
                 let len = self.device.answer_request(payload, &mut self.challenges, rng, clock.monotonic_ms, out)?;
                 Ok(Reply::Written { channel: Channel::Challenge, len })
             }
-            Channel::Command => match peek(payload)? {
+            Some(Channel::Command) => match peek(payload)? {
                 Kind::ChallengeCommand => self.challenge_command(payload, arrived_on, clock, rng, commands, out),
                 Kind::SealedCommand => self.sealed_command(payload, arrived_on, clock, rng, commands),
                 other => Err(Rejected::Kind(other)),

@@ -267,8 +267,10 @@ impl<'k> ChallengeDevice<'k> {
             return if bool::from(hit) { Ok(None) } else { Err(Error::BadTag) };
         }
         let mut found = Choice::from(0);
-        let mut index = 0u64;
-        for (i, reg) in (0u64..).zip(registry) {
+        // 32 bits: a registry is a handful of commands, and 64-bit selects
+        // are twice the code on a Cortex-M.
+        let mut index = 0u32;
+        for (i, reg) in (0u32..).zip(registry) {
             let call = Call { name: reg.name, args: Args::new(reg.args)? };
             let hit = MacInput::command_tag(
                 self.key,

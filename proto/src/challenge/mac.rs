@@ -197,8 +197,10 @@ fn compress(state: &mut [u32; 8], w: &mut [u32; 16]) {
 fn keyed_state(key: &[u8; HMAC_KEY_LEN], pad: u8) -> [u32; 8] {
     let pad = u32::from_ne_bytes([pad; 4]);
     let mut w = [pad; 16];
-    for (w, k) in w.iter_mut().zip(key.chunks_exact(4)) {
-        *w ^= k.try_into().map_or(0, u32::from_be_bytes);
+    // `as_chunks`, not `chunks_exact`: its length needs no division (a
+    // Cortex-M0 has no divider, and the library routine is 400 B).
+    for (w, k) in w.iter_mut().zip(key.as_chunks::<4>().0) {
+        *w ^= u32::from_be_bytes(*k);
     }
     let mut state = IV;
     compress(&mut state, &mut w);
@@ -309,8 +311,8 @@ impl<'k> MacInput<'k> {
             }
             Tag::Compare(given) => {
                 let mut diff = 0u32;
-                for (w, t) in self.state.iter().zip(given.chunks_exact(4)) {
-                    diff |= w ^ t.try_into().map_or(0, u32::from_be_bytes);
+                for (w, t) in self.state.iter().zip(given.as_chunks::<4>().0) {
+                    diff |= w ^ u32::from_be_bytes(*t);
                 }
                 diff.ct_eq(&0)
             }
@@ -425,7 +427,7 @@ pub(crate) enum Tag<'t> {
 
 /// SHA-256's big-endian output of `words` into the front of `out`.
 fn store_be(words: &[u32; 8], out: &mut [u8]) {
-    out.chunks_exact_mut(4).zip(words).for_each(|(o, w)| o.copy_from_slice(&w.to_be_bytes()));
+    out.as_chunks_mut::<4>().0.iter_mut().zip(words).for_each(|(o, w)| *o = w.to_be_bytes());
 }
 
 #[cfg(test)]
