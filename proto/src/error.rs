@@ -5,19 +5,51 @@
 //! test vectors can name it (see [`Error::code`]). Over the network every
 //! rejection looks the same: a device answers none of them.
 
+use core::fmt;
+
+use crate::limits::MAX_FRAME;
 use crate::wire::Kind;
+
+/// A fixed piece of text in an [`Error`]: what was malformed, which field
+/// broke its limit, which key operation failed.
+///
+/// One pointer to a `&'static str` rather than the `&'static str` itself,
+/// so that an `Error` is two words on a 32-bit device instead of four: every
+/// `?` on a microcontroller moves one, and the smaller error took 270 B off
+/// the verification core (docs/BENCHMARKS.md, "Microcontroller agent").
+/// Written `Text(&"…")`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Text(pub &'static &'static str);
+
+impl Text {
+    /// The text.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        self.0
+    }
+}
+
+impl fmt::Display for Text {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl fmt::Debug for Text {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.0, f)
+    }
+}
 
 /// Why an envelope was rejected, or why one could not be built.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The envelope is larger than [`crate::limits::MAX_FRAME`].
-    #[error("envelope of {len} bytes exceeds the {max}-byte limit")]
+    #[error("envelope of {len} bytes exceeds the {MAX_FRAME}-byte limit")]
     TooLarge {
         /// Length received.
         len: usize,
-        /// Limit.
-        max: usize,
     },
     /// The first byte names a format version this build does not speak.
     #[error("unsupported envelope format version {0} (this build speaks version 1)")]
@@ -49,14 +81,15 @@ pub enum Error {
     Truncated,
     /// The bytes do not decode as the declared kind.
     #[error("malformed envelope: {0}")]
-    Malformed(&'static str),
+    Malformed(Text),
     /// A field is longer, or a list has more items, than the protocol allows.
     #[error("field `{field}` exceeds its limit of {max}")]
     LimitExceeded {
         /// Name of the field, as in docs/PROTOCOL.md.
-        field: &'static str,
-        /// The limit.
-        max: usize,
+        field: Text,
+        /// The limit. Every limit fits 16 bits: the MAC input's length
+        /// prefixes are 16-bit.
+        max: u16,
     },
     /// A device id is empty, too long, or has a character outside
     /// `A-Z a-z 0-9 - _ . :`.
@@ -112,16 +145,33 @@ pub enum Error {
     BufferTooSmall,
     /// An RSA or HMAC key is unusable (wrong size, exponent or encoding).
     #[error("invalid key: {0}")]
-    InvalidKey(&'static str),
+    InvalidKey(Text),
     /// A cryptographic primitive failed while building an envelope.
     #[error("cryptographic operation failed: {0}")]
-    Crypto(&'static str),
+    Crypto(Text),
     /// Persisted replay state could not be restored.
     #[error("invalid replay state: {0}")]
-    InvalidState(&'static str),
+    InvalidState(Text),
 }
 
+/// Every protocol limit fits [`Error::LimitExceeded`]'s 16 bits.
+const _: () = {
+    use crate::limits::{MAX_ARG_LEN, MAX_ARGS, MAX_ID_LEN, MAX_NAME_LEN, MAX_OUTPUT_LEN, MAX_TOPIC_LEN};
+    let mut limits: &[usize] = &[MAX_ARG_LEN, MAX_ARGS, MAX_ID_LEN, MAX_NAME_LEN, MAX_OUTPUT_LEN, MAX_TOPIC_LEN];
+    while let [limit, rest @ ..] = limits {
+        assert!(*limit <= u16::MAX as usize, "a protocol limit beyond 16 bits");
+        limits = rest;
+    }
+};
+
 impl Error {
+    /// `field` is longer than the protocol's `max` (one of `limits`'
+    /// constants, which all fit 16 bits).
+    pub(crate) const fn limit_exceeded(field: &'static &'static str, max: usize) -> Error {
+        #[allow(clippy::cast_possible_truncation)] // checked above for every limit
+        Error::LimitExceeded { field: Text(field), max: max as u16 }
+    }
+
     /// A stable, machine-readable name for the variant.
     ///
     /// Negative test vectors and the agents' log lines use these; they never
@@ -166,16 +216,16 @@ impl From<postcard::Error> for Error {
         use postcard::Error as P;
         match e {
             P::DeserializeUnexpectedEnd => Error::Truncated,
-            P::DeserializeBadVarint => Error::Malformed("bad varint"),
-            P::DeserializeBadUtf8 => Error::Malformed("invalid UTF-8 in a string"),
-            P::DeserializeBadBool => Error::Malformed("bad boolean"),
-            P::DeserializeBadOption => Error::Malformed("bad option tag"),
-            P::DeserializeBadEnum => Error::Malformed("unknown variant"),
+            P::DeserializeBadVarint => Error::Malformed(Text(&"bad varint")),
+            P::DeserializeBadUtf8 => Error::Malformed(Text(&"invalid UTF-8 in a string")),
+            P::DeserializeBadBool => Error::Malformed(Text(&"bad boolean")),
+            P::DeserializeBadOption => Error::Malformed(Text(&"bad option tag")),
+            P::DeserializeBadEnum => Error::Malformed(Text(&"unknown variant")),
             P::SerializeBufferFull => Error::BufferTooSmall,
             // serde's derive reports unknown enum variants through its custom
             // error; postcard keeps no message for those in no_std.
-            P::SerdeDeCustom => Error::Malformed("invalid value"),
-            _ => Error::Malformed("undecodable"),
+            P::SerdeDeCustom => Error::Malformed(Text(&"invalid value")),
+            _ => Error::Malformed(Text(&"undecodable")),
         }
     }
 }

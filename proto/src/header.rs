@@ -82,7 +82,7 @@ impl Header<'_> {
     /// [`Error::InvalidId`], [`Error::LimitExceeded`].
     pub fn validate(&self) -> Result<()> {
         validate_id(self.device)?;
-        limit("topic", self.topic.len(), MAX_TOPIC_LEN)
+        limit(&"topic", self.topic.len(), MAX_TOPIC_LEN)
     }
 
     /// A device's checks on a received command: the header is well formed,

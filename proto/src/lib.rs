@@ -88,7 +88,7 @@ compile_error!("sealed mode needs an RSA backend: enable `aws-lc` (std) or `rust
 pub mod topic;
 mod wire;
 
-pub use error::Error;
+pub use error::{Error, Text};
 pub use header::{Header, Policy};
 pub use ids::{MsgId, validate_id};
 pub use wire::{Args, Call, Kind, Outcome, RETIRED_KINDS, Status, VERSION, peek};

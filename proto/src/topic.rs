@@ -75,7 +75,7 @@ pub fn topic(device: &str, channel: Channel) -> Result<Topic> {
     pieces(device, channel)
         .iter()
         .try_for_each(|part| t.push_str(part))
-        .map_err(|_| Error::LimitExceeded { field: "topic", max: MAX_TOPIC_LEN })?;
+        .map_err(|_| Error::limit_exceeded(&"topic", MAX_TOPIC_LEN))?;
     Ok(t)
 }
 

@@ -17,6 +17,7 @@
 //!
 //! [postcard]: https://postcard.jamesmunns.com/wire-format
 
+use crate::Text;
 use core::fmt;
 
 use crate::limits::{MAX_ARG_LEN, MAX_ARGS, MAX_FRAME, MAX_NAME_LEN, MAX_OUTPUT_LEN};
@@ -94,7 +95,7 @@ pub const RETIRED_KINDS: &[u8] = &[2];
 /// [`Error::RetiredKind`], [`Error::UnknownKind`].
 pub fn peek(frame: &[u8]) -> Result<Kind> {
     if frame.len() > MAX_FRAME {
-        return Err(Error::TooLarge { len: frame.len(), max: MAX_FRAME });
+        return Err(Error::TooLarge { len: frame.len() });
     }
     match frame {
         [] | [_] => Err(Error::Truncated),
@@ -292,7 +293,7 @@ impl<'a> Reader<'a> {
     pub(crate) fn str(&mut self) -> &'a str {
         let bytes = self.bytes();
         core::str::from_utf8(bytes).unwrap_or_else(|_| {
-            self.fail(Error::Malformed("invalid UTF-8 in a string"));
+            self.fail(Error::Malformed(Text(&"invalid UTF-8 in a string")));
             ""
         })
     }
@@ -303,7 +304,7 @@ impl<'a> Reader<'a> {
             0 => false,
             1 => true,
             _ => {
-                self.fail(Error::Malformed("bad option tag"));
+                self.fail(Error::Malformed(Text(&"bad option tag")));
                 false
             }
         }
@@ -315,8 +316,8 @@ impl<'a> Reader<'a> {
     }
 }
 
-const BAD_VARINT: Error = Error::Malformed("bad varint");
-const LONG_VARINT: Error = Error::Malformed("varint not in its shortest form");
+const BAD_VARINT: Error = Error::Malformed(Text(&"bad varint"));
+const LONG_VARINT: Error = Error::Malformed(Text(&"varint not in its shortest form"));
 
 impl<'a> Decode<'a> for &'a [u8] {
     fn read(r: &mut Reader<'a>) -> Self {
@@ -327,7 +328,7 @@ impl<'a> Decode<'a> for &'a [u8] {
 /// Refuses bytes left over after the last field: they are covered by no
 /// check, so accepting them would let anyone append to a valid envelope.
 pub(crate) fn end(rest: &[u8]) -> Result<()> {
-    if rest.is_empty() { Ok(()) } else { Err(Error::Malformed("trailing bytes after the last field")) }
+    if rest.is_empty() { Ok(()) } else { Err(Error::Malformed(Text(&"trailing bytes after the last field"))) }
 }
 
 /// Where an encoder writes.
@@ -455,12 +456,12 @@ pub(crate) fn append<T: Encode>(mut out: alloc::vec::Vec<u8>, value: &T) -> allo
 
 /// Refuses to produce an envelope no receiver would accept.
 pub(crate) fn check_frame_len(len: usize) -> Result<usize> {
-    if len > MAX_FRAME { Err(Error::TooLarge { len, max: MAX_FRAME }) } else { Ok(len) }
+    if len > MAX_FRAME { Err(Error::TooLarge { len }) } else { Ok(len) }
 }
 
 /// Checks a length against its protocol limit.
-pub(crate) fn limit(field: &'static str, len: usize, max: usize) -> Result<()> {
-    if len > max { Err(Error::LimitExceeded { field, max }) } else { Ok(()) }
+pub(crate) fn limit(field: &'static &'static str, len: usize, max: usize) -> Result<()> {
+    if len > max { Err(Error::limit_exceeded(field, max)) } else { Ok(()) }
 }
 
 /// The arguments of a command: at most [`MAX_ARGS`] strings.
@@ -490,7 +491,7 @@ impl<'a> Args<'a> {
     /// # Errors
     /// [`Error::LimitExceeded`] with more than [`MAX_ARGS`] items.
     pub fn new(items: &'a [&'a str]) -> Result<Self> {
-        limit("args", items.len(), MAX_ARGS)?;
+        limit(&"args", items.len(), MAX_ARGS)?;
         Ok(Args(ArgsRepr::List(items)))
     }
 
@@ -637,11 +638,11 @@ impl<'a> Call<'a> {
     /// [`Error::LimitExceeded`] naming the field.
     pub fn validate(&self) -> Result<()> {
         if self.name.is_empty() {
-            return Err(Error::Malformed("empty command name"));
+            return Err(Error::Malformed(Text(&"empty command name")));
         }
-        limit("name", self.name.len(), MAX_NAME_LEN)?;
-        limit("args", self.args.len(), MAX_ARGS)?;
-        self.args.iter().try_for_each(|a| limit("arg", a.len(), MAX_ARG_LEN))
+        limit(&"name", self.name.len(), MAX_NAME_LEN)?;
+        limit(&"args", self.args.len(), MAX_ARGS)?;
+        self.args.iter().try_for_each(|a| limit(&"arg", a.len(), MAX_ARG_LEN))
     }
 }
 
@@ -709,7 +710,7 @@ impl<'a> Decode<'a> for Outcome<'a> {
         // An enum is its variant index as a u32 varint.
         let index = r.u32();
         let status = u8::try_from(index).ok().and_then(Status::from_byte).unwrap_or_else(|| {
-            r.fail(Error::Malformed("unknown variant"));
+            r.fail(Error::Malformed(Text(&"unknown variant")));
             Status::Ok
         });
         Outcome { status, code: r.i32(), output: r.bytes() }
@@ -733,7 +734,7 @@ impl Outcome<'_> {
     /// # Errors
     /// [`Error::LimitExceeded`] when the output is too long.
     pub fn validate(&self) -> Result<()> {
-        limit("output", self.output.len(), MAX_OUTPUT_LEN)
+        limit(&"output", self.output.len(), MAX_OUTPUT_LEN)
     }
 }
 
@@ -759,7 +760,7 @@ mod tests {
             }
         }
         let big = [1u8; MAX_FRAME + 1];
-        assert_eq!(peek(&big), Err(Error::TooLarge { len: MAX_FRAME + 1, max: MAX_FRAME }));
+        assert_eq!(peek(&big), Err(Error::TooLarge { len: MAX_FRAME + 1 }));
     }
 
     /// One spelling per value: every varint the encoder writes decodes,
@@ -793,14 +794,14 @@ mod tests {
         let mut r = Reader::new(&[0x03, 0xff, 0xfe, 0xfd, 0x05]);
         assert_eq!(r.str(), "");
         assert_eq!(r.u32(), 0, "the rest was dropped");
-        assert_eq!(r.finish(), Err(Error::Malformed("invalid UTF-8 in a string")));
+        assert_eq!(r.finish(), Err(Error::Malformed(Text(&"invalid UTF-8 in a string"))));
         let mut r = Reader::new(&[0x05, b'a']);
         let _ = r.bytes();
         let _ = r.option();
         assert_eq!(r.finish(), Err(Error::Truncated));
         let mut r = Reader::new(&[0x02]);
         assert!(!r.option());
-        assert_eq!(r.finish(), Err(Error::Malformed("bad option tag")));
+        assert_eq!(r.finish(), Err(Error::Malformed(Text(&"bad option tag"))));
     }
 
     /// One read through a fresh reader, as a `Result`.
@@ -828,7 +829,7 @@ mod tests {
         bytes.extend_from_slice(&[0u8; 17]).unwrap();
         let (call, rest) = take::<Call<'_>>(&bytes).unwrap();
         assert!(rest.is_empty());
-        assert_eq!(call.validate(), Err(Error::LimitExceeded { field: "args", max: MAX_ARGS }));
+        assert_eq!(call.validate(), Err(Error::limit_exceeded(&"args", MAX_ARGS)));
         // and a valid call encodes as documented: name, count, items.
         let call = Call::new("ab", &["c"]).unwrap();
         let mut c = Cursor::new(&mut buf);

@@ -15,6 +15,7 @@
 
 mod common;
 
+use mqseal_proto::Text;
 use std::collections::BTreeSet;
 
 use common::{Keys, Script, VectorRng, enc, keys_pem, old_form_receipt, resign, varint, vectors_dir};
@@ -1664,14 +1665,14 @@ fn every_rejection_reason_has_a_vector() {
     let neg: File<NegativeVector> = read("negative.json");
     let have: BTreeSet<&str> = neg.vectors.iter().map(|v| v.expected_error.as_str()).collect();
     let reasons = [
-        Error::TooLarge { len: 0, max: 0 },
+        Error::TooLarge { len: 0 },
         Error::UnsupportedVersion(0),
         Error::UnknownKind(0),
         Error::RetiredKind(2),
         Error::WrongKind { expected: mqseal_proto::Kind::Challenge, found: mqseal_proto::Kind::Challenge },
         Error::Truncated,
-        Error::Malformed(""),
-        Error::LimitExceeded { field: "", max: 0 },
+        Error::Malformed(Text(&"")),
+        Error::LimitExceeded { field: Text(&""), max: 0 },
         Error::InvalidId,
         Error::WrongDevice,
         Error::WrongTopic,

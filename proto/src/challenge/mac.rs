@@ -20,6 +20,7 @@
 //! form byte separates hidden from explicit; the length prefixes make every
 //! input parse one way only.
 
+use crate::Text;
 use core::fmt;
 
 use rand_core::CryptoRng;
@@ -65,7 +66,7 @@ impl HmacKey {
     /// [`Error::InvalidKey`] unless the slice is exactly 32 bytes.
     pub fn from_slice(bytes: &[u8]) -> Result<Self> {
         let arr: [u8; HMAC_KEY_LEN] =
-            bytes.try_into().map_err(|_| Error::InvalidKey("an HMAC key must be exactly 32 bytes"))?;
+            bytes.try_into().map_err(|_| Error::InvalidKey(Text(&"an HMAC key must be exactly 32 bytes")))?;
         Ok(HmacKey::new(arr))
     }
 
@@ -233,7 +234,7 @@ pub(crate) struct MacInput<'k> {
     /// A field too long for its 16-bit length prefix, if one came: the tag
     /// is refused at the end rather than after every field (like
     /// `wire::Reader`'s errors).
-    overlong: Option<&'static str>,
+    overlong: Option<&'static &'static str>,
 }
 
 impl Drop for MacInput<'_> {
@@ -301,7 +302,7 @@ impl<'k> MacInput<'k> {
     #[inline(always)]
     fn finish(&mut self, tag: Tag<'_>) -> Result<Choice> {
         if let Some(field) = self.overlong {
-            return Err(Error::LimitExceeded { field, max: u16::MAX as usize });
+            return Err(Error::LimitExceeded { field: Text(field), max: u16::MAX });
         }
         self.finalize();
         Ok(match tag {
@@ -336,7 +337,7 @@ impl<'k> MacInput<'k> {
     }
 
     /// `be16(len) ‖ bytes`.
-    fn lp(&mut self, field: &'static str, bytes: &[u8]) {
+    fn lp(&mut self, field: &'static &'static str, bytes: &[u8]) {
         let Ok(len) = u16::try_from(bytes.len()) else {
             self.overlong.get_or_insert(field);
             return;
@@ -346,7 +347,7 @@ impl<'k> MacInput<'k> {
     }
 
     /// `be16(len) ‖ bytes` of a field given as pieces.
-    fn lp_pieces(&mut self, field: &'static str, pieces: &[&str]) {
+    fn lp_pieces(&mut self, field: &'static &'static str, pieces: &[&str]) {
         let len = pieces.iter().map(|p| p.len()).fold(0usize, usize::saturating_add);
         let Ok(len) = u16::try_from(len) else {
             self.overlong.get_or_insert(field);
@@ -357,8 +358,8 @@ impl<'k> MacInput<'k> {
     }
 
     fn header(&mut self, h: &HeaderOut<'_>) {
-        self.lp("device", h.device.as_bytes());
-        self.lp_pieces("topic", h.topic);
+        self.lp(&"device", h.device.as_bytes());
+        self.lp_pieces(&"topic", h.topic);
         self.update(&h.msg_id.0);
         self.update(&h.issued_at.to_be_bytes());
         self.update(&h.expires_at.to_be_bytes());
@@ -382,16 +383,16 @@ impl<'k> MacInput<'k> {
         call: &Call<'_>,
         tag: Tag<'_>,
     ) -> Result<Choice> {
-        limit("args", call.args.len(), MAX_ARGS)?;
+        limit(&"args", call.args.len(), MAX_ARGS)?;
         let mut m = MacInput::keyed(key);
         m.start(COMMAND_LABEL, form, challenge);
         m.header(&header.out());
-        m.lp("name", call.name.as_bytes());
+        m.lp(&"name", call.name.as_bytes());
         // MAX_ARGS (16) fits a byte; checked just above.
         #[allow(clippy::cast_possible_truncation)]
         m.update(&[call.args.len() as u8]);
         for a in call.args.iter() {
-            m.lp("arg", a.as_bytes());
+            m.lp(&"arg", a.as_bytes());
         }
         m.finish(tag)
     }
@@ -412,7 +413,7 @@ impl<'k> MacInput<'k> {
         m.update(&in_reply_to.0);
         m.update(&[outcome.status as u8]);
         m.update(&outcome.code.to_be_bytes());
-        m.lp("output", outcome.output);
+        m.lp(&"output", outcome.output);
         m.finish(tag)
     }
 }

@@ -1,5 +1,6 @@
 //! RSA keys, their ids, and the keyring of trusted signers.
 
+use crate::Text;
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use alloc::string::String;
@@ -64,10 +65,10 @@ pub struct PublicKey {
 fn check_public(key: &dyn RsaPublic) -> Result<usize> {
     let bits = key.modulus_bits();
     if !(RSA_MIN_BITS..=RSA_MAX_BITS).contains(&bits) {
-        return Err(Error::InvalidKey(RSA_RANGE));
+        return Err(Error::InvalidKey(Text(&RSA_RANGE)));
     }
     if key.exponent() != [0x01, 0x00, 0x01] {
-        return Err(Error::InvalidKey("RSA public exponent must be 65537"));
+        return Err(Error::InvalidKey(Text(&"RSA public exponent must be 65537")));
     }
     Ok(bits)
 }
@@ -103,7 +104,7 @@ impl PublicKey {
     /// # Errors
     /// [`Error::InvalidKey`] for anything but an RSA key in range.
     pub fn from_pem(pem: &str) -> Result<Self> {
-        let der = pem_body(pem, PUBLIC_LABEL, "not a PEM RSA public key")?;
+        let der = pem_body(pem, PUBLIC_LABEL, Text(&"not a PEM RSA public key"))?;
         PublicKey::from_der(&der)
     }
 
@@ -127,7 +128,7 @@ impl PublicKey {
     /// [`Error::InvalidKey`] if encoding fails.
     pub fn to_pem(&self) -> Result<String> {
         pem_rfc7468::encode_string(PUBLIC_LABEL, LineEnding::LF, &self.der)
-            .map_err(|_| Error::InvalidKey("cannot encode the public key"))
+            .map_err(|_| Error::InvalidKey(Text(&"cannot encode the public key")))
     }
 
     /// The DER `SubjectPublicKeyInfo` the id is computed from.
@@ -161,7 +162,7 @@ impl PublicKey {
 }
 
 /// The body of a PEM document with `label`.
-fn pem_body(pem: &str, label: &str, wrong: &'static str) -> Result<Zeroizing<Vec<u8>>> {
+fn pem_body(pem: &str, label: &str, wrong: Text) -> Result<Zeroizing<Vec<u8>>> {
     let (found, der) = pem_rfc7468::decode_vec(pem.as_bytes()).map_err(|_| Error::InvalidKey(wrong))?;
     let der = Zeroizing::new(der);
     if found != label {
@@ -225,7 +226,7 @@ impl PrivateKey {
         bits: usize,
     ) -> Result<Self> {
         if !(RSA_MIN_BITS..=RSA_MAX_BITS).contains(&bits) {
-            return Err(Error::InvalidKey(RSA_RANGE));
+            return Err(Error::InvalidKey(Text(&RSA_RANGE)));
         }
         let der = backend.generate(&mut rng, bits)?;
         PrivateKey::from_pkcs8_der_with(backend, &der)
@@ -244,7 +245,7 @@ impl PrivateKey {
     /// # Errors
     /// [`Error::InvalidKey`].
     pub fn from_pkcs8_pem(pem: &str) -> Result<Self> {
-        let der = pem_body(pem, PRIVATE_LABEL, "not a PKCS#8 RSA private key")?;
+        let der = pem_body(pem, PRIVATE_LABEL, Text(&"not a PKCS#8 RSA private key"))?;
         PrivateKey::from_pkcs8_der(&der)
     }
 
@@ -263,7 +264,7 @@ impl PrivateKey {
     pub fn to_pkcs8_pem(&self) -> Result<Zeroizing<String>> {
         pem_rfc7468::encode_string(PRIVATE_LABEL, LineEnding::LF, &self.pkcs8)
             .map(Zeroizing::new)
-            .map_err(|_| Error::InvalidKey("cannot encode the private key"))
+            .map_err(|_| Error::InvalidKey(Text(&"cannot encode the private key")))
     }
 
     /// The public half.

@@ -51,6 +51,7 @@ mod keys;
 mod receipt;
 mod replay;
 
+use crate::Text;
 use alloc::string::String;
 use alloc::vec::Vec;
 
@@ -182,7 +183,7 @@ fn signed_digest(signed: &[u8]) -> [u8; 32] {
 /// signature.
 fn verify_signature<P>(view: &View<'_, P>, signer: &PublicKey) -> Result<()> {
     if view.signature.len() != signer.size() {
-        return Err(Error::Malformed("signature length differs from the signer's modulus"));
+        return Err(Error::Malformed(Text(&"signature length differs from the signer's modulus")));
     }
     signer.ops().verify_pss_sha256(&signed_digest(view.signed), view.signature)
 }
@@ -191,7 +192,7 @@ fn verify_signature<P>(view: &View<'_, P>, signer: &PublicKey) -> Result<()> {
 /// recipient's key fixes (checking it costs nothing).
 fn verify_command(view: &View<'_, CommandPrefix<'_>>, signer: &PublicKey, me: &PrivateKey) -> Result<()> {
     if view.prefix.wrapped_key.len() != me.public().size() {
-        return Err(Error::Malformed("wrapped key length differs from the recipient's modulus"));
+        return Err(Error::Malformed(Text(&"wrapped key length differs from the recipient's modulus")));
     }
     verify_signature(view, signer)
 }
@@ -244,7 +245,7 @@ fn encrypt_and_sign<R: CryptoRng + ?Sized>(
     let aead = ChaCha20Poly1305::new(&Key::from(*key));
     let ciphertext = aead
         .encrypt(&Nonce::from(*nonce), Payload { msg: plaintext, aad: &frame })
-        .map_err(|_| Error::Crypto("AEAD encryption failed"))?;
+        .map_err(|_| Error::Crypto(Text(&"AEAD encryption failed")))?;
     let frame = wire::append(frame, &ciphertext.as_slice());
     let signature = signer.ops().sign_pss_sha256(&mut rng, &signed_digest(&frame))?;
     let frame = wire::append(frame, &signature.as_slice());

@@ -1,5 +1,6 @@
 //! The sealed-mode replay cache.
 
+use crate::Text;
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::vec::Vec;
 
@@ -189,7 +190,7 @@ impl ReplayCache {
         };
         let mut out = Vec::with_capacity(1 + 8 + state.entries.len() * 58);
         out.push(STATE_VERSION);
-        postcard::to_extend(&state, out).map_err(|_| Error::InvalidState("cannot encode"))
+        postcard::to_extend(&state, out).map_err(|_| Error::InvalidState(Text(&"cannot encode")))
     }
 
     /// Rebuilds a cache from [`ReplayCache::export`]'s bytes.
@@ -202,15 +203,15 @@ impl ReplayCache {
     /// as fatal (refuse to execute) rather than start with an empty cache,
     /// which would accept replays.
     pub fn restore(bytes: &[u8], capacity: usize, policy: Policy, now: u64) -> Result<Self> {
-        let undecodable = |_| Error::InvalidState("undecodable");
+        let undecodable = |_| Error::InvalidState(Text(&"undecodable"));
         let state: State = match bytes {
             [STATE_VERSION, body @ ..] => postcard::from_bytes(body).map_err(undecodable)?,
             [1, body @ ..] => {
                 let v1: StateV1 = postcard::from_bytes(body).map_err(undecodable)?;
                 State { floor: v1.floor, not_before: 0, entries: v1.entries }
             }
-            [] => return Err(Error::InvalidState("empty")),
-            _ => return Err(Error::InvalidState("unknown format version")),
+            [] => return Err(Error::InvalidState(Text(&"empty"))),
+            _ => return Err(Error::InvalidState(Text(&"unknown format version"))),
         };
         let mut cache = ReplayCache::new(capacity, policy);
         cache.floor = state.floor;
@@ -331,9 +332,18 @@ mod tests {
 
     #[test]
     fn corrupt_state_is_an_error() {
-        assert_eq!(ReplayCache::restore(&[], 4, P, 0).unwrap_err(), Error::InvalidState("empty"));
-        assert_eq!(ReplayCache::restore(&[9, 0], 4, P, 0).unwrap_err(), Error::InvalidState("unknown format version"));
-        assert_eq!(ReplayCache::restore(&[1, 0, 5, 1], 4, P, 0).unwrap_err(), Error::InvalidState("undecodable"));
-        assert_eq!(ReplayCache::restore(&[2, 0, 0, 5, 1], 4, P, 0).unwrap_err(), Error::InvalidState("undecodable"));
+        assert_eq!(ReplayCache::restore(&[], 4, P, 0).unwrap_err(), Error::InvalidState(Text(&"empty")));
+        assert_eq!(
+            ReplayCache::restore(&[9, 0], 4, P, 0).unwrap_err(),
+            Error::InvalidState(Text(&"unknown format version"))
+        );
+        assert_eq!(
+            ReplayCache::restore(&[1, 0, 5, 1], 4, P, 0).unwrap_err(),
+            Error::InvalidState(Text(&"undecodable"))
+        );
+        assert_eq!(
+            ReplayCache::restore(&[2, 0, 0, 5, 1], 4, P, 0).unwrap_err(),
+            Error::InvalidState(Text(&"undecodable"))
+        );
     }
 }

@@ -17,6 +17,7 @@
 //! Key material lives inside AWS-LC, which wipes it when the key is freed
 //! (`OPENSSL_free` cleanses every allocation).
 
+use crate::Text;
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 
@@ -56,17 +57,17 @@ struct Private {
 
 /// AWS-LC reads no RSA key under 2048 bits (nor over 8192): say that in
 /// the words of proto's own range check, not as an unreadable key.
-fn rejected(e: &KeyRejected, otherwise: &'static str) -> Error {
+fn rejected(e: &KeyRejected, otherwise: Text) -> Error {
     match e.description_() {
-        "TooSmall" | "TooLarge" => Error::InvalidKey(RANGE),
+        "TooSmall" | "TooLarge" => Error::InvalidKey(Text(&RANGE)),
         _ => Error::InvalidKey(otherwise),
     }
 }
 
 /// What an unreadable public key is refused with.
-const NOT_RSA: &str = "not a DER RSA public key";
+const NOT_RSA: Text = Text(&"not a DER RSA public key");
 /// What an unreadable private key is refused with.
-const BAD_PRIVATE: &str = "not a consistent PKCS#8 RSA private key";
+const BAD_PRIVATE: Text = Text(&"not a consistent PKCS#8 RSA private key");
 
 fn public_from_spki(spki_der: &[u8]) -> Result<Public> {
     const NOT_RSA: Error = Error::InvalidKey(self::NOT_RSA);
@@ -110,17 +111,23 @@ impl Backend for AwsLc {
             2048 => KeySize::Rsa2048,
             3072 => KeySize::Rsa3072,
             4096 => KeySize::Rsa4096,
-            _ => return Err(Error::InvalidKey("aws-lc generates RSA keys of 2048, 3072 or 4096 bits")),
+            _ => return Err(Error::InvalidKey(Text(&"aws-lc generates RSA keys of 2048, 3072 or 4096 bits"))),
         };
-        let key = PrivateDecryptingKey::generate(size).map_err(|_| Error::Crypto("RSA key generation failed"))?;
-        let der = key.as_der().map_err(|_| Error::InvalidKey("cannot encode the private key"))?;
+        let key =
+            PrivateDecryptingKey::generate(size).map_err(|_| Error::Crypto(Text(&"RSA key generation failed")))?;
+        let der = key.as_der().map_err(|_| Error::InvalidKey(Text(&"cannot encode the private key")))?;
         Ok(Zeroizing::new(der.as_ref().to_vec()))
     }
 }
 
 impl RsaPublic for Public {
     fn spki_der(&self) -> Result<Vec<u8>> {
-        Ok(self.verifying.as_der().map_err(|_| Error::InvalidKey("cannot encode the public key"))?.as_ref().to_vec())
+        Ok(self
+            .verifying
+            .as_der()
+            .map_err(|_| Error::InvalidKey(Text(&"cannot encode the public key")))?
+            .as_ref()
+            .to_vec())
     }
 
     fn modulus_bits(&self) -> usize {
@@ -141,7 +148,7 @@ impl RsaPublic for Public {
         let n = self
             .encrypting
             .encrypt(&OAEP_SHA256_MGF1SHA256, plaintext, &mut out, Some(label))
-            .map_err(|_| Error::Crypto("RSA-OAEP encryption failed"))?
+            .map_err(|_| Error::Crypto(Text(&"RSA-OAEP encryption failed")))?
             .len();
         out.truncate(n);
         Ok(out)
@@ -154,7 +161,7 @@ impl RsaPrivate for Private {
     }
 
     fn sign_pss_sha256(&self, _rng: &mut dyn CryptoRng, digest: &[u8; 32]) -> Result<Vec<u8>> {
-        const FAILED: Error = Error::Crypto("RSA-PSS signing failed");
+        const FAILED: Error = Error::Crypto(Text(&"RSA-PSS signing failed"));
         let digest = Digest::import_less_safe(digest, &SHA256).map_err(|_| FAILED)?;
         let mut signature = alloc::vec![0u8; self.signing.public_modulus_len()];
         self.signing.sign_digest(&RSA_PSS_SHA256, &digest, &mut signature).map_err(|_| FAILED)?;
