@@ -21,7 +21,7 @@ use crate::{Error, Result};
 /// [`Error::InvalidId`] when the id breaks the rule.
 pub fn validate_id(id: &str) -> Result<()> {
     let ok_len = !id.is_empty() && id.len() <= MAX_ID_LEN;
-    let ok_chars = id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+    let ok_chars = id.bytes().all(|b| matches!(b, b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b':'));
     if ok_len && ok_chars { Ok(()) } else { Err(Error::InvalidId) }
 }
 

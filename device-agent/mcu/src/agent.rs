@@ -9,6 +9,7 @@
 //! host in the end-to-end test, and in the QEMU images.
 
 use mqseal_proto::challenge::{ChallengeDevice, ChallengeTable, Clock, Form, HmacKey, Registered, Verified};
+use mqseal_proto::limits::{MSG_ID_LEN, TAG_LEN};
 use mqseal_proto::topic::{Channel, ROOT, Topic, topic};
 use mqseal_proto::{Call, Error, Kind, MsgId, Outcome, Policy, Status, peek};
 use rand_core::CryptoRng;
@@ -17,10 +18,44 @@ use rand_core::CryptoRng;
 /// stack for the duration of one command.
 pub const OUTPUT_LEN: usize = 64;
 
-/// The smallest `out` buffer [`Agent::handle`] accepts: room for the
-/// largest challenge-mode envelope the agent writes (a response with a
-/// 64-byte device id and [`OUTPUT_LEN`] bytes of output).
-pub const ENVELOPE_LEN: usize = 320;
+/// An `out` buffer for [`Agent::handle`] that fits every envelope for any
+/// device: [`envelope_len`] of the longest id (307 bytes).
+pub const ENVELOPE_LEN: usize = envelope_len(mqseal_proto::limits::MAX_ID_LEN);
+
+/// The largest challenge-mode envelope the agent writes for a device whose
+/// id is `id_len` bytes long: a response with [`OUTPUT_LEN`] bytes of
+/// output, the widest code and the widest times. An `out` buffer of this
+/// size always holds the answer, so a firmware that knows its id at build
+/// time (it comes with the device's bundle) can size the buffer for it —
+/// 193 bytes for a 7-byte id instead of 307, which on a small part is RAM
+/// that matters. A smaller buffer makes answers fail with
+/// `buffer_too_small` after the command ran.
+#[must_use]
+pub const fn envelope_len(id_len: usize) -> usize {
+    let topic = ROOT.len() + id_len + 1 + Channel::Response.suffix().len();
+    let outcome = 1 + 5 + varint_len(OUTPUT_LEN) + OUTPUT_LEN;
+    2 + varint_len(id_len)
+        + id_len
+        + varint_len(topic)
+        + topic
+        + MSG_ID_LEN
+        + 10
+        + 10
+        + MSG_ID_LEN
+        + 1
+        + outcome
+        + TAG_LEN
+}
+
+/// Bytes of the LEB128 varint of `n`.
+const fn varint_len(mut n: usize) -> usize {
+    let mut len = 1;
+    while n >= 0x80 {
+        n >>= 7;
+        len += 1;
+    }
+    len
+}
 
 /// What a handler reports about one command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

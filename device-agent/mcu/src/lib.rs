@@ -54,6 +54,6 @@ pub mod net;
 #[cfg(feature = "sealed")]
 pub mod sealed;
 
-pub use agent::{Agent, Commands, Done, ENVELOPE_LEN, OUTPUT_LEN, Rejected, Reply};
+pub use agent::{Agent, Commands, Done, ENVELOPE_LEN, OUTPUT_LEN, Rejected, Reply, envelope_len};
 pub use mqseal_proto::challenge::{Clock, HmacKey, Registered};
 pub use mqseal_proto::{Call, Policy, Status};

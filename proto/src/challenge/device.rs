@@ -226,7 +226,7 @@ impl<'k> ChallengeDevice<'k> {
         let registered = self.check_tag(body, registry)?;
         let (form, call) = match (body.call, registered.and_then(|i| registry.get(i))) {
             (Some(call), _) => (Form::Explicit, call),
-            (None, Some(reg)) => (Form::Hidden, Call { name: reg.name, args: Args::new(reg.args)? }),
+            (None, Some(reg)) => (Form::Hidden, Call { name: reg.name, args: Args::unchecked(reg.args) }),
             (None, None) => return Err(Error::BadTag),
         };
         commit();
@@ -255,36 +255,30 @@ impl<'k> ChallengeDevice<'k> {
     /// secret. Returns the index in hidden form.
     #[inline(never)]
     fn check_tag(&self, body: &CommandBody<'_>, registry: &[Registered<'_>]) -> Result<Option<usize>> {
-        if let Some(call) = &body.call {
-            let hit = MacInput::command_tag(
-                self.key,
-                Form::Explicit,
-                body.challenge,
-                &body.header,
-                call,
-                Tag::Compare(body.tag),
-            )?;
-            return if bool::from(hit) { Ok(None) } else { Err(Error::BadTag) };
-        }
+        // One loop for both forms: the explicit call is the only candidate.
+        let (form, candidates) = match body.call {
+            Some(_) => (Form::Explicit, 1),
+            None => (Form::Hidden, registry.len()),
+        };
         let mut found = Choice::from(0);
         // 32 bits: a registry is a handful of commands, and 64-bit selects
         // are twice the code on a Cortex-M.
         let mut index = 0u32;
-        for (i, reg) in (0u32..).zip(registry) {
-            let call = Call { name: reg.name, args: Args::new(reg.args)? };
-            let hit = MacInput::command_tag(
-                self.key,
-                Form::Hidden,
-                body.challenge,
-                &body.header,
-                &call,
-                Tag::Compare(body.tag),
-            )?;
-            index.conditional_assign(&i, hit);
+        for i in 0..candidates {
+            // `command_tag` refuses more than MAX_ARGS arguments.
+            let call = match (body.call, registry.get(i)) {
+                (Some(call), _) => call,
+                (None, Some(reg)) => Call { name: reg.name, args: Args::unchecked(reg.args) },
+                (None, None) => break,
+            };
+            let hit =
+                MacInput::command_tag(self.key, form, body.challenge, &body.header, &call, Tag::Compare(body.tag))?;
+            index.conditional_assign(&u32::try_from(i).unwrap_or(u32::MAX), hit);
             found |= hit;
         }
-        match usize::try_from(index) {
-            Ok(index) if bool::from(found) => Ok(Some(index)),
+        match (form, usize::try_from(index)) {
+            (Form::Explicit, _) if bool::from(found) => Ok(None),
+            (Form::Hidden, Ok(index)) if bool::from(found) => Ok(Some(index)),
             _ => Err(Error::BadTag),
         }
     }
@@ -318,10 +312,9 @@ impl<'k> ChallengeDevice<'k> {
             issued_at: unix_secs.unwrap_or(0),
             expires_at: to.expires_at,
         };
-        let mut tag = [0u8; TAG_LEN];
-        MacInput::response_tag(self.key, form, &to.challenge, &header, &to.msg_id, outcome, Tag::Write(&mut tag))?;
         // The fields of a `ResponseBody`, written as they are rather than
-        // gathered into one first.
+        // gathered into one first, and the tag last, straight into its
+        // place in `out`.
         let mut w = Cursor::new(out);
         w.put(&[wire::VERSION, Kind::ChallengeResponse as u8]);
         header.write(&mut w);
@@ -331,8 +324,19 @@ impl<'k> ChallengeDevice<'k> {
             Form::Hidden => None,
         }
         .write(&mut w);
-        w.put(&tag);
-        wire::check_frame_len(w.finish()?)
+        let body = w.finish()?;
+        let len = wire::check_frame_len(body + TAG_LEN)?;
+        let tag = out.get_mut(body..len).and_then(|t| <&mut [u8; TAG_LEN]>::try_from(t).ok());
+        MacInput::response_tag(
+            self.key,
+            form,
+            &to.challenge,
+            &header,
+            &to.msg_id,
+            outcome,
+            Tag::Write(tag.ok_or(Error::BufferTooSmall)?),
+        )?;
+        Ok(len)
     }
 }
 

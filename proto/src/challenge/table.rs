@@ -103,15 +103,17 @@ impl<const N: usize, const M: usize> ChallengeTable<N, M> {
         // A free or expired slot if there is one, else the oldest (the
         // first of equals).
         let mut victim = 0;
-        let mut oldest = None;
+        let mut oldest = u64::MAX;
         for i in 0..N {
             if !self.live(i, now_ms) {
                 victim = i;
                 break;
             }
+            // Strictly older: the first of equals stays (slot 0 when every
+            // slot was issued at u64::MAX).
             let issued = self.issued_ms.get(i).copied().unwrap_or(0);
-            if oldest.is_none_or(|o| issued < o) {
-                oldest = Some(issued);
+            if issued < oldest {
+                oldest = issued;
                 victim = i;
             }
         }

@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 
 /// Size-optimised memory routines, linked instead of compiler-builtins'.
 ///
-/// Rust on a bare-metal target gets `memcpy`, `memset` and the ARM EABI
+/// Rust on a bare-metal target gets `memcpy`, `memset`, `memcmp` and the ARM EABI
 /// variants (`__aeabi_memcpy4`, `__aeabi_memclr8`, …) from compiler-builtins,
 /// which unrolls them for speed: 1.9 KiB of flash in the verification core,
 /// 3.1 KiB in the whole agent (docs/BENCHMARKS.md, "Microcontroller agent"),
@@ -97,6 +97,28 @@ pub mod mem {
             fill(d, c as u8, n);
         }
         d
+    }
+
+    /// # Safety
+    /// As C's `memcmp`: `n` bytes readable at `a` and at `b`.
+    #[unsafe(no_mangle)]
+    pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+        for i in 0..n {
+            // SAFETY: within the `n` bytes the caller vouches for.
+            let (x, y) = unsafe { (read_volatile(a.add(i)), read_volatile(b.add(i))) };
+            if x != y {
+                return i32::from(x) - i32::from(y);
+            }
+        }
+        0
+    }
+
+    /// # Safety
+    /// As `memcmp`; only equality is reported.
+    #[unsafe(no_mangle)]
+    pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+        // SAFETY: the caller's contract.
+        unsafe { memcmp(a, b, n) }
     }
 
     /// The ARM EABI entry points (RTABI §4.3.4), which compiler-builtins

@@ -15,7 +15,7 @@
 use cortex_m_rt::entry;
 use cortex_m_semihosting::{debug, hprintln};
 use mqseal_mcu_agent::net::{self, Device, Event};
-use mqseal_mcu_agent::{Agent, Call, Clock, Done, ENVELOPE_LEN, Registered, Rejected, Reply};
+use mqseal_mcu_agent::{Agent, Call, Clock, Done, Registered, Rejected, Reply, envelope_len};
 use mqseal_mcu_firmware::{Script, ScriptIo, VectorRng, block_on, stack};
 use mqseal_proto::challenge::{Answer, ChallengeController, ChallengeDevice, ChallengeTable, Form, HmacKey, Pending};
 use mqseal_proto::topic::{Channel, topic};
@@ -23,6 +23,8 @@ use mqseal_proto::{Error, Header, MsgId, Outcome, Policy, Status};
 use panic_semihosting as _;
 
 const ID: &str = "valve-3";
+/// The envelope buffer, sized for this device's id.
+const ENVELOPE_LEN: usize = envelope_len(ID.len());
 const KEY: [u8; 32] = [0x5a; 32];
 const SEED: &[u8] = b"mqseal mcu agent image";
 const NOW: u64 = 1_800_000_000;

@@ -10,11 +10,15 @@ use core::hint::black_box;
 
 use cortex_m_rt::entry;
 use mqseal_mcu_agent::net::{self, Device};
-use mqseal_mcu_agent::{Agent, Call, Clock, Done, ENVELOPE_LEN, HmacKey, Policy, Registered};
+use mqseal_mcu_agent::{Agent, Call, Clock, Done, HmacKey, Policy, Registered, envelope_len};
 use mqseal_mcu_firmware::trng::RegisterRng;
 use mqseal_mcu_firmware::{ScriptIo, block_on};
 use mqseal_proto::topic::Channel;
 use panic_halt as _;
+
+/// The device id, known when the firmware is built (it comes with the
+/// device's bundle): the envelope buffer is sized for it.
+const ID: &str = "valve-3";
 
 static HIDDEN: [Registered<'static>; 2] =
     [Registered { name: "open", args: &["25"] }, Registered { name: "close", args: &[] }];
@@ -22,12 +26,12 @@ static HIDDEN: [Registered<'static>; 2] =
 #[entry]
 fn main() -> ! {
     let key = HmacKey::new(black_box([0x5a; 32]));
-    let id: &str = black_box("valve-3");
+    let id: &str = black_box(ID);
     let Ok(mut agent) = Agent::<'_, 4>::new(id, &key, Policy::default(), 30_000, &HIDDEN) else {
         mqseal_mcu_firmware::halt()
     };
     let Ok(status) = agent.topic(Channel::Status) else { mqseal_mcu_firmware::halt() };
-    let (mut rx, mut tx, mut out) = ([0u8; net::RX_LEN], [0u8; net::TX_LEN], [0u8; ENVELOPE_LEN]);
+    let (mut rx, mut tx, mut out) = ([0u8; net::RX_LEN], [0u8; net::TX_LEN], [0u8; envelope_len(ID.len())]);
     let Ok(mut session) = net::session(&mut rx, &mut tx, id, black_box(b"password"), &status, 60) else {
         mqseal_mcu_firmware::halt()
     };

@@ -9,9 +9,13 @@
 use core::hint::black_box;
 
 use cortex_m_rt::entry;
-use mqseal_mcu_agent::{Agent, Call, Clock, Done, ENVELOPE_LEN, HmacKey, Policy, Registered};
+use mqseal_mcu_agent::{Agent, Call, Clock, Done, HmacKey, Policy, Registered, envelope_len};
 use mqseal_mcu_firmware::trng::RegisterRng;
 use panic_halt as _;
+
+/// The device id, known when the firmware is built (it comes with the
+/// device's bundle): the envelope buffer is sized for it.
+const ID: &str = "valve-3";
 
 static HIDDEN: [Registered<'static>; 2] =
     [Registered { name: "open", args: &["25"] }, Registered { name: "close", args: &[] }];
@@ -19,11 +23,11 @@ static HIDDEN: [Registered<'static>; 2] =
 #[entry]
 fn main() -> ! {
     let key = HmacKey::new(black_box([0x5a; 32]));
-    let Ok(mut agent) = Agent::<'_, 4>::new(black_box("valve-3"), &key, Policy::default(), 30_000, &HIDDEN) else {
+    let Ok(mut agent) = Agent::<'_, 4>::new(black_box(ID), &key, Policy::default(), 30_000, &HIDDEN) else {
         mqseal_mcu_firmware::halt()
     };
     let mut rng = RegisterRng;
-    let mut out = [0u8; ENVELOPE_LEN];
+    let mut out = [0u8; envelope_len(ID.len())];
     let mut ran = 0u32;
     let mut handler = |call: &Call<'_>, _: &mut [u8]| {
         ran += call.args.len() as u32 + 1;
