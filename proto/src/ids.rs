@@ -20,9 +20,15 @@ use crate::{Error, Result};
 /// # Errors
 /// [`Error::InvalidId`] when the id breaks the rule.
 pub fn validate_id(id: &str) -> Result<()> {
-    let ok_len = !id.is_empty() && id.len() <= MAX_ID_LEN;
-    let ok_chars = id.bytes().all(|b| matches!(b, b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b':'));
-    if ok_len && ok_chars { Ok(()) } else { Err(Error::InvalidId) }
+    if id.is_empty() || id.len() > MAX_ID_LEN {
+        return Err(Error::InvalidId);
+    }
+    for b in id.bytes() {
+        if !matches!(b, b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b':') {
+            return Err(Error::InvalidId);
+        }
+    }
+    Ok(())
 }
 
 /// 16 random bytes naming one message.

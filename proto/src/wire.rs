@@ -232,25 +232,21 @@ impl<'a> Reader<'a> {
     /// in-path party could use to make a device's duplicate detection miss
     /// a copy. With one spelling per value, the bytes of a valid envelope
     /// are fixed by what its tag or signature covers.
-    fn varint(&mut self, max_bytes: u32, last_max: u8) -> u64 {
-        let mut out = 0u64;
-        for i in 0..max_bytes {
-            let b = self.byte();
-            if self.failed() {
-                return 0;
-            }
-            out |= u64::from(b & 0x7f) << (7 * i);
-            if b & 0x80 == 0 {
-                if i > 0 && b == 0 {
-                    self.fail(LONG_VARINT);
-                } else if i == max_bytes - 1 && b > last_max {
-                    self.fail(BAD_VARINT);
-                }
-                return out;
-            }
+    fn varint(&mut self, max_bytes: usize, last_max: u8) -> u64 {
+        // Find the last byte first, then fold from it down: shifting the
+        // sum by a constant 7 rather than each byte by 7·i keeps 64-bit
+        // variable shifts (a library call on a Cortex-M) out of it.
+        let Some(last) = self.rest.iter().take(max_bytes).position(|b| b & 0x80 == 0) else {
+            self.fail(if self.rest.len() < max_bytes { Error::Truncated } else { BAD_VARINT });
+            return 0;
+        };
+        let bytes = self.take(last + 1);
+        match bytes.last() {
+            Some(&0) if last > 0 => self.fail(LONG_VARINT),
+            Some(&b) if last == max_bytes - 1 && b > last_max => self.fail(BAD_VARINT),
+            _ => {}
         }
-        self.fail(BAD_VARINT);
-        0
+        bytes.iter().rev().fold(0, |acc, b| acc << 7 | u64::from(b & 0x7f))
     }
 
     /// A `u64` varint.

@@ -353,8 +353,17 @@ pub mod trng {
             Ok(u64::from(word()) << 32 | u64::from(word()))
         }
         fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
-            for chunk in dst.chunks_mut(4) {
-                chunk.iter_mut().zip(word().to_le_bytes()).for_each(|(d, s)| *d = s);
+            let mut w = 0;
+            for (i, d) in dst.iter_mut().enumerate() {
+                if i % 4 == 0 {
+                    w = word();
+                }
+                // The low byte; the word is used up a byte at a time.
+                #[allow(clippy::cast_possible_truncation)]
+                {
+                    *d = w as u8;
+                }
+                w >>= 8;
             }
             Ok(())
         }
