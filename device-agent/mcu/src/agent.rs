@@ -57,6 +57,26 @@ const fn varint_len(mut n: usize) -> usize {
     len
 }
 
+/// What follows the id in this device's command and challenge-request
+/// topics (`topic`'s layout; checked against it when this compiles).
+const COMMAND: &[u8] = b"/cmd";
+const CHALLENGE_REQUEST: &[u8] = b"/chal/req";
+const _: () = assert!(is_suffix(COMMAND, Channel::Command) && is_suffix(CHALLENGE_REQUEST, Channel::ChallengeRequest));
+
+/// Whether `pattern` is `/` and `channel`'s suffix.
+const fn is_suffix(pattern: &[u8], channel: Channel) -> bool {
+    let [b'/', rest @ ..] = pattern else { return false };
+    let (mut rest, mut suffix): (&[u8], &[u8]) = (rest, channel.suffix().as_bytes());
+    while let ([a, more @ ..], [b, others @ ..]) = (rest, suffix) {
+        if *a != *b {
+            return false;
+        }
+        rest = more;
+        suffix = others;
+    }
+    rest.is_empty() && suffix.is_empty()
+}
+
 /// What a handler reports about one command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Done {
@@ -266,15 +286,15 @@ impl<'k, const SLOTS: usize> Agent<'k, SLOTS> {
     ) -> Result<Reply, Rejected> {
         // This device's own topics only: `ROOT ‖ id ‖ "/" ‖ suffix`. Its id
         // is valid, so matching it here is what `topic::parse` would check.
+        // Bytes, not `str` patterns: a third of the size on a Cortex-M.
         let suffix =
-            arrived_on.strip_prefix(ROOT).and_then(|t| t.strip_prefix(self.id())).and_then(|t| t.strip_prefix('/'));
-        let channel = Channel::TO_DEVICE.into_iter().find(|c| suffix == Some(c.suffix()));
-        match channel {
-            Some(Channel::ChallengeRequest) => {
+            arrived_on.as_bytes().strip_prefix(ROOT.as_bytes()).and_then(|t| t.strip_prefix(self.id().as_bytes()));
+        match suffix {
+            Some(CHALLENGE_REQUEST) => {
                 let len = self.device.answer_request(payload, &mut self.challenges, rng, clock.monotonic_ms, out)?;
                 Ok(Reply::Written { channel: Channel::Challenge, len })
             }
-            Some(Channel::Command) => match peek(payload)? {
+            Some(COMMAND) => match peek(payload)? {
                 Kind::ChallengeCommand => self.challenge_command(payload, arrived_on, clock, rng, commands, out),
                 Kind::SealedCommand => self.sealed_command(payload, arrived_on, clock, rng, commands),
                 other => Err(Rejected::Kind(other)),

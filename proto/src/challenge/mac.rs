@@ -245,8 +245,10 @@ impl Drop for MacInput<'_> {
 }
 
 impl<'k> MacInput<'k> {
-    /// A MAC over `key` with nothing absorbed yet.
-    #[inline(always)]
+    /// A MAC over `key` with nothing absorbed yet. Out of line: both kinds
+    /// of tag start here, and the state is written straight into the
+    /// caller's place for it.
+    #[inline(never)]
     fn keyed(key: &'k HmacKey) -> Self {
         MacInput { key, state: key.inner, block: [0; 16], filled: 0, total: BLOCK as u64, overlong: None }
     }
