@@ -5,9 +5,11 @@
 # micro:bit), runs the test-vector and agent images under qemu-system-arm
 # with a timeout, and prints the footprint: flash and RAM of (a) the
 # verification core alone and (b) the whole challenge-mode agent with its
-# MQTT client, plus the peak stacks measured in QEMU.
+# MQTT client, plus the peak stacks measured in QEMU — and fails when one of
+# the budgets of the seed's device class is exceeded (BUDGET_* below), so a
+# change cannot grow the images unnoticed.
 #
-#   ./scripts/firmware.sh          checks, runs and prints the footprint
+#   ./scripts/firmware.sh          checks, runs, prints the footprint and the budgets
 #
 # Needs: the two rustup targets, rustup's llvm-tools (llvm-size), Debian's
 # qemu-system-arm. scripts/test.sh installs them; run alone, this script
@@ -80,3 +82,31 @@ for t in "${targets[@]}"; do
 done
 echo "peak stack of (a): deepest Agent::handle call + the Agent and envelope buffer its caller holds (sizes above)."
 echo "peak stack of (b): net::serve with the agent, minimq's session and all buffers (rx, tx, envelope)."
+
+# The budgets of the seed's device class (the Arduino design ran on a
+# 32 KiB-flash part; docs/BENCHMARKS.md, "Microcontroller agent"), in bytes.
+BUDGET_CORE_FLASH=8192   # (a) text - empty
+BUDGET_CORE_STACK=1536   # (a) deepest Agent::handle + what its caller holds; no heap
+BUDGET_AGENT_FLASH=32768 # (b) text - empty
+BUDGET_AGENT_RAM=8192    # (b) data + bss + peak stack, buffers included
+
+echo
+echo "budgets (bytes)"
+printf '%-22s %-44s %8s %8s  %s\n' target budget measured limit ""
+over=0
+check() { # target what measured limit
+  local mark="ok"
+  if [ "$3" -gt "$4" ]; then mark="EXCEEDED"; over=1; fi
+  printf '%-22s %-44s %8s %8s  %s\n' "$1" "$2" "$3" "$4" "$mark"
+}
+for t in "${targets[@]}"; do
+  read -r et _ _ < <(size_of "$t" size-empty)
+  read -r ct _ _ < <(size_of "$t" size-core)
+  read -r at ad ab < <(size_of "$t" size-agent)
+  read -r agent envelope < <(held_of "$t")
+  check "$t" "core flash" "$(( ct - et ))" "$BUDGET_CORE_FLASH"
+  check "$t" "core peak stack + Agent + envelope buffer" "$(( $(stack_of "$t" core) + agent + envelope ))" "$BUDGET_CORE_STACK"
+  check "$t" "agent flash" "$(( at - et ))" "$BUDGET_AGENT_FLASH"
+  check "$t" "agent RAM (static + peak stack)" "$(( ad + ab + $(stack_of "$t" "agent with minimq") ))" "$BUDGET_AGENT_RAM"
+done
+[ "$over" -eq 0 ] || die "a footprint budget is exceeded (above); docs/BENCHMARKS.md says where the bytes go"
