@@ -15,8 +15,8 @@ use crate::wire::Kind;
 ///
 /// One pointer to a `&'static str` rather than the `&'static str` itself,
 /// so that an `Error` is two words on a 32-bit device instead of four: every
-/// `?` on a microcontroller moves one, and the smaller error took 270 B off
-/// the verification core (docs/BENCHMARKS.md, "Microcontroller agent").
+/// `?` on a microcontroller moves one, and the smaller error took 160–220 B
+/// off the verification core (docs/BENCHMARKS.md, "Microcontroller agent").
 /// Written `Text(&"…")`.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Text(pub &'static &'static str);

@@ -214,10 +214,11 @@ fn keyed_state(key: &[u8; HMAC_KEY_LEN], pad: u8) -> [u32; 8] {
 ///
 /// Written by hand rather than with the `hmac` crate: on a Cortex-M the
 /// crate's finalisation (through `digest`'s buffer and wrapper types)
-/// copied its state several times and cost about 1.1 KiB of flash and
-/// 0.5 KiB of stack in the verification core. This is one 64-byte block,
-/// kept as the words the compression function works on, the chaining
-/// value and a count; finalisation reuses the block for the outer hash (docs/BENCHMARKS.md, "Microcontroller agent", has the
+/// copies its state several times — 0.5–0.65 KiB more flash and 0.66–0.7
+/// KiB more stack in the verification core, everything else equal. This is
+/// one 64-byte block, kept as the words the compression function works on,
+/// the chaining value and a count; finalisation reuses the block for the
+/// outer hash (docs/BENCHMARKS.md, "Microcontroller agent", has the
 /// alternatives measured). The tests check every tag against the `hmac`
 /// crate.
 pub(crate) struct MacInput<'k> {

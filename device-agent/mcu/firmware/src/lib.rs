@@ -16,13 +16,14 @@ use sha2::{Digest, Sha256};
 
 /// Size-optimised memory routines, linked instead of compiler-builtins'.
 ///
-/// Rust on a bare-metal target gets `memcpy`, `memset`, `memcmp` and the ARM EABI
-/// variants (`__aeabi_memcpy4`, `__aeabi_memclr8`, …) from compiler-builtins,
-/// which unrolls them for speed: 1.9 KiB of flash in the verification core,
-/// 3.1 KiB in the whole agent (docs/BENCHMARKS.md, "Microcontroller agent"),
-/// because each EABI variant is its own copy loop. A C firmware built for
-/// size links newlib-nano's one-byte-at-a-time routines instead; these are
-/// the same, about 150 B for all of them. compiler-builtins defines its
+/// Rust on a bare-metal target gets `memcpy`, `memset`, `memcmp` and the
+/// ARM EABI variants (`__aeabi_memcpy4`, `__aeabi_memclr8`, …) from
+/// compiler-builtins, which unrolls them for speed: 1.1–1.4 KiB of flash in
+/// the verification core, 2.7–3.1 KiB in the whole agent
+/// (docs/BENCHMARKS.md, "Microcontroller agent"), because each EABI variant
+/// is its own copy loop. A C firmware built for size links newlib-nano's
+/// one-byte-at-a-time routines instead; these are the same, about 130 B for
+/// all of them. compiler-builtins defines its
 /// routines as weak symbols, so these take their place in every image
 /// (the empty baseline references none).
 ///
