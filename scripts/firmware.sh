@@ -96,6 +96,8 @@ printf '%-22s %-44s %8s %8s  %s\n' target budget measured limit ""
 over=0
 check() { # target what measured limit
   local mark="ok"
+  # A figure that could not be read is a failure, not a pass.
+  [[ $3 =~ ^[0-9]+$ ]] || die "$1: no figure for $2 (got '$3')"
   if [ "$3" -gt "$4" ]; then mark="EXCEEDED"; over=1; fi
   printf '%-22s %-44s %8s %8s  %s\n' "$1" "$2" "$3" "$4" "$mark"
 }
@@ -104,9 +106,14 @@ for t in "${targets[@]}"; do
   read -r ct _ _ < <(size_of "$t" size-core)
   read -r at ad ab < <(size_of "$t" size-agent)
   read -r agent envelope < <(held_of "$t")
+  core=$(stack_of "$t" core)
+  whole=$(stack_of "$t" "agent with minimq")
+  for figure in "$et" "$ct" "$at" "$ad" "$ab" "$agent" "$envelope" "$core" "$whole"; do
+    [[ $figure =~ ^[0-9]+$ ]] || die "$t: a footprint figure could not be read (got '$figure')"
+  done
   check "$t" "core flash" "$(( ct - et ))" "$BUDGET_CORE_FLASH"
-  check "$t" "core peak stack + Agent + envelope buffer" "$(( $(stack_of "$t" core) + agent + envelope ))" "$BUDGET_CORE_STACK"
+  check "$t" "core peak stack + Agent + envelope buffer" "$(( core + agent + envelope ))" "$BUDGET_CORE_STACK"
   check "$t" "agent flash" "$(( at - et ))" "$BUDGET_AGENT_FLASH"
-  check "$t" "agent RAM (static + peak stack)" "$(( ad + ab + $(stack_of "$t" "agent with minimq") ))" "$BUDGET_AGENT_RAM"
+  check "$t" "agent RAM (static + peak stack)" "$(( ad + ab + whole ))" "$BUDGET_AGENT_RAM"
 done
 [ "$over" -eq 0 ] || die "a footprint budget is exceeded (above); docs/BENCHMARKS.md says where the bytes go"

@@ -165,8 +165,8 @@ const _: () = {
 };
 
 impl Error {
-    /// `field` is longer than the protocol's `max` (one of `limits`'
-    /// constants, which all fit 16 bits).
+    /// `field` is longer than the protocol's `max`. Callers pass one of
+    /// `limits`' constants, which all fit 16 bits (checked above).
     pub(crate) const fn limit_exceeded(field: &'static &'static str, max: usize) -> Error {
         #[allow(clippy::cast_possible_truncation)] // checked above for every limit
         Error::LimitExceeded { field: Text(field), max: max as u16 }

@@ -200,7 +200,7 @@ impl Reply {
 /// controllers, or retries); a flood of requests only evicts the oldest.
 /// It is also how many message ids of verified commands the agent
 /// remembers, so that a controller's copies of one command over other
-/// challenges run once (docs/PROTOCOL.md §6.5). Each slot is 32 + 32 bytes.
+/// challenges run once (docs/PROTOCOL.md §6.5). Each slot is 25 + 25 bytes.
 pub struct Agent<'k, const SLOTS: usize = 4> {
     device: ChallengeDevice<'k>,
     challenges: ChallengeTable<SLOTS>,
@@ -265,7 +265,8 @@ impl<'k, const SLOTS: usize> Agent<'k, SLOTS> {
     /// Decides what to do with a publish that arrived on `arrived_on`:
     /// answer a challenge request, or verify a command, run it through
     /// `commands` and answer with the tagged response. The envelope to
-    /// publish is written to `out` (at least [`ENVELOPE_LEN`] bytes).
+    /// publish is written to `out`: [`ENVELOPE_LEN`] bytes, or
+    /// [`envelope_len`] of this device's id, always hold it.
     ///
     /// A command consumes its challenge only when it passes every check,
     /// so nothing runs twice: a replay, a QoS 1 redelivery or a copy sent to
@@ -274,7 +275,9 @@ impl<'k, const SLOTS: usize> Agent<'k, SLOTS> {
     /// remembered (`replayed`).
     ///
     /// # Errors
-    /// [`Rejected`] with the reason; nothing ran and nothing is to be sent.
+    /// [`Rejected`] with the reason; nothing ran and nothing is to be sent —
+    /// except when `out` is too small for the answer (`buffer_too_small`,
+    /// after the command ran), which a buffer of the size above rules out.
     pub fn handle<R: CryptoRng + ?Sized, C: Commands + ?Sized>(
         &mut self,
         arrived_on: &str,

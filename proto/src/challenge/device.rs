@@ -14,7 +14,9 @@ use crate::{Error, Header, MsgId, Policy, Result, validate_id};
 /// A command the device accepts in hidden form: its name and fixed arguments.
 ///
 /// In hidden form the command never crosses the network, so the device can
-/// only recognise commands it knows in full, arguments included.
+/// only recognise commands it knows in full, arguments included. Keep them
+/// within the protocol's limits ([`limits`](crate::limits)): a controller
+/// builds no command beyond them, so one that breaks them never matches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Registered<'a> {
     /// Command name.
@@ -226,6 +228,12 @@ impl<'k> ChallengeDevice<'k> {
         let registered = self.check_tag(body, registry)?;
         let (form, call) = match (body.call, registered.and_then(|i| registry.get(i))) {
             (Some(call), _) => (Form::Explicit, call),
+            // A registered command is the device's own. Its tag was computed
+            // over it (which bounds its arguments to MAX_ARGS), and no
+            // controller builds a command beyond the other limits
+            // (`ChallengeController::command` validates), so checking them
+            // again here would guard against nothing a tag can reach — and
+            // cost a microcontroller 100 B.
             (None, Some(reg)) => (Form::Hidden, Call { name: reg.name, args: Args::unchecked(reg.args) }),
             (None, None) => return Err(Error::BadTag),
         };
@@ -325,22 +333,17 @@ impl<'k> ChallengeDevice<'k> {
         }
         .write(&mut w);
         let body = w.finish()?;
-        let len = wire::check_frame_len(body + TAG_LEN)?;
+        let len = body + TAG_LEN;
         let tag = out.get_mut(body..len).and_then(|t| <&mut [u8; TAG_LEN]>::try_from(t).ok());
-        MacInput::response_tag(
-            self.key,
-            form,
-            &to.challenge,
-            &header,
-            &to.msg_id,
-            outcome,
-            Tag::Write(tag.ok_or(Error::BufferTooSmall)?),
-        )?;
+        let tag = tag.ok_or(Error::BufferTooSmall)?;
+        wire::check_frame_len(len)?;
+        MacInput::response_tag(self.key, form, &to.challenge, &header, &to.msg_id, outcome, Tag::Write(tag))?;
         Ok(len)
     }
 }
 
-/// Decodes a challenge-mode command, out of line: see `check_tag`.
+/// Decodes a challenge-mode command, out of line: its frame is not on the
+/// tag check's path.
 #[inline(never)]
 fn decode_command(frame: &[u8]) -> Result<CommandBody<'_>> {
     wire::decode(wire::body(frame, Kind::ChallengeCommand)?)

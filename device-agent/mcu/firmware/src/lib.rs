@@ -1,10 +1,12 @@
 //! What the firmware images share: the pieces a real board gets from its
 //! HAL (a time driver, an executor, an RNG, a TCP socket), reduced to what
-//! runs under QEMU without peripherals, plus the stack meter.
+//! runs under QEMU without peripherals, the size-optimised memory routines,
+//! plus the stack meter.
 //!
-//! Only [`stack`] and the time driver need `unsafe` (raw memory below the
-//! stack pointer; the `#[no_mangle]` hook embassy-time links against); the
-//! agent crate itself stays `forbid(unsafe_code)`.
+//! Only [`stack`], the time driver, [`mem`] and [`trng`] need `unsafe` (raw
+//! memory below the stack pointer; the `#[no_mangle]` hooks embassy-time and
+//! the compiler link against; C's memory routines; a peripheral's
+//! registers); the agent crate itself stays `forbid(unsafe_code)`.
 #![no_std]
 #![deny(unsafe_code)]
 
