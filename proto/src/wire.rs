@@ -210,9 +210,7 @@ impl<'a> Reader<'a> {
 
     /// `N` raw bytes (postcard's encoding of `[u8; N]`).
     pub(crate) fn array<const N: usize>(&mut self) -> [u8; N] {
-        let mut out = [0u8; N];
-        out.iter_mut().zip(self.take(N)).for_each(|(o, b)| *o = *b);
-        out
+        *self.array_ref()
     }
 
     /// `N` raw bytes, borrowed from the input (all zero after an error).

@@ -339,25 +339,33 @@ impl<'k> MacInput<'k> {
         self.pad();
     }
 
+    /// `be16(len)`, or — when `len` does not fit — `field` remembered as
+    /// too long and `false`: the bytes must not follow.
+    fn length(&mut self, field: &'static &'static str, len: usize) -> bool {
+        match u16::try_from(len) {
+            Ok(len) => {
+                self.update(&len.to_be_bytes());
+                true
+            }
+            Err(_) => {
+                self.overlong.get_or_insert(field);
+                false
+            }
+        }
+    }
+
     /// `be16(len) ‖ bytes`.
     fn lp(&mut self, field: &'static &'static str, bytes: &[u8]) {
-        let Ok(len) = u16::try_from(bytes.len()) else {
-            self.overlong.get_or_insert(field);
-            return;
-        };
-        self.update(&len.to_be_bytes());
-        self.update(bytes);
+        if self.length(field, bytes.len()) {
+            self.update(bytes);
+        }
     }
 
     /// `be16(len) ‖ bytes` of a field given as pieces.
     fn lp_pieces(&mut self, field: &'static &'static str, pieces: &[&str]) {
-        let len = pieces.iter().map(|p| p.len()).fold(0usize, usize::saturating_add);
-        let Ok(len) = u16::try_from(len) else {
-            self.overlong.get_or_insert(field);
-            return;
-        };
-        self.update(&len.to_be_bytes());
-        pieces.iter().for_each(|p| self.update(p.as_bytes()));
+        if self.length(field, pieces.iter().map(|p| p.len()).fold(0usize, usize::saturating_add)) {
+            pieces.iter().for_each(|p| self.update(p.as_bytes()));
+        }
     }
 
     fn header(&mut self, h: &HeaderOut<'_>) {
